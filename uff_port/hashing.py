@@ -1,0 +1,109 @@
+"""sha256 manifests of directory trees: build one, verify one.
+
+Used for checkpoints, artifacts and cloud pulls alike, so "verified" means the
+same thing everywhere: every listed file present with its exact size and
+sha256, and no file that is not listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def list_files(root: str | os.PathLike[str], exclude: Iterable[str] = ()) -> list[str]:
+    """Relative POSIX paths of every regular file under root, sorted."""
+    base = Path(root)
+    skip = set(exclude)
+    out = []
+    for dirpath, _dirs, files in os.walk(base):
+        for name in files:
+            rel = (Path(dirpath) / name).relative_to(base).as_posix()
+            if rel not in skip:
+                out.append(rel)
+    return sorted(out)
+
+
+def tree_manifest(
+    root: str | os.PathLike[str], exclude: Iterable[str] = ()
+) -> dict[str, dict[str, object]]:
+    """`{relpath: {"sha256": hex, "size": bytes}}` for every file under root."""
+    base = Path(root)
+    return {
+        rel: {"sha256": sha256_file(base / rel), "size": (base / rel).stat().st_size}
+        for rel in list_files(base, exclude)
+    }
+
+
+@dataclass
+class VerifyReport:
+    """What differs between a tree and its manifest; empty lists mean verified."""
+
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    size_mismatch: list[str] = field(default_factory=list)
+    hash_mismatch: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.size_mismatch or self.hash_mismatch)
+
+    def summary(self) -> str:
+        parts = []
+        for label, items in (
+            ("missing", self.missing),
+            ("unexpected", self.extra),
+            ("wrong size (truncated?)", self.size_mismatch),
+            ("sha256 mismatch", self.hash_mismatch),
+        ):
+            if items:
+                parts.append(f"{label}: {', '.join(items)}")
+        return "; ".join(parts) if parts else "verified"
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {
+            "missing": self.missing,
+            "extra": self.extra,
+            "size_mismatch": self.size_mismatch,
+            "hash_mismatch": self.hash_mismatch,
+        }
+
+
+def verify_tree(
+    root: str | os.PathLike[str],
+    files: dict[str, dict[str, object]],
+    exclude: Iterable[str] = (),
+) -> VerifyReport:
+    """Re-hash `root` against `files` (as made by tree_manifest)."""
+    base = Path(root)
+    report = VerifyReport()
+    present = set(list_files(base, exclude)) if base.is_dir() else set()
+    for rel, meta in sorted(files.items()):
+        path = base / rel
+        if rel not in present:
+            report.missing.append(rel)
+            continue
+        if path.stat().st_size != meta.get("size"):
+            report.size_mismatch.append(rel)
+            continue
+        if sha256_file(path) != meta.get("sha256"):
+            report.hash_mismatch.append(rel)
+    report.extra = sorted(present - set(files))
+    return report

@@ -1,0 +1,293 @@
+"""The one training config schema, validated before anything heavy starts.
+
+Torch-free on purpose: the worker validates `train` requests with it in
+milliseconds. Every problem is reported at once, by dotted path
+(`lora.r: must be > 0`), so a user fixes a config in one go.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIGS_DIR: Final = Path(__file__).resolve().parents[2] / "configs"
+MANAGER_DOMAINS: Final = ("ufm", "ucm", "urm", "ulm", "uim", "uam")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `problems` are 'dotted.path: message' strings."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "builtin:tiny-llama"
+    """HF hub id, local directory, or `builtin:tiny-llama` (built locally on first use)."""
+    revision: str | None = None
+    local_files_only: bool = False
+    """Never touch the network; a missing model is a clear error, not a download."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    path: str | list[str] = "builtin:sample-corpus"
+    """One JSONL file or a list of them (contract key)."""
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    managers: list[str] | None = None
+    """Keep only records whose `manager` is one of these (lower-case domain names)."""
+    stages: list[str] | None = None
+    seq_len: int = Field(512, gt=0)
+    packing: bool = True
+    completion_only_loss: bool = True
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_bad_lines: int = Field(100, ge=0)
+    shuffle_buffer: int = Field(0, ge=0)
+
+    @field_validator("managers")
+    @classmethod
+    def _known_managers(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        low = [m.lower() for m in v]
+        bad = [m for m in low if m not in MANAGER_DOMAINS]
+        if bad:
+            raise ValueError(f"unknown manager domain(s) {bad}; expected some of {list(MANAGER_DOMAINS)}")
+        return low
+
+
+class LoraConfig(_Section):
+    enabled: bool = True
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class QuantizationConfig(_Section):
+    mode: Literal["none", "nf4"] = "none"
+    """`nf4` is QLoRA (bitsandbytes 4-bit NormalFloat); GPU only."""
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class TrainingConfig(_Section):
+    max_steps: int = Field(100, gt=0)
+    """Optimizer steps to train in total (contract key)."""
+    seed: int = 1234
+    """Seeds python, numpy and torch on every rank (contract key)."""
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_runtime: float | None = Field(None, gt=0)
+    """Wall-clock budget in seconds (a Kaggle session): stop with a checkpoint before it ends."""
+    progress_every_seconds: float = Field(0.5, ge=0)
+    """Rate limit of `progress` events at the source."""
+
+
+class CheckpointConfig(_Section):
+    every_steps: int | None = Field(50, gt=0)
+    """Checkpoint every N optimizer steps (contract key); null disables."""
+    every_seconds: float | None = Field(None, gt=0)
+    keep_last: int = Field(3, gt=0)
+    grace_seconds: float = Field(100.0, gt=0)
+    """How long a stop/SIGTERM/EOF may take to write its final checkpoint."""
+
+
+class DistributedConfig(_Section):
+    nproc: int = Field(1, gt=0)
+    backend: Literal["auto", "ddp", "deepspeed"] = "auto"
+    deepspeed_config: str | None = None
+    master_port: int | None = Field(None, gt=0, lt=65536)
+
+
+class EvalConfig(_Section):
+    every_steps: int | None = Field(50, gt=0)
+    max_batches: int = Field(20, gt=0)
+
+
+class OutputConfig(_Section):
+    save_final: bool = True
+    merge: bool = False
+    plot: bool = True
+
+
+class Config(_Section):
+    name: str = "run"
+    strategy: Literal["local", "kaggle", "sagemaker", "hybrid"] = "local"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    cloud: dict[str, Any] = Field(default_factory=dict)
+    """Backend settings (budgets, buckets, kernels); validated by uff_port.cloud."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Sections that may change between a checkpoint and its resume without changing
+# what is being learned: more steps, another budget, other hardware.
+_RESUME_NEUTRAL: Final = {
+    "name": None,
+    "strategy": None,
+    "training": {"max_steps", "max_runtime", "progress_every_seconds", "device"},
+    "checkpoint": None,
+    "distributed": None,
+    "eval": None,
+    "output": None,
+    "cloud": None,
+}
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _friendly(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    if kind == "greater_than":
+        return f"must be > {ctx.get('gt')}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx.get('ge')}"
+    if kind == "less_than":
+        return f"must be < {ctx.get('lt')}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    msg = str(err.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError([f"{dotted}: override key must be dotted names like 'training.max_steps'"])
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError([f"{dotted}: '{part}' is not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted-key overrides (`{"training.max_steps": 40}`) applied."""
+    out = copy.deepcopy(raw)
+    for key, value in (overrides or {}).items():
+        if not isinstance(key, str):
+            raise ConfigError([f"{key!r}: override keys must be strings"])
+        _set_dotted(out, key, value)
+    return out
+
+
+def validate_config(raw: Any, overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a config map (plus overrides); raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<root>: config must be a map, got {type(raw).__name__}"])
+    merged = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError([f"{_format_loc(e['loc'])}: {_friendly(e)}" for e in exc.errors()]) from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON config; `tiny` or `tiny.yaml` also finds a preset in configs/."""
+    p = Path(path)
+    if not p.exists():
+        preset = CONFIGS_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+        if preset.exists():
+            p = preset
+        else:
+            raise ConfigError([f"config_path: no such file {str(path)!r}"])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"config_path: {p} is not valid YAML: {exc}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config_path: {p} must hold a map, got {type(data).__name__}"])
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    return validate_config(load_config_file(path), overrides)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the whole resolved config."""
+    return hashlib.sha256(_canonical(cfg.to_dict())).hexdigest()
+
+
+def resume_view(cfg: Config) -> dict[str, Any]:
+    """The part of the config a checkpoint is bound to (what is being learned)."""
+    full = cfg.to_dict()
+    out: dict[str, Any] = {}
+    for key, value in full.items():
+        if key in _RESUME_NEUTRAL and _RESUME_NEUTRAL[key] is None:
+            continue
+        neutral = _RESUME_NEUTRAL.get(key)
+        if isinstance(value, dict) and neutral:
+            value = {k: v for k, v in value.items() if k not in neutral}
+        out[key] = value
+    return out
+
+
+def resume_hash(cfg: Config) -> str:
+    """sha256 of `resume_view`: equal hashes mean a checkpoint may be resumed."""
+    return hashlib.sha256(_canonical(resume_view(cfg))).hexdigest()
+
+
+def diff_views(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two config views (for clear refusals)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        path = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(diff_views(va, vb, path + "."))
+        elif va != vb:
+            out.append(f"{path}: {va!r} -> {vb!r}")
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
