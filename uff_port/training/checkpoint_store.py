@@ -1,0 +1,370 @@
+"""Crash-safe checkpoint directories: commit protocol, verification, quarantine.
+
+Torch-free on purpose: the worker uses it to answer `train`/`resume` (which
+checkpoint would resume?) without importing torch. The trainer writes the
+files of a checkpoint into a staging directory (see `state.write_snapshot`) and
+hands it to `commit`, which makes it durable in an order that a crash at any
+instant cannot break:
+
+1. fsync every file and directory in staging;
+2. write `manifest.json` last (sha256 + size of every file), fsync;
+3. rename staging to `checkpoints/step-NNNNNNNN`, fsync `checkpoints/`;
+4. atomically rewrite `LATEST`, fsync;
+5. only then prune old checkpoints.
+
+A checkpoint without a manifest was never committed; a manifest that does not
+match its files was damaged afterwards. Both are quarantined on load, never
+silently deleted, and the previous good checkpoint is used.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port.fsutil import atomic_write_text, fsync_dir, fsync_file
+from uff_port.hashing import tree_manifest, verify_tree
+
+CHECKPOINT_FORMAT: Final = 1
+MANIFEST: Final = "manifest.json"
+LATEST: Final = "LATEST"
+QUARANTINE: Final = "quarantine"
+_STEP_RE: Final = re.compile(r"^step-(\d{8,})$")
+_STAGING_PREFIX: Final = ".staging-"
+_OLD_PREFIX: Final = ".old-"  # a same-step checkpoint being replaced (steps 3a/3b)
+_PRUNED_PREFIX: Final = ".pruned-"  # renamed away before rmtree, so never half-deleted
+_RESERVED: Final = frozenset({"format", "step", "created", "files"})
+
+Emit = Callable[..., None]
+# Test seam: called with the name of each commit sub-step just after it completes,
+# so a test can stop there (by raising) as if the process had been killed.
+FaultHook = Callable[[str], None]
+
+
+class CheckpointMismatch(Exception):
+    """A verified checkpoint that belongs to another config or tokenizer."""
+
+    def __init__(self, path: Path, differences: list[str]) -> None:
+        self.path = path
+        self.differences = differences
+        super().__init__(
+            f"checkpoint {path.name} was written for a different config/tokenizer; "
+            "start a new run directory or restore the original config. Differences: "
+            + "; ".join(differences)
+        )
+
+
+@dataclass
+class ResumePoint:
+    step: int
+    path: Path
+    manifest: dict[str, Any]
+
+
+def step_name(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"step: must be >= 0, got {step}")
+    return f"step-{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _fsync_tree(root: Path) -> None:
+    # Children before parents: a directory entry is only worth syncing once
+    # what it names is on disk.
+    for dirpath, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(dirpath) / name)
+        for name in dirs:
+            fsync_dir(Path(dirpath) / name)
+    fsync_dir(root)
+
+
+class CheckpointStore:
+    """The `checkpoints/` directory of one run; a single writer at a time."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        keep_last: int = 3,
+        emit: Emit | None = None,
+        fault_hook: FaultHook | None = None,
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last: must be >= 1, got {keep_last}")
+        self.run_dir = Path(run_dir)
+        self.checkpoints_dir = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+        self._emit = emit
+        self._fault = fault_hook
+        self._counter = itertools.count()
+        self._mine: set[Path] = set()  # staging dirs of this process still in use
+
+    # -- events ---------------------------------------------------------------
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self._emit is not None:
+            self._emit(event, **fields)
+
+    def _step_done(self, name: str) -> None:
+        if self._fault is not None:
+            self._fault(name)
+
+    # -- writing ---------------------------------------------------------------
+
+    def begin(self, step: int) -> Path:
+        """A fresh, empty staging directory for the checkpoint of `step`."""
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{_STAGING_PREFIX}{step_name(step)}-{os.getpid()}-{next(self._counter)}"
+        path = self.checkpoints_dir / name
+        path.mkdir()
+        self._mine.add(path)
+        return path
+
+    def commit(self, staging: Path, step: int, meta: dict[str, Any]) -> Path:
+        """Make `staging` the durable checkpoint of `step`, move LATEST, prune."""
+        staging = Path(staging)
+        clash = _RESERVED & set(meta)
+        if clash:
+            raise ValueError(f"meta: keys {sorted(clash)} are reserved for the manifest")
+        if (staging / MANIFEST).exists():
+            raise ValueError(f"{staging}: already holds a {MANIFEST}")
+        _fsync_tree(staging)
+        self._step_done("files_synced")
+
+        manifest = {
+            **meta,
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "created": time.time(),
+            "files": tree_manifest(staging),
+        }
+        # The manifest goes last: its presence is what says "every file is complete".
+        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        with open(staging / MANIFEST, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(staging)
+        self._step_done("manifest_written")
+
+        final = self.checkpoints_dir / step_name(step)
+        if final.exists():
+            # rename(2) cannot replace a non-empty directory: move the old one
+            # aside first; `_recover_replaced` puts it back if we die in between.
+            old = self.checkpoints_dir / f"{_OLD_PREFIX}{final.name}-{os.getpid()}-{next(self._counter)}"
+            os.rename(final, old)
+            self._step_done("old_moved_aside")
+            os.rename(staging, final)
+            fsync_dir(self.checkpoints_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+            fsync_dir(self.checkpoints_dir)
+        self._mine.discard(staging)
+        self._step_done("renamed")
+
+        # LATEST moves only now that the directory it names is durable.
+        atomic_write_text(self.checkpoints_dir / LATEST, final.name + "\n")
+        self._step_done("latest_written")
+        self._prune(keep=final.name)
+        self._step_done("pruned")
+        return final
+
+    def abort(self, staging: Path) -> None:
+        """Throw away a staging directory (a failed or abandoned save)."""
+        shutil.rmtree(staging, ignore_errors=True)
+        self._mine.discard(Path(staging))
+
+    def _prune(self, keep: str) -> None:
+        committed = sorted(self._step_dirs(), key=lambda p: parse_step(p.name) or 0)
+        excess = committed[: max(0, len(committed) - self.keep_last)]
+        for path in excess:
+            if path.name == keep:
+                continue
+            # rename first so a crash mid-delete never leaves a half checkpoint
+            # that would later be quarantined as "corrupt".
+            gone = self.checkpoints_dir / f"{_PRUNED_PREFIX}{path.name}-{os.getpid()}-{next(self._counter)}"
+            os.rename(path, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+        if excess:
+            fsync_dir(self.checkpoints_dir)
+
+    def cleanup_staging(self) -> list[str]:
+        """Remove what a crash mid-write left behind; call at startup, before writing."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        self._recover_replaced()
+        removed = []
+        for entry in sorted(self.checkpoints_dir.iterdir()):
+            name = entry.name
+            if entry in self._mine:
+                continue
+            if name.startswith((_STAGING_PREFIX, _PRUNED_PREFIX)) or (
+                name.startswith(f".{LATEST}.") and name.endswith(".tmp")
+            ):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(name)
+        if removed:
+            fsync_dir(self.checkpoints_dir)
+            self.emit(
+                "log",
+                level="info",
+                message=f"removed {len(removed)} leftover(s) of an interrupted checkpoint write",
+                paths=removed,
+            )
+        return removed
+
+    def _recover_replaced(self) -> None:
+        """Put back a same-step checkpoint moved aside by a commit that died mid-replace."""
+        for entry in sorted(self.checkpoints_dir.glob(f"{_OLD_PREFIX}step-*")):
+            original = entry.name[len(_OLD_PREFIX) :].split("-")
+            target = self.checkpoints_dir / f"{original[0]}-{original[1]}"
+            if target.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                os.rename(entry, target)
+            fsync_dir(self.checkpoints_dir)
+
+    # -- reading ---------------------------------------------------------------
+
+    def _step_dirs(self) -> list[Path]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return [p for p in self.checkpoints_dir.iterdir() if p.is_dir() and parse_step(p.name) is not None]
+
+    def latest_name(self) -> str | None:
+        """What LATEST says, or None when there is no readable LATEST."""
+        try:
+            text = (self.checkpoints_dir / LATEST).read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError):
+            return None
+        return text or None
+
+    def list_committed(self) -> list[ResumePoint]:
+        """Checkpoints that have a readable manifest, by step; files are not re-hashed."""
+        out = []
+        for path in self._step_dirs():
+            manifest = _read_manifest(path)
+            if isinstance(manifest, dict):
+                out.append(ResumePoint(parse_step(path.name) or 0, path, manifest))
+        return sorted(out, key=lambda p: p.step)
+
+    def verify(self, path: Path) -> tuple[dict[str, Any] | None, str]:
+        """(manifest, "verified") or (None, reason) after re-hashing every file."""
+        manifest = _read_manifest(path)
+        if isinstance(manifest, str):
+            return None, manifest
+        if manifest.get("format") != CHECKPOINT_FORMAT:
+            return None, f"unknown checkpoint format {manifest.get('format')!r}"
+        step = parse_step(path.name)
+        if step is not None and manifest.get("step") != step:
+            return None, f"manifest step {manifest.get('step')!r} does not match {path.name}"
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            return None, "manifest lists no files"
+        report = verify_tree(path, files, exclude=[MANIFEST])
+        if not report.ok:
+            return None, report.summary()
+        return manifest, "verified"
+
+    def find_resume_point(self, expect: dict[str, Any] | None = None) -> ResumePoint | None:
+        """The newest verified checkpoint: LATEST first, then newest to oldest.
+
+        Damaged ones are quarantined (event `checkpoint_quarantined`) and the
+        next is tried. A verified one of another config/tokenizer raises
+        CheckpointMismatch; it is left in place, since it is not damaged.
+        """
+        if self.checkpoints_dir.is_dir():
+            self._recover_replaced()
+        tried: set[str] = set()
+        candidates: list[Path] = []
+        latest = self.latest_name()
+        if latest is not None:
+            target = self.checkpoints_dir / latest
+            if parse_step(latest) is not None and target.is_dir():
+                candidates.append(target)
+            else:
+                self._quarantine(
+                    self.checkpoints_dir / LATEST, f"LATEST points at {latest!r}, which does not exist"
+                )
+        candidates += sorted(self._step_dirs(), key=lambda p: parse_step(p.name) or 0, reverse=True)
+        for path in candidates:
+            if path.name in tried:
+                continue
+            tried.add(path.name)
+            manifest, reason = self.verify(path)
+            if manifest is None:
+                self._quarantine(path, reason)
+                continue
+            if expect:
+                differences = _differences(manifest, expect)
+                if differences:
+                    raise CheckpointMismatch(path, differences)
+            if path.name != latest:
+                # LATEST pointed at something unusable: make it name what we resume.
+                atomic_write_text(self.checkpoints_dir / LATEST, path.name + "\n")
+            return ResumePoint(int(manifest["step"]), path, manifest)
+        self.emit("log", level="info", message=f"no checkpoint in {self.checkpoints_dir}: starting fresh")
+        return None
+
+    def _quarantine(self, path: Path, reason: str) -> Path:
+        qdir = self.checkpoints_dir / QUARANTINE
+        qdir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        dest = qdir / f"{path.name}-{stamp}-{os.getpid()}-{next(self._counter)}"
+        if path.is_dir():
+            os.rename(path, dest)
+        else:
+            dest.mkdir()
+            os.rename(path, dest / path.name)
+        fsync_dir(qdir)
+        fsync_dir(self.checkpoints_dir)
+        self.emit("checkpoint_quarantined", path=str(dest), name=path.name, reason=reason)
+        return dest
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | str:
+    """The manifest, or a reason why there is none."""
+    try:
+        raw = (path / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the write never completed)"
+    except OSError as exc:
+        return f"{MANIFEST} unreadable: {exc}"
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{MANIFEST} is not valid JSON: {exc}"
+    if not isinstance(data, dict):
+        return f"{MANIFEST} is not a map"
+    return data
+
+
+def _differences(manifest: dict[str, Any], expect: dict[str, Any]) -> list[str]:
+    from uff_port.training.config import diff_views
+
+    out: list[str] = []
+    if "resume_hash" in expect and manifest.get("resume_hash") != expect["resume_hash"]:
+        have, want = manifest.get("resume_view"), expect.get("resume_view")
+        if isinstance(have, dict) and isinstance(want, dict):
+            out.extend(diff_views(have, want))
+        if not out:
+            out.append(f"resume_hash: {manifest.get('resume_hash')!r} -> {expect['resume_hash']!r}")
+    if "tokenizer_hash" in expect and manifest.get("tokenizer_hash") != expect["tokenizer_hash"]:
+        out.append(f"tokenizer_hash: {manifest.get('tokenizer_hash')!r} -> {expect['tokenizer_hash']!r}")
+    return out
