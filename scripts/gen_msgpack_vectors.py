@@ -78,7 +78,7 @@ def encodable_values() -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = [("nil", None), ("true", True), ("false", False)]
     out += [(f"int {i}", i) for i in ints]
     out += [(f"float {f!r}", f) for f in floats]
-    out += [(f"str len {len(s)}", s) for s in strs]
+    out += [(f"str {len(s.encode())} bytes {s[:12]!r}", s) for s in strs]
     out += [(f"bin len {len(b)}", b) for b in bins]
     out += [
         ("array empty", []),
@@ -170,6 +170,8 @@ def build() -> dict[str, Any]:
                         "value": tag(msgpack.unpackb(data, raw=False, strict_map_key=False))})
     for name, data in error_vectors():
         vectors.append({"name": name, "kind": "error", "hex": data.hex()})
+    names = [v["name"] for v in vectors]
+    assert len(names) == len(set(names)), "vector names must be unique (they name tests)"
     return {"generator": "scripts/gen_msgpack_vectors.py",
             "msgpack_version": ".".join(map(str, msgpack.version)), "vectors": vectors}
 
