@@ -76,7 +76,7 @@ def detect_jump(
     if len(b) < 2 or not after:
         return None
     mean_b = sum(b) / len(b)
-    std_b = math.sqrt(sum((x - mean_b) ** 2 for x in b) / (len(b) - 1))
+    std_b = math.sqrt(sum((x - mean_b) * (x - mean_b) for x in b) / (len(b) - 1))  # no ** : it raises on overflow
     threshold = max(sigmas * std_b, rel * abs(mean_b))
     if not all(math.isfinite(x) for x in after):
         return Jump(mean_b, std_b, math.inf, threshold)  # a NaN/Inf loss is always a jump
