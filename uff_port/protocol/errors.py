@@ -24,6 +24,7 @@ class ErrorCode:
     NO_JOB: Final = "no_job"
     NOT_FOUND: Final = "not_found"
     CHECKPOINT_FAILED: Final = "checkpoint_failed"
+    CORRUPT_CHECKPOINT: Final = "corrupt_checkpoint"
     TRAINER_FAILED: Final = "trainer_failed"
     TIMEOUT: Final = "timeout"
     SHUTTING_DOWN: Final = "shutting_down"

@@ -1,0 +1,76 @@
+"""`uff-port client`: drive a worker from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any
+
+import yaml
+
+from uff_port.client import WorkerClient, WorkerError
+
+
+def parse_request_line(line: str) -> tuple[str, dict[str, Any]]:
+    """'train config_path=tiny overrides={training.max_steps: 5}' -> ('train', {...})."""
+    parts = shlex.split(line)
+    if not parts:
+        raise ValueError("empty request")
+    args: dict[str, Any] = {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {part!r}")
+        try:
+            args[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"value of {key!r} is not valid YAML: {exc}") from None
+    return parts[0], args
+
+
+def _show(frame: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(frame, default=repr), flush=True)
+        return
+    if "event" in frame:
+        name = frame["event"]
+        rest = {k: v for k, v in frame.items() if k not in ("event", "seq", "ts", "gpus", "host")}
+        print(f"  [{frame.get('seq')}] {name}: {json.dumps(rest, default=repr)}", flush=True)
+    else:
+        print(json.dumps(frame, indent=2, default=repr), flush=True)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    client = WorkerClient(runs_root=args.runs_root, heartbeat_interval=args.heartbeat_interval)
+    if not args.quiet:
+        _show(client.hello, args.json)
+        client.on_event(lambda e: _show(e, args.json))
+    failures = 0
+    lines = args.requests or (line.strip() for line in sys.stdin)
+    for line in lines:
+        if not line:
+            continue
+        try:
+            cmd, req_args = parse_request_line(line)
+        except ValueError as exc:
+            print(f"bad request {line!r}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        try:
+            _show(client.call(cmd, req_args or None, timeout=args.timeout), args.json)
+        except (TimeoutError, EOFError) as exc:
+            print(f"{cmd}: {exc}", file=sys.stderr)
+            failures += 1
+    if args.wait_finished:
+        try:
+            client.wait_event(lambda e: e.get("event") in ("finished", "failed"), timeout=24 * 3600)
+        except TimeoutError:
+            failures += 1
+    try:
+        client.request("shutdown", timeout=max(args.timeout, 120))
+    except (WorkerError, TimeoutError, EOFError):
+        pass
+    code = client.wait(150)
+    return 1 if failures else code

@@ -1,0 +1,222 @@
+"""Turning `train` and `resume` requests into a running trainer.
+
+Validation is synchronous and cheap (config schema, paths), so a bad request is
+refused at once with every problem listed. Checkpoint discovery re-hashes files
+and may take a moment, so it runs on the job-start thread, never on the
+request loop.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port.fsutil import atomic_write_text, confine
+from uff_port.protocol.errors import CommandError, ErrorCode
+from uff_port.server.events import EventStream
+from uff_port.server.jobs import Job, JobInfo, cloud_argv, trainer_argv
+
+_JOB_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+AUTO: Final = "auto"
+
+
+@dataclass
+class LaunchPlan:
+    job_id: str
+    run_dir: Path
+    config: Any  # uff_port.training.config.Config (imported lazily)
+    resume_from: Path | str | None  # AUTO: find the newest valid checkpoint
+    resumed_step: int | None = None
+
+
+def _invalid(field: str, message: str, expected: str | None = None) -> CommandError:
+    return CommandError(
+        ErrorCode.INVALID_ARGS, f"{field}: {message}", {"fields": [{"field": field, "expected": expected or message}]}
+    )
+
+
+def _validate(raw: Any, overrides: dict[str, Any] | None) -> Any:
+    from uff_port.training.config import ConfigError, validate_config
+
+    try:
+        return validate_config(raw, overrides)
+    except ConfigError as exc:
+        raise CommandError(
+            ErrorCode.INVALID_CONFIG,
+            f"invalid config ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}): "
+            + "; ".join(exc.problems),
+            {"problems": exc.problems},
+        ) from None
+
+
+class JobLauncher:
+    def __init__(
+        self,
+        runs_root: Path,
+        python: str,
+        emit: Callable[..., None],
+        devices: Callable[[], list[dict[str, Any]]] = list,
+    ) -> None:
+        self.runs_root = runs_root
+        self.python = python
+        self.emit = emit
+        self.devices = devices
+
+    # -- validation (request loop) ----------------------------------------
+    def _run_dir(self, run_dir: str | None, job_id: str | None, name: str) -> tuple[Path, str]:
+        if job_id is not None and not _JOB_ID.match(job_id):
+            raise _invalid("args.job_id", "must be 1-128 of [A-Za-z0-9._-], starting alphanumeric")
+        if run_dir is None:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+            job_id = job_id or f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            run_dir = job_id
+        try:
+            path = confine(self.runs_root, run_dir)
+        except ValueError:
+            raise _invalid(
+                "args.run_dir", f"{run_dir!r} is outside the runs root {str(self.runs_root)!r}", "a path under the runs root"
+            ) from None
+        if path == self.runs_root:
+            raise _invalid("args.run_dir", "must name a directory below the runs root, not the root itself")
+        return path, job_id or path.name
+
+    def prepare_train(self, args: dict[str, Any]) -> LaunchPlan:
+        from uff_port.training.config import ConfigError, load_config_file
+
+        if "config" in args and "config_path" in args:
+            raise _invalid("args.config", "give either config or config_path, not both")
+        if "config" in args:
+            raw = args["config"]
+        elif "config_path" in args:
+            try:
+                raw = load_config_file(args["config_path"])
+            except ConfigError as exc:
+                raise CommandError(ErrorCode.INVALID_CONFIG, "; ".join(exc.problems), {"problems": exc.problems}) from None
+        else:
+            raise _invalid("args.config", "one of config (a map) or config_path (a string) is required", "map")
+        cfg = _validate(raw, args.get("overrides"))
+        self._check_fits(cfg)
+        run_dir, job_id = self._run_dir(args.get("run_dir"), args.get("job_id"), cfg.name)
+        return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=AUTO)
+
+    def prepare_resume(self, args: dict[str, Any]) -> LaunchPlan:
+        from uff_port.training.config import ConfigError, load_config_file
+
+        run_dir, job_id = self._run_dir(args["run_dir"], None, "run")
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise CommandError(ErrorCode.NOT_FOUND, f"{run_dir} has no config.yaml: nothing to resume", {"run_dir": str(run_dir)})
+        try:
+            cfg = _validate(load_config_file(cfg_path), None)
+        except ConfigError as exc:
+            raise CommandError(ErrorCode.INVALID_CONFIG, "; ".join(exc.problems), {"problems": exc.problems}) from None
+        which = args.get("checkpoint")
+        if which is None:
+            return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=AUTO)
+        if isinstance(which, int):
+            path = run_dir / "checkpoints" / f"step-{which:08d}"
+        else:
+            try:
+                path = confine(run_dir, which if Path(which).is_absolute() else Path("checkpoints") / which)
+            except ValueError:
+                raise _invalid("args.checkpoint", f"{which!r} is outside {run_dir}") from None
+        return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=path)
+
+    def _check_fits(self, cfg: Any) -> None:
+        """Refuse a config the memory planner says cannot fit, before any GPU minute is spent."""
+        try:
+            from uff_port.planner.guard import check_config
+        except ImportError:
+            return
+        report = check_config(cfg, self.devices())
+        if not report.fits:
+            raise CommandError(
+                ErrorCode.WONT_FIT,
+                report.message,
+                {"estimate": report.estimate, "nearest_fit": report.nearest_fit},
+            )
+
+    # -- start (job-start thread) ----------------------------------------
+    def _resolve_checkpoint(self, plan: LaunchPlan) -> tuple[Path | None, int | None]:
+        from uff_port.training.checkpoint_store import CheckpointMismatch, CheckpointStore
+        from uff_port.training.config import resume_hash, resume_view
+
+        cfg = plan.config
+        store = CheckpointStore(
+            plan.run_dir,
+            keep_last=cfg.checkpoint.keep_last,
+            emit=lambda event, **f: self.emit(event, job_id=plan.job_id, **f),
+        )
+        if plan.resume_from == AUTO:
+            try:
+                point = store.find_resume_point({"resume_hash": resume_hash(cfg), "resume_view": resume_view(cfg)})
+            except CheckpointMismatch as exc:
+                raise CommandError(
+                    ErrorCode.INVALID_CONFIG,
+                    f"{plan.run_dir} holds checkpoints of a different config: {exc}",
+                    {"differences": exc.differences},
+                ) from None
+            return (point.path, point.step) if point else (None, None)
+        path = Path(plan.resume_from)  # type: ignore[arg-type]
+        return self._verify_explicit(path)
+
+    def _verify_explicit(self, path: Path) -> tuple[Path, int]:
+        import json
+
+        from uff_port.hashing import verify_tree
+
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise CommandError(ErrorCode.NOT_FOUND, f"no committed checkpoint at {path} (manifest.json missing)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+            step = int(manifest["step"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CommandError(ErrorCode.CORRUPT_CHECKPOINT, f"{manifest_path} is unreadable: {exc}") from None
+        report = verify_tree(path, files, exclude=["manifest.json"])
+        if not report.ok:
+            raise CommandError(
+                ErrorCode.CORRUPT_CHECKPOINT, f"checkpoint {path} fails verification: {report.summary()}", report.to_dict()
+            )
+        return path, step
+
+    def start(self, plan: LaunchPlan, events: EventStream, on_exit: Callable[[Job], None]) -> Job:
+        from uff_port.training.config import config_hash, dump_yaml, resume_hash
+
+        cfg = plan.config
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        local = cfg.strategy == "local"
+        resume_path, step = self._resolve_checkpoint(plan) if local else (None, None)
+        cfg_path = plan.run_dir / "config.yaml"
+        atomic_write_text(
+            cfg_path,
+            f"# config_hash: {config_hash(cfg)}\n# resume_hash: {resume_hash(cfg)}\n" + dump_yaml(cfg),
+        )
+        if local:
+            argv = trainer_argv(self.python)
+            extra = ["--run-dir", str(plan.run_dir), "--config", str(cfg_path), "--job-id", plan.job_id]
+            extra += ["--resume-from", str(resume_path)] if resume_path else ["--fresh"]
+        else:
+            argv = cloud_argv(self.python)
+            extra = ["--run-dir", str(plan.run_dir), "--config", str(cfg_path), "--job-id", plan.job_id]
+        info = JobInfo(
+            job_id=plan.job_id,
+            run_dir=plan.run_dir,
+            kind="trainer" if local else f"cloud:{cfg.strategy}",
+            resumed_from=step,
+            grace_seconds=cfg.checkpoint.grace_seconds,
+            max_steps=cfg.training.max_steps,
+            step=step,
+        )
+        if step is not None:
+            info.last_checkpoint = {"step": step, "path": str(resume_path)}
+        return Job(info, argv, events, on_exit, extra_argv=extra)
+
+    def after_finish(self, info: JobInfo) -> None:
+        """Hook for work after a finished job (artifact manifests); never fails the job."""

@@ -1,0 +1,546 @@
+"""The Port worker: one request loop, one heartbeat thread, one job at a time.
+
+The main thread reads requests and answers the quick ones inline (ping,
+status); anything that waits on the trainer or on disk replies later from
+another thread, so `status` and `stop` are always answered within
+milliseconds whatever training does. Exit paths (shutdown, stdin EOF,
+SIGTERM, parent death) all run the same sequence: stop the job with a
+checkpoint inside the grace period, kill every child process group, exit with
+0 (nothing lost), 75 (stopped early, resumable) or 1 (work may be lost).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port import PROTOCOL_VERSION, __version__
+from uff_port.protocol.errors import CommandError, ErrorCode
+from uff_port.protocol.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FrameError,
+    FrameReader,
+    FrameWriter,
+    decode_payload,
+)
+from uff_port.protocol.messages import (
+    Arg,
+    Request,
+    check_args,
+    error_reply,
+    ok_reply,
+    parse_request,
+    request_id_of,
+)
+from uff_port.server import lifetime
+from uff_port.server.events import DEFAULT_PROGRESS_PER_S, EventStream
+from uff_port.server.extensions import EXTENSION_COMMANDS
+from uff_port.server.jobs import Job
+from uff_port.server.launch import JobLauncher
+from uff_port.server.stdio import claim_stdio
+from uff_port.server.tasks import TaskRunner
+from uff_port.server.telemetry_loop import TelemetryCache
+
+EXIT_OK: Final = 0
+EXIT_LOST: Final = 1
+EXIT_RESUMABLE: Final = 75
+
+# Worker states (the `state` field of status, heartbeat and state events).
+IDLE: Final = "idle"
+STARTING: Final = "starting"
+TRAINING: Final = "training"
+STOPPING: Final = "stopping"
+SHUTTING_DOWN: Final = "shutting_down"
+
+CORE_ARGS: Final[dict[str, dict[str, Arg]]] = {
+    "ping": {"echo": Arg((object,), doc="returned unchanged")},
+    "status": {},
+    "train": {
+        "config": Arg((dict,), doc="config map"),
+        "config_path": Arg((str,), doc="YAML file or preset name"),
+        "run_dir": Arg((str,), doc="run directory under the runs root"),
+        "overrides": Arg((dict,), doc="dotted keys"),
+        "job_id": Arg((str,)),
+    },
+    "checkpoint": {},
+    "resume": {"run_dir": Arg((str,), required=True), "checkpoint": Arg((int, str))},
+    "stop": {"checkpoint": Arg((bool,))},
+    "shutdown": {},
+    "bench_events": {"count": Arg((int,), required=True), "payload_bytes": Arg((int,))},
+}
+
+
+@dataclass
+class ServeOptions:
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    heartbeat_interval: float = 2.0
+    runs_root: Path = field(default_factory=lambda: Path("runs"))
+    grace_seconds: float = 100.0
+    python: str = sys.executable
+    progress_per_s: float = DEFAULT_PROGRESS_PER_S
+
+
+class Reply:
+    """Exactly one reply per request, whichever thread gets there first."""
+
+    def __init__(self, events: EventStream, rid: int) -> None:
+        self._events = events
+        self.rid = rid
+        self._lock = threading.Lock()
+        self.sent = False
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self.sent:
+                return False
+            self.sent = True
+            return True
+
+    def ok(self, result: dict[str, Any]) -> None:
+        if self._claim():
+            self._events.reply(ok_reply(self.rid, result))
+
+    def error(self, code: str, message: str, details: Any = None) -> None:
+        if self._claim():
+            self._events.reply(error_reply(self.rid, code, message, details))
+
+    def from_frame(self, frame: dict[str, Any], transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """Relay a child's reply frame (`ok`/`result` or `error`)."""
+        if frame.get("ok"):
+            result = frame.get("result") or {}
+            self.ok(transform(result) if transform else result)
+        else:
+            err = frame.get("error") or {}
+            self.error(str(err.get("code", ErrorCode.INTERNAL)), str(err.get("message", "")), err.get("details"))
+
+
+DEFERRED: Final = object()
+Handler = Callable[[Request, Reply], Any]
+
+
+class Worker:
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.runs_root = Path(opts.runs_root).resolve()
+        self.started = time.time()
+        self.state = IDLE
+        self.job: Job | None = None
+        self.last_job: dict[str, Any] | None = None
+        self._starting = False
+        self._exiting = False
+        self._exit_reason: str | None = None
+        self._stop_ticks = threading.Event()
+        self.events: EventStream  # set in serve()/attach()
+        self.telemetry = TelemetryCache(interval=max(0.5, opts.heartbeat_interval))
+        self.handlers: dict[str, Handler] = {
+            "ping": self._cmd_ping,
+            "status": self._cmd_status,
+            "train": self._cmd_train,
+            "checkpoint": self._cmd_checkpoint,
+            "resume": self._cmd_resume,
+            "stop": self._cmd_stop,
+            "shutdown": self._cmd_shutdown,
+            "bench_events": self._cmd_bench_events,
+        }
+
+    # -- wiring ---------------------------------------------------------------
+    def attach(self, write_fd: int) -> None:
+        """Set up the outgoing stream (separate from serve() so tests can drive dispatch)."""
+        self.events = EventStream(FrameWriter(write_fd), progress_per_s=self.opts.progress_per_s)
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+        self.tasks = TaskRunner(self.events, self.runs_root, self.opts.python)
+        self.launcher = JobLauncher(self.runs_root, self.opts.python, self._job_event, lambda: self.telemetry.gpus)
+
+    def commands(self) -> list[str]:
+        return [*self.handlers, *EXTENSION_COMMANDS]
+
+    def serve(self) -> int:
+        fds = claim_stdio()
+        self.attach(fds.write_fd)
+        self._install_lifetime()
+        self.telemetry.start()
+        self.events.emit(
+            "hello",
+            protocol=PROTOCOL_VERSION,
+            version=__version__,
+            pid=os.getpid(),
+            commands=self.commands(),
+            devices=self.telemetry.gpus,
+            heartbeat_interval=self.opts.heartbeat_interval,
+            max_frame_bytes=self.opts.max_frame_bytes,
+            runs_root=str(self.runs_root),
+        )
+        threading.Thread(target=self._tick_loop, name="heartbeat", daemon=True).start()
+        reader = FrameReader(fds.read_fd, self.opts.max_frame_bytes)
+        while True:
+            try:
+                payload = reader.read()
+            except FrameError as exc:
+                self.events.reply(error_reply(None, exc.code, exc.message, exc.details))
+                if exc.fatal:
+                    break
+                continue
+            except OSError:
+                break
+            if payload is None:
+                break
+            self.handle_payload(payload)
+        self.begin_exit("eof")
+        while True:  # the exit sequence ends the process with os._exit
+            time.sleep(3600)
+
+    def _install_lifetime(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        # Parent death (the VM killed with SIGKILL) arrives as SIGTERM: same graceful path.
+        lifetime.set_parent_death_signal(signal.SIGTERM)
+        lifetime.watch_parent(lambda: self.begin_exit("parent_died"))
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # Runs between bytecodes of the main thread: do no I/O here, hand over to a thread.
+        self.begin_exit(f"signal:{signal.Signals(signum).name}")
+
+    # -- request loop ---------------------------------------------------------
+    def handle_payload(self, payload: bytes) -> None:
+        try:
+            frame = decode_payload(payload)
+        except FrameError as exc:
+            self.events.reply(error_reply(None, exc.code, exc.message, exc.details))
+            return
+        try:
+            request = parse_request(frame)
+        except CommandError as exc:
+            self.events.reply(error_reply(request_id_of(frame), exc.code, exc.message, exc.details))
+            return
+        self.dispatch(request)
+
+    def dispatch(self, request: Request) -> None:
+        reply = Reply(self.events, request.id)
+        try:
+            handler = self.handlers.get(request.cmd)
+            if handler is None and request.cmd in EXTENSION_COMMANDS:
+                handler = self._cmd_extension
+            if handler is None:
+                raise CommandError(
+                    ErrorCode.UNKNOWN_COMMAND,
+                    f"unknown command {request.cmd!r}",
+                    {"commands": self.commands()},
+                )
+            if request.cmd in CORE_ARGS:
+                request = Request(request.id, request.cmd, check_args(request.cmd, request.args, CORE_ARGS[request.cmd]))
+            if self._exiting and request.cmd not in ("ping", "status", "shutdown"):
+                raise CommandError(ErrorCode.SHUTTING_DOWN, f"worker is shutting down ({self._exit_reason})")
+            result = handler(request, reply)
+            if result is not DEFERRED:
+                reply.ok(result)
+        except CommandError as exc:
+            reply.error(exc.code, exc.message, exc.details)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            reply.error(
+                ErrorCode.INTERNAL,
+                f"{type(exc).__name__}: {exc}",
+                {"traceback": traceback.format_exc(limit=15)},
+            )
+
+    # -- state ----------------------------------------------------------------
+    def set_state(self, state: str, **fields: Any) -> None:
+        self.state = state
+        job = self.job
+        self.events.emit("state", state=state, job_id=job.info.job_id if job else fields.pop("job_id", None), **fields)
+
+    def snapshot(self) -> dict[str, Any]:
+        job = self.job
+        info = job.info if job else None
+        last = self.last_job or {}
+        return {
+            "state": self.state,
+            "job_id": info.job_id if info else last.get("job_id"),
+            "phase": info.phase if info else None,
+            "step": info.step if info else last.get("step"),
+            "max_steps": info.max_steps if info else last.get("max_steps"),
+            "loss": info.loss if info else last.get("loss"),
+            "lr": info.lr if info else None,
+            "tokens_per_s": info.tokens_per_s if info else None,
+            "run_dir": str(info.run_dir) if info else last.get("run_dir"),
+            "resumed_from": info.resumed_from if info else None,
+            "last_checkpoint": info.last_checkpoint if info else last.get("last_checkpoint"),
+            "last_progress_ts": info.last_progress_ts if info else None,
+            "last_job": self.last_job,
+        }
+
+    # -- heartbeats -----------------------------------------------------------
+    def _tick_loop(self) -> None:
+        """Heartbeats on a fixed cadence; also opens the rate limiter's windows.
+
+        Touches only the event stream and cached telemetry, so neither a busy
+        trainer nor a hung NVML call can hold it up.
+        """
+        interval = self.opts.heartbeat_interval
+        next_beat = time.monotonic()
+        while not self._stop_ticks.is_set():
+            now = time.monotonic()
+            try:
+                self.events.flush_limited()
+                if now >= next_beat:
+                    snap = self.snapshot()
+                    self.events.emit(
+                        "heartbeat",
+                        state=snap["state"],
+                        job_id=snap["job_id"],
+                        step=snap["step"],
+                        last_progress_ts=snap["last_progress_ts"],
+                        gpus=self.telemetry.gpus,
+                        host=self.telemetry.host,
+                    )
+                    next_beat = max(next_beat + interval, now + interval / 2)
+            except OSError:
+                return  # the Port is gone; the exit path takes it from here
+            self._stop_ticks.wait(min(0.05, interval))
+
+    # -- commands -------------------------------------------------------------
+    def _cmd_ping(self, req: Request, _reply: Reply) -> dict[str, Any]:
+        out: dict[str, Any] = {"pong": True, "ts": time.time()}
+        if "echo" in req.args:
+            out["echo"] = req.args["echo"]
+        return out
+
+    def _cmd_status(self, _req: Request, _reply: Reply) -> dict[str, Any]:
+        status = self.snapshot()
+        status.update(
+            gpus=self.telemetry.gpus,
+            host=self.telemetry.host,
+            pid=os.getpid(),
+            uptime_s=time.time() - self.started,
+            version=__version__,
+            protocol=PROTOCOL_VERSION,
+            runs_root=str(self.runs_root),
+        )
+        return status
+
+    def _cmd_bench_events(self, req: Request, _reply: Reply) -> dict[str, Any]:
+        count = req.args["count"]
+        if not 0 <= count <= 10_000_000:
+            raise CommandError(ErrorCode.INVALID_ARGS, "args.count: expected 0..10000000", {"field": "args.count"})
+        blob = "x" * int(req.args.get("payload_bytes", 0))
+        start = time.perf_counter()
+        for i in range(count):
+            self.events.emit("bench", i=i, data=blob)
+        elapsed = time.perf_counter() - start
+        return {"count": count, "seconds": elapsed, "events_per_s": count / elapsed if elapsed else None}
+
+    def _require_idle(self) -> None:
+        if self.job is not None or self._starting:
+            job_id = self.job.info.job_id if self.job else None
+            raise CommandError(
+                ErrorCode.BUSY,
+                f"a job is already {self.state} ({job_id}); send stop first",
+                {"job_id": job_id, "state": self.state},
+            )
+
+    def _cmd_train(self, req: Request, reply: Reply) -> Any:
+        self._require_idle()
+        plan = self.launcher.prepare_train(req.args)  # validates; raises CommandError
+        self._launch(plan, reply)
+        return DEFERRED
+
+    def _cmd_resume(self, req: Request, reply: Reply) -> Any:
+        self._require_idle()
+        plan = self.launcher.prepare_resume(req.args)
+        self._launch(plan, reply)
+        return DEFERRED
+
+    def _launch(self, plan: Any, reply: Reply) -> None:
+        self._starting = True
+        self.set_state(STARTING, job_id=plan.job_id)
+
+        def run() -> None:
+            try:
+                job = self.launcher.start(plan, self.events, self._job_exited)
+            except CommandError as exc:
+                self._starting = False
+                self.set_state(IDLE)
+                reply.error(exc.code, exc.message, exc.details)
+                return
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                self._starting = False
+                self.set_state(IDLE)
+                reply.error(ErrorCode.INTERNAL, f"could not start the job: {type(exc).__name__}: {exc}")
+                return
+            self.job = job
+            self._starting = False
+            self.set_state(TRAINING, run_dir=str(job.info.run_dir), resumed_from=job.info.resumed_from)
+            reply.ok(
+                {
+                    "job_id": job.info.job_id,
+                    "run_dir": str(job.info.run_dir),
+                    "resumed_from": job.info.resumed_from,
+                }
+            )
+
+        threading.Thread(target=run, name="job-start", daemon=True).start()
+
+    def _job_event(self, name: str, **fields: Any) -> None:
+        """Events the launcher raises before the trainer exists (quarantine, fresh start)."""
+        self.events.emit(name, **fields)
+
+    def _job_exited(self, job: Job) -> None:
+        info = job.info
+        code = info.exit_code
+        outcome = {0: "finished", 75: "stopped", 3: "refused"}.get(code if code is not None else -1, "failed")
+        self.last_job = {
+            "job_id": info.job_id,
+            "run_dir": str(info.run_dir),
+            "outcome": outcome,
+            "exit_status": code,
+            "step": info.step,
+            "max_steps": info.max_steps,
+            "loss": info.loss,
+            "last_checkpoint": info.last_checkpoint,
+        }
+        if self.job is job:
+            self.job = None
+        if outcome == "finished":
+            self.launcher.after_finish(info)
+        if not self._exiting:
+            self.set_state(IDLE, job_id=info.job_id, outcome=outcome, exit_status=code)
+
+    def _active_job(self) -> Job:
+        job = self.job
+        if job is None:
+            raise CommandError(ErrorCode.NO_JOB, "no job is running", {"state": self.state})
+        return job
+
+    def _grace(self, job: Job) -> float:
+        return min(self.opts.grace_seconds, job.info.grace_seconds)
+
+    def _cmd_checkpoint(self, _req: Request, reply: Reply) -> Any:
+        job = self._active_job()
+        if not job.control("checkpoint", {}, reply.from_frame):
+            raise CommandError(ErrorCode.TRAINER_FAILED, "the trainer is not reachable")
+        threading.Timer(
+            self._grace(job),
+            lambda: reply.error(ErrorCode.TIMEOUT, f"checkpoint not durable within {self._grace(job):.0f}s"),
+        ).start()
+        return DEFERRED
+
+    def _stop_job(self, job: Job, checkpoint: bool, on_stopped: Callable[[Job, dict[str, Any]], None]) -> None:
+        """Ask the trainer to stop; `on_stopped(job, trainer_reply)` runs once it has exited."""
+        trainer_reply: dict[str, Any] = {}
+        job.stop_requested = True
+        job.control("stop", {"checkpoint": checkpoint}, trainer_reply.update)
+        job.on_exit(lambda j: on_stopped(j, trainer_reply))
+        grace = self._grace(job)
+
+        def escalate() -> None:
+            # The trainer had its grace period: a polite signal, then the hammer.
+            if job.exited.wait(grace):
+                return
+            job.kill(signal.SIGTERM)
+            if not job.exited.wait(10):
+                job.kill(signal.SIGKILL)
+
+        threading.Thread(target=escalate, name="stop-escalation", daemon=True).start()
+
+    def _cmd_stop(self, req: Request, reply: Reply) -> Any:
+        job = self._active_job()
+        checkpoint = req.args.get("checkpoint", True)
+        self.set_state(STOPPING)
+
+        def stopped(j: Job, trainer_reply: dict[str, Any]) -> None:
+            info = j.info
+            if info.exit_code in (0, 75):
+                ckpt = info.last_checkpoint
+                reply.ok(
+                    {
+                        "job_id": info.job_id,
+                        "step": info.step,
+                        "checkpoint": ckpt.get("path") if ckpt else None,
+                        "exit_status": info.exit_code,
+                    }
+                )
+            else:
+                err = trainer_reply.get("error") or {}
+                reply.error(
+                    str(err.get("code") or ErrorCode.TRAINER_FAILED),
+                    str(err.get("message") or f"trainer exited with status {info.exit_code} while stopping"),
+                    {"exit_status": info.exit_code, "last_checkpoint": info.last_checkpoint},
+                )
+
+        self._stop_job(job, checkpoint, stopped)
+        return DEFERRED
+
+    def _cmd_shutdown(self, _req: Request, reply: Reply) -> Any:
+        self.begin_exit("shutdown", reply)
+        return DEFERRED
+
+    def _cmd_extension(self, req: Request, reply: Reply) -> Any:
+        target = EXTENSION_COMMANDS[req.cmd]
+        self.tasks.start(
+            target,
+            req.args,
+            lambda result, error: reply.ok(result or {})
+            if error is None
+            else reply.error(str(error.get("code", ErrorCode.INTERNAL)), str(error.get("message", "")), error.get("details")),
+        )
+        return DEFERRED
+
+    # -- exit -----------------------------------------------------------------
+    def begin_exit(self, reason: str, reply: Reply | None = None) -> None:
+        if self._exiting:
+            if reply is not None:
+                reply.error(ErrorCode.SHUTTING_DOWN, f"already shutting down ({self._exit_reason})")
+            return
+        self._exiting = True
+        self._exit_reason = reason
+        threading.Thread(target=self._exit_sequence, args=(reason, reply), name="exit", daemon=True).start()
+
+    def _exit_sequence(self, reason: str, reply: Reply | None) -> None:
+        code = EXIT_OK
+        stopped: dict[str, Any] = {"reason": reason, "job_id": None, "checkpoint": None}
+        try:
+            self.set_state(SHUTTING_DOWN, reason=reason)
+            deadline = time.monotonic() + 30
+            while self._starting and time.monotonic() < deadline:
+                time.sleep(0.05)  # a job being started is stopped like any other
+            job = self.job
+            if job is not None:
+                done = threading.Event()
+                self._stop_job(job, True, lambda _j, _r: done.set())
+                done.wait(self._grace(job) + 15)
+                info = job.info
+                stopped.update(job_id=info.job_id, step=info.step, exit_status=info.exit_code)
+                if info.last_checkpoint:
+                    stopped["checkpoint"] = info.last_checkpoint.get("path")
+                if info.exit_code == 0:
+                    code = EXIT_OK
+                elif info.exit_code == 75:
+                    code = EXIT_OK if reason == "shutdown" else EXIT_RESUMABLE
+                else:
+                    code = EXIT_LOST
+            self.tasks.kill_all()
+            if reply is not None:
+                reply.ok(stopped)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            code = EXIT_LOST
+        finally:
+            self._stop_ticks.set()
+            self.telemetry.stop()
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+
+def run_worker(opts: ServeOptions) -> int:
+    return Worker(opts).serve()
