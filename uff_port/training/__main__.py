@@ -1,0 +1,185 @@
+"""`python -m uff_port.training`: the trainer process (docs/internals.md section 1).
+
+    python -m uff_port.training --run-dir RUN_DIR --config CONFIG \
+        [--control-fd N] [--job-id ID] [--resume-from DIR | --fresh] [--set k=v ...]
+
+Exit codes: 0 finished, 75 stopped early with a durable checkpoint, 3 refused
+before training (bad config, missing model, won't fit), other: crashed.
+With `distributed.nproc > 1` (and not yet under torchrun) this process is
+only a launcher for torchrun; see launcher.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port.training.config import Config, ConfigError, dump_yaml, load_config
+from uff_port.training.events import Reporter
+
+CHANNEL_SOCKET_ENV: Final = "UFF_PORT_CHANNEL_SOCKET"
+EXIT_FILE_ENV: Final = "UFF_PORT_EXIT_FILE"
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
+    """Hear of a dead parent even if our channel were somehow kept open (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set training.max_steps=40`: values are YAML scalars (numbers, bools, lists)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"{item}: overrides look like dotted.key=value"])
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m uff_port.training", description="uff-port trainer process")
+    p.add_argument("--run-dir", required=True, type=Path)
+    p.add_argument("--config", default=None, help="YAML config (default: RUN_DIR/config.yaml)")
+    p.add_argument("--control-fd", type=int, default=None, help="channel to the worker (socketpair end)")
+    p.add_argument("--job-id", default=None)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume-from", type=Path, default=None, help="a verified checkpoint directory")
+    g.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def _channel_fd(args: argparse.Namespace) -> tuple[int | None, socket.socket | None]:
+    """The worker's fd, or (rank 0 under our launcher) the launcher's relay socket."""
+    if args.control_fd is not None:
+        return args.control_fd, None
+    path = os.environ.get(CHANNEL_SOCKET_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        return sock.fileno(), sock
+    return None, None
+
+
+def _write_exit(code: int) -> None:
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        Path(path).write_text(f"{code}\n")
+
+
+def _refuse(report: Reporter, code: str, message: str, details: Any = None) -> int:
+    report.emit("failed", code=code, message=message, resumable=False, details=details)
+    return 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    set_pdeathsig()
+    run_dir: Path = args.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_launcher = False
+    fd, sock = _channel_fd(args)
+    report = Reporter(run_dir, channel_fd=fd, rank=int(os.environ.get("RANK", "0")), job_id=args.job_id)
+    config_path = args.config or run_dir / "config.yaml"
+    try:
+        cfg = load_config(config_path, parse_overrides(args.overrides))
+    except ConfigError as exc:
+        return _refuse(report, "invalid_config", str(exc), exc.problems)
+    if "LOCAL_RANK" not in os.environ:
+        resolved = run_dir / "config.yaml"
+        if not resolved.exists() or Path(config_path).resolve() != resolved or args.overrides:
+            from uff_port.fsutil import atomic_write_text
+
+            atomic_write_text(resolved, dump_yaml(cfg))
+        is_launcher = cfg.distributed.nproc > 1
+    if is_launcher:
+        from uff_port.training.launcher import launch
+
+        # Ranks re-read the resolved config; the overrides are already in it.
+        child_argv = _strip(argv, {"--control-fd", "--config", "--set"}) + ["--config", str(run_dir / "config.yaml")]
+        return launch(child_argv, cfg, fd, report)
+    code = run(cfg, run_dir, args, report, fd)
+    _write_exit(code)
+    if sock is not None:
+        sock.close()
+    return code
+
+
+def _strip(argv: list[str], flags: set[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if any(a.startswith(f + "=") for f in flags):
+            continue
+        out.append(a)
+    return out
+
+
+def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, fd: int | None) -> int:
+    """Set up and train; every way out is an exit code and, on failure, a `failed` event."""
+    # Heavy imports only now: a refused config above never loads torch.
+    from uff_port.training import dist
+    from uff_port.training.channel import Inbox
+    from uff_port.training.checkpoint_store import CheckpointMismatch
+    from uff_port.training.data import DataError
+    from uff_port.training.model import ModelError
+    from uff_port.training.trainer import EXIT_CRASH, StopTraining, Trainer, TrainError
+
+    inbox = Inbox()
+    inbox.install_signal_handlers()
+    if fd is not None:
+        inbox.start_reader(fd)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    dist.init_from_env()
+    trainer = Trainer(cfg, run_dir, reporter=report, inbox=inbox, resume_from=args.resume_from, fresh=args.fresh)
+    started = False
+    try:
+        trainer.setup()
+        started = True
+        return trainer.train()
+    except StopTraining as stop:
+        return stop.code
+    except CheckpointMismatch as exc:
+        return _refuse(report, "checkpoint_mismatch", str(exc), exc.differences)
+    except (ModelError, DataError, TrainError) as exc:
+        resumable = bool(getattr(exc, "resumable", False)) or (started and trainer.last_checkpoint is not None)
+        report.emit("failed", code=exc.code, message=exc.message, resumable=resumable, step=trainer.step)
+        return 3 if not started else EXIT_CRASH
+    except Exception as exc:  # noqa: BLE001 - the worker must hear why, whatever it was
+        report.emit(
+            "failed",
+            code="trainer_failed",
+            message=f"{type(exc).__name__}: {exc}",
+            resumable=trainer.last_checkpoint is not None,
+            step=trainer.step,
+            details=traceback.format_exc()[-4000:],
+        )
+        return EXIT_CRASH
+    finally:
+        trainer.cleanup()
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

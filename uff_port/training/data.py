@@ -1,0 +1,425 @@
+"""Streaming JSONL corpus -> tokenized, masked, packed sequences, with an exact cursor.
+
+The corpus is never loaded whole: files are read line by line and the stream's
+position is a byte offset, so `load_state_dict` seeks straight back to where a
+checkpoint left off (O(1) in the corpus size) and the continuation is the very
+same sequence of tokens an uninterrupted run would have seen.
+
+Packing keeps samples apart without a custom mask: every sample's position_ids
+restart at 0 and no attention_mask is passed, which makes transformers build a
+block-diagonal causal mask (one block per sample). Each sample's first label is
+-100 so the loss never asks a sample to predict the next sample's first token.
+Packs are padded to `seq_len` with a pad segment of its own (labels -100).
+
+Multi-process order: all ranks read the same global stream of sequences and
+rank r keeps global sequence i when i % world_size == r. A rank consumes
+world_size sequences per call, so at every optimizer step the cursor is the
+same on every rank, and changing 1 <-> 2 processes keeps the global position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from uff_port.training.builtin import resolve_data_path
+from uff_port.training.config import DataConfig
+
+IGNORE: Final = -100
+Split = Literal["train", "eval"]
+BadLineHook = Callable[[str, int, str], None]  # (file, line_no, reason)
+
+
+class DataError(Exception):
+    """The corpus cannot feed training; `code` is stable, message says what to fix."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Sequence_:
+    """One training row: tokens, targets and per-sample positions (None = not packed)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] | None
+
+    @property
+    def n_targets(self) -> int:
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def in_eval_split(file_name: str, line_no: int, fraction: float) -> bool:
+    """Deterministic held-out split by (file name, line number): stable across runs and seeds."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{file_name}:{line_no}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+class Tokenize:
+    """Turns one record into a masked Sample, per format."""
+
+    def __init__(self, tokenizer: Any, cfg: DataConfig) -> None:
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def _enc(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def format_of(self, rec: dict[str, Any]) -> str:
+        fmt = self.cfg.format
+        if fmt == "auto":
+            if "messages" in rec:
+                return "messages"
+            if "prompt" in rec or "completion" in rec:
+                return "prompt_completion"
+            if "text" in rec:
+                return "text"
+            raise ValueError("record has none of 'text', 'prompt'/'completion', 'messages'")
+        return fmt
+
+    def __call__(self, rec: dict[str, Any]) -> Sample:
+        fmt = self.format_of(rec)
+        if fmt == "text":
+            text = rec.get("text")
+            if not isinstance(text, str):
+                raise ValueError("'text' must be a string")
+            ids = self.bos + self._enc(text) + self.eos
+            return Sample(ids, list(ids))
+        if fmt == "prompt_completion":
+            prompt, completion = rec.get("prompt"), rec.get("completion")
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise ValueError("'prompt' and 'completion' must both be strings")
+            p = self.bos + self._enc(prompt)
+            c = self._enc(completion) + self.eos
+            masked = [IGNORE] * len(p) if self.cfg.completion_only_loss else list(p)
+            return Sample(p + c, masked + c)
+        return self._messages(rec.get("messages"))
+
+    def _messages(self, msgs: Any) -> Sample:
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError("each message needs string 'role' and 'content'")
+        render = self.tok.apply_chat_template
+        full: str = render(msgs, tokenize=False)
+        # Character spans of the assistant replies: the rendering up to a reply
+        # (with the generation prompt) is a prefix of the rendering through it.
+        spans: list[tuple[int, int]] = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(render(msgs[:i], tokenize=False, add_generation_prompt=True))
+            end = len(render(msgs[: i + 1], tokenize=False))
+            spans.append((start, end))
+        if not spans:
+            raise ValueError("'messages' has no assistant turn to learn from")
+        ids: list[int] = []
+        labels: list[int] = []
+        pos = 0
+        for start, end in spans:
+            head = self._enc(full[pos:start])
+            body = self._enc(full[start:end])
+            ids += head + body
+            labels += ([IGNORE] * len(head) if self.cfg.completion_only_loss else head) + body
+            pos = end
+        tail = self._enc(full[pos:])
+        ids += tail
+        labels += [IGNORE] * len(tail) if self.cfg.completion_only_loss else tail
+        return Sample(ids, labels)
+
+
+class PackedStream:
+    """The resumable stream of training (or eval) sequences for one rank."""
+
+    def __init__(
+        self,
+        paths: str | Sequence[str],
+        tokenizer: Any,
+        cfg: DataConfig,
+        *,
+        split: Split = "train",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        on_bad_line: BadLineHook | None = None,
+    ) -> None:
+        raw = [paths] if isinstance(paths, str) else list(paths)
+        self.files: list[Path] = [resolve_data_path(p) for p in raw]
+        for f in self.files:
+            if not f.is_file():
+                raise DataError("data_not_found", f"data.path: no such file {str(f)!r}")
+        self.cfg = cfg
+        self.split = split
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.tokenize = Tokenize(tokenizer, cfg)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.tokenize.eos or [0])[0]
+        self.on_bad_line = on_bad_line
+        self.loop = split == "train"  # training cycles through epochs; eval is one pass
+        self._fh: Any = None
+        self._fh_index = -1
+        self._rng = random.Random(seed)
+        self.file_index = 0
+        self.byte_offset = 0
+        self.line_no = 0
+        self.epoch = 0
+        self.seq_index = 0  # global sequences produced so far
+        self.bad_lines = 0
+        self.samples_in_epoch = 0
+        self.pack: list[Sample] = []
+        self.shuffle_buf: list[Sample] = []
+        self.exhausted = False
+
+    # ---- cursor -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able, exact position; equal on all ranks at optimizer-step boundaries."""
+        return {
+            "version": 1,
+            "files": [f.name for f in self.files],
+            "file_index": self.file_index,
+            "byte_offset": self.byte_offset,
+            "line_no": self.line_no,
+            "epoch": self.epoch,
+            "seq_index": self.seq_index,
+            "bad_lines": self.bad_lines,
+            "samples_in_epoch": self.samples_in_epoch,
+            "pack_buffer": [[s.ids, s.labels] for s in self.pack],
+            "shuffle_buffer": [[s.ids, s.labels] for s in self.shuffle_buf],
+            "shuffle_state": _rng_to_json(self._rng.getstate()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Seek straight to the saved byte offset; nothing before it is read again."""
+        if state.get("files") != [f.name for f in self.files]:
+            raise DataError(
+                "data_cursor_mismatch",
+                f"data.path: the checkpoint's cursor is for files {state.get('files')}, not {[f.name for f in self.files]}",
+            )
+        self.file_index = int(state["file_index"])
+        self.byte_offset = int(state["byte_offset"])
+        self.line_no = int(state["line_no"])
+        self.epoch = int(state["epoch"])
+        self.seq_index = int(state["seq_index"])
+        self.bad_lines = int(state["bad_lines"])
+        self.samples_in_epoch = int(state.get("samples_in_epoch", 0))
+        self.pack = [Sample(list(a), list(b)) for a, b in state["pack_buffer"]]
+        self.shuffle_buf = [Sample(list(a), list(b)) for a, b in state["shuffle_buffer"]]
+        self._rng.setstate(_rng_from_json(state["shuffle_state"]))
+        self._close()
+        self.exhausted = False
+
+    # ---- reading ------------------------------------------------------------
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh, self._fh_index = None, -1
+
+    def close(self) -> None:
+        self._close()
+
+    def _next_line(self) -> tuple[bytes, int] | None:
+        """Next raw line and its number, advancing the cursor; None at the end of an epoch."""
+        while self.file_index < len(self.files):
+            if self._fh_index != self.file_index:
+                self._close()
+                self._fh = open(self.files[self.file_index], "rb")  # noqa: SIM115 - kept open across calls
+                self._fh_index = self.file_index
+                self._fh.seek(self.byte_offset)
+            line = self._fh.readline()
+            if line:
+                self.byte_offset += len(line)
+                self.line_no += 1
+                return line, self.line_no
+            self._close()
+            self.file_index += 1
+            self.byte_offset = 0
+            self.line_no = 0
+        return None
+
+    def _bad(self, line_no: int, reason: str) -> None:
+        self.bad_lines += 1
+        name = self.files[self.file_index].name if self.file_index < len(self.files) else "?"
+        if self.on_bad_line is not None:
+            self.on_bad_line(name, line_no, reason)
+        if self.bad_lines > self.cfg.max_bad_lines:
+            raise DataError(
+                "too_many_bad_lines",
+                f"data.max_bad_lines: {self.bad_lines} bad lines (last: {name} line {line_no}: {reason}); "
+                f"fix the corpus or raise data.max_bad_lines (now {self.cfg.max_bad_lines})",
+            )
+
+    def _keep(self, rec: dict[str, Any]) -> bool:
+        if self.cfg.managers is not None and str(rec.get("manager", "")).lower() not in self.cfg.managers:
+            return False
+        return self.cfg.stages is None or rec.get("stage") in self.cfg.stages
+
+    def _next_sample(self) -> Sample | None:
+        """Next usable sample of this split; crosses epochs when looping, None at the end."""
+        while True:
+            item = self._next_line()
+            if item is None:
+                if not self.loop:
+                    return None
+                if self.samples_in_epoch == 0:
+                    raise DataError(
+                        "no_data",
+                        f"data.path: no usable {self.split} records in {[str(f) for f in self.files]} "
+                        "(check data.managers, data.stages, data.eval_fraction and the record format)",
+                    )
+                self.epoch += 1
+                self.file_index, self.byte_offset, self.line_no, self.samples_in_epoch = 0, 0, 0, 0
+                continue
+            raw, line_no = item
+            name = self.files[self.file_index].name
+            if (self.split == "eval") != in_eval_split(name, line_no, self.cfg.eval_fraction):
+                continue
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._bad(line_no, f"not valid JSON: {exc}")
+                continue
+            if not isinstance(rec, dict):
+                self._bad(line_no, f"expected a JSON object, got {type(rec).__name__}")
+                continue
+            if not self._keep(rec):
+                continue
+            try:
+                sample = self.tokenize(rec)
+            except (ValueError, TypeError, KeyError) as exc:
+                self._bad(line_no, str(exc))
+                continue
+            n = self.cfg.seq_len
+            sample = Sample(sample.ids[:n], sample.labels[:n])
+            sample.labels[0] = IGNORE  # never predict across a sample boundary
+            if all(x == IGNORE for x in sample.labels):
+                continue  # truncation left nothing to learn
+            self.samples_in_epoch += 1
+            return sample
+
+    def _shuffled_sample(self) -> Sample | None:
+        size = self.cfg.shuffle_buffer if self.split == "train" else 0
+        if size <= 0:
+            return self._next_sample()
+        while len(self.shuffle_buf) < size:
+            s = self._next_sample()
+            if s is None:
+                break
+            self.shuffle_buf.append(s)
+        if not self.shuffle_buf:
+            return None
+        i = self._rng.randrange(len(self.shuffle_buf))
+        self.shuffle_buf[i], self.shuffle_buf[-1] = self.shuffle_buf[-1], self.shuffle_buf[i]
+        return self.shuffle_buf.pop()
+
+    def _next_global(self) -> Sequence_ | None:
+        if not self.cfg.packing:
+            s = self._shuffled_sample()
+            if s is None:
+                return None
+            self.seq_index += 1
+            return Sequence_(s.ids, s.labels, None)
+        while True:
+            s = self._shuffled_sample()
+            used = sum(len(p.ids) for p in self.pack)
+            if s is None:
+                if not self.pack:
+                    return None
+                out, self.pack = self.pack, []
+                break
+            if self.pack and used + len(s.ids) > self.cfg.seq_len:
+                out, self.pack = self.pack, [s]
+                break
+            self.pack.append(s)
+        self.seq_index += 1
+        return self._assemble(out)
+
+    def _assemble(self, samples: list[Sample]) -> Sequence_:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for s in samples:
+            ids += s.ids
+            labels += s.labels
+            pos += list(range(len(s.ids)))
+        pad = self.cfg.seq_len - len(ids)
+        if pad > 0:  # a segment of its own: real tokens never attend to it
+            ids += [self.pad_id] * pad
+            labels += [IGNORE] * pad
+            pos += list(range(pad))
+        return Sequence_(ids, labels, pos)
+
+    def next_sequence(self) -> Sequence_ | None:
+        """This rank's next sequence: reads world_size global ones, keeps number `rank`."""
+        if self.exhausted:
+            return None
+        mine: Sequence_ | None = None
+        for r in range(self.world_size):
+            seq = self._next_global()
+            if seq is None:
+                self.exhausted = True
+                return mine
+            if r == self.rank:
+                mine = seq
+        return mine
+
+    def take(self, n: int) -> list[Sequence_]:
+        out = []
+        for _ in range(n):
+            seq = self.next_sequence()
+            if seq is None:
+                break
+            out.append(seq)
+        return out
+
+
+def _rng_to_json(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(state: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def collate(seqs: list[Sequence_], pad_id: int) -> dict[str, Any]:
+    """Tensors for one micro-batch. Packed rows carry position_ids and no mask (see module doc)."""
+    import torch
+
+    if all(s.position_ids is not None for s in seqs) and len({len(s.input_ids) for s in seqs}) == 1:
+        return {
+            "input_ids": torch.tensor([s.input_ids for s in seqs]),
+            "labels": torch.tensor([s.labels for s in seqs]),
+            "position_ids": torch.tensor([s.position_ids for s in seqs]),
+        }
+    width = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        labels[i, :n] = torch.tensor(s.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

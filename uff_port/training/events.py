@@ -1,0 +1,100 @@
+"""Where the trainer's events go: the worker's channel and RUN_DIR/events.jsonl.
+
+Only rank 0 reports. Every event is appended to events.jsonl first (the record
+that survives the worker), then sent on the channel. A broken channel is not
+an error here: the loop learns of it as EOF from the reader thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port.protocol import FrameWriter, sanitize
+
+EVENTS_FILE: Final = "events.jsonl"
+# Events after which the file is fsynced: the ones a post-mortem must find.
+_DURABLE: Final = frozenset({"checkpoint", "finished", "failed"})
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+class Reporter:
+    def __init__(
+        self, run_dir: Path, *, channel_fd: int | None = None, rank: int = 0, job_id: str | None = None
+    ) -> None:
+        self.enabled = rank == 0
+        self.path = Path(run_dir) / EVENTS_FILE
+        self.writer = FrameWriter(channel_fd) if (channel_fd is not None and self.enabled) else None
+        self.job_id = job_id
+        self.listeners: list[Listener] = []
+        self.channel_broken = False
+        self._lock = threading.Lock()
+        self._last_progress = 0.0
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        rec = sanitize({"event": event, "ts": time.time(), **fields})
+        if self.job_id is not None:
+            rec.setdefault("job_id", self.job_id)
+        line = json.dumps(rec, separators=(",", ":"), default=str) + "\n"
+        with self._lock:  # the checkpoint thread emits too
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+                if event in _DURABLE:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            self._send(rec)
+        for listener in self.listeners:
+            listener(rec)
+
+    def progress(self, min_interval: float, force: bool = False, **fields: Any) -> bool:
+        """Rate-limited at the source: at most one per `min_interval` seconds unless forced."""
+        now = time.monotonic()
+        if not force and now - self._last_progress < min_interval:
+            return False
+        self._last_progress = now
+        self.emit("progress", **fields)
+        return True
+
+    def reply(self, req_id: Any, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        msg: dict[str, Any] = {"reply_to": req_id, "ok": error is None}
+        if error is None:
+            msg["result"] = result or {}
+        else:
+            msg["error"] = {"code": error.get("code", "internal"), "message": error.get("message", ""), "details": error.get("details")}
+        with self._lock:
+            self._send(sanitize(msg))
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.writer is None or self.channel_broken:
+            return
+        try:
+            self.writer.write(msg)
+        except OSError:  # worker gone; the reader thread reports EOF
+            self.channel_broken = True
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """All events of a run; a torn last line (crash mid-write) is skipped."""
+    out = []
+    path = Path(run_dir) / EVENTS_FILE
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out

@@ -1,0 +1,178 @@
+"""Model and tokenizer loading: one path for the tiny model, a local checkout and a hub id.
+
+LoRA via peft, QLoRA (NF4 + double quantisation) via bitsandbytes on CUDA only
+(imported only there), gradient checkpointing, SDPA attention, and the
+precision policy: bf16 where the device supports it, else fp16 with a
+GradScaler (Kaggle's T4), fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+
+from uff_port.training.builtin import resolve_model_path
+from uff_port.training.config import Config
+
+MODEL_NOT_FOUND: Final = "model_not_found"
+WEIGHT_FILES: Final = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class ModelError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Precision:
+    """What the loop does with dtypes: autocast dtype (None = fp32) and whether to scale."""
+
+    autocast: torch.dtype | None
+    use_scaler: bool
+    name: str
+
+
+def pick_device(cfg: Config) -> torch.device:
+    want = cfg.training.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ModelError("wont_fit", "training.device: 'cuda' was asked for but no CUDA device is visible")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local)
+
+
+def pick_precision(cfg: Config, device: torch.device) -> Precision:
+    want = cfg.training.precision
+    if device.type != "cuda":
+        if want == "fp16":
+            raise ModelError("invalid_config", "training.precision: fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        if want == "bf16":
+            return Precision(torch.bfloat16, False, "bf16")
+        return Precision(None, False, "fp32")
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if want == "bf16" and not bf16_ok:
+        raise ModelError("invalid_config", "training.precision: this GPU has no bf16; use fp16 (with loss scaling) or auto")
+    if want == "fp32":
+        return Precision(None, False, "fp32")
+    if want == "bf16" or (want == "auto" and bf16_ok):
+        return Precision(torch.bfloat16, False, "bf16")
+    return Precision(torch.float16, True, "fp16")
+
+
+def _check_local(path: str, local_only: bool) -> None:
+    p = Path(path).expanduser()
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists()
+    if looks_local:
+        if not p.is_dir():
+            raise ModelError(MODEL_NOT_FOUND, f"model.name_or_path: no model directory at {str(p)!r}")
+        if not any((p / w).exists() for w in WEIGHT_FILES):
+            raise ModelError(
+                MODEL_NOT_FOUND,
+                f"model.name_or_path: {str(p)!r} has no weights (expected one of {list(WEIGHT_FILES)})",
+            )
+
+
+def load_tokenizer(cfg: Config) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    _check_local(path, cfg.model.local_files_only)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            path,
+            revision=cfg.model.revision,
+            local_files_only=cfg.model.local_files_only,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as exc:
+        raise ModelError(MODEL_NOT_FOUND, f"model.name_or_path: cannot load a tokenizer from {path!r}: {exc}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # Llama checkouts ship without a pad token
+    return tok
+
+
+def tokenizer_hash(tok: Any) -> str:
+    """Stable id of the vocabulary: a checkpoint only resumes with the same one."""
+    import hashlib
+    import json
+
+    vocab = tok.get_vocab()
+    blob = json.dumps(sorted(vocab.items()), separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
+    """Base model (optionally 4-bit) with LoRA adapters on it, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    _check_local(path, cfg.model.local_files_only)
+    kwargs: dict[str, Any] = {
+        "revision": cfg.model.revision,
+        "local_files_only": cfg.model.local_files_only,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "attn_implementation": cfg.model.attn_implementation,
+    }
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
+    if dtype is None:
+        # Frozen base weights in the compute dtype halve memory; LoRA weights stay fp32 below.
+        dtype = precision.autocast or torch.float32
+    kwargs["dtype"] = dtype
+    if cfg.quantization.mode == "nf4":
+        if device.type != "cuda":
+            raise ModelError("invalid_config", "quantization.mode: nf4 (QLoRA) needs a CUDA device; use 'none' on CPU")
+        from transformers import BitsAndBytesConfig  # bitsandbytes is imported by this path only
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, cfg.quantization.compute_dtype),
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelError(MODEL_NOT_FOUND, f"model.name_or_path: cannot load weights from {path!r}: {exc}") from None
+    model.config.use_cache = False  # the KV cache is useless in training and breaks packing masks
+    if cfg.quantization.mode == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
+        )
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+        # Trainable adapter weights in fp32: optimizer updates would vanish in bf16.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if cfg.quantization.mode != "nf4":
+        model.to(device)
+    return model
+
+
+def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,567 @@
+"""The LoRA/QLoRA fine-tuning recipe: setup -> train -> save_checkpoint -> cleanup.
+
+Batching: one optimizer step consumes `micro_batch_size * grad_accum_steps`
+sequences in total across all ranks (the global batch); each rank takes
+`grad_accum_steps / world_size` micro-batches of them. A step's sequences are
+fetched before its first micro-step, so an OOM retry (half the micro-batch,
+twice the accumulation) and an abort mid-step both see exactly the same data,
+and the data cursor saved with a checkpoint is always a step boundary.
+
+Loss: every micro-batch contributes sum(token CE) / N, where N is the number of
+target tokens of the whole step on all ranks, so the gradient is that of the
+mean token loss of the global batch however it is split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+import torch.nn.functional as F
+
+from uff_port import __version__
+from uff_port.fsutil import atomic_write_json, fsync_dir
+from uff_port.hashing import tree_manifest
+from uff_port.training import dist
+from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
+from uff_port.training.checkpoint_store import CheckpointStore, ResumePoint
+from uff_port.training.config import Config, config_hash, resume_hash, resume_view
+from uff_port.training.continuity import ContinuityGuard, LossWindow
+from uff_port.training.data import IGNORE, PackedStream, Sequence_, collate
+from uff_port.training.events import Reporter
+from uff_port.training.model import (
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_precision,
+    tokenizer_hash,
+    trainable_parameters,
+)
+from uff_port.training.state import (
+    AsyncCheckpointer,
+    apply_snapshot,
+    capture_rng,
+    read_snapshot,
+    restore_rng,
+    snapshot,
+)
+
+EXIT_OK: Final = 0
+EXIT_RESUMABLE: Final = 75
+EXIT_REFUSED: Final = 3
+EXIT_CRASH: Final = 1
+INJECT_OOM_ENV: Final = "UFF_PORT_INJECT_OOM_AT_STEP"
+# Control words agreed on by all ranks at a step boundary (max wins).
+_GO, _CKPT, _STOP_NOSAVE, _STOP = 0, 1, 2, 3
+
+
+class StopTraining(Exception):
+    """Leave the loop: `code` is the exit code, after any checkpoint was made durable."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+class TrainError(Exception):
+    def __init__(self, code: str, message: str, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.message, self.resumable = code, message, resumable
+
+
+def lr_lambda(cfg: Config):  # noqa: ANN201 - a closure for LambdaLR
+    warm, total, kind = cfg.training.warmup_steps, cfg.training.max_steps, cfg.training.lr_scheduler
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over target tokens (labels != -100)."""
+    labels = batch.pop("labels")
+    device_type = labels.device.type
+    with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        logits = model(**batch, use_cache=False).logits
+    # fp32 for the softmax: bf16 logits lose the small probabilities.
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+class Trainer:
+    """One training job: built from a validated Config, driven by `run()`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        reporter: Reporter,
+        inbox: Inbox,
+        resume_from: Path | None = None,
+        fresh: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.report = reporter
+        self.inbox = inbox
+        self.resume_from = resume_from
+        self.fresh = fresh
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.step = 0
+        self.tokens_seen = 0
+        self.loss: float | None = None
+        self.eval_loss: float | None = None
+        self.state = "starting"
+        self.last_checkpoint: str | None = None
+        self.loss_window = LossWindow()
+        self.guard: ContinuityGuard | None = None
+        self.resumed_step: int | None = None
+        self.history: list[dict[str, float]] = []
+        self._deadline: float | None = None
+        self._last_ckpt_time = time.monotonic()
+        self._step_seconds = 0.0
+        self._ckpt_seconds = 0.0
+        self._inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0") or 0)
+
+    # ---- events -------------------------------------------------------------
+    def emit(self, event: str, **fields: Any) -> None:
+        self.report.emit(event, **fields)
+
+    def set_state(self, state: str, **fields: Any) -> None:
+        self.state = state
+        self.emit("state", state=state, step=self.step, **fields)
+
+    # ---- setup --------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        t = cfg.training
+        if t.grad_accum_steps % self.world:
+            raise TrainError(
+                "invalid_config",
+                f"training.grad_accum_steps: {t.grad_accum_steps} must be divisible by the number of "
+                f"processes ({self.world}) so the global batch stays micro_batch_size * grad_accum_steps",
+            )
+        self.set_state("loading", world_size=self.world)
+        self.device = pick_device(cfg)
+        self.precision = pick_precision(cfg, self.device)
+        self.micro = t.micro_batch_size
+        self.accum = t.grad_accum_steps // self.world
+        torch.manual_seed(t.seed)  # identical LoRA init on every rank
+        self.tokenizer = load_tokenizer(cfg)
+        self.tok_hash = tokenizer_hash(self.tokenizer)
+        self.model = load_model(cfg, self.device, self.precision)
+        self.params = trainable_parameters(self.model)
+        if not self.params:
+            raise TrainError("invalid_config", "lora.enabled: false leaves no trainable parameters; enable LoRA")
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.use_scaler else None
+        self.ddp_model = dist.wrap(self.model, self.device)
+        self.data = self._stream("train")
+        self.store = CheckpointStore(self.run_dir, keep_last=cfg.checkpoint.keep_last, emit=self.emit)
+        self.checkpointer = AsyncCheckpointer(self.store, emit=self._on_checkpoint_event)
+        self.meta = {
+            "config_hash": config_hash(cfg),
+            "resume_hash": resume_hash(cfg),
+            "resume_view": resume_view(cfg),
+            "tokenizer_hash": self.tok_hash,
+            "versions": _versions(),
+            "world_size": self.world,
+        }
+        self._maybe_resume()
+        torch.manual_seed(t.seed + 1000003 * self.rank + self.step)  # dropout differs per rank
+        if t.max_runtime:
+            self._deadline = time.monotonic() + t.max_runtime
+        self.emit(
+            "log",
+            level="info",
+            message=(
+                f"model {cfg.model.name_or_path} on {self.device} ({self.precision.name}), "
+                f"{sum(p.numel() for p in self.params)} trainable parameters, world size {self.world}"
+            ),
+        )
+
+    def _stream(self, split: str) -> PackedStream:
+        def bad(name: str, line_no: int, reason: str) -> None:
+            self.emit("log", level="warning", code="bad_line", file=name, line=line_no, message=f"{name}:{line_no}: {reason}")
+
+        return PackedStream(
+            self.cfg.data.path,
+            self.tokenizer,
+            self.cfg.data,
+            split=split,  # type: ignore[arg-type]
+            seed=self.cfg.training.seed,
+            rank=self.rank,
+            world_size=self.world,
+            on_bad_line=bad if (split == "train" and self.rank == 0) else None,
+        )
+
+    def _maybe_resume(self) -> None:
+        point: Path | None = self.resume_from
+        if point is None and not self.fresh:
+            found: ResumePoint | None = None
+            if self.rank == 0:
+                expect = {k: self.meta[k] for k in ("resume_hash", "resume_view", "tokenizer_hash")}
+                found = self.store.find_resume_point(expect)  # raises CheckpointMismatch
+            path = dist.broadcast_object(str(found.path) if found else None)
+            point = Path(path) if path else None
+        if point is None:
+            return
+        snap = read_snapshot(point, rank=self.rank, seed=self.cfg.training.seed)
+        apply_snapshot(snap, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        self.data.load_state_dict(snap.data_cursor)
+        c = snap.counters
+        self.step = snap.step
+        self.tokens_seen = int(c.get("tokens_seen", 0))
+        self.loss = c.get("loss")
+        self.history = list(c.get("history", []))
+        # An OOM back-off is kept: the same hardware would fail the same way again.
+        if int(c.get("world_size", self.world)) == self.world and c.get("micro_batch_size"):
+            self.micro, self.accum = int(c["micro_batch_size"]), int(c["grad_accum"])
+        self.loss_window = LossWindow.from_counters(c)
+        self.guard = ContinuityGuard(self.loss_window.values(), snap.step, emit=self.emit)
+        self.resumed_step = snap.step
+        self.last_checkpoint = str(point)
+        self.emit("log", level="info", message=f"resumed from {point} at step {snap.step}", resumed_from=snap.step)
+
+    # ---- checkpoints --------------------------------------------------------
+    def _on_checkpoint_event(self, event: str, **fields: Any) -> None:
+        if event == "checkpoint":
+            self.last_checkpoint = fields.get("path")
+            self._ckpt_seconds = max(self._ckpt_seconds, float(fields.get("seconds", 0.0)))
+        self.emit(event, **fields)
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "loss": self.loss,
+            "micro_batch_size": self.micro,
+            "grad_accum": self.accum,
+            "world_size": self.world,
+            "history": self.history[-2000:],
+            **{"loss_window": self.loss_window.to_counters()},
+        }
+
+    def save_checkpoint(self, *, wait: bool) -> str | None:
+        """Snapshot at a step boundary (collective), write in the background on rank 0."""
+        snap = snapshot(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            data_cursor=self.data.state_dict(),
+            counters=self._counters(),
+            step=self.step,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        self._last_ckpt_time = time.monotonic()
+        if self.rank != 0:
+            return None
+        self.checkpointer.save(snap, {**self.meta, "tokens_seen": self.tokens_seen})
+        if not wait:
+            return None
+        point = self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
+        if point is None:
+            raise TrainError("checkpoint_failed", f"checkpoint of step {self.step} did not become durable", resumable=True)
+        return str(point.path)
+
+    # ---- commands -----------------------------------------------------------
+    def _status(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "max_steps": self.cfg.training.max_steps,
+            "loss": self.loss,
+            "last_checkpoint": self.last_checkpoint,
+            "state": self.state,
+        }
+
+    def _poll(self, pending: list[Command]) -> int:
+        """Answer status at once; return the strongest control word asked for."""
+        want = _CKPT if pending else _GO  # a checkpoint asked for mid-step is still owed
+        for c in self.inbox.poll():
+            if c.cmd == "status":
+                self.report.reply(c.id, self._status())
+            elif c.cmd == "checkpoint":
+                pending.append(c)
+                want = max(want, _CKPT)
+            elif c.cmd == "stop":
+                pending.append(c)
+                want = max(want, _STOP if c.args.get("checkpoint", True) else _STOP_NOSAVE)
+            elif c.cmd in (EOF, SIGNAL):
+                why = "channel closed" if c.cmd == EOF else f"signal {c.args.get('signum')}"
+                self.emit("log", level="warning", message=f"{why}: checkpointing and stopping")
+                want = max(want, _STOP)
+            else:
+                self.report.reply(c.id, error={"code": "unknown_command", "message": f"trainer does not know {c.cmd!r}"})
+        return want
+
+    def _act(self, want: int, pending: list[Command]) -> None:
+        """Carry out an agreed control word at a step boundary."""
+        if want == _GO:
+            return
+        path: str | None = None
+        if want in (_CKPT, _STOP):
+            self.set_state("checkpointing")
+            path = self.save_checkpoint(wait=True)
+        for c in pending:
+            if c.cmd == "checkpoint":
+                self.report.reply(c.id, {"step": self.step, "path": path})
+            elif c.cmd == "stop":
+                self.report.reply(c.id, {"step": self.step, "checkpoint": path})
+        pending.clear()
+        if want in (_STOP, _STOP_NOSAVE):
+            self.set_state("stopped", checkpoint=path)
+            raise StopTraining(EXIT_RESUMABLE)
+        self.set_state("training")
+
+    # ---- the loop -----------------------------------------------------------
+    def train(self) -> int:
+        cfg, t = self.cfg, self.cfg.training
+        if self.step >= t.max_steps:
+            return self._finish()
+        self.set_state("training", resumed_from=self.resumed_step)
+        pending: list[Command] = []
+        window_t0, window_tokens = time.monotonic(), 0
+        while self.step < t.max_steps:
+            want = self._poll(pending)
+            if self._should_checkpoint():
+                want = max(want, _CKPT)
+            want = dist.agree_max(want, self.device)
+            if want == _CKPT and not pending:  # periodic: do not block the loop
+                self.save_checkpoint(wait=False)
+            else:
+                self._act(want, pending)
+            if self._near_deadline():
+                self.emit("log", level="warning", message="training.max_runtime nearly spent: checkpointing")
+                self._act(_STOP, pending)
+            t0 = time.monotonic()
+            self._step_cursor = self.data.state_dict()
+            seqs = self.data.take(self.micro * self.accum)
+            if not seqs:
+                raise TrainError("no_data", "data.path: the training stream ended unexpectedly")
+            loss, n_tokens, grad_norm = self._step(seqs, pending)
+            self.step += 1
+            self.tokens_seen += n_tokens
+            window_tokens += n_tokens
+            self.loss = loss
+            self.loss_window.add(loss)
+            if self.guard is not None:
+                self.guard.observe(loss)
+            self._step_seconds = time.monotonic() - t0
+            now = time.monotonic()
+            tps = window_tokens / max(now - window_t0, 1e-9)
+            self.history.append({"step": self.step, "loss": loss, "tokens_per_s": tps})
+            if self.report.progress(
+                t.progress_every_seconds,
+                force=self.step == t.max_steps,
+                step=self.step,
+                max_steps=t.max_steps,
+                loss=loss,
+                lr=self.scheduler.get_last_lr()[0],
+                tokens_per_s=tps,
+                grad_norm=grad_norm,
+                tokens_seen=self.tokens_seen,
+                epoch=self.data.epoch,
+                micro_batch_size=self.micro,
+                grad_accum=self.accum,
+                step_seconds=self._step_seconds,
+            ):
+                window_t0, window_tokens = now, 0
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                self.evaluate()
+        return self._finish()
+
+    def _should_checkpoint(self) -> bool:
+        c = self.cfg.checkpoint
+        if self.step == 0 or self.step == self.resumed_step:
+            return False
+        if c.every_steps and self.step % c.every_steps == 0:
+            return True
+        return bool(c.every_seconds and time.monotonic() - self._last_ckpt_time >= c.every_seconds)
+
+    def _near_deadline(self) -> bool:
+        if self._deadline is None:
+            return False
+        # Leave room for one more step plus a checkpoint, with a margin.
+        reserve = 2.0 * self._step_seconds + 2.0 * self._ckpt_seconds + 5.0
+        return time.monotonic() + reserve >= self._deadline
+
+    def _step(self, seqs: list[Sequence_], pending: list[Command]) -> tuple[float, int, float | None]:
+        """One optimizer step over `seqs`; on OOM retry with half the micro-batch."""
+        rng = capture_rng()
+        while True:
+            try:
+                return self._try_step(seqs, pending, rng)
+            except torch.OutOfMemoryError as exc:
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if self.micro <= 1 or self.world > 1:
+                    raise TrainError(
+                        "out_of_memory",
+                        f"out of memory at step {self.step + 1} with micro_batch_size {self.micro}: {exc}. "
+                        "Lower data.seq_len, enable model.gradient_checkpointing or quantization.mode: nf4",
+                    ) from None
+                self.micro //= 2
+                self.accum *= 2
+                restore_rng(rng)  # the retry must draw the same dropout masks
+                self.emit(
+                    "log",
+                    level="warning",
+                    code="oom_backoff",
+                    message=f"out of memory at step {self.step + 1}: retrying with micro_batch_size {self.micro}, "
+                    f"grad_accum {self.accum} (same global batch)",
+                    micro_batch_size=self.micro,
+                    grad_accum=self.accum,
+                )
+
+    def _try_step(self, seqs: list[Sequence_], pending: list[Command], rng: dict[str, Any]) -> tuple[float, int, float | None]:
+        model = self.ddp_model
+        model.train()
+        local_tokens = sum(s.n_targets for s in seqs)
+        total = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=self.device))
+        denom = max(float(total), 1.0)
+        chunks = [seqs[i : i + self.micro] for i in range(0, len(seqs), self.micro)]
+        loss_sum = torch.zeros((), device=self.device)
+        for i, chunk in enumerate(chunks):
+            if self.world == 1 and i > 0:
+                want = self._poll(pending)
+                if want in (_STOP, _STOP_NOSAVE):
+                    # Abandon the half-done step: the checkpoint is the last boundary,
+                    # with the RNG as it was there, so resume replays this step exactly.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    restore_rng(rng)
+                    self.data.load_state_dict(self._step_cursor)
+                    self._act(want, pending)
+            if self._inject_oom and self.step + 1 == self._inject_oom and self.micro > 1:
+                raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={self._inject_oom}")
+            batch = {k: v.to(self.device) for k, v in collate(chunk, self.data.pad_id).items()}
+            with dist.no_sync_unless(model, last=i == len(chunks) - 1):
+                s = token_loss_sum(model, batch, self.precision.autocast)
+                # DDP averages gradients over ranks: scale by world so the sum is over all tokens.
+                scaled = s * (self.world / denom)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += s.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.training.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        global_sum = float(dist.all_reduce_sum(loss_sum))
+        return global_sum / denom, int(total), grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss on the held-out split (loss sums accumulate, never logits)."""
+        if self.cfg.data.eval_fraction <= 0:
+            return None
+        self.set_state("evaluating")
+        model = self.model
+        model.eval()
+        stream = self._stream("eval")
+        loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.eval.max_batches):
+            seqs = stream.take(self.micro)
+            if not seqs:
+                break
+            batch = {k: v.to(self.device) for k, v in collate(seqs, stream.pad_id).items()}
+            count += sum(s.n_targets for s in seqs)
+            loss_sum += token_loss_sum(model, batch, self.precision.autocast)
+        stream.close()
+        total = float(dist.all_reduce_sum(count))
+        value = float(dist.all_reduce_sum(loss_sum)) / total if total else None
+        self.eval_loss = value
+        ppl = math.exp(min(value, 50.0)) if value is not None else None
+        self.emit("eval", step=self.step, loss=value, perplexity=ppl, tokens=int(total))
+        if self.history:
+            self.history[-1]["eval_loss"] = value if value is not None else float("nan")
+        self.set_state("training")
+        return value
+
+    # ---- the end ------------------------------------------------------------
+    def _finish(self) -> int:
+        if self.cfg.eval.every_steps is None or self.step % (self.cfg.eval.every_steps or 1):
+            self.evaluate()
+        self.set_state("saving")
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{self.step:08d}"):
+            self.save_checkpoint(wait=True)
+        final = self.save_final() if (self.cfg.output.save_final and self.rank == 0) else None
+        self.emit(
+            "finished",
+            step=self.step,
+            max_steps=self.cfg.training.max_steps,
+            loss=self.loss,
+            eval_loss=self.eval_loss,
+            final=str(final) if final else None,
+            last_checkpoint=self.last_checkpoint,
+            tokens_seen=self.tokens_seen,
+        )
+        self.state = "finished"
+        return EXIT_OK
+
+    def save_final(self) -> Path:
+        """Adapter (and optional merged model) to RUN_DIR/final, committed by one rename."""
+        final = self.run_dir / "final"
+        tmp = self.run_dir / f".final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if self.cfg.output.merge and hasattr(self.model, "merge_and_unload"):
+            import copy
+
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "merged")
+        atomic_write_json(
+            tmp / "manifest.json",
+            {
+                "step": self.step,
+                "base_model": self.cfg.model.name_or_path,
+                **{k: self.meta[k] for k in ("config_hash", "tokenizer_hash", "versions")},
+                "files": tree_manifest(tmp, exclude=["manifest.json"]),
+            },
+        )
+        if final.exists():
+            old = self.run_dir / f".final-old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_dir(self.run_dir)
+        self.emit("log", level="info", message=f"final adapter saved to {final}", path=str(final))
+        return final
+
+    def cleanup(self) -> None:
+        if self.rank == 0 and hasattr(self, "checkpointer"):
+            self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
+        if hasattr(self, "data"):
+            self.data.close()
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "uff_port": __version__}
