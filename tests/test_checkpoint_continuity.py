@@ -27,10 +27,10 @@ def test_window_keeps_last_finite_losses_and_round_trips_counters() -> None:
     window = LossWindow(size=4)
     for v in (5.0, float("nan"), 4.0, 3.0, float("inf"), 2.0, 1.0):
         window.add(v)
-    assert window.values == [4.0, 3.0, 2.0, 1.0]
+    assert window.values() == [4.0, 3.0, 2.0, 1.0]
     counters = {COUNTER_KEY: window.to_counters(), "tokens": 10}
-    assert LossWindow.from_counters(counters, size=4).values == window.values
-    assert LossWindow.from_counters({}).values == []
+    assert LossWindow.from_counters(counters, size=4).values() == window.values()
+    assert LossWindow.from_counters({}).values() == []
 
 
 def test_faithful_resume_is_silent_and_jump_warns_once() -> None:

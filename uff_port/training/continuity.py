@@ -40,12 +40,11 @@ class LossWindow:
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             self._values.append(float(loss))
 
-    @property
     def values(self) -> list[float]:
         return list(self._values)
 
     def to_counters(self) -> list[float]:
-        return self.values
+        return self.values()
 
     @classmethod
     def from_counters(cls, counters: dict[str, Any], size: int = WINDOW) -> LossWindow:
