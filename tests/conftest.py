@@ -1,0 +1,37 @@
+"""Shared fixtures: a real worker process speaking real frames."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from uff_port.client import WorkerClient
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def worker(runs_root: Path) -> Iterator[WorkerClient]:
+    env = dict(os.environ)
+    client = WorkerClient(runs_root=runs_root, heartbeat_interval=0.2, env=env)
+    try:
+        yield client
+    finally:
+        if client.proc.poll() is None:
+            client.close_stdin()
+            try:
+                client.proc.wait(30)
+            except Exception:
+                client.kill()
