@@ -1,0 +1,48 @@
+"""Error codes of the registry plane and the one exception that carries them.
+
+The codes travel in `error.code` of worker replies (via CommandError) and are
+the CLI's exit messages; clients match on them, so they never change meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from uff_port.protocol.errors import CommandError
+
+INVALID_MANIFEST: Final = "invalid_manifest"
+"""A manifest failed the schema; `details.problems` lists 'field: message' strings."""
+VERIFY_FAILED: Final = "verify_failed"
+"""Stored files differ from the manifest (missing, extra, wrong size or sha256)."""
+GATE_FAILED: Final = "gate_failed"
+"""A promotion or release was refused by one or more gates; `details.gates` has them all."""
+ALIAS_CONFLICT: Final = "alias_conflict"
+"""Compare-and-swap lost: the alias no longer points where the caller expected."""
+INCONSISTENT_RELEASE: Final = "inconsistent_release"
+"""Federated manifests disagree (base model, tokenizer, interface or a role's id)."""
+NOT_FOUND: Final = "not_found"
+INVALID_ARGS: Final = "invalid_args"
+INVALID_GATES: Final = "invalid_gates"
+"""The gates YAML failed its schema."""
+
+EXIT_CODES: Final = {
+    INVALID_ARGS: 2,
+    INVALID_MANIFEST: 3,
+    INVALID_GATES: 3,
+    NOT_FOUND: 4,
+    VERIFY_FAILED: 5,
+    GATE_FAILED: 6,
+    ALIAS_CONFLICT: 7,
+    INCONSISTENT_RELEASE: 8,
+}
+
+
+class RegistryError(CommandError):
+    """A registry failure with a stable code; a CommandError so the worker sends it as is."""
+
+    def __init__(self, code: str, message: str, details: Any = None) -> None:
+        super().__init__(code, message, details)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.code, 1)
