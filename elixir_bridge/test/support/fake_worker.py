@@ -1,0 +1,67 @@
+"""Misbehaving stand-ins for `uff-port serve`, used only by the bridge's tests and bench.
+
+Usage: python fake_worker.py MODE
+  garbage            hello, then answer the first request with a frame that is not MessagePack
+  crash_after_hello  hello, a line on stderr, exit 3
+  silent             never say hello
+  echo               a bare {packet,4} echo (no decoding): the bench's baseline
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import time
+
+import msgpack
+
+
+def read_frame(fd: int) -> bytes | None:
+    head = os.read(fd, 4)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack(">I", head)
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def write_frame(payload: bytes) -> None:
+    os.write(1, struct.pack(">I", len(payload)) + payload)
+
+
+def hello() -> None:
+    write_frame(msgpack.packb({"event": "hello", "seq": 1, "ts": time.time(), "protocol": 1,
+                               "version": "fake", "pid": os.getpid(), "commands": ["ping"],
+                               "devices": []}))
+
+
+def main() -> int:
+    mode = sys.argv[1]
+    if mode == "echo":
+        while (frame := read_frame(0)) is not None:
+            write_frame(frame)
+        return 0
+    if mode == "silent":
+        time.sleep(3600)
+        return 0
+    hello()
+    if mode == "crash_after_hello":
+        print("fake worker: simulated CUDA error at load", file=sys.stderr, flush=True)
+        return 3
+    if mode == "garbage":
+        if read_frame(0) is not None:
+            write_frame(b"\xc1\xc1\xc1")
+        while read_frame(0) is not None:
+            pass
+        return 0
+    raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
