@@ -1,0 +1,205 @@
+"""`uff-port train | resume | status`: the trainer from a terminal.
+
+`train` and `resume` run the very same trainer process the worker starts, with
+a channel of our own to draw a progress bar from its events; Ctrl-C reaches it
+as SIGINT (checkpoint, exit 75). Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+DEFAULT_CONFIG: Final = "tiny"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="fine-tune with a config (default: the tiny CPU preset)")
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="YAML file or preset name in configs/")
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/<name>-<utc time>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints already in the run dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    r = subparsers.add_parser("resume", help="continue a run from its newest verified checkpoint")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_resume)
+
+    s = subparsers.add_parser("status", help="last progress and checkpoint of a run directory")
+    s.add_argument("run_dir", type=Path)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+
+def _default_run_dir(config: str) -> Path:
+    name = Path(config).stem or "run"
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir or _default_run_dir(args.config)
+    extra = ["--config", str(args.config)] + (["--fresh"] if args.fresh else [])
+    return _run_trainer(run_dir, extra, args.overrides, args.quiet)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    if not (args.run_dir / "config.yaml").exists():
+        print(f"run_dir: {args.run_dir} has no config.yaml; is it a run directory?", file=sys.stderr)
+        return 2
+    return _run_trainer(args.run_dir, [], args.overrides, args.quiet)
+
+
+def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: bool) -> int:
+    from uff_port.protocol import FrameReader, decode_payload
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ours, theirs = socket.socketpair()
+    cmd = [sys.executable, "-m", "uff_port.training", "--run-dir", str(run_dir), "--control-fd", str(theirs.fileno())]
+    cmd += extra + [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+    theirs.close()
+    bar = None if quiet else _Bar()
+    reader = FrameReader(ours.fileno())
+    finished: dict[str, Any] | None = None
+    try:
+        while True:
+            try:
+                payload = reader.read()
+            except KeyboardInterrupt:
+                continue  # the trainer got SIGINT too: wait for its checkpoint
+            if payload is None:
+                break
+            ev = decode_payload(payload)
+            if ev.get("event") in ("finished", "failed"):
+                finished = ev
+            if bar is not None:
+                bar.update(ev)
+    finally:
+        if bar is not None:
+            bar.close()
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:
+            continue
+    ours.close()
+    png = None
+    try:
+        from uff_port.training.plot import plot_run
+
+        png = plot_run(run_dir)
+    except Exception as exc:  # noqa: BLE001 - a missing plot never fails a run
+        print(f"plot: {exc}", file=sys.stderr)
+    if finished and finished.get("event") == "failed":
+        print(f"failed ({finished.get('code')}): {finished.get('message')}", file=sys.stderr)
+    print(f"run dir: {run_dir}  exit {code}" + (f"  plot: {png}" if png else ""), file=sys.stderr)
+    return code
+
+
+class _Bar:
+    """rich progress bar fed by trainer events."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.p = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.p.add_task("loading", total=None, info="")
+        self.p.start()
+
+    def update(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "progress":
+            info = f"loss {ev.get('loss') or float('nan'):.4f}  {ev.get('tokens_per_s') or 0:,.0f} tok/s"
+            self.p.update(self.task, description="training", completed=ev["step"], total=ev["max_steps"], info=info)
+        elif kind == "state":
+            self.p.update(self.task, description=str(ev.get("state")))
+        elif kind in ("eval", "checkpoint", "log", "failed", "finished"):
+            self.p.console.print(_line(ev))
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def _line(ev: dict[str, Any]) -> str:
+    kind = ev.get("event")
+    if kind == "eval":
+        return f"eval  step {ev.get('step')}: loss {ev.get('loss')}, perplexity {ev.get('perplexity')}"
+    if kind == "checkpoint":
+        return f"checkpoint step {ev.get('step')} -> {ev.get('path')} ({ev.get('seconds')} s)"
+    if kind == "finished":
+        return f"finished at step {ev.get('step')}: loss {ev.get('loss')}, adapter {ev.get('final')}"
+    if kind == "failed":
+        return f"[red]failed[/red] {ev.get('code')}: {ev.get('message')}"
+    return f"{ev.get('level', 'info')}: {ev.get('message')}"
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    """Summary of a run directory from events.jsonl and its committed checkpoints."""
+    from uff_port.training.checkpoint_store import CheckpointStore
+    from uff_port.training.events import read_events
+
+    events = read_events(run_dir)
+    last = {name: None for name in ("progress", "eval", "state", "finished", "failed")}
+    for ev in events:
+        if ev.get("event") in last:
+            last[ev["event"]] = ev
+    points = CheckpointStore(run_dir).list_committed()
+    prog = last["progress"] or {}
+    state = (last["state"] or {}).get("state")
+    if last["finished"] and (not last["failed"] or last["finished"]["ts"] > last["failed"]["ts"]):
+        state = "finished"
+    elif last["failed"]:
+        state = "failed"
+    return {
+        "run_dir": str(run_dir),
+        "state": state,
+        "step": prog.get("step"),
+        "max_steps": prog.get("max_steps"),
+        "loss": prog.get("loss"),
+        "tokens_per_s": prog.get("tokens_per_s"),
+        "eval_loss": (last["eval"] or {}).get("loss"),
+        "last_checkpoint": str(points[-1].path) if points else None,
+        "checkpoints": [p.step for p in points],
+        "final": str(run_dir / "final") if (run_dir / "final" / "manifest.json").exists() else None,
+        "failed": last["failed"],
+        "events": len(events),
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not args.run_dir.is_dir():
+        print(f"run_dir: no such directory {args.run_dir}", file=sys.stderr)
+        return 2
+    info = run_status(args.run_dir)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for key, value in info.items():
+        if key != "failed" or value:
+            print(f"{key:>16}: {value}")
+    return 0
+
+

@@ -1,0 +1,174 @@
+"""Thin launcher for `distributed.nproc > 1`: torchrun as a child, the channel relayed.
+
+The worker always starts `python -m uff_port.training`; with nproc > 1 that
+process becomes this launcher. torchrun's workers cannot inherit the worker's
+channel fd (torchrun closes inherited descriptors), so rank 0 connects to a
+Unix socket named in an environment variable and the launcher copies bytes
+between it and the channel, both ways, unchanged.
+
+Stopping: SIGTERM/SIGINT and channel EOF both become EOF on rank 0's socket,
+which every rank then agrees on at the next step boundary (checkpoint, exit
+75). torchrun runs in its own session so that a signal to our process group
+reaches only us: torchrun's own SIGTERM handling kills workers after 30 s,
+which may be less than a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port.training.config import Config
+from uff_port.training.events import Reporter
+
+_CHUNK: Final = 1 << 16
+_PDEATHSIG_SETUP: Final = 1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child_setup() -> None:
+    # Runs in the child before exec: torchrun dies with us, never orphaned.
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(_PDEATHSIG_SETUP, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Relay:
+    """Copies bytes between the worker's fd and rank 0's socket until either side ends."""
+
+    def __init__(self, listener: socket.socket, control_fd: int | None) -> None:
+        self.listener = listener
+        self.control_fd = control_fd
+        self.conn: socket.socket | None = None
+        self.closed = threading.Event()
+        self._lock = threading.Lock()
+
+    def close_downstream(self) -> None:
+        """EOF to rank 0: it checkpoints and all ranks stop."""
+        with self._lock:
+            self.closed.set()
+            if self.conn is not None:
+                try:
+                    self.conn.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    def run(self, proc: subprocess.Popen[bytes]) -> None:
+        self.listener.settimeout(0.2)
+        while proc.poll() is None:
+            try:
+                conn, _ = self.listener.accept()
+                break
+            except TimeoutError:
+                continue
+        else:
+            return
+        with self._lock:
+            self.conn = conn
+            if self.closed.is_set():
+                conn.shutdown(socket.SHUT_WR)
+        cfd = conn.fileno()
+        fds = [cfd] + ([self.control_fd] if self.control_fd is not None else [])
+        # Until rank 0's end closes (it exits): its last frames must still reach the worker.
+        while cfd in fds:
+            ready, _, _ = select.select(fds, [], [], 0.2)
+            for fd in ready:
+                try:
+                    data = os.read(fd, _CHUNK)
+                except OSError:
+                    data = b""
+                if fd == cfd:
+                    if not data:
+                        fds.remove(fd)
+                        continue
+                    if self.control_fd is not None:
+                        _write_all(self.control_fd, data)
+                else:
+                    if not data:  # the worker is gone: same as SIGTERM
+                        fds.remove(fd)
+                        self.close_downstream()
+                        continue
+                    if not self.closed.is_set():
+                        conn.sendall(data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError:
+            return
+        view = view[n:]
+
+
+def launch(argv: list[str], cfg: Config, control_fd: int | None, report: Reporter) -> int:
+    """Run torchrun with our own entry on every rank; return rank 0's exit code."""
+    nproc = cfg.distributed.nproc
+    port = cfg.distributed.master_port or _free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="uff-port-launch-"))
+    sock_path = tmp / "channel.sock"
+    exit_file = tmp / "exit"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    env = dict(os.environ)
+    env.update({"UFF_PORT_CHANNEL_SOCKET": str(sock_path), "UFF_PORT_EXIT_FILE": str(exit_file)})
+    if cfg.training.device != "cuda":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1",
+        "--master-port", str(port),
+        "--max-restarts", "0",
+        "-m", "uff_port.training", *argv,
+    ]  # fmt: skip
+    report.emit("log", level="info", message=f"launching {nproc} processes with torchrun (port {port})")
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_child_setup, start_new_session=True)
+    relay = Relay(listener, control_fd)
+    saved: dict[int, Any] = {}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        relay.close_downstream()
+        if relay.conn is None:  # rank 0 not listening yet: nothing to checkpoint
+            proc.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        saved[sig] = signal.signal(sig, on_signal)
+    thread = threading.Thread(target=relay.run, args=(proc,), name="channel-relay", daemon=True)
+    thread.start()
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
+        thread.join(timeout=10.0)
+        listener.close()
+    # torchrun turns any non-zero worker exit into its own 1: rank 0's code says more.
+    try:
+        code = int(exit_file.read_text().strip())
+    except (OSError, ValueError):
+        code = rc if rc != 0 else 1
+    if rc == 0:
+        code = 0 if code == 0 else code
+    for p in (sock_path, exit_file):
+        p.unlink(missing_ok=True)
+    tmp.rmdir()
+    return code
