@@ -1,0 +1,151 @@
+"""`uff-port plan`: will this model train on this hardware, and with which settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from uff_port.planner.search import DEFAULT_GLOBAL_BATCH, DEFAULT_MARGIN, DEFAULT_MB_MAX
+
+EXIT_OK = 0
+EXIT_NOTHING_FITS = 1
+EXIT_BAD_ARGS = 2
+EXIT_NO_GPU = 3
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="estimate GPU/CPU memory of training configs and recommend one that fits",
+        description=(
+            "Estimate peak memory per GPU and host RAM for full, LoRA and QLoRA fine-tuning "
+            "on this hardware, and recommend the fastest configuration that fits."
+        ),
+    )
+    p.add_argument("--model", default="deepseek-coder-6.7b",
+                   help="deepseek-coder-6.7b | deepseek-coder-1.3b | HF id (local cache) | local dir")
+    p.add_argument("--revision", default=None, help="hub revision to look up in the cache")
+    p.add_argument("--gpus", default="1x16GiB", help="COUNTxSIZE, e.g. 1x16GiB, 2x16GiB; 'none' for CPU")
+    p.add_argument("--cpu-ram", default=None, help="host RAM, e.g. 128GiB (default: not checked)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch-max", type=int, default=DEFAULT_MB_MAX)
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help="fraction of each memory kept free (default 0.1)")
+    p.add_argument("--methods", default="lora,qlora",
+                   help="methods the recommendation may use (full,lora,qlora); all are listed")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--global-batch", type=int, default=DEFAULT_GLOBAL_BATCH,
+                   help="sequences per optimizer step; sets grad_accum_steps in --write-config")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    p.add_argument("--all", action="store_true", help="list every candidate, not one row per shape")
+    p.add_argument("--write-config", metavar="PATH", default=None,
+                   help="write the recommended configuration as a ready YAML config")
+    p.add_argument("--probe", action="store_true",
+                   help="GPU only: run 3 real steps of the top candidates and compare with the estimate")
+    p.set_defaults(func=run)
+
+
+def _args_map(ns: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": ns.model, "revision": ns.revision, "gpus": ns.gpus, "cpu_ram": ns.cpu_ram,
+        "seq_len": ns.seq_len, "micro_batch_max": ns.micro_batch_max, "margin": ns.margin,
+        "methods": ns.methods, "lora_r": ns.lora_r, "global_batch": ns.global_batch, "attn": ns.attn,
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _table(result: dict[str, Any], show_all: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    model = result["model"]
+    console = Console(file=sys.stdout, width=160)
+    rows = result["candidates"] if show_all else result["summary"]
+    gpus = result["gpus"]
+    cap = f"{len(gpus)}x{gpus[0] / 2**30:.0f}GiB" if gpus else "CPU only"
+    t = Table(title=f"{model['name']} ({model['n_params'] / 1e9:.2f}B params), seq {result['seq_len']}, "
+                    f"{cap}, margin {result['margin']:.0%}  (GiB per GPU)")
+    for col in ("method", "strategy", "ckpt", "mb", "weights", "lora/train", "grads", "optim",
+                "activ", "logits", "overhead", "GPU total", "CPU RAM", "fits", "speed"):
+        t.add_column(col, justify="right" if col not in ("method", "strategy", "fits") else "left")
+    rec = result["recommended"]["label"] if result["recommended"] else None
+    for r in rows:
+        g = r["gpu"]
+        fits = "yes" if r["fits"] else ("no (CPU)" if r["fits_gpu"] else "no")
+        style = "bold green" if r["label"] == rec else (None if r["fits"] else "dim")
+        t.add_row(
+            r["method"], f"{r['strategy']} x{r['nproc']}", "on" if r["gradient_checkpointing"] else "off",
+            str(r["micro_batch"]), _gib(g.get("weights", 0)), _gib(g.get("trainable_params", 0)),
+            _gib(g.get("gradients", 0)), _gib(g.get("optimizer", 0)), _gib(g.get("activations", 0)),
+            _gib(g.get("logits", 0)), _gib(g.get("overhead", 0) + g.get("cuda_context", 0)),
+            _gib(r["gpu_total"]), _gib(r["cpu_total"]), fits, f"{r['score']:.2f}", style=style,
+        )
+    console.print(t)
+    if rec:
+        console.print(f"recommended: [bold]{rec}[/bold]  overrides: {json.dumps(result['overrides'])}")
+    else:
+        console.print("[red]nothing fits[/red]: try a shorter --seq-len, more GPUs, or --methods qlora")
+
+
+def _write_config(result: dict[str, Any], path: str, global_batch: int) -> None:
+    import yaml
+
+    from uff_port.fsutil import atomic_write_text
+    from uff_port.planner.search import config_for
+    from uff_port.training.config import dump_yaml, validate_config
+
+    best = result["_best"]
+    raw, ds = config_for(result["_arch"], result["_workload"], best.est.candidate, global_batch)
+    out = Path(path)
+    if ds is not None:
+        ds_path = out.with_suffix(".deepspeed.json")
+        atomic_write_text(ds_path, json.dumps(ds, indent=2) + "\n")
+        raw["distributed"]["deepspeed_config"] = str(ds_path)
+    cfg = validate_config(raw)  # what we write must load as-is
+    header = f"# written by `uff-port plan`: {best.est.candidate.label}\n"
+    atomic_write_text(out, header + dump_yaml(cfg))
+    yaml.safe_load(out.read_text(encoding="utf-8"))
+
+
+def run(ns: argparse.Namespace) -> int:
+    from uff_port.planner.arch import ArchError
+    from uff_port.planner.commands import PlanArgs, compute, public
+
+    a = PlanArgs(_args_map(ns))
+    if a.problems:
+        for problem in a.problems:
+            print(f"uff-port plan: {problem}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    if ns.probe:
+        from uff_port.planner.probe import ProbeUnavailable, probe_available
+
+        try:
+            probe_available()
+        except ProbeUnavailable as exc:
+            print(f"uff-port plan --probe: {exc}", file=sys.stderr)
+            return EXIT_NO_GPU
+    try:
+        result = compute(a)
+    except ArchError as exc:
+        print(f"uff-port plan: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    if ns.json:
+        print(json.dumps(public(result), indent=1))
+    else:
+        _table(result, ns.all)
+    if ns.write_config and result["_best"] is not None:
+        _write_config(result, ns.write_config, a.global_batch)
+        print(f"wrote {ns.write_config}", file=sys.stderr)
+    if ns.probe:
+        from uff_port.planner.probe import probe_top
+
+        for line in probe_top(result):
+            print(line)
+    return EXIT_OK if result["_best"] is not None else EXIT_NOTHING_FITS

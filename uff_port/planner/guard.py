@@ -1,0 +1,167 @@
+"""Refuse a training config that cannot fit, before the model loads.
+
+Called by the worker and the trainer (error code `wont_fit`). Pure arithmetic
+and a JSON read: no torch, so it answers in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port.planner.arch import ArchError, resolve_arch
+from uff_port.planner.estimate import Candidate, Method, Strategy, Workload, estimate
+from uff_port.planner.search import DEFAULT_MARGIN, candidates, judge, overrides_for
+from uff_port.planner.sizes import fmt_bytes
+from uff_port.training.config import Config
+
+# Refuse only what the estimate itself puts over the card; suggestions keep a margin.
+REFUSE_MARGIN: Final = 0.0
+_REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class FitReport:
+    """Verdict on one config: `nearest_fit` is a dotted-override map, or None."""
+
+    fits: bool
+    estimate: dict[str, Any] | None
+    message: str
+    nearest_fit: dict[str, Any] | None = None
+    checked: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fits": self.fits, "estimate": self.estimate, "message": self.message,
+                "nearest_fit": self.nearest_fit, "checked": self.checked}
+
+
+def workload_of(cfg: Config, on_gpu: bool) -> Workload:
+    prec = cfg.training.precision
+    if on_gpu:
+        p = 4 if prec == "fp32" else 2
+    else:
+        p = 2 if prec == "bf16" else 4
+    return Workload(
+        seq_len=cfg.data.seq_len,
+        device="cuda" if on_gpu else "cpu",
+        compute_bytes=p,
+        lora_r=cfg.lora.r,
+        lora_targets=tuple(cfg.lora.target_modules),
+        lora_dropout=cfg.lora.dropout,
+        attn=cfg.model.attn_implementation,
+        double_quant=cfg.quantization.double_quant,
+    )
+
+
+def _ds_strategy(path: str | None) -> Strategy:
+    """ZeRO stage and offload from a DeepSpeed JSON; unreadable means ZeRO-2 (the preset)."""
+    if not path:
+        return "zero2"
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = _REPO_ROOT / p
+    try:
+        ds = json.loads(p.read_text(encoding="utf-8"))
+        zero = ds.get("zero_optimization") or {}
+        stage = int(zero.get("stage", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "zero2"
+    if stage >= 3:
+        off = any((zero.get(k) or {}).get("device") in ("cpu", "nvme")
+                  for k in ("offload_optimizer", "offload_param"))
+        return "zero3_offload" if off else "zero3"
+    return "zero2"
+
+
+def candidate_of(cfg: Config) -> Candidate:
+    method: Method = "full" if not cfg.lora.enabled else (
+        "qlora" if cfg.quantization.mode == "nf4" else "lora")
+    n = cfg.distributed.nproc
+    strategy: Strategy
+    if cfg.distributed.backend == "deepspeed":
+        strategy = _ds_strategy(cfg.distributed.deepspeed_config)
+    else:
+        strategy = "ddp" if n > 1 else "single"
+    return Candidate(method, strategy, n, cfg.model.gradient_checkpointing, cfg.training.micro_batch_size)
+
+
+def _distance(a: Candidate, b: Candidate) -> float:
+    """How far a suggestion is from what the user asked for (smaller is nearer)."""
+    d = abs(math.log2(b.micro_batch / a.micro_batch))
+    d += 1.0 if a.grad_ckpt != b.grad_ckpt else 0.0
+    d += 0.0 if a.strategy == b.strategy else (3.0 if b.strategy == "zero3_offload" else 2.0)
+    d += 1.0 if a.nproc != b.nproc else 0.0
+    d += 3.0 if a.method != b.method else 0.0
+    return d
+
+
+def _nearest(cfg: Config, cur: Candidate, wl: Workload, arch: Any, n_gpus: int,
+             gpu_cap: int | None, cpu_cap: int | None) -> dict[str, Any] | None:
+    mb_max = max(8, cur.micro_batch)
+    best = None
+    for cand in candidates(n_gpus, ("lora", "qlora", "full"), mb_max):
+        if cand.micro_batch > cur.micro_batch or (cand.method == "full") != (cur.method == "full"):
+            continue  # never suggest a bigger batch, nor switching full <-> adapter training
+        s = judge(estimate(arch, cand, wl), gpu_cap, cpu_cap, DEFAULT_MARGIN)
+        if not s.fits:
+            continue
+        key = (_distance(cur, cand), -s.score)
+        if best is None or key < best[0]:
+            best = (key, cand)
+    if best is None:
+        return None
+    cand = best[1]
+    tokens = cfg.training.micro_batch_size * cfg.training.grad_accum_steps * cfg.distributed.nproc
+    ov = overrides_for(cand, tokens)  # keep the effective batch
+    now = {
+        "lora.enabled": cfg.lora.enabled,
+        "quantization.mode": cfg.quantization.mode,
+        "model.gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "training.micro_batch_size": cfg.training.micro_batch_size,
+        "training.grad_accum_steps": cfg.training.grad_accum_steps,
+        "distributed.nproc": cfg.distributed.nproc,
+        "distributed.backend": cfg.distributed.backend,
+        "distributed.deepspeed_config": cfg.distributed.deepspeed_config,
+    }
+    if cand.strategy == cur.strategy:  # same launcher: leave backend keys as they are
+        for k in ("distributed.backend", "distributed.deepspeed_config"):
+            ov.pop(k)
+    return {k: v for k, v in ov.items() if now.get(k) != v}
+
+
+def check_config(cfg: Config, devices: list[dict[str, Any]]) -> FitReport:
+    """Does `cfg` fit on `devices` (NVML records; [] = CPU) and this host's RAM?"""
+    import psutil  # light, and only needed here
+
+    try:
+        arch = resolve_arch(cfg.model.name_or_path, cfg.model.revision)
+    except ArchError as exc:
+        return FitReport(True, None, f"fit not checked: {exc}", checked=False)
+    on_gpu = bool(devices)
+    wl = workload_of(cfg, on_gpu)
+    cur = candidate_of(cfg)
+    cpu_cap = int(psutil.virtual_memory().total)
+    if on_gpu and len(devices) < cur.nproc:
+        return FitReport(False, None,
+                         f"distributed.nproc: {cur.nproc} processes need {cur.nproc} GPUs, "
+                         f"{len(devices)} visible", nearest_fit={"distributed.nproc": len(devices)})
+    gpu_cap = min(int(d["memory_total"]) for d in devices[: cur.nproc]) if on_gpu else None
+    s = judge(estimate(arch, cur, wl), gpu_cap, cpu_cap, REFUSE_MARGIN)
+    est = s.to_dict()
+    if s.fits:
+        where = f"{fmt_bytes(s.est.gpu_total)} of {fmt_bytes(gpu_cap)} per GPU" if on_gpu else (
+            f"{fmt_bytes(s.est.cpu_total)} of {fmt_bytes(cpu_cap)} RAM")
+        return FitReport(True, est, f"{cur.label} fits: estimated {where}")
+    nearest = _nearest(cfg, cur, wl, arch, len(devices), gpu_cap, cpu_cap)
+    parts = []
+    if not s.fits_gpu:
+        parts.append(f"needs ~{fmt_bytes(s.est.gpu_total)} per GPU, the GPU has {fmt_bytes(gpu_cap or 0)}")
+    if not s.fits_cpu:
+        parts.append(f"needs ~{fmt_bytes(s.est.cpu_total)} of host RAM, the host has {fmt_bytes(cpu_cap)}")
+    hint = f"; nearest config that fits: {nearest}" if nearest else "; no nearby config fits"
+    return FitReport(False, est, f"{arch.name} {cur.label} will not fit: " + " and ".join(parts) + hint,
+                     nearest_fit=nearest)
