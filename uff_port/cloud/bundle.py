@@ -1,0 +1,147 @@
+"""The upload bundle: what one remote session needs, and nothing private.
+
+Layout (the same for a Kaggle dataset version and a SageMaker channel):
+
+    uff-bundle.json     run id, session name, config and data paths, wheel name
+    config.yaml         the run's config, data paths made bundle-relative
+    data/NN-name.jsonl  the corpus
+    uff_port-*.whl      this package (`pip wheel --no-deps .`)
+    resume/             the previous session's verified checkpoint (chaining)
+
+Every file is scanned before upload: credential files are refused by name and
+every known credential value by content (wheels are scanned member by member).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from uff_port import __version__
+from uff_port.cloud.credentials import is_secret_file, known_secrets
+from uff_port.cloud.environment import BUNDLE_MARKER
+from uff_port.fsutil import atomic_write_json, atomic_write_text
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+WHEEL_ENV: Final = "UFF_PORT_WHEEL"
+
+
+class BundleError(Exception):
+    """The bundle cannot be built safely (a secret inside, a missing data file)."""
+
+
+def build_wheel(cache_dir: Path) -> Path:
+    """A wheel of this package; `UFF_PORT_WHEEL` names a prebuilt one."""
+    import os
+
+    if os.environ.get(WHEEL_ENV):
+        wheel = Path(os.environ[WHEEL_ENV])
+        if not wheel.is_file():
+            raise BundleError(f"{WHEEL_ENV}: no such file {wheel}")
+        return wheel
+    cached = sorted(cache_dir.glob(f"uff_port-{__version__}-*.whl"))
+    if cached:
+        return cached[-1]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(cache_dir), str(REPO_ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    built = sorted(cache_dir.glob(f"uff_port-{__version__}-*.whl"))
+    if proc.returncode != 0 or not built:
+        raise BundleError(f"pip wheel failed: {proc.stderr[-2000:]}")
+    return built[-1]
+
+
+def _data_files(cfg: dict[str, Any], base: Path) -> list[str]:
+    paths = cfg.get("data", {}).get("path", "builtin:sample-corpus")
+    items = [paths] if isinstance(paths, str) else list(paths)
+    out = []
+    for item in items:
+        if item.startswith("builtin:"):
+            out.append(item)
+            continue
+        p = Path(item)
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            raise BundleError(f"data.path: no such file {item!r}")
+        out.append(str(p))
+    return out
+
+
+def build_bundle(
+    dest: Path,
+    cfg: dict[str, Any],
+    *,
+    run_id: str,
+    session: str,
+    wheel: Path | None,
+    resume_from: Path | None = None,
+    data_base: Path | None = None,
+) -> dict[str, Any]:
+    """Write a bundle into `dest` (emptied first); returns its uff-bundle.json."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "data").mkdir(parents=True)
+    cfg = json.loads(json.dumps(cfg))
+    remote_paths = []
+    for i, src in enumerate(_data_files(cfg, data_base or Path.cwd())):
+        if src.startswith("builtin:"):
+            remote_paths.append(src)
+            continue
+        name = f"data/{i:02d}-{Path(src).name}"
+        if is_secret_file(Path(src).name):
+            raise BundleError(f"data.path: refusing to upload credential file {Path(src).name}")
+        shutil.copyfile(src, dest / name)
+        remote_paths.append(name)
+    cfg.setdefault("data", {})["path"] = remote_paths if len(remote_paths) != 1 else remote_paths[0]
+    atomic_write_text(dest / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    wheel_name = None
+    if wheel is not None:
+        wheel_name = wheel.name
+        shutil.copyfile(wheel, dest / wheel_name)
+    if resume_from is not None and resume_from.is_dir():
+        shutil.copytree(resume_from, dest / "resume")
+    meta = {
+        "version": 1,
+        "uff_port": __version__,
+        "run_id": run_id,
+        "session": session,
+        "config": "config.yaml",
+        "wheel": wheel_name,
+        "resume": (dest / "resume").is_dir(),
+    }
+    atomic_write_json(dest / BUNDLE_MARKER, meta)
+    scan_for_secrets(dest)
+    return meta
+
+
+def scan_for_secrets(root: Path, secrets: list[str] | None = None) -> None:
+    """Refuse a tree holding a credential file or any known credential value."""
+    values = [s.encode("utf-8") for s in (known_secrets() if secrets is None else secrets)]
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if is_secret_file(path.name):
+            raise BundleError(f"refusing to upload credential file {rel}")
+        if not values:
+            continue
+        blobs = [path.read_bytes()]
+        if path.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(path) as zf:
+                for member in zf.namelist():
+                    if is_secret_file(Path(member).name):
+                        raise BundleError(f"refusing to upload credential file {rel}:{member}")
+                    blobs.append(zf.read(member))
+        for blob in blobs:
+            if any(v in blob for v in values):
+                # Never name the secret, only where it was found.
+                raise BundleError(f"refusing to upload {rel}: it contains a credential")

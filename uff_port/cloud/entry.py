@@ -1,0 +1,230 @@
+"""The remote session's entry point: `python -m uff_port.cloud.entry`.
+
+The same program runs in a Kaggle kernel, a SageMaker job, or by hand:
+
+1. detect the platform and map its directories onto one run directory;
+2. restore the previous session's checkpoint (Kaggle: from the bundle's
+   `resume/`; SageMaker restores /opt/ml/checkpoints from S3 by itself);
+3. run the ordinary trainer (`python -m uff_port.training`) with
+   `training.max_runtime` = session budget - safety margin - time already gone,
+   forwarding SIGTERM (SageMaker: SIGTERM, then SIGKILL 120 s later);
+4. write `session.json` and the output manifest that the pull verifies.
+
+Exit status: 0 when the session ended well (finished *or* stopped with a
+durable checkpoint: for the provider both are success, and a non-zero exit
+could discard outputs); the trainer's status otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from uff_port.cloud.environment import BUNDLE_MARKER, Platform, PlatformError, detect
+from uff_port.cloud.verify import write_output_manifest
+from uff_port.fsutil import atomic_write_json, atomic_write_text
+
+EXIT_RESUMABLE: Final = 75
+DEFAULT_MARGIN: Final = 60.0
+SM_KILL_AFTER: Final = 120.0
+_KILL_SLACK: Final = 15.0
+SESSION_FILE: Final = "session.json"
+PAYLOAD_NAME: Final = "payload.tar"
+# The session's clock starts when the kernel script started (before any pip
+# install), not when this module was imported.
+_STARTED = time.monotonic() - max(0.0, time.time() - float(os.environ.get("UFF_PORT_SESSION_T0", time.time())))
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar refusing absolute paths, `..`, links and devices."""
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name)
+            if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
+                raise PlatformError(f"{archive.name}: unsafe member {member.name!r}")
+        tar.extractall(dest, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(dest)
+
+
+def _materialize(platform: Platform) -> Platform:
+    """A Kaggle bundle ships data/ and resume/ inside payload.tar: unpack to a writable place."""
+    payload = platform.bundle_dir / PAYLOAD_NAME
+    if not payload.is_file():
+        return platform
+    dest = Path(tempfile.mkdtemp(prefix="uff-bundle-"))
+    for item in platform.bundle_dir.iterdir():
+        if item.is_file() and item.name != PAYLOAD_NAME:
+            shutil.copyfile(item, dest / item.name)
+    safe_extract(payload, dest)
+    return dataclasses.replace(platform, bundle_dir=dest)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """(step, dir) of the newest durable checkpoint of a run directory."""
+    ckdir = run_dir / "checkpoints"
+    latest = ckdir / "LATEST"
+    if latest.is_file():
+        name = latest.read_text(encoding="utf-8").strip()
+        path = Path(name) if Path(name).is_absolute() else ckdir / Path(name).name
+        step = _step_of(path.name)
+        if path.is_dir() and step is not None:
+            return step, path
+    best: tuple[int, Path] | None = None
+    for p in ckdir.glob("step-*"):
+        step = _step_of(p.name)
+        if step is not None and p.is_dir() and (p / "manifest.json").is_file():
+            if best is None or step > best[0]:
+                best = (step, p)
+    return best
+
+
+def _step_of(name: str) -> int | None:
+    if not name.startswith("step-"):
+        return None
+    try:
+        return int(name[5:])
+    except ValueError:
+        return None
+
+
+def _session_config(platform: Platform, budget: float | None, margin: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    meta = json.loads((platform.bundle_dir / BUNDLE_MARKER).read_text(encoding="utf-8"))
+    cfg = yaml.safe_load((platform.bundle_dir / meta.get("config", "config.yaml")).read_text(encoding="utf-8"))
+    data = cfg.setdefault("data", {})
+    paths = data.get("path", "builtin:sample-corpus")
+    items = [paths] if isinstance(paths, str) else list(paths)
+    resolved = [p if p.startswith("builtin:") or Path(p).is_absolute() else str(platform.bundle_dir / p) for p in items]
+    data["path"] = resolved[0] if isinstance(paths, str) else resolved
+    if budget is not None:
+        left = budget - margin - (time.monotonic() - _STARTED)
+        cfg.setdefault("training", {})["max_runtime"] = max(1.0, left)
+    return meta, cfg
+
+
+def _restore_resume(platform: Platform) -> None:
+    """Seed the run's checkpoints from the bundle, unless the run already has its own."""
+    src = platform.bundle_dir / "resume"
+    if not src.is_dir() or latest_checkpoint(platform.run_dir) is not None:
+        return
+    dst = platform.run_dir / "checkpoints"
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in sorted(src.iterdir()):
+        target = dst / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(item, target)
+
+
+def _copy_run_to_model_dir(platform: Platform) -> None:
+    """SageMaker tars only the model dir: put the run's results (not every checkpoint) there."""
+    out = platform.output_dir / "run"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in ("config.yaml", "events.jsonl", SESSION_FILE):
+        if (platform.run_dir / name).is_file():
+            shutil.copyfile(platform.run_dir / name, out / name)
+    if (platform.run_dir / "final").is_dir():
+        shutil.copytree(platform.run_dir / "final", out / "final")
+    latest = latest_checkpoint(platform.run_dir)
+    if latest is not None:
+        shutil.copytree(latest[1], out / "checkpoints" / latest[1].name)
+        atomic_write_text(out / "checkpoints" / "LATEST", latest[1].name + "\n")
+
+
+def run_session(platform: Platform, margin: float, session: str | None) -> int:
+    platform = _materialize(platform)
+    budget = platform.budget_seconds
+    meta, cfg = _session_config(platform, budget, margin)
+    _restore_resume(platform)
+    start_step = (latest_checkpoint(platform.run_dir) or (0, None))[0]
+    tmp = Path(tempfile.mkdtemp(prefix="uff-session-"))
+    cfg_path = tmp / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    cmd = [sys.executable, "-m", "uff_port.training", "--run-dir", str(platform.run_dir), "--config", str(cfg_path)]
+    # Own process group: the provider's SIGTERM reaches us, and we decide how
+    # the trainer hears of it (once, with a deadline), so it is never killed twice.
+    child = subprocess.Popen(cmd, start_new_session=True)
+    term_at: list[float] = []
+
+    def on_term(signum: int, _frame: Any) -> None:
+        if not term_at:
+            term_at.append(time.monotonic())
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    kill_after = float(os.environ.get("UFF_PORT_KILL_AFTER", SM_KILL_AFTER)) - _KILL_SLACK
+    while True:
+        try:
+            rc = child.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            # The provider kills everything kill_after after its SIGTERM: stop
+            # the trainer first so the manifest below still gets written.
+            if term_at and time.monotonic() - term_at[0] > kill_after:
+                os.killpg(child.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+    latest = latest_checkpoint(platform.run_dir)
+    step = latest[0] if latest else 0
+    finished = (platform.run_dir / "final").is_dir() and rc == 0
+    info = {
+        "session": session or meta.get("session"),
+        "run_id": meta.get("run_id"),
+        "platform": platform.kind,
+        "rc": rc,
+        "start_step": start_step,
+        "step": step,
+        "finished": finished,
+        "signalled": bool(term_at),
+        "seconds": round(time.monotonic() - _STARTED, 3),
+    }
+    atomic_write_json(platform.run_dir / SESSION_FILE, info)
+    if platform.kind == "sagemaker":
+        _copy_run_to_model_dir(platform)
+    write_output_manifest(platform.output_dir, session=info["session"], step=step, finished=finished, rc=rc)
+    if rc in (0, EXIT_RESUMABLE):
+        return 0
+    if platform.kind == "sagemaker":
+        failure = Path(os.environ.get("UFF_PORT_SM_ROOT", "/opt/ml")) / "output" / "failure"
+        failure.parent.mkdir(parents=True, exist_ok=True)
+        failure.write_text(f"trainer exited {rc}\n", encoding="utf-8")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uff_port.cloud.entry", description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-seconds", type=float, default=None, help="session wall-clock budget")
+    parser.add_argument("--margin-seconds", type=float, default=DEFAULT_MARGIN, help="stop this long before it")
+    parser.add_argument("--run-dir", default=None, help="override the mapped run directory")
+    parser.add_argument("--session", default=None)
+    args = parser.parse_args(argv)
+    try:
+        platform = detect(args.budget_seconds, args.run_dir)
+    except PlatformError as exc:
+        print(f"uff-port entry: {exc}", file=sys.stderr)
+        return 3
+    hps = platform.hyperparameters
+    margin = float(hps.get("uff_margin", args.margin_seconds))
+    session = args.session or hps.get("uff_session")
+    return run_session(platform, margin, session)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Drive one run through cloud sessions until it is finished, home and verified.
+
+One loop, one journal. Each pass looks at the current session's durable
+state and does the one next thing: route, submit (idempotently), poll, pull,
+verify, install. Every state is written before it is acted on, so a worker
+killed anywhere restarts in the right place (docs/cloud.md, "Recovery").
+
+Provider errors are of two kinds: `ProviderUnavailable` backs off and polls
+again (an outage is not a failure, and a job we cannot see may still run), a
+`ProviderError` fails the run with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port.cloud.backends.base import Backend, ProviderError, ProviderUnavailable, SessionSpec
+from uff_port.cloud.backends.sagemaker import job_name
+from uff_port.cloud.bundle import BundleError, build_bundle, build_wheel
+from uff_port.cloud.entry import latest_checkpoint
+from uff_port.cloud.journal import REMOTE_DONE, SETTLED, Journal
+from uff_port.cloud.ledger import QuotaLedger
+from uff_port.cloud.routing import choose_backend
+from uff_port.cloud.settings import CloudSettings
+from uff_port.cloud.verify import check_pull
+from uff_port.fsutil import atomic_write_text, fsync_dir, fsync_file
+from uff_port.protocol import ErrorCode
+from uff_port.training.config import Config
+
+EXIT_FINISHED: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_DETACHED: Final = 75
+MAX_CONSECUTIVE_FAILURES: Final = 2
+
+Emit = Callable[..., None]
+BackendFactory = Callable[[str], Backend]
+
+
+@dataclass
+class Control:
+    """Requests from the worker, set by the channel thread, read by the loop."""
+
+    detach: bool = False
+    stop: bool = False
+    stop_reply: Callable[[dict[str, Any]], None] | None = None
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
+class CloudRun:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: Config,
+        settings: CloudSettings,
+        *,
+        run_id: str,
+        backend_factory: BackendFactory,
+        ledger: QuotaLedger,
+        emit: Emit,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] | None = None,
+        gpu_present: bool = False,
+        control: Control | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.settings = settings
+        self.run_id = run_id
+        self.factory = backend_factory
+        self.ledger = ledger
+        self.emit = emit
+        self.clock = clock
+        self._sleep = sleep
+        self.gpu_present = gpu_present
+        self.control = control or Control()
+        self.journal = Journal.open(run_dir, run_id, cfg.strategy)
+        self._backends: dict[str, Backend] = {}
+        self._unreachable_since: float | None = None
+        self._delay = settings.poll.interval_seconds
+
+    # ---- helpers ------------------------------------------------------------
+    def wait(self, seconds: float) -> None:
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            # Woken early by stop/EOF from the channel thread.
+            self.control.wake.wait(seconds)
+            self.control.wake.clear()
+
+    def backend(self, name: str) -> Backend:
+        if name not in self._backends:
+            self._backends[name] = self.factory(name)
+        return self._backends[name]
+
+    def local_checkpoint(self) -> tuple[int, Path] | None:
+        return latest_checkpoint(self.run_dir)
+
+    def status(self) -> dict[str, Any]:
+        ck = self.local_checkpoint()
+        cur = self.journal.current
+        return {
+            "state": "finished" if self.journal.data.finished else f"cloud_{cur.state}" if cur else "cloud_routing",
+            "step": ck[0] if ck else 0,
+            "max_steps": self.cfg.training.max_steps,
+            "loss": None,
+            "last_checkpoint": str(ck[1]) if ck else None,
+            "cloud": self.journal.summary(),
+        }
+
+    def _spec(self, index: int, name: str, budget: float) -> SessionSpec:
+        return SessionSpec(
+            run_id=self.run_id,
+            name=name,
+            index=index,
+            bundle_dir=self.run_dir / "cloud" / "bundle",
+            budget_seconds=budget,
+            margin_seconds=self.settings.safety_margin_seconds,
+        )
+
+    def _session_name(self, backend: str, index: int) -> str:
+        return job_name(self.run_id, index)
+
+    def _need_seconds(self) -> float | None:
+        if self.settings.estimate_hours is None:
+            return None
+        ck = self.local_checkpoint()
+        done = (ck[0] if ck else 0) / self.cfg.training.max_steps
+        return max(0.0, (1.0 - done) * self.settings.estimate_hours * 3600.0)
+
+    # ---- the loop -----------------------------------------------------------
+    def run(self) -> int:
+        while True:
+            if self.journal.data.finished:
+                return self._finish()
+            if self.control.detach:
+                self.journal.save()
+                return EXIT_DETACHED
+            try:
+                outcome = self._step()
+            except ProviderUnavailable as exc:
+                self._outage(str(exc))
+                continue
+            except (ProviderError, BundleError) as exc:
+                return self._fail(ErrorCode.TRAINER_FAILED if isinstance(exc, ProviderError) else ErrorCode.INVALID_CONFIG, str(exc))
+            if self._unreachable_since is not None:
+                self.emit("cloud_status", reachable=True, outage_seconds=round(self.clock() - self._unreachable_since, 1))
+                self._unreachable_since = None
+            self._delay = self.settings.poll.interval_seconds
+            if outcome is not None:
+                return outcome
+
+    def _outage(self, message: str) -> None:
+        now = self.clock()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            self.emit("cloud_status", reachable=False, message=message)
+        self.wait(self._delay)
+        # Exponential back-off, capped: a long outage costs few requests.
+        self._delay = min(self._delay * 2, self.settings.poll.max_backoff_seconds)
+
+    def _step(self) -> int | None:
+        cur = self.journal.current
+        if cur is not None and cur.state == "refused" and cur.pull_attempts <= self.settings.poll.pull_retries:
+            return self._pull(cur)
+        if cur is not None and cur.state in REMOTE_DONE:
+            return self._pull(cur)
+        if cur is None or cur.state in SETTLED:
+            if self.control.stop:
+                return self._reply_stop()
+            return self._start_session()
+        backend = self.backend(cur.backend)
+        spec = self._spec(cur.index, cur.name, cur.budget_seconds)
+        if cur.state == "submitting":
+            ref = backend.find(spec)
+            if ref is None:
+                ref = backend.submit(spec)
+                self.emit("cloud_submitted", backend=cur.backend, session=cur.name, index=cur.index, budget_seconds=cur.budget_seconds)
+            else:
+                self.emit("cloud_submitted", backend=cur.backend, session=cur.name, index=cur.index, recovered=True)
+            self.journal.transition("submitted", now=self.clock(), remote_ref=ref)
+            return None
+        if cur.state in ("submitted", "running"):
+            return self._poll(backend, cur)
+        if cur.state in REMOTE_DONE:
+            return self._pull(cur)
+        if cur.state == "pulled":
+            return self._verify(cur)
+        raise ProviderError(f"journal in unexpected state {cur.state}")
+
+    def _start_session(self) -> int | None:
+        sessions = self.journal.data.sessions
+        failures = 0
+        for s in reversed(sessions):
+            if s.remote_state != "failed":
+                break
+            failures += 1
+        if failures >= MAX_CONSECUTIVE_FAILURES:
+            return self._fail(ErrorCode.TRAINER_FAILED, f"{failures} sessions in a row failed remotely; last: {sessions[-1].detail}")
+        now = self.clock()
+        route = choose_backend(
+            self.cfg.strategy, self.ledger, self.settings, now, gpu_present=self.gpu_present, need_seconds=self._need_seconds()
+        )
+        if route.backend == "local":
+            return -1  # the caller hands the run to the local trainer
+        if route.backend is None:
+            self.emit("quota", waiting=True, wait_until=route.wait_until, reason=route.reason, budgets=self.ledger.snapshot(now))
+            assert route.wait_until is not None
+            self.wait(max(1.0, min(route.wait_until - now, self.settings.poll.max_backoff_seconds)))
+            return None
+        limit = self.settings.kaggle.max_sessions if route.backend == "kaggle" else self.settings.sagemaker.max_sessions
+        if len(sessions) >= limit:
+            return self._fail(ErrorCode.TRAINER_FAILED, f"cloud.{route.backend}.max_sessions: {limit} sessions used and the run is not finished")
+        index = len(sessions)
+        name = self._session_name(route.backend, index)
+        ck = self.local_checkpoint()
+        wheel = build_wheel(self.run_dir.parent / ".cloud-cache")
+        # The bundle is rebuilt from durable local state, so it may be built
+        # before the intent record: a crash here leaves nothing to undo.
+        build_bundle(
+            self.run_dir / "cloud" / "bundle",
+            self.cfg.to_dict(),
+            run_id=self.run_id,
+            session=name,
+            wheel=wheel,
+            resume_from=self._resume_tree(ck),
+        )
+        self.journal.begin_session(route.backend, name, now=now, budget_seconds=route.session_seconds)
+        self.ledger.reserve(f"{self.run_id}:{name}", route.backend, now, route.session_seconds)
+        self.emit("quota", backend=route.backend, reserved_hours=round(route.session_seconds / 3600, 3), reason=route.reason, budgets=self.ledger.snapshot(now))
+        return None
+
+    def _resume_tree(self, ck: tuple[int, Path] | None) -> Path | None:
+        if ck is None:
+            return None
+        tree = self.run_dir / "cloud" / "resume"
+        if tree.exists():
+            shutil.rmtree(tree)
+        tree.mkdir(parents=True)
+        shutil.copytree(ck[1], tree / ck[1].name)
+        (tree / "LATEST").write_text(ck[1].name + "\n", encoding="utf-8")
+        return tree
+
+    def _poll(self, backend: Backend, cur: Any) -> int | None:
+        if self.control.stop and not self.journal.data.stop_requested:
+            self.journal.data.stop_requested = True
+            self.journal.save()
+            try:
+                backend.stop(cur.remote_ref)
+            except ProviderError as exc:
+                # Kaggle cannot stop a session: it ends at its budget. Detach now;
+                # the next `train` on this run picks the session up.
+                return self._reply_stop(remote=str(exc))
+        st = backend.status(cur.remote_ref)
+        now = self.clock()
+        if st.state != cur.remote_state:
+            self.emit("cloud_status", backend=cur.backend, session=cur.name, state=st.state, detail=st.detail)
+        if st.done:
+            seconds = st.billed_seconds
+            if seconds is None:
+                start = st.started_ts or cur.created_ts
+                seconds = (st.ended_ts or now) - start
+            # Real use first (idempotent by key), then the journal: a crash in
+            # between re-records the same key, never twice.
+            self.ledger.record(f"{self.run_id}:{cur.name}", cur.backend, st.started_ts or cur.created_ts, seconds)
+            self.journal.transition(st.state, now=now, remote_state=st.state, detail=st.detail, billed_seconds=seconds, ended_ts=now)
+            self.emit("quota", backend=cur.backend, used_hours=round(seconds / 3600, 4), budgets=self.ledger.snapshot(now))
+            return None
+        state = "running" if st.state == "running" else cur.state
+        self.journal.transition(state, now=now, remote_state=st.state, detail=st.detail)
+        self.wait(self.settings.poll.interval_seconds)
+        return None
+
+    def _pull_dir(self, name: str) -> Path:
+        return self.run_dir / "cloud" / "pulls" / name
+
+    def _pull(self, cur: Any) -> int | None:
+        dest = self._pull_dir(cur.name)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.journal.transition(cur.state, now=self.clock(), pull_attempts=cur.pull_attempts + 1)
+        try:
+            self.backend(cur.backend).pull(cur.remote_ref, dest)
+        except ProviderError as exc:
+            # Nothing to bring home (e.g. a session killed before it wrote
+            # anything): settle it as refused and carry on from what we have.
+            self.journal.transition("refused", now=self.clock(), detail=str(exc), pull_attempts=self.settings.poll.pull_retries + 1)
+            self.emit("cloud_refused", session=cur.name, ok=False, reason=str(exc))
+            return None
+        self.journal.transition("pulled", now=self.clock(), pulled_to=str(dest))
+        self.emit("cloud_pulled", session=cur.name, path=str(dest))
+        return None
+
+    def _verify(self, cur: Any) -> int | None:
+        dest = Path(cur.pulled_to)
+        check = check_pull(dest)
+        if not check.ok:
+            self.journal.transition("refused", now=self.clock(), detail=check.reason)
+            self.emit("cloud_refused", session=cur.name, attempt=cur.pull_attempts, **check.to_event())
+            return None
+        info = self._install(dest)
+        self.journal.transition("verified", now=self.clock(), step=info.get("step"), finished=bool(info.get("finished")))
+        self.emit("cloud_verified", session=cur.name, step=info.get("step"), finished=bool(info.get("finished")))
+        if info.get("finished"):
+            self.journal.mark_finished(info.get("step"))
+        return None
+
+    def _install(self, pulled: Path) -> dict[str, Any]:
+        """Move a verified session's checkpoint (and final adapter) into the run directory."""
+        run = pulled / "run"
+        info: dict[str, Any] = {}
+        if (run / "session.json").is_file():
+            info = json.loads((run / "session.json").read_text(encoding="utf-8"))
+        remote = latest_checkpoint(run)
+        local = self.local_checkpoint()
+        if remote is not None and (local is None or remote[0] > local[0]):
+            self._install_tree(remote[1], self.run_dir / "checkpoints" / remote[1].name)
+            # LATEST moves only once the directory it names is durable.
+            atomic_write_text(self.run_dir / "checkpoints" / "LATEST", remote[1].name + "\n")
+            self.emit("checkpoint", step=remote[0], path=str(self.run_dir / "checkpoints" / remote[1].name), source="cloud")
+        if info.get("finished") and (run / "final").is_dir():
+            self._install_tree(run / "final", self.run_dir / "final")
+        return info
+
+    @staticmethod
+    def _install_tree(src: Path, dst: Path) -> None:
+        tmp = dst.with_name(f".{dst.name}.incoming")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(src, tmp)
+        for path in sorted(tmp.rglob("*"), reverse=True):
+            if path.is_file():
+                fsync_file(path)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+        fsync_dir(dst.parent)
+
+    def _finish(self) -> int:
+        ck = self.local_checkpoint()
+        step = self.journal.data.final_step or (ck[0] if ck else None)
+        final = self.run_dir / "final"
+        self.emit("finished", step=step, final=str(final) if final.is_dir() else None, source="cloud")
+        if self.control.stop_reply is not None:
+            self.control.stop_reply({"step": step, "checkpoint": str(ck[1]) if ck else None})
+        return EXIT_FINISHED
+
+    def _reply_stop(self, remote: str | None = None) -> int:
+        ck = self.local_checkpoint()
+        if self.control.stop_reply is not None:
+            result: dict[str, Any] = {"step": ck[0] if ck else 0, "checkpoint": str(ck[1]) if ck else None}
+            if remote:
+                result["remote"] = remote
+            self.control.stop_reply(result)
+        return EXIT_DETACHED
+
+    def _fail(self, code: str, message: str) -> int:
+        self.emit("failed", code=code, message=message, resumable=True)
+        return EXIT_FAILED

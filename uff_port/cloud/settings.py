@@ -1,0 +1,124 @@
+"""The `cloud:` map of a training config, validated by this plane.
+
+The training schema keeps `cloud` as an opaque map so that the trainer never
+depends on provider settings; this module gives it a schema with the same
+error style (every problem at once, by dotted path: `cloud.kaggle.session_hours:
+must be <= 12`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from uff_port.training.config import ConfigError
+
+HOUR: Final = 3600.0
+KAGGLE_MAX_SESSION_HOURS: Final = 12.0
+SAGEMAKER_GRACE_SECONDS: Final = 120.0
+"""SageMaker sends SIGTERM, then kills 120 s later."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetSettings(_Section):
+    kaggle_hours_per_week: float = Field(30.0, ge=0)
+    sagemaker_hours_per_day: float = Field(4.0, ge=0)
+    week_starts: Literal["monday", "saturday", "sunday"] = "monday"
+    """When the weekly Kaggle quota resets (00:00 UTC of that day)."""
+    min_session_minutes: float = Field(15.0, gt=0)
+    """A session shorter than this is not worth its start-up cost: wait instead."""
+
+
+class KaggleSettings(_Section):
+    username: str | None = None
+    """Owner of the dataset and kernel; defaults to the one in kaggle.json."""
+    dataset_slug: str = Field("uff-port-data", pattern=r"^[a-z0-9][a-z0-9-]{2,49}$")
+    kernel_slug: str = Field("uff-port-train", pattern=r"^[a-z0-9][a-z0-9-]{2,49}$")
+    session_hours: float = Field(9.0, gt=0, le=KAGGLE_MAX_SESSION_HOURS)
+    accelerator: str = "NvidiaTeslaT4"
+    max_sessions: int = Field(20, gt=0)
+
+
+class SageMakerSettings(_Section):
+    region: str | None = None
+    bucket: str | None = None
+    prefix: str = "uff-port"
+    role_arn: str | None = None
+    image_uri: str | None = None
+    instance_type: str = "ml.g5.xlarge"
+    use_spot: bool = True
+    max_runtime_seconds: int = Field(4 * 3600, gt=0, le=28 * 24 * 3600)
+    max_wait_seconds: int | None = Field(None, gt=0)
+    """Spot only: must be >= max_runtime_seconds; default 2x max_runtime_seconds."""
+    max_sessions: int = Field(20, gt=0)
+
+
+class PollSettings(_Section):
+    interval_seconds: float = Field(30.0, gt=0)
+    max_backoff_seconds: float = Field(600.0, gt=0)
+    pull_retries: int = Field(3, ge=0)
+
+
+class CloudSettings(_Section):
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    kaggle: KaggleSettings = Field(default_factory=KaggleSettings)
+    sagemaker: SageMakerSettings = Field(default_factory=SageMakerSettings)
+    poll: PollSettings = Field(default_factory=PollSettings)
+    safety_margin_seconds: float = Field(600.0, ge=0)
+    """Stop training this long before a session's budget ends (pull + upload time)."""
+    estimate_hours: float | None = Field(None, gt=0)
+    """Expected GPU-hours of the whole job, for routing and plan-week."""
+    ledger_path: str | None = None
+    """Quota ledger file; default `<runs root>/.cloud-ledger.jsonl`."""
+    local_gpu: Literal["auto", "yes", "no"] = "auto"
+    """Hybrid routing prefers a local GPU; `auto` asks NVML."""
+
+
+def _friendly(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    kind = err.get("type", "")
+    if kind == "greater_than":
+        return f"must be > {ctx.get('gt')}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx.get('ge')}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx.get('le')}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
+    return str(err.get("msg", "invalid")).removeprefix("Value error, ")
+
+
+def validate_cloud(raw: Any) -> CloudSettings:
+    """Validate a config's `cloud:` map; raise ConfigError listing every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"cloud: must be a map, got {type(raw).__name__}"])
+    try:
+        settings = CloudSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems = [
+            "cloud." + ".".join(str(p) for p in e["loc"]) + f": {_friendly(e)}" for e in exc.errors()
+        ]
+        raise ConfigError(problems) from None
+    sm = settings.sagemaker
+    if sm.use_spot and sm.max_wait_seconds is not None and sm.max_wait_seconds < sm.max_runtime_seconds:
+        raise ConfigError(
+            ["cloud.sagemaker.max_wait_seconds: must be >= cloud.sagemaker.max_runtime_seconds"]
+        )
+    return settings
+
+
+def session_budget_seconds(settings: CloudSettings, backend: str) -> float:
+    """Wall-clock seconds one remote session may run before the provider cuts it."""
+    if backend == "kaggle":
+        return settings.kaggle.session_hours * HOUR
+    if backend == "sagemaker":
+        return float(settings.sagemaker.max_runtime_seconds)
+    raise ValueError(f"no session budget for backend {backend!r}")
