@@ -147,11 +147,19 @@ def layer_activation_bytes(arch: Arch, method: Method, wl: Workload) -> float:
     return total
 
 
+def layer_constant_bytes(arch: Arch, method: Method, wl: Workload) -> float:
+    """Per layer, independent of tokens: autocast's bf16 copies of the fp32 adapter weights."""
+    if method == "full" or wl.compute_bytes >= 4:
+        return 0.0
+    return 2.0 * arch.lora_params(wl.lora_r, wl.lora_targets) / arch.layers
+
+
 def activation_bytes(arch: Arch, cand: Candidate, wl: Workload) -> dict[str, float]:
     """Saved activations of the whole model and the backward transient, per micro-batch."""
     tokens = cand.micro_batch * wl.seq_len
     p = wl.compute_bytes
     layer = layer_activation_bytes(arch, cand.method, wl) * tokens
+    layer += layer_constant_bytes(arch, cand.method, wl)
     # Final norm (fp32 copy + 1/rms); a trainable head also keeps its input.
     tail = tokens * (4 * arch.hidden + 4 + (2 * p * arch.hidden if cand.method == "full" else 0))
     if cand.grad_ckpt:
