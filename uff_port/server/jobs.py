@@ -211,11 +211,13 @@ class Job:
                 "details": {"exit_status": code},
             },
         }
+        # The worker forgets the job first, so a client that gets the stop reply
+        # can send `train` at once without hitting `busy`.
+        self._on_exit(self)
         for callback in pending.values():
             callback(gone)
         for waiter in waiters:
             waiter(self)
-        self._on_exit(self)
 
 
 def trainer_argv(python: str | None = None) -> list[str]:

@@ -1,0 +1,162 @@
+"""The worker driving the real trainer: stop, checkpoint, restart-resume, and every exit path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from uff_port.client import WorkerClient, WorkerError
+
+pytestmark = pytest.mark.slow
+HELPERS = Path(__file__).parent / "helpers"
+# Steps of a fraction of a second, checkpoints only when asked: the job stays busy.
+BUSY = {
+    "training.max_steps": 400,
+    "data.seq_len": 64,
+    "training.micro_batch_size": 2,
+    "training.grad_accum_steps": 1,
+    "checkpoint.every_steps": None,
+    "eval.every_steps": None,
+    "training.progress_every_seconds": 0.0,
+}
+
+
+def _train(w: WorkerClient, run_dir: str = "job", **extra: object) -> dict:
+    return w.request("train", {"config_path": "tiny", "run_dir": run_dir, "overrides": {**BUSY, **extra}})
+
+
+def _wait_step(w: WorkerClient, step: int, timeout: float = 180) -> dict:
+    return w.wait_event(lambda e: e.get("event") == "progress" and e.get("step", 0) >= step, timeout)
+
+
+def _gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _latest(run_dir: Path) -> Path:
+    name = (run_dir / "checkpoints" / "LATEST").read_text().strip()
+    path = run_dir / "checkpoints" / name
+    assert (path / "manifest.json").is_file()
+    return path
+
+
+def test_stop_then_train_again_resumes(worker: WorkerClient, runs_root: Path) -> None:
+    started = _train(worker)
+    assert started["resumed_from"] is None and started["job_id"] == "job"
+    _wait_step(worker, 3)
+    with pytest.raises(WorkerError) as busy:
+        _train(worker)
+    assert busy.value.code == "busy"
+    status = worker.request("status")
+    assert status["state"] == "training" and status["job_id"] == "job" and status["max_steps"] == 400
+    stopped = worker.request("stop", timeout=120)
+    assert stopped["exit_status"] == 75 and stopped["checkpoint"]
+    assert Path(stopped["checkpoint"]) == _latest(runs_root / "job")
+    step = stopped["step"]
+    again = _train(worker)
+    assert again["resumed_from"] == step
+    worker.request("stop", {"checkpoint": False}, timeout=120)
+
+
+def test_checkpoint_command_replies_when_durable(worker: WorkerClient, runs_root: Path) -> None:
+    _train(worker)
+    _wait_step(worker, 2)
+    result = worker.request("checkpoint", timeout=120)
+    path = Path(result["path"])
+    assert (path / "manifest.json").is_file() and result["step"] >= 2
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == result["step"]
+    worker.request("stop", {"checkpoint": False}, timeout=120)
+
+
+def test_resume_command_picks_a_checkpoint(worker: WorkerClient, runs_root: Path) -> None:
+    _train(worker)
+    _wait_step(worker, 2)
+    first = worker.request("checkpoint", timeout=120)["step"]
+    worker.request("stop", timeout=120)
+    resumed = worker.request("resume", {"run_dir": "job", "checkpoint": first})
+    assert resumed["resumed_from"] == first
+    worker.request("stop", {"checkpoint": False}, timeout=120)
+    with pytest.raises(WorkerError) as exc:
+        worker.request("resume", {"run_dir": "job", "checkpoint": 999999})
+    assert exc.value.code == "not_found"
+
+
+def test_changed_config_on_same_run_dir_is_refused(worker: WorkerClient) -> None:
+    _train(worker)
+    _wait_step(worker, 2)
+    worker.request("stop", timeout=120)
+    with pytest.raises(WorkerError) as exc:
+        _train(worker, **{"lora.r": 4})
+    assert exc.value.code == "invalid_config"
+    assert "lora.r" in exc.value.message
+
+
+def test_eof_while_training_checkpoints_and_exits_75(worker: WorkerClient, runs_root: Path) -> None:
+    _train(worker)
+    _wait_step(worker, 2)
+    kids = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    worker.close_stdin()
+    assert worker.wait(120) == 75
+    assert _gone(kids, 10)
+    _latest(runs_root / "job")
+
+
+def test_sigterm_while_training_checkpoints_and_exits_75(worker: WorkerClient, runs_root: Path) -> None:
+    _train(worker)
+    _wait_step(worker, 2)
+    kids = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    t0 = time.monotonic()
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(120) == 75
+    assert time.monotonic() - t0 < 100  # inside the default grace period
+    assert _gone(kids, 10)
+    ckpt = _latest(runs_root / "job")
+    assert json.loads((ckpt / "manifest.json").read_text())["step"] >= 2
+
+
+def test_trainer_crash_is_reported_failed_and_worker_lives(worker: WorkerClient) -> None:
+    _train(worker)
+    _wait_step(worker, 2)
+    trainer = psutil.Process(worker.pid).children()[0]
+    trainer.send_signal(signal.SIGKILL)
+    failed = worker.wait_event("failed", timeout=60)
+    assert failed["code"] == "trainer_failed" and "signal 9" in failed["message"]
+    assert failed["job_id"] == "job"
+    idle = worker.wait_event(lambda e: e.get("event") == "state" and e.get("state") == "idle", timeout=30)
+    assert idle["outcome"] == "failed"
+    assert worker.request("status")["state"] == "idle"
+
+
+def test_no_orphans_when_the_parent_is_killed_9(runs_root: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, str(HELPERS / "parent_of_worker.py"), str(runs_root), json.dumps(BUSY)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = parent.stdout.readline()  # type: ignore[union-attr]
+        pids = json.loads(line)
+        tree = [pids["worker"], *pids["children"]]
+        assert pids["children"], "worker should have a trainer child while busy"
+        parent.kill()  # SIGKILL: the VM dies without a word
+        parent.wait()
+        assert _gone(tree, 110), f"orphans left: {[p for p in tree if psutil.pid_exists(p)]}"
+        _latest(runs_root / "job")  # the trainer saved on its way out
+    finally:
+        if parent.poll() is None:
+            parent.kill()
