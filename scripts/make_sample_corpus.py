@@ -31,7 +31,7 @@ SYSTEM: Final = "You write idiomatic, tested Elixir for the UFF platform."
 
 
 def _camel(word: str) -> str:
-    return word[:1].upper() + word[1:]
+    return "".join(p[:1].upper() + p[1:] for p in word.split("_"))
 
 
 def foundation(dom: str, noun: str, thing: str) -> tuple[str, str]:
@@ -134,10 +134,15 @@ end
 BUILDERS: Final = {"foundation": foundation, "hull": hull, "systems": systems, "trials": trials}
 
 
+QUALIFIERS: Final = ("", "Cached", "Remote", "Local", "Shared", "Scoped", "Timed", "Tagged", "Pooled", "Primary")
+
+
 def make_record(i: int) -> dict[str, object]:
     dom = random.choice(sorted(DOMAINS))
     noun, things = DOMAINS[dom]
     thing = random.choice(things)
+    qual = random.choice(QUALIFIERS)
+    thing = f"{qual.lower()}_{thing}" if qual else thing
     stage = STAGES[i % len(STAGES)]
     prompt, code = BUILDERS[stage](dom, noun.lower(), thing)
     completion = f"```elixir\n{code}```\n"
@@ -162,7 +167,16 @@ def make_record(i: int) -> dict[str, object]:
 
 def main() -> None:
     random.seed(SEED)
-    lines = [json.dumps(make_record(i), ensure_ascii=False) for i in range(N_RECORDS)]
+    lines: list[str] = []
+    seen: set[str] = set()
+    i = 0
+    while len(lines) < N_RECORDS:  # no duplicates: the held-out split must not leak
+        rec = make_record(i)
+        i += 1
+        key = json.dumps({k: v for k, v in rec.items() if k not in ("manager", "stage")}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            lines.append(json.dumps(rec, ensure_ascii=False))
     OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {len(lines)} records to {OUT}")
 
