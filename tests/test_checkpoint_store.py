@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from uff_port.training.checkpoint_store import (
     CHECKPOINT_FORMAT,
+    KILL_AT_ENV,
     LATEST,
     CheckpointMismatch,
     CheckpointStore,
@@ -23,7 +24,7 @@ from uff_port.training.checkpoint_store import (
 )
 from uff_port.training.config import resume_hash, resume_view, validate_config
 
-CRASH_POINTS = ("writing", "files_synced", "manifest_written", "old_moved_aside", "renamed", "latest_written", "pruned")
+CRASH_POINTS = ("begun", "writing", "files_synced", "manifest_written", "old_moved_aside", "renamed", "latest_written", "pruned")
 
 
 class Crash(BaseException):
@@ -282,14 +283,10 @@ def test_any_crash_point_resumes_from_last_committed(tmp_path_factory: Any, keep
 
 
 _KILL_CHILD = r"""
-import os, sys
-from pathlib import Path
+import sys
 from uff_port.training.checkpoint_store import CheckpointStore
-run, step, point = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-def hook(name):
-    if name == point:
-        os.kill(os.getpid(), 9)
-store = CheckpointStore(run, keep_last=2, fault_hook=hook)
+run, step = sys.argv[1], int(sys.argv[2])
+store = CheckpointStore(run, keep_last=2)
 store.find_resume_point()
 staging = store.begin(step)
 (staging / "w.bin").write_bytes(b"w" * 4096 * step)
@@ -299,13 +296,13 @@ store.commit(staging, step, {"config_hash": "c"})
 
 @pytest.mark.slow
 def test_sigkill_mid_commit_in_a_real_process(tmp_path: Path) -> None:
-    """The same recovery, with the writer really killed by SIGKILL at each sub-step."""
+    """The same recovery, with the writer really killed (KILL_AT_ENV) at each sub-step."""
     save(CheckpointStore(tmp_path), 1)
     last = 1
-    for step, point in enumerate(
-        ("files_synced", "manifest_written", "renamed", "latest_written", "pruned", "none"), start=2
-    ):
-        proc = subprocess.run([sys.executable, "-c", _KILL_CHILD, str(tmp_path), str(step), point], timeout=60)
+    points = ("begun", "files_synced", "manifest_written", "renamed", "latest_written", "pruned", "none")
+    for step, point in enumerate(points, start=2):
+        env = {**os.environ, KILL_AT_ENV: f"{step}:{point}" if point != "none" else ""}
+        proc = subprocess.run([sys.executable, "-c", _KILL_CHILD, str(tmp_path), str(step)], env=env, timeout=60)
         assert proc.returncode == (0 if point == "none" else -9)
         if point in ("latest_written", "pruned", "none"):
             last = step
@@ -313,3 +310,15 @@ def test_sigkill_mid_commit_in_a_real_process(tmp_path: Path) -> None:
         store.cleanup_staging()
         found = store.find_resume_point()
         assert (found.step if found else 0) == last
+    # the same-step replace, killed between its two renames: the old one comes back
+    env = {**os.environ, KILL_AT_ENV: f"{last}:old_moved_aside"}
+    proc = subprocess.run([sys.executable, "-c", _KILL_CHILD, str(tmp_path), str(last)], env=env, timeout=60)
+    assert proc.returncode == -9 and not (tmp_path / "checkpoints" / step_name(last)).exists()
+    found = CheckpointStore(tmp_path).find_resume_point()
+    assert found is not None and found.step == last
+
+
+def test_kill_at_env_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KILL_AT_ENV, "12:nowhere")
+    with pytest.raises(ValueError, match="STEP:POINT"):
+        CheckpointStore(tmp_path)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ _STAGING_PREFIX: Final = ".staging-"
 _OLD_PREFIX: Final = ".old-"  # a same-step checkpoint being replaced (steps 3a/3b)
 _PRUNED_PREFIX: Final = ".pruned-"  # renamed away before rmtree, so never half-deleted
 _RESERVED: Final = frozenset({"format", "step", "created", "files"})
+KILL_AT_ENV: Final = "UFF_PORT_CHECKPOINT_KILL_AT"
+"""`STEP:POINT` (e.g. `12:manifest_written`): SIGKILL this process at that commit sub-step.
+Lets crash tests hit the middle of a checkpoint write every time, not by luck."""
+COMMIT_POINTS: Final = (
+    "begun", "files_synced", "manifest_written", "old_moved_aside", "renamed", "latest_written", "pruned"
+)
 
 Emit = Callable[..., None]
 # Test seam: called with the name of each commit sub-step just after it completes,
@@ -108,6 +115,8 @@ class CheckpointStore:
         self.keep_last = keep_last
         self._emit = emit
         self._fault = fault_hook
+        self._kill_at = _kill_at_from_env()
+        self._step: int | None = None  # the step being written, for KILL_AT_ENV
         self._counter = itertools.count()
         self._mine: set[Path] = set()  # staging dirs of this process still in use
 
@@ -120,6 +129,8 @@ class CheckpointStore:
     def _step_done(self, name: str) -> None:
         if self._fault is not None:
             self._fault(name)
+        if self._kill_at is not None and self._kill_at == (self._step, name):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- writing ---------------------------------------------------------------
 
@@ -130,11 +141,14 @@ class CheckpointStore:
         path = self.checkpoints_dir / name
         path.mkdir()
         self._mine.add(path)
+        self._step = step
+        self._step_done("begun")
         return path
 
     def commit(self, staging: Path, step: int, meta: dict[str, Any]) -> Path:
         """Make `staging` the durable checkpoint of `step`, move LATEST, prune."""
         staging = Path(staging)
+        self._step = step
         clash = _RESERVED & set(meta)
         if clash:
             raise ValueError(f"meta: keys {sorted(clash)} are reserved for the manifest")
@@ -336,6 +350,16 @@ class CheckpointStore:
         fsync_dir(self.checkpoints_dir)
         self.emit("checkpoint_quarantined", path=str(dest), name=path.name, reason=reason)
         return dest
+
+
+def _kill_at_from_env() -> tuple[int, str] | None:
+    raw = os.environ.get(KILL_AT_ENV, "").strip()
+    if not raw:
+        return None
+    step, _, point = raw.partition(":")
+    if not step.isdigit() or point not in COMMIT_POINTS:
+        raise ValueError(f"{KILL_AT_ENV}: expected STEP:POINT with POINT one of {list(COMMIT_POINTS)}, got {raw!r}")
+    return int(step), point
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | str:
