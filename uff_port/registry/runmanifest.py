@@ -88,18 +88,24 @@ def _number(v: Any) -> float | None:
 
 
 def metrics_from_events(events: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Numbers of the last `eval` event (loss -> eval_loss) overlaid by the last `finished`."""
+    """Numbers of the last `eval` (loss -> eval_loss) and last `finished` (loss -> train_loss).
+
+    Applied in file order, so whichever of the two came later wins a shared key.
+    """
+    renames = {"eval": {"loss": "eval_loss"}, "finished": {"loss": "train_loss"}}
+    last: dict[str, int] = {}
+    for i, ev in enumerate(events):
+        if ev["event"] in renames:
+            last[ev["event"]] = i
     out: dict[str, float | None] = {}
-    for name, renames in (("eval", {"loss": "eval_loss"}), ("finished", {"loss": "train_loss"})):
-        last = next((e for e in reversed(events) if e["event"] == name), None)
-        if last is None:
-            continue
-        for key, value in last.items():
+    for i in sorted(last.values()):
+        ev = events[i]
+        for key, value in ev.items():
             if key in _NOT_METRICS:
                 continue
             num = _number(value)
-            if num is not None or value is None:
-                out[renames.get(key, key)] = num
+            if num is not None:  # strings and nulls (paths, NaN sent as nil) are not metrics
+                out[renames[ev["event"]].get(key, key)] = num
     return out
 
 
