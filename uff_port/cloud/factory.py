@@ -39,8 +39,12 @@ def make_backend(name: str, settings: CloudSettings, run_id: str, workdir: Path)
         from uff_port.cloud.backends.sagemaker import SageMakerBackend, load_clients
 
         if fake:
-            raise ProviderError(f"{FAKE_ENV} has no SageMaker stand-in; register one in REGISTRY")
-        sm, s3 = load_clients(settings.sagemaker)
+            from uff_port.cloud.fakes import FakeS3, FakeSageMakerClient
+
+            s3: object = FakeS3(Path(fake) / "s3")
+            sm: object = FakeSageMakerClient(Path(fake) / "sagemaker", s3)  # type: ignore[arg-type]
+        else:
+            sm, s3 = load_clients(settings.sagemaker)
         return SageMakerBackend(sm, s3, settings.sagemaker, run_id)
     raise ProviderError(f"strategy: unknown cloud backend {name!r}")
 

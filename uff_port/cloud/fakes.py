@@ -296,3 +296,179 @@ def _tamper(out: Path, how: str) -> None:
         victim.unlink()
     elif how == "extra":
         (victim.parent / "unexpected.bin").write_bytes(b"not from the session")
+
+
+# ---- SageMaker ---------------------------------------------------------------
+class FakeS3:
+    """The slice of the boto3 S3 client the backend uses, on a local directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, bucket: str, key: str) -> Path:
+        return self.root / bucket / key
+
+    def upload_file(self, Filename: str, Bucket: str, Key: str, ExtraArgs: Any = None) -> None:  # noqa: N803
+        dest = self._path(Bucket, Key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Filename, dest)
+
+    def download_file(self, Bucket: str, Key: str, Filename: str, ExtraArgs: Any = None) -> None:  # noqa: N803
+        src = self._path(Bucket, Key)
+        if not src.is_file():
+            raise _client_error("404", "Not Found", "HeadObject")
+        shutil.copyfile(src, Filename)
+
+    def get_paginator(self, name: str) -> Any:
+        assert name == "list_objects_v2"
+        s3 = self
+
+        class _Pages:
+            def paginate(self, Bucket: str, Prefix: str = "") -> Any:  # noqa: N803
+                base = s3.root / Bucket
+                keys = sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()) if base.exists() else []
+                keys = [k for k in keys if k.startswith(Prefix)]
+                for i in range(0, max(len(keys), 1), 2):
+                    yield {"Contents": [{"Key": k} for k in keys[i : i + 2]]}
+
+        return _Pages()
+
+
+def _client_error(code: str, message: str, op: str) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message}}, op)
+
+
+class FakeSageMakerClient:
+    """Training jobs that play a script instead of training (fast life-cycle tests).
+
+    `faults.json` keys: `sm_script` = [[seconds, TrainingJobStatus, SecondaryStatus], ...]
+    (default: 2 s InProgress/Training, then Completed/Completed), `sm_steps` = steps
+    one session advances, `describe_errors` = N transient failures, `outage`.
+    A terminal job leaves a model.tar.gz with a verified manifest, as the entry does.
+    """
+
+    def __init__(self, state_dir: str | Path, s3: FakeS3, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(state_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.s3 = s3
+        self.clock = clock
+        self.kaggle_like = FakeKaggleApi(self.root, clock)  # shares faults.json handling
+
+    def _faults(self) -> dict[str, Any]:
+        try:
+            return self.kaggle_like._enter("sagemaker")
+        except FakeConnectionError:
+            from botocore.exceptions import EndpointConnectionError
+
+            raise EndpointConnectionError(endpoint_url="https://api.sagemaker.fake") from None
+
+    def _job(self, name: str) -> Path:
+        return self.root / "jobs" / f"{name}.json"
+
+    def creations(self) -> list[str]:
+        log = self.root / "creations.log"
+        return log.read_text(encoding="utf-8").split() if log.exists() else []
+
+    def create_training_job(self, **req: Any) -> dict[str, Any]:
+        self._faults()
+        path = self._job(req["TrainingJobName"])
+        if path.exists():
+            raise _client_error("ResourceInUse", "Training job names must be unique within an AWS account and region", "CreateTrainingJob")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"request": req, "created": self.clock(), "stopped": None, "produced": False})
+        with open(self.root / "creations.log", "a", encoding="utf-8") as fh:
+            fh.write(req["TrainingJobName"] + "\n")
+        return {"TrainingJobArn": f"arn:aws:sagemaker:fake:0:training-job/{req['TrainingJobName']}"}
+
+    def stop_training_job(self, TrainingJobName: str) -> None:  # noqa: N803
+        self._faults()
+        path = self._job(TrainingJobName)
+        job = json.loads(path.read_text(encoding="utf-8"))
+        job["stopped"] = job["stopped"] or self.clock()
+        atomic_write_json(path, job)
+
+    def describe_training_job(self, TrainingJobName: str) -> dict[str, Any]:  # noqa: N803
+        faults = self._faults()
+        if faults.get("describe_errors", 0) > 0:
+            self.kaggle_like.set_faults(describe_errors=faults["describe_errors"] - 1)
+            raise _client_error("ThrottlingException", "Rate exceeded", "DescribeTrainingJob")
+        path = self._job(TrainingJobName)
+        if not path.exists():
+            raise _client_error("ValidationException", "Requested resource not found.", "DescribeTrainingJob")
+        job = json.loads(path.read_text(encoding="utf-8"))
+        script = faults.get("sm_script") or [[2.0, "InProgress", "Training"], [0.0, "Completed", "Completed"]]
+        elapsed = self.clock() - job["created"]
+        primary, secondary, t = script[-1][1], script[-1][2], 0.0
+        for seconds, p, s in script:
+            if elapsed < t + seconds:
+                primary, secondary = p, s
+                break
+            t += seconds
+        if job["stopped"] is not None and primary == "InProgress":
+            primary, secondary = "Stopped", "Stopped"
+        req = job["request"]
+        desc: dict[str, Any] = {
+            "TrainingJobName": TrainingJobName,
+            "TrainingJobStatus": primary,
+            "SecondaryStatus": secondary,
+        }
+        if primary in ("Completed", "Stopped", "Failed"):
+            if not job["produced"]:
+                self._produce(req, int(faults.get("sm_steps", 5)), primary)
+                job["produced"] = True
+                atomic_write_json(path, job)
+            desc["TrainingTimeInSeconds"] = int(min(elapsed, req["StoppingCondition"]["MaxRuntimeInSeconds"]))
+            desc["BillableTimeInSeconds"] = desc["TrainingTimeInSeconds"]
+            out = req["OutputDataConfig"]["S3OutputPath"]
+            desc["ModelArtifacts"] = {"S3ModelArtifacts": f"{out}/{TrainingJobName}/output/model.tar.gz"}
+        return desc
+
+    def _produce(self, req: dict[str, Any], steps: int, primary: str) -> None:
+        """What the entry point leaves: checkpoint synced to S3, model.tar.gz with a manifest."""
+        import tarfile
+        import tempfile
+
+        import yaml
+
+        from uff_port.cloud.verify import write_output_manifest
+
+        bucket, _, ck_prefix = req["CheckpointConfig"]["S3Uri"][5:].partition("/")
+        bundle_bucket, _, bundle_prefix = req["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"][5:].partition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            self.s3.download_file(bundle_bucket, bundle_prefix.rstrip("/") + "/config.yaml", f"{tmp}/c.yaml")
+            cfg = yaml.safe_load(Path(f"{tmp}/c.yaml").read_text(encoding="utf-8"))
+        max_steps = int(cfg["training"]["max_steps"])
+        prev = 0
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=ck_prefix + "/run/checkpoints/"):
+            for obj in page.get("Contents", []):
+                part = obj["Key"][len(ck_prefix) + len("/run/checkpoints/") :].split("/")[0]
+                if part.startswith("step-"):
+                    prev = max(prev, int(part[5:]))
+        step = min(max_steps, prev + (steps if primary != "Failed" else 0))
+        finished = step >= max_steps and primary == "Completed"
+        name = f"step-{step:08d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "model"
+            run = model / "run"
+            (run / "checkpoints" / name).mkdir(parents=True)
+            (run / "checkpoints" / name / "adapter_model.safetensors").write_bytes(f"weights@{step}".encode() * 64)
+            (run / "checkpoints" / name / "manifest.json").write_text(json.dumps({"step": step}))
+            (run / "checkpoints" / "LATEST").write_text(name + "\n")
+            if finished:
+                (run / "final").mkdir()
+                (run / "final" / "adapter_model.safetensors").write_bytes(f"final@{step}".encode() * 64)
+            (run / "session.json").write_text(json.dumps({"session": req["TrainingJobName"], "step": step, "finished": finished, "rc": 0}))
+            write_output_manifest(model, session=req["TrainingJobName"], step=step, finished=finished)
+            if step > prev:
+                # What CheckpointConfig syncs from /opt/ml/checkpoints.
+                for f in sorted((run / "checkpoints" / name).iterdir()):
+                    self.s3.upload_file(str(f), bucket, f"{ck_prefix}/run/checkpoints/{name}/{f.name}")
+            archive = Path(tmp) / "model.tar.gz"
+            with tarfile.open(archive, "w:gz") as tar:
+                for item in sorted(model.iterdir()):
+                    tar.add(item, arcname=item.name)
+            out = req["OutputDataConfig"]["S3OutputPath"][5:]
+            ob, _, op = out.partition("/")
+            self.s3.upload_file(str(archive), ob, f"{op}/{req['TrainingJobName']}/output/model.tar.gz")

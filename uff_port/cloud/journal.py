@@ -18,6 +18,7 @@ may not know it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,15 @@ _ALLOWED: Final[dict[str, frozenset[str]]] = {
     "refused": frozenset({"pulled", "refused"}),
     "verified": frozenset(),
 }
+
+
+CRASH_ENV: Final = "UFF_PORT_CLOUD_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for recovery tests: die here, as SIGKILL would, when asked."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(137)
 
 
 class JournalError(Exception):
@@ -132,6 +142,8 @@ class Journal:
         # Durable before the caller acts on it: atomic_write_json fsyncs the
         # file and its directory.
         atomic_write_json(self.path, asdict(self.data))
+        cur = self.current
+        crash_point(f"saved:{cur.state if cur else 'empty'}")
 
     @property
     def current(self) -> Session | None:

@@ -25,7 +25,7 @@ from uff_port.cloud.backends.base import Backend, ProviderError, ProviderUnavail
 from uff_port.cloud.backends.sagemaker import job_name
 from uff_port.cloud.bundle import BundleError, build_bundle, build_wheel
 from uff_port.cloud.entry import latest_checkpoint
-from uff_port.cloud.journal import REMOTE_DONE, SETTLED, Journal
+from uff_port.cloud.journal import REMOTE_DONE, SETTLED, Journal, crash_point
 from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.routing import choose_backend
 from uff_port.cloud.settings import CloudSettings
@@ -181,6 +181,7 @@ class CloudRun:
             ref = backend.find(spec)
             if ref is None:
                 ref = backend.submit(spec)
+                crash_point("after_submit")
                 self.emit("cloud_submitted", backend=cur.backend, session=cur.name, index=cur.index, budget_seconds=cur.budget_seconds)
             else:
                 self.emit("cloud_submitted", backend=cur.backend, session=cur.name, index=cur.index, recovered=True)
@@ -269,6 +270,7 @@ class CloudRun:
             # Real use first (idempotent by key), then the journal: a crash in
             # between re-records the same key, never twice.
             self.ledger.record(f"{self.run_id}:{cur.name}", cur.backend, st.started_ts or cur.created_ts, seconds)
+            crash_point("after_record")
             self.journal.transition(st.state, now=now, remote_state=st.state, detail=st.detail, billed_seconds=seconds, ended_ts=now)
             self.emit("quota", backend=cur.backend, used_hours=round(seconds / 3600, 4), budgets=self.ledger.snapshot(now))
             return None
@@ -288,6 +290,7 @@ class CloudRun:
         self.journal.transition(cur.state, now=self.clock(), pull_attempts=cur.pull_attempts + 1)
         try:
             self.backend(cur.backend).pull(cur.remote_ref, dest)
+            crash_point("after_pull")
         except ProviderError as exc:
             # Nothing to bring home (e.g. a session killed before it wrote
             # anything): settle it as refused and carry on from what we have.
