@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uff_port.protocol import CommandError, FrameError, FrameReader, decode_payload, encode_frame, sanitize
+from uff_port.protocol import (
+    CommandError,
+    FrameError,
+    FrameReader,
+    decode_payload,
+    encode_frame,
+    sanitize,
+)
 from uff_port.protocol.messages import Arg, check_args, parse_request
 
 wire_scalars = st.one_of(

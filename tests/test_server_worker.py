@@ -91,7 +91,7 @@ def test_heartbeats_idle_with_increasing_seq(worker: WorkerClient) -> None:
     assert len(beats) >= 4
     for beat in beats:
         assert beat["state"] == "idle" and "gpus" in beat and "host" in beat and "last_progress_ts" in beat
-    gaps = [b["ts"] - a["ts"] for a, b in zip(beats, beats[1:])]
+    gaps = [b["ts"] - a["ts"] for a, b in zip(beats, beats[1:], strict=False)]
     assert all(0.1 < g < 0.5 for g in gaps), gaps
     seqs = [e["seq"] for e in worker.events]
     assert seqs == list(range(1, len(seqs) + 1))

@@ -49,9 +49,16 @@ def sanitize(obj: Any) -> Any:
 
 
 
+# A non-finite float64 packs as 0xcb then 0x7ff.../0xfff...: if neither byte pair
+# occurs, the payload holds none, and the common case skips the Python-level walk.
+_NON_FINITE_MARKERS: Final = (b"\xcb\x7f", b"\xcb\xff")
+
+
 def encode_frame(obj: dict[str, Any]) -> bytes:
-    """Header + MessagePack payload; str as str, bytes as bin."""
-    payload = msgpack.packb(sanitize(obj), use_bin_type=True)
+    """Header + MessagePack payload; str as str, bytes as bin, NaN/Inf as nil."""
+    payload = msgpack.packb(obj, use_bin_type=True)
+    if _NON_FINITE_MARKERS[0] in payload or _NON_FINITE_MARKERS[1] in payload:
+        payload = msgpack.packb(sanitize(obj), use_bin_type=True)
     return HEADER.pack(len(payload)) + payload
 
 

@@ -69,6 +69,17 @@ def request_id_of(frame: Any) -> int | None:
 
 
 def parse_request(frame: dict[str, Any]) -> Request:
+    rid, cmd, args = frame.get("id"), frame.get("cmd"), frame.get("args")
+    # Fast path for the well-formed request; everything else gets the careful checks below.
+    if type(rid) is int and type(cmd) is str and len(frame) == 2 + ("args" in frame):
+        if args is None:
+            return Request(rid, cmd, {})
+        if type(args) is dict:
+            return Request(rid, cmd, args)
+    return _parse_request_slow(frame)
+
+
+def _parse_request_slow(frame: dict[str, Any]) -> Request:
     if "event" in frame and "cmd" not in frame:
         raise CommandError(ErrorCode.INVALID_REQUEST, "events are sent by the worker, not to it")
     rid = frame.get("id")
@@ -97,6 +108,8 @@ def parse_request(frame: dict[str, Any]) -> Request:
 
 def check_args(cmd: str, args: dict[str, Any], spec: dict[str, Arg]) -> dict[str, Any]:
     """Check `args` against `spec`; raise invalid_args naming every bad field."""
+    if not args and not any(arg.required for arg in spec.values()):
+        return args
     problems: list[str] = []
     fields: list[dict[str, Any]] = []
     for name in sorted(set(args) - set(spec)):

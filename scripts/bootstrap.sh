@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up everything uff-port needs on a fresh machine; does nothing that is already done.
+#   - a virtualenv in .venv (override with UFF_PORT_VENV)
+#   - torch==2.13.0 first (the CPU wheel here; on a GPU box install your CUDA build first),
+#     so no later requirement can pull a different torch
+#   - the package, editable, with the train, cloud and dev extras
+#   - Elixir/Erlang from apt for the bridge (skip with UFF_PORT_NO_ELIXIR=1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${UFF_PORT_VENV:-.venv}
+PY="$VENV/bin/python"
+
+if [[ ! -x "$PY" ]]; then
+  echo "bootstrap: creating $VENV" >&2
+  python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "bootstrap: installing torch==2.13.0" >&2
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+stamp="$VENV/.uff-port-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  echo "bootstrap: installing uff-port[train,cloud,dev]" >&2
+  "$PY" -m pip install -q -e ".[train,cloud,dev]"
+  echo "$want" > "$stamp"
+fi
+
+if [[ -z "${UFF_PORT_NO_ELIXIR:-}" ]] && ! command -v mix >/dev/null 2>&1; then
+  echo "bootstrap: installing elixir and erlang-dev with apt" >&2
+  SUDO=""
+  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq elixir erlang-dev >/dev/null
+fi

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run every test: the Python suite (pytest) and the Elixir bridge (mix test).
+# Installs what is missing first (scripts/bootstrap.sh), so it works on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+VENV=${UFF_PORT_VENV:-.venv}
+PY="$(cd "$VENV" && pwd)/bin/python"
+export UFF_PORT_PYTHON="$PY"
+# Models are built locally; never reach for a hub during tests.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export UFF_PORT_CACHE="${UFF_PORT_CACHE:-$PWD/.cache/uff-port}"
+
+status=0
+"$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
+if [[ -d elixir_bridge && -f elixir_bridge/mix.exs ]]; then
+  (cd elixir_bridge && MIX_ENV=test mix test) || status=$?
+fi
+exit $status
