@@ -153,7 +153,7 @@ def check_config(cfg: Config, devices: list[dict[str, Any]]) -> FitReport:
     s = judge(estimate(arch, cur, wl), gpu_cap, cpu_cap, REFUSE_MARGIN)
     est = s.to_dict()
     if s.fits:
-        where = f"{fmt_bytes(s.est.gpu_total)} of {fmt_bytes(gpu_cap)} per GPU" if on_gpu else (
+        where = f"{fmt_bytes(s.est.gpu_total)} of {fmt_bytes(gpu_cap or 0)} per GPU" if on_gpu else (
             f"{fmt_bytes(s.est.cpu_total)} of {fmt_bytes(cpu_cap)} RAM")
         return FitReport(True, est, f"{cur.label} fits: estimated {where}")
     nearest = _nearest(cfg, cur, wl, arch, len(devices), gpu_cap, cpu_cap)

@@ -41,13 +41,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_bytes"] / total), 0)
     dev = torch.device("cuda", 0)
-    cfg = LlamaConfig(
+    cfg: Any = LlamaConfig(  # type: ignore[call-arg]
         hidden_size=arch["hidden"], intermediate_size=arch["intermediate"], num_hidden_layers=arch["layers"],
         num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"], vocab_size=arch["vocab"],
         max_position_embeddings=max(arch["max_positions"], wl["seq_len"]), head_dim=arch["head_dim"],
         tie_word_embeddings=arch["tie_embeddings"], attn_implementation=wl["attn"], use_cache=False,
     )
     torch.manual_seed(0)
+    model: Any
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
