@@ -419,7 +419,8 @@ class FakeSageMakerClient:
                 self._produce(req, int(faults.get("sm_steps", 5)), primary)
                 job["produced"] = True
                 atomic_write_json(path, job)
-            desc["TrainingTimeInSeconds"] = int(min(elapsed, req["StoppingCondition"]["MaxRuntimeInSeconds"]))
+            ran = sum(seconds for seconds, _, _ in script[:-1]) if job["stopped"] is None else job["stopped"] - job["created"]
+            desc["TrainingTimeInSeconds"] = int(min(elapsed, ran, req["StoppingCondition"]["MaxRuntimeInSeconds"]))
             desc["BillableTimeInSeconds"] = desc["TrainingTimeInSeconds"]
             out = req["OutputDataConfig"]["S3OutputPath"]
             desc["ModelArtifacts"] = {"S3ModelArtifacts": f"{out}/{TrainingJobName}/output/model.tar.gz"}
@@ -447,7 +448,7 @@ class FakeSageMakerClient:
                 if part.startswith("step-"):
                     prev = max(prev, int(part[5:]))
         step = min(max_steps, prev + (steps if primary != "Failed" else 0))
-        finished = step >= max_steps and primary == "Completed"
+        finished = step >= max_steps
         name = f"step-{step:08d}"
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "model"
