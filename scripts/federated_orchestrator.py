@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="release version X.Y.Z (default: highest artifact version)")
     parser.add_argument("--gates", help="gates YAML (default configs/gates.yaml)")
     parser.add_argument("--no-gates", action="store_true")
+    parser.add_argument("--baseline", help="the current release descriptor: quality is judged against it")
     parser.add_argument("--created-at", help="timestamp to record (omitted by default)")
     args = parser.parse_args(argv)
     args.manifest = [

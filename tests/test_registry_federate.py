@@ -125,3 +125,24 @@ def test_manifest_flag_parsing() -> None:
     with pytest.raises(CommandError) as exc:
         federate([("hf", DATA / "hf.json"), ("hf", DATA / "hf.json")], None)
     assert "repeated provider" in exc.value.message
+
+
+def test_quality_is_judged_against_the_previous_release(tmp_path: Path) -> None:
+    previous = json.loads((DATA / "fused_expected.json").read_text())
+    assert federate(INPUTS, load_gates(), baseline=previous)["name"] == "spiralverse-ai-federated-v1.2.0"
+
+    def worse(m: dict) -> None:  # type: ignore[type-arg]
+        m["metrics"]["eval_loss"] = 1.5  # stable 1.12 + max_regression 0.05 < 1.5
+        m["files"]["adapter_model.safetensors"]["sha256"] = "3" * 64
+        _rehash(m)
+
+    inputs = _rewrite(tmp_path, "hf", worse)
+    inputs = [i for i in inputs if i[0] != "aws"]  # aws still mirrors the old textgen
+    with pytest.raises(CommandError) as exc:
+        federate(inputs, load_gates(), baseline=previous)
+    assert exc.value.code == "gate_failed" and "textgen.quality" in exc.value.message
+    assert "regresses past stable 1.12" in exc.value.message
+    out = tmp_path / "fused.json"
+    res = uff("federate", "--manifest", f"hf={inputs[0][1]}", "--manifest", f"gcp={DATA / 'gcp.json'}",
+              "--baseline", str(DATA / "fused_expected.json"), "--output", str(out))
+    assert res.returncode == 6 and "REFUSED" in res.stdout and not out.exists()

@@ -72,7 +72,7 @@ def measure(
             out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=pad)
         elapsed = time.perf_counter() - start
         new = out[0, enc["input_ids"].shape[1]:]
-        return tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), elapsed
+        return str(tokenizer.decode(new, skip_special_tokens=True)), int(new.numel()), elapsed
 
     ev = Evidence(source="measured")
     lat = gates.latency

@@ -86,7 +86,7 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
 
     with _open(args) as reg:
         if args.action == "list":
-            rows = reg.list(args.role)
+            rows = reg.artifacts(args.role)
             if args.json:
                 _print_json(rows)
                 return 0
@@ -183,9 +183,15 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from uff_port.registry.gates import load_gates
 
     gates = None if args.no_gates else load_gates(args.gates)
+    baseline = None
+    if args.baseline:
+        try:
+            baseline = json.loads(Path(args.baseline).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RegistryError("invalid_args", f"baseline: cannot read {args.baseline}: {exc}") from None
     try:
         release = federate(parse_manifest_flags(args.manifest), gates, version=args.version,
-                           created_at=args.created_at)
+                           created_at=args.created_at, baseline=baseline)
     except RegistryError as exc:
         if isinstance(exc.details, dict) and exc.details.get("gates"):
             _console().print(_gates_table(exc.details["gates"], f"{exc.details.get('name')}: REFUSED"))
@@ -249,5 +255,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--version", help="release version (default: the highest artifact version)")
     p.add_argument("--gates", help="gates YAML (default configs/gates.yaml)")
     p.add_argument("--no-gates", action="store_true")
+    p.add_argument("--baseline", help="the current release descriptor: quality is judged against it")
     p.add_argument("--created-at", help="timestamp to record (omitted by default: output is deterministic)")
     p.set_defaults(func=_run(cmd_federate))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -81,10 +82,15 @@ def _agree(field: str, values: dict[str, Any]) -> Any:
     return next(iter(values.values()))
 
 
-def _gates_for(cfg: GatesConfig, m: ArtifactManifest, pinned: ArtifactManifest) -> list[GateResult]:
-    """Gates on manifests alone: latency/safety read the measurements the site recorded in metrics."""
+def _gates_for(
+    cfg: GatesConfig, m: ArtifactManifest, pinned: ArtifactManifest, previous: ArtifactManifest | None
+) -> list[GateResult]:
+    """Gates on manifests alone: latency/safety read the measurements the site recorded in metrics.
+
+    Quality and compatibility compare with the same role in the previous release when one is given.
+    """
     ev = Evidence(m.metrics.get("latency_p95_ms"), m.metrics.get("tokens_per_s"), source="metrics")
-    results = [quality_gate(cfg.quality, m, None), latency_gate(cfg.latency, ev, optional=True)]
+    results = [quality_gate(cfg.quality, m, previous), latency_gate(cfg.latency, ev, optional=True)]
     violations = m.metrics.get("safety_violations")
     if not cfg.safety.enabled:
         results.append(GateResult("safety", "skip", "-", "-", "disabled"))
@@ -93,17 +99,33 @@ def _gates_for(cfg: GatesConfig, m: ArtifactManifest, pinned: ArtifactManifest) 
     else:
         results.append(GateResult("safety", "fail" if violations > 0 else "pass",
                                   f"{violations:g} violations", "0 violations"))
-    results.append(compatibility_gate(cfg.compatibility, m, pinned))
+    results.append(compatibility_gate(cfg.compatibility, m, previous or pinned))
     return results
 
 
+def baseline_artifacts(release: Any) -> dict[str, ArtifactManifest]:
+    """The per-role manifests of an earlier release descriptor (the quality baseline)."""
+    arts = release.get("artifacts") if isinstance(release, dict) else None
+    if not isinstance(arts, dict):
+        raise RegistryError(INVALID_MANIFEST, "baseline.artifacts: expected a release descriptor")
+    out = {}
+    for role, entry in arts.items():
+        raw = {k: v for k, v in entry.items() if k != "providers"} if isinstance(entry, dict) else entry
+        try:
+            out[role] = parse_manifest(raw)
+        except RegistryError as exc:
+            raise RegistryError(INVALID_MANIFEST, f"baseline.artifacts.{role}.{exc.message}") from None
+    return out
+
+
 def federate(
-    inputs: list[tuple[str, str | Path]],
+    inputs: Sequence[tuple[str, str | Path]],
     gates: GatesConfig | None,
     *,
     version: str | None = None,
     prefix: str = RELEASE_PREFIX,
     created_at: str | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the release descriptor; raise RegistryError naming the field on any inconsistency."""
     if not inputs:
@@ -150,14 +172,15 @@ def federate(
     gate_rows: list[dict[str, Any]] = []
     if gates is not None:
         pinned = next(iter(by_role.values()))[0]
+        previous = baseline_artifacts(baseline) if baseline is not None else {}
         for role in sorted(by_role):
-            for g in _gates_for(gates, by_role[role][0], pinned):
+            for g in _gates_for(gates, by_role[role][0], pinned, previous.get(role)):
                 gate_rows.append({"role": role, **g.to_dict()})
-    artifacts = {
+    fused = {
         role: {**m.to_dict(), "providers": sorted(who)} for role, (m, who) in sorted(by_role.items())
     }
     release_id = hashlib.sha256(
-        "".join(f"{a['artifact_id']}  {r}\n" for r, a in artifacts.items()).encode()
+        "".join(f"{a['artifact_id']}  {r}\n" for r, a in fused.items()).encode()
     ).hexdigest()
     release: dict[str, Any] = {
         "schema_version": RELEASE_SCHEMA,
@@ -169,7 +192,7 @@ def federate(
         "tokenizer_hash": tokenizer,
         "interface_contract": contract,
         "roles": sorted(by_role),
-        "artifacts": artifacts,
+        "artifacts": fused,
         "providers": dict(sorted(providers.items())),
         "gates": gate_rows,
     }

@@ -47,7 +47,7 @@ class LatencyGate(_Section):
     max_new_tokens: int = Field(16, gt=0)
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, gt=0)
-    max_p95_ms: float = Field(gt=0)
+    max_p95_ms: float = Field(5000.0, gt=0)
     min_tokens_per_s: float = Field(0.0, ge=0)
 
 
@@ -79,10 +79,10 @@ class CompatibilityGate(_Section):
 
 class GatesConfig(_Section):
     schema_version: Literal[1] = 1
-    quality: QualityGate = Field(default_factory=QualityGate)
-    latency: LatencyGate = Field(default_factory=lambda: LatencyGate(max_p95_ms=5000.0))
-    safety: SafetyGate = Field(default_factory=SafetyGate)
-    compatibility: CompatibilityGate = Field(default_factory=CompatibilityGate)
+    quality: QualityGate = Field(default_factory=lambda: QualityGate.model_validate({}))
+    latency: LatencyGate = Field(default_factory=lambda: LatencyGate.model_validate({}))
+    safety: SafetyGate = Field(default_factory=lambda: SafetyGate.model_validate({}))
+    compatibility: CompatibilityGate = Field(default_factory=lambda: CompatibilityGate.model_validate({}))
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def summary(m: ArtifactManifest) -> dict[str, Any]:
 
 
 def releases_view(reg: Registry, role: str | None = None) -> dict[str, Any]:
-    roles = sorted({r["role"] for r in reg.list()} | ({role} if role else set()))
+    roles = sorted({r["role"] for r in reg.artifacts()} | ({role} if role else set()))
     if role:
         roles = [role]
     return {

@@ -210,7 +210,7 @@ class Registry:
         assert found is not None
         return found
 
-    def list(self, role: str | None = None) -> list[dict[str, Any]]:
+    def artifacts(self, role: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT artifact_id, name, role, version, registered_at FROM artifacts"
         params: tuple[Any, ...] = ()
         if role:
