@@ -111,7 +111,10 @@ def plan_week(
     ledger: QuotaLedger | None = None,
     horizon_days: float = 7.0,
 ) -> WeekPlan:
-    """Spread `jobs` (name, GPU-hours) over the budgets, in order, one session per backend at a time.
+    """Spread `jobs` (name, GPU-hours) over the budgets, in order.
+
+    One session per backend at a time, and a job's sessions one after another
+    (each resumes from the previous one's checkpoint).
 
     Uses an in-memory copy of the ledger's budgets so planning never spends
     quota. Each session also pays `safety_margin_seconds` of start/stop cost.
@@ -129,10 +132,11 @@ def plan_week(
     n = 0
     for name, hours in jobs:
         left = hours * HOUR
+        ready = start  # a job's sessions chain: the next starts after the last ends
         while left > 1.0:
             best: tuple[float, float, str] | None = None  # (start, length, backend)
             for b in backends:
-                t = free_at[b]
+                t = max(free_at[b], ready)
                 while t < end:
                     length = _feasible(mem, settings, b, t, left)
                     if length > 0:
@@ -149,5 +153,5 @@ def plan_week(
             mem.record(f"plan-{n}", b, t, length)
             entries.append(PlanEntry(name, b, t, round(length / HOUR, 3)))
             left -= max(0.0, length - margin)
-            free_at[b] = t + length
+            free_at[b] = ready = t + length
     return WeekPlan(entries, unscheduled)

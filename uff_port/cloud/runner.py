@@ -81,6 +81,9 @@ class CloudRun:
         self.gpu_present = gpu_present
         self.control = control or Control()
         self.journal = Journal.open(run_dir, run_id, cfg.strategy)
+        # A restarted worker may hand us a new job id: names and ledger keys
+        # stay those of the journal, or recovery would submit a second job.
+        self.run_id = self.journal.data.run_id
         self._backends: dict[str, Backend] = {}
         self._unreachable_since: float | None = None
         self._delay = settings.poll.interval_seconds
