@@ -169,3 +169,28 @@ def test_run_manifest_without_adapter_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(CommandError) as exc:
         write_run_manifest(tmp_path)
     assert exc.value.code == "not_found" and "run_dir" in exc.value.message
+
+
+def test_register_checks_hashes_while_copying(tmp_path: Path) -> None:
+    from uff_port.registry.runmanifest import build_manifest
+    from uff_port.registry.store import Registry
+
+    run = tmp_path / "run"
+    _final(run)
+    manifest = build_manifest(run / "final", run_dir=run)
+    (run / "final" / "adapter_model.safetensors").write_bytes(b"WEIGHTS")  # same size, other bytes
+    with Registry(tmp_path / "reg") as reg:
+        with pytest.raises(CommandError) as exc:
+            reg.register(run / "final", manifest)
+        assert exc.value.code == "verify_failed"
+        assert "sha256 mismatch: adapter_model.safetensors" in exc.value.message
+        assert list((tmp_path / "reg" / "artifacts").iterdir()) == []  # no partial copy left
+        assert reg.artifacts() == []
+        (run / "final" / "adapter_model.safetensors").write_bytes(b"weights")
+        (run / "final" / "notes.txt").write_text("not in the manifest")
+        with pytest.raises(CommandError) as exc:
+            reg.register(run / "final", manifest)
+        assert "unexpected: notes.txt" in exc.value.message
+        (run / "final" / "notes.txt").unlink()
+        assert reg.register(run / "final", manifest) == (manifest, True)
+        assert reg.verify(manifest.artifact_id).ok

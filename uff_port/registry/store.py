@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port.fsutil import atomic_write_text, fsync_dir
-from uff_port.hashing import VerifyReport, verify_tree
+from uff_port.hashing import VerifyReport, list_files, verify_tree
 from uff_port.registry.errors import (
     ALIAS_CONFLICT,
     INVALID_ARGS,
@@ -140,12 +140,22 @@ class Registry:
                     {"artifact_id": manifest.artifact_id, "registered": existing.to_dict()},
                 )
             return existing, False
-        report = verify_tree(source, manifest.files_dict(), exclude=content_excludes(source))
+        # Names and sizes first (cheap); the sha256s are checked on the bytes as they are copied,
+        # so the source is read once, not once to verify and once to copy.
+        report = VerifyReport()
+        present = set(list_files(source, content_excludes(source))) if source.is_dir() else set()
+        for rel, meta in sorted(manifest.files.items()):
+            if rel not in present:
+                report.missing.append(rel)
+            elif (source / rel).stat().st_size != meta.size:
+                report.size_mismatch.append(rel)
+        report.extra = sorted(present - set(manifest.files))
+        if report.ok:
+            self._store_files(source, manifest, report)
         if not report.ok:
             raise RegistryError(
                 VERIFY_FAILED, f"{source}: {report.summary()}", {"verify": report.to_dict()}
             )
-        self._store_files(source, manifest)
         with self._write() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?, ?, ?)",
@@ -157,15 +167,18 @@ class Registry:
                 self._audit(db, "register", manifest.role, None, None, manifest.artifact_id, actor)
         return manifest, created
 
-    def _store_files(self, source: Path, manifest: ArtifactManifest) -> None:
+    def _store_files(self, source: Path, manifest: ArtifactManifest, report: VerifyReport) -> None:
+        """Copy into a temp dir, hashing; rename it to artifacts/<id> only if every hash matched."""
         final = self.artifact_dir(manifest.artifact_id)
         if final.is_dir() and verify_tree(final, manifest.files_dict(), exclude=(MANIFEST_NAME,)).ok:
             return
         tmp = self.artifacts_dir / f".tmp-{uuid.uuid4().hex}"
         try:
-            for rel, meta in manifest.files.items():
+            for rel, meta in sorted(manifest.files.items()):
                 if _copy_hashed(source / rel, tmp / rel) != meta.sha256:
-                    raise RegistryError(VERIFY_FAILED, f"{source / rel}: changed while being copied")
+                    report.hash_mismatch.append(rel)
+            if report.hash_mismatch:
+                return
             atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
             for d in sorted({(tmp / rel).parent for rel in manifest.files}, reverse=True):
                 fsync_dir(d)
