@@ -58,6 +58,10 @@ def test_stop_then_train_again_resumes(worker: WorkerClient, runs_root: Path) ->
     started = _train(worker)
     assert started["resumed_from"] is None and started["job_id"] == "job"
     _wait_step(worker, 3)
+    beat = worker.wait_event(
+        lambda e: e.get("event") == "heartbeat" and e.get("state") == "training" and e.get("step"), timeout=30
+    )
+    assert beat["job_id"] == "job" and beat["last_progress_ts"] > 0 and "host" in beat
     with pytest.raises(WorkerError) as busy:
         _train(worker)
     assert busy.value.code == "busy"

@@ -72,8 +72,7 @@ class EventStream:
             return
         if name == "log":
             with self._limit_lock:
-                self._log_tokens = min(LOG_BURST, self._log_tokens + (now - self._log_refill) * self._log_rate)
-                self._log_refill = now
+                self._refill_logs(now)
                 if self._log_tokens < 1.0:
                     self._logs_dropped += 1
                     return
@@ -81,6 +80,11 @@ class EventStream:
             self.emit(name, **fields)
             return
         self.emit(name, **fields)
+
+    def _refill_logs(self, now: float) -> None:
+        """Token bucket: refill at the log rate up to the burst; caller holds _limit_lock."""
+        self._log_tokens = min(LOG_BURST, self._log_tokens + (now - self._log_refill) * self._log_rate)
+        self._log_refill = now
 
     def flush_limited(self) -> None:
         """Send a coalesced progress event whose window has opened; called on a tick."""
@@ -91,7 +95,9 @@ class EventStream:
             if self._pending_progress is not None and now - self._last_progress >= self._min_progress_gap:
                 pending, self._pending_progress = self._pending_progress, None
                 self._last_progress = now
+            self._refill_logs(now)
             if self._logs_dropped and self._log_tokens >= 1.0:
+                self._log_tokens -= 1.0
                 dropped, self._logs_dropped = self._logs_dropped, 0
         if pending is not None:
             self.emit("progress", **pending)
