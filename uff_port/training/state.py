@@ -306,6 +306,7 @@ class AsyncCheckpointer:
         self.last: ResumePoint | None = None
         self.last_error: BaseException | None = None
         self.saves = 0
+        self._swept = False
 
     @property
     def in_flight(self) -> bool:
@@ -337,6 +338,11 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         staging: Path | None = None
         try:
+            if not self._swept:
+                # This writer is the run's only one: what a killed predecessor
+                # left half-written can go now, off the loop's critical path.
+                self.store.cleanup_staging()
+                self._swept = True
             staging = self.store.begin(snap.step)
             write_snapshot(snap, staging)
             size = snapshot_bytes(staging)

@@ -1,0 +1,87 @@
+"""Real trainer processes: SIGKILL torture and SIGTERM preemption against an uninterrupted run."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from uff_port.training.checkpoint_store import CheckpointStore
+
+_spec = importlib.util.spec_from_file_location(
+    "torture_resume", Path(__file__).resolve().parents[1] / "scripts" / "torture_resume.py"
+)
+assert _spec is not None and _spec.loader is not None
+torture_resume = importlib.util.module_from_spec(_spec)
+sys.modules["torture_resume"] = torture_resume
+_spec.loader.exec_module(torture_resume)
+
+MAX_STEPS = 20
+EVERY = 2
+KILLS = 20
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, float], str, dict[str, Any]]:
+    cfg = torture_resume.torture_config(MAX_STEPS, EVERY)
+    losses, sha = torture_resume.reference_run(tmp_path_factory.mktemp("ref") / "run", cfg)
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    return losses, sha, cfg
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_torture_resumes_bit_for_bit(tmp_path: Path, reference: Any) -> None:
+    losses, sha, cfg = reference
+    run = tmp_path / "tortured"
+    res = torture_resume.torture(run, cfg, kills=KILLS, seed=20261123)
+    assert res.final_rc == 0
+    assert res.total_kills >= KILLS and res.kills["mid-write"] >= 3, res.kills
+    torture_resume.compare(res, losses, run)
+    assert res.missing_steps == []
+    assert res.mismatches == [], res.mismatches[:5]
+    assert torture_resume.adapter_sha(run) == sha
+    assert res.quarantined == 0  # SIGKILL never damages a committed checkpoint
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # what killed writes left behind was swept by the next writer
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_leaves_durable_checkpoint_and_exits_75(tmp_path: Path, reference: Any) -> None:
+    losses, sha, cfg = reference
+    cfg = {**cfg, "checkpoint": {**cfg["checkpoint"], "every_steps": 1000, "grace_seconds": 30}}
+    run = tmp_path / "run"
+    config = torture_resume.write_config(run, cfg)
+    proc = torture_resume.start(run, config)
+    try:
+        deadline = time.monotonic() + 120
+        while torture_resume._progress_count(run)[1] < 5:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 75
+    assert elapsed < 30
+    step = torture_resume._progress_count(run)[1]
+    events = torture_resume.read_events(run)
+    (ckpt,) = [e for e in events if e.get("event") == "checkpoint"]  # every_steps is out of reach
+    assert ckpt["step"] == step
+    point = CheckpointStore(run).find_resume_point()
+    assert point is not None and point.step == step  # verified: sha256 of every file
+
+    # the supervisor's restart: the same command resumes and finishes exactly
+    assert torture_resume.start(run, config).wait(180) == 0
+    seen = torture_resume.losses_by_step(torture_resume.read_events(run))
+    assert {s: v[-1] for s, v in seen.items()} == losses
+    assert torture_resume.adapter_sha(run) == sha
