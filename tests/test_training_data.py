@@ -62,7 +62,7 @@ def test_messages_learn_only_assistant_turns(tmp_path: Path, tok) -> None:
     seq = PackedStream(str(f), tok, _cfg(seq_len=256), split="train").next_sequence()
     full = tok.apply_chat_template(msgs, tokenize=False)
     assert tok.decode(seq.input_ids) == full
-    learned = [t for t, lab in zip(seq.input_ids, seq.labels) if lab != IGNORE]
+    learned = [t for t, lab in zip(seq.input_ids, seq.labels, strict=True) if lab != IGNORE]
     assert tok.decode(learned) == "Uff.Server</s>Uff.ServerTest</s>"
 
 

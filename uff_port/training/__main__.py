@@ -109,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(resolved, dump_yaml(cfg))
         is_launcher = cfg.distributed.nproc > 1
     if is_launcher:
+        if cfg.training.grad_accum_steps % cfg.distributed.nproc:
+            return _refuse(
+                report,
+                "invalid_config",
+                f"training.grad_accum_steps: {cfg.training.grad_accum_steps} must be divisible by "
+                f"distributed.nproc ({cfg.distributed.nproc}): the global batch is "
+                "micro_batch_size * grad_accum_steps whatever the number of processes",
+            )
         from uff_port.training.launcher import launch
 
         # Ranks re-read the resolved config; the overrides are already in it.
@@ -163,10 +171,12 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
     except CheckpointMismatch as exc:
         return _refuse(report, "checkpoint_mismatch", str(exc), exc.differences)
     except (ModelError, DataError, TrainError) as exc:
+        trainer.settle()
         resumable = bool(getattr(exc, "resumable", False)) or (started and trainer.last_checkpoint is not None)
         report.emit("failed", code=exc.code, message=exc.message, resumable=resumable, step=trainer.step)
         return 3 if not started else EXIT_CRASH
     except Exception as exc:  # noqa: BLE001 - the worker must hear why, whatever it was
+        trainer.settle()
         report.emit(
             "failed",
             code="trainer_failed",

@@ -446,7 +446,8 @@ class Trainer:
                     restore_rng(rng)
                     self.data.load_state_dict(self._step_cursor)
                     self._act(want, pending)
-            if self._inject_oom and self.step + 1 == self._inject_oom and self.micro > 1:
+            if self._inject_oom and self.step + 1 == self._inject_oom:
+                self._inject_oom = 0  # once: the retry must succeed
                 raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={self._inject_oom}")
             batch = {k: v.to(self.device) for k, v in collate(chunk, self.data.pad_id).items()}
             with dist.no_sync_unless(model, last=i == len(chunks) - 1):
@@ -553,9 +554,13 @@ class Trainer:
         self.emit("log", level="info", message=f"final adapter saved to {final}", path=str(final))
         return final
 
-    def cleanup(self) -> None:
+    def settle(self) -> None:
+        """Let a checkpoint in flight become durable (before a `failed` says what is resumable)."""
         if self.rank == 0 and hasattr(self, "checkpointer"):
             self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
+
+    def cleanup(self) -> None:
+        self.settle()
         if hasattr(self, "data"):
             self.data.close()
 
