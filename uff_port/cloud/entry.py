@@ -170,15 +170,25 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    kill_after = float(os.environ.get("UFF_PORT_KILL_AFTER", SM_KILL_AFTER)) - _KILL_SLACK
+    # The trainer's max_runtime counts from the end of its model load; the
+    # provider's limit counts from the session's start. So we also hold the
+    # hard line ourselves: SIGTERM at budget - margin, SIGKILL before the end.
+    deadline = None if budget is None else _STARTED + budget - margin
+    own_grace = max(1.0, margin - min(_KILL_SLACK, margin * 0.25))
+    provider_grace = float(os.environ.get("UFF_PORT_KILL_AFTER", SM_KILL_AFTER)) - _KILL_SLACK
+    self_stopped = False
     while True:
         try:
-            rc = child.wait(timeout=0.5)
+            rc = child.wait(timeout=0.25)
             break
         except subprocess.TimeoutExpired:
-            # The provider kills everything kill_after after its SIGTERM: stop
-            # the trainer first so the manifest below still gets written.
-            if term_at and time.monotonic() - term_at[0] > kill_after:
+            now = time.monotonic()
+            if deadline is not None and not term_at and now >= deadline:
+                self_stopped = True
+                on_term(signal.SIGTERM, None)
+            grace = own_grace if self_stopped else provider_grace
+            if term_at and now - term_at[0] > grace:
+                # Out of time: the manifest below must still be written.
                 os.killpg(child.pid, signal.SIGKILL)
     shutil.rmtree(tmp, ignore_errors=True)
     latest = latest_checkpoint(platform.run_dir)
@@ -192,14 +202,17 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         "start_step": start_step,
         "step": step,
         "finished": finished,
-        "signalled": bool(term_at),
+        "signalled": bool(term_at) and not self_stopped,
+        "budget_stop": self_stopped,
         "seconds": round(time.monotonic() - _STARTED, 3),
     }
     atomic_write_json(platform.run_dir / SESSION_FILE, info)
     if platform.kind == "sagemaker":
         _copy_run_to_model_dir(platform)
     write_output_manifest(platform.output_dir, session=info["session"], step=step, finished=finished, rc=rc)
-    if rc in (0, EXIT_RESUMABLE):
+    if rc in (0, EXIT_RESUMABLE) or self_stopped:
+        # A stop at the budget is the plan, even if the trainer had to be
+        # killed: what it made durable is in the manifest and verifies.
         return 0
     if platform.kind == "sagemaker":
         failure = Path(os.environ.get("UFF_PORT_SM_ROOT", "/opt/ml")) / "output" / "failure"
