@@ -109,8 +109,15 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 def _pull(run_dir: Path, cfg: Any, settings: Any) -> int:
     """Drive the journal until the current session is home and verified (no new session)."""
     from uff_port.cloud.factory import make_backend
+    from uff_port.cloud.journal import REMOTE_DONE, Journal
     from uff_port.cloud.ledger import QuotaLedger
     from uff_port.cloud.runner import CloudRun
+
+    journal = Journal.load(run_dir)
+    cur = journal.current if journal else None
+    if cur is None or cur.state not in (*REMOTE_DONE, "pulled", "refused"):
+        print(f"nothing to pull: session is {cur.state if cur else 'absent'} (see `uff-port cloud status`)", file=sys.stderr)
+        return 75 if cur is not None and cur.state != "verified" else 0
 
     def emit(event: str, **fields: Any) -> None:
         print(json.dumps({"event": event, "ts": time.time(), **fields}, default=str), file=sys.stderr)
@@ -124,5 +131,5 @@ def _pull(run_dir: Path, cfg: Any, settings: Any) -> int:
         ledger=QuotaLedger(settings.ledger_path or run_dir.parent / ".cloud-ledger.jsonl", settings.budgets),
         emit=emit,
     )
-    run.control.stop = True  # settle the current session, never start another
+    run.control.stop = run.control.cancel = True  # settle the current session, start no other
     return run.run()

@@ -49,6 +49,8 @@ class Control:
 
     detach: bool = False
     stop: bool = False
+    cancel: bool = False
+    """`stop` with `cancel: true`: stop the remote job too (it checkpoints first)."""
     stop_reply: Callable[[dict[str, Any]], None] | None = None
     wake: threading.Event = field(default_factory=threading.Event)
 
@@ -145,6 +147,10 @@ class CloudRun:
             if self.control.detach:
                 self.journal.save()
                 return EXIT_DETACHED
+            if self.control.stop and not self.control.cancel:
+                # The worker's own exit sends `stop` too: never cancel paid-for
+                # remote work on it. Leave it running; the journal knows it.
+                return self._reply_stop(remote=self._remote_note())
             try:
                 outcome = self._step()
             except ProviderUnavailable as exc:
@@ -251,8 +257,14 @@ class CloudRun:
         (tree / "LATEST").write_text(ck[1].name + "\n", encoding="utf-8")
         return tree
 
+    def _remote_note(self) -> str | None:
+        cur = self.journal.current
+        if cur is None or cur.state in SETTLED:
+            return None
+        return f"session {cur.name} left {cur.state}; the next train on this run picks it up"
+
     def _poll(self, backend: Backend, cur: Any) -> int | None:
-        if self.control.stop and not self.journal.data.stop_requested:
+        if self.control.stop and self.control.cancel and not self.journal.data.stop_requested:
             self.journal.data.stop_requested = True
             self.journal.save()
             try:
