@@ -75,17 +75,3 @@ def gates_file(path: Path, **overrides: Any) -> Path:
 def uff(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "-m", "uff_port", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
-
-
-class Ctx:
-    """The task context a worker extension command receives (docs/internals.md section 2)."""
-
-    def __init__(self, runs_root: Path) -> None:
-        self.runs_root = runs_root
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-    def names(self) -> list[str]:
-        return [e for e, _ in self.events]

@@ -11,7 +11,6 @@ import pytest
 from test_registry_fixtures import (
     PYTHON,
     ROOT,
-    Ctx,
     bench_file,
     gates_file,
     trained_run,
@@ -27,6 +26,7 @@ from uff_port.registry.promotion import promote, rollback
 from uff_port.registry.runmanifest import write_run_manifest
 from uff_port.registry.service import register_path
 from uff_port.registry.store import Registry
+from uff_port.server.task import TaskContext
 from uff_port.training.config import config_hash, load_config
 
 pytestmark = pytest.mark.slow
@@ -221,9 +221,13 @@ def test_worker_commands(variants: dict[str, Path], tmp_path: Path) -> None:
     for name in ("a", "b", "worse"):
         shutil.copytree(variants[name], runs / name)
     bench_file(runs / "bench.json")
-    ctx = Ctx(runs)
+    ctx = TaskContext(runs_root=runs)  # the worker's own context, collecting events
+
+    def names() -> list[str]:
+        return [e["event"] for e in ctx.events]
+
     ids = {n: commands.register({"run_dir": n, "version": "1.0.0"}, ctx)["artifact_id"] for n in ("a", "b", "worse")}
-    assert ctx.names() == ["artifact_registered"] * 3
+    assert names() == ["artifact_registered"] * 3
     assert (runs / "registry" / "registry.db").is_file()  # default: inside the run root
     with pytest.raises(CommandError) as exc:
         commands.register({"run_dir": "../../etc"}, ctx)
@@ -234,19 +238,36 @@ def test_worker_commands(variants: dict[str, Path], tmp_path: Path) -> None:
 
     ctx.events.clear()
     out = commands.promote({"artifact": ids["a"], "bench_results": "bench.json"}, ctx)
-    assert out["moved"] and ctx.names()[-1] == "alias_moved" and ctx.names().count("gate_result") == 5
+    assert out["moved"] and names()[-1] == "alias_moved" and names().count("gate_result") == 5
     commands.promote({"artifact": ids["b"], "bench_results": "bench.json", "expect": ids["a"]}, ctx)
     with pytest.raises(CommandError) as exc:
         commands.promote({"artifact": ids["worse"], "bench_results": "bench.json"}, ctx)
-    assert exc.value.code == "gate_failed" and ctx.names()[-1] == "promotion_refused"
+    assert exc.value.code == "gate_failed" and names()[-1] == "promotion_refused"
     with pytest.raises(CommandError) as exc:
         commands.promote({"artifact": ids["a"], "bench_results": "bench.json", "expect": ids["a"]}, ctx)
     assert exc.value.code == "alias_conflict"
     rolled = commands.rollback({}, ctx)
-    assert rolled["stable"] == ids["a"] and ctx.events[-1][1]["action"] == "rollback"
+    assert rolled["stable"] == ids["a"] and ctx.events[-1]["action"] == "rollback"
     view = commands.releases({"role": "textgen"}, ctx)
     assert view["aliases"]["textgen"] == {"stable": ids["a"], "previous": ids["b"]}
     assert [r["artifact_id"] for r in view["releases"]] == [ids["a"], ids["b"], ids["a"]]
+
+
+def test_commands_through_the_real_worker(variants: dict[str, Path], runs_root: Path, worker) -> None:  # type: ignore[no-untyped-def]
+    shutil.copytree(variants["a"], runs_root / "job-a")
+    bench_file(runs_root / "bench.json")
+    reply = worker.call("register", {"run_dir": "job-a"}, timeout=120)
+    assert reply["ok"], reply
+    aid = reply["result"]["artifact_id"]
+    assert worker.wait_event("artifact_registered", timeout=30)["artifact_id"] == aid
+    reply = worker.call("promote", {"artifact": aid[:12], "bench_results": "bench.json"}, timeout=120)
+    assert reply["ok"] and reply["result"]["moved"], reply
+    moved = worker.wait_event("alias_moved", timeout=30)
+    assert moved["artifact_id"] == aid and isinstance(moved["seq"], int)
+    reply = worker.call("rollback", {}, timeout=60)
+    assert not reply["ok"] and reply["error"]["code"] == "not_found"
+    reply = worker.call("releases", {}, timeout=60)
+    assert reply["result"]["aliases"] == {"textgen": {"stable": aid}}
 
 
 def test_measured_benchmark_runs_the_gates(run: Path, tmp_path: Path) -> None:

@@ -64,7 +64,9 @@ def register(args: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
             name=_str(args, "name"), actor="worker",
         )
     out = {**summary(manifest), "created": created}
-    ctx.emit("artifact_registered", **out)
+    # `name` is the event's own name in the worker's emit(); the artifact's goes as artifact_name
+    ctx.emit("artifact_registered", **{k: v for k, v in out.items() if k != "name"},
+             artifact_name=manifest.name)
     return out
 
 
