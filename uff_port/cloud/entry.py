@@ -42,6 +42,7 @@ DEFAULT_MARGIN: Final = 60.0
 SM_KILL_AFTER: Final = 120.0
 _KILL_SLACK: Final = 15.0
 SESSION_FILE: Final = "session.json"
+MAX_RESTARTS: Final = 3
 PAYLOAD_NAME: Final = "payload.tar"
 # The session's clock starts when the kernel script started (before any pip
 # install), not when this module was imported.
@@ -114,18 +115,29 @@ def _session_config(platform: Platform, budget: float | None, margin: float) -> 
 
 
 def _restore_resume(platform: Platform) -> None:
-    """Seed the run's checkpoints from the bundle, unless the run already has its own."""
+    """Seed the run's checkpoints from the bundle, unless the run already has a newer one.
+
+    On SageMaker /opt/ml/checkpoints comes back from S3 by itself; the bundle's
+    checkpoint wins only when it is newer (another backend got further).
+    """
     src = platform.bundle_dir / "resume"
-    if not src.is_dir() or latest_checkpoint(platform.run_dir) is not None:
+    if not src.is_dir():
+        return
+    ours = latest_checkpoint(platform.run_dir)
+    bundled = _latest_in(src)
+    if bundled is None or (ours is not None and ours[0] >= bundled):
         return
     dst = platform.run_dir / "checkpoints"
     dst.mkdir(parents=True, exist_ok=True)
-    for item in sorted(src.iterdir()):
-        target = dst / item.name
-        if item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
-        else:
-            shutil.copyfile(item, target)
+    name = f"step-{bundled:08d}"
+    shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+    # LATEST moves only once the directory it names is in place.
+    atomic_write_text(dst / "LATEST", name + "\n")
+
+
+def _latest_in(tree: Path) -> int | None:
+    name = (tree / "LATEST").read_text(encoding="utf-8").strip() if (tree / "LATEST").is_file() else ""
+    return _step_of(name)
 
 
 def _copy_run_to_model_dir(platform: Platform) -> None:
@@ -155,17 +167,15 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     cmd = [sys.executable, "-m", "uff_port.training", "--run-dir", str(platform.run_dir), "--config", str(cfg_path)]
-    # Own process group: the provider's SIGTERM reaches us, and we decide how
-    # the trainer hears of it (once, with a deadline), so it is never killed twice.
-    child = subprocess.Popen(cmd, start_new_session=True)
     term_at: list[float] = []
+    children: list[subprocess.Popen[bytes]] = []
 
     def on_term(signum: int, _frame: Any) -> None:
         if not term_at:
             term_at.append(time.monotonic())
             try:
-                os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.killpg(children[-1].pid, signal.SIGTERM)
+            except (ProcessLookupError, IndexError):
                 pass
 
     signal.signal(signal.SIGTERM, on_term)
@@ -177,19 +187,34 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     own_grace = max(1.0, margin - min(_KILL_SLACK, margin * 0.25))
     provider_grace = float(os.environ.get("UFF_PORT_KILL_AFTER", SM_KILL_AFTER)) - _KILL_SLACK
     self_stopped = False
+    restarts = 0
     while True:
-        try:
-            rc = child.wait(timeout=0.25)
-            break
-        except subprocess.TimeoutExpired:
-            now = time.monotonic()
-            if deadline is not None and not term_at and now >= deadline:
-                self_stopped = True
-                on_term(signal.SIGTERM, None)
-            grace = own_grace if self_stopped else provider_grace
-            if term_at and now - term_at[0] > grace:
-                # Out of time: the manifest below must still be written.
-                os.killpg(child.pid, signal.SIGKILL)
+        # Own process group: the provider's SIGTERM reaches us, and we decide how
+        # the trainer hears of it (once, with a deadline), so it is never killed twice.
+        children.append(subprocess.Popen(cmd, start_new_session=True))
+        child = children[-1]
+        while True:
+            try:
+                rc = child.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                now = time.monotonic()
+                if deadline is not None and not term_at and now >= deadline:
+                    self_stopped = True
+                    on_term(signal.SIGTERM, None)
+                grace = own_grace if self_stopped else provider_grace
+                if term_at and now - term_at[0] > grace:
+                    # Out of time: the manifest below must still be written.
+                    os.killpg(child.pid, signal.SIGKILL)
+        left = None if deadline is None else deadline - time.monotonic()
+        # A trainer killed from outside (OOM killer, a driver crash) while the
+        # session still has time: start it again, it resumes from its last
+        # checkpoint instead of wasting the rest of a 9 h session.
+        if rc < 0 and not term_at and restarts < MAX_RESTARTS and (left is None or left > 2 * margin):
+            restarts += 1
+            print(f"uff-port entry: trainer died of signal {-rc}; restart {restarts}", file=sys.stderr, flush=True)
+            continue
+        break
     shutil.rmtree(tmp, ignore_errors=True)
     latest = latest_checkpoint(platform.run_dir)
     step = latest[0] if latest else 0
@@ -204,6 +229,7 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         "finished": finished,
         "signalled": bool(term_at) and not self_stopped,
         "budget_stop": self_stopped,
+        "restarts": restarts,
         "seconds": round(time.monotonic() - _STARTED, 3),
     }
     atomic_write_json(platform.run_dir / SESSION_FILE, info)

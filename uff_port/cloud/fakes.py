@@ -47,6 +47,25 @@ _WRAPPER: Final = (
 )
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a session and everything it started (the trainer runs in its own group)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class KernelWorkerStatus(enum.Enum):
     """Mirrors the new client's enum: `str()` gives `KernelWorkerStatus.RUNNING`."""
 
@@ -216,10 +235,7 @@ class FakeKaggleApi:
         """The provider pulls the plug (a hard session cut-off)."""
         vdir = self._latest_version(kernel)
         state = json.loads((vdir / "state.json").read_text(encoding="utf-8"))
-        try:
-            os.killpg(state["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(state["pid"])
         if not (vdir / "rc").exists():
             (vdir / "rc").write_text("-9", encoding="utf-8")
 
@@ -349,11 +365,15 @@ class FakeSageMakerClient:
     A terminal job leaves a model.tar.gz with a verified manifest, as the entry does.
     """
 
-    def __init__(self, state_dir: str | Path, s3: FakeS3, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, state_dir: str | Path, s3: FakeS3, clock: Callable[[], float] = time.time, grace: float = 120.0
+    ) -> None:
         self.root = Path(state_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.s3 = s3
         self.clock = clock
+        self.grace = grace
+        """Seconds between SageMaker's SIGTERM and its kill (real: 120)."""
         self.kaggle_like = FakeKaggleApi(self.root, clock)  # shares faults.json handling
 
     def _faults(self) -> dict[str, Any]:
@@ -377,7 +397,10 @@ class FakeSageMakerClient:
         if path.exists():
             raise _client_error("ResourceInUse", "Training job names must be unique within an AWS account and region", "CreateTrainingJob")
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"request": req, "created": self.clock(), "stopped": None, "produced": False})
+        job: dict[str, Any] = {"request": req, "created": self.clock(), "stopped": None, "produced": False}
+        if self.kaggle_like._faults().get("sm_real"):
+            job["real"] = self._launch(req)
+        atomic_write_json(path, job)
         with open(self.root / "creations.log", "a", encoding="utf-8") as fh:
             fh.write(req["TrainingJobName"] + "\n")
         return {"TrainingJobArn": f"arn:aws:sagemaker:fake:0:training-job/{req['TrainingJobName']}"}
@@ -398,6 +421,8 @@ class FakeSageMakerClient:
         if not path.exists():
             raise _client_error("ValidationException", "Requested resource not found.", "DescribeTrainingJob")
         job = json.loads(path.read_text(encoding="utf-8"))
+        if job.get("real"):
+            return self._describe_real(path, job, TrainingJobName)
         script = faults.get("sm_script") or [[2.0, "InProgress", "Training"], [0.0, "Completed", "Completed"]]
         elapsed = self.clock() - job["created"]
         primary, secondary, t = script[-1][1], script[-1][2], 0.0
@@ -425,6 +450,94 @@ class FakeSageMakerClient:
             out = req["OutputDataConfig"]["S3OutputPath"]
             desc["ModelArtifacts"] = {"S3ModelArtifacts": f"{out}/{TrainingJobName}/output/model.tar.gz"}
         return desc
+
+    def _launch(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Run the real entry point as the training container would (sm_real mode)."""
+        name = req["TrainingJobName"]
+        jobroot = self.root / "containers" / name
+        bundle = jobroot / "input" / "data" / "bundle"
+        bundle.mkdir(parents=True)
+        b_bucket, _, b_prefix = req["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"][5:].partition("/")
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=b_bucket, Prefix=b_prefix):
+            for obj in page.get("Contents", []):
+                target = bundle / obj["Key"][len(b_prefix) :].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.s3.download_file(b_bucket, obj["Key"], str(target))
+        # CheckpointConfig: one directory per S3 prefix stands in for the sync.
+        shared = self.root / "checkpoint-sync" / hashlib_hex(req["CheckpointConfig"]["S3Uri"])
+        shared.mkdir(parents=True, exist_ok=True)
+        (jobroot / "checkpoints").symlink_to(shared, target_is_directory=True)
+        (jobroot / "model").mkdir()
+        env = {k: v for k, v in os.environ.items() if k != FAKE_ENV and not k.startswith("SM_")}
+        env.update(
+            {
+                "UFF_PORT_SM_ROOT": str(jobroot),
+                "SM_MODEL_DIR": str(jobroot / "model"),
+                "SM_CHANNEL_BUNDLE": str(bundle),
+                "SM_HPS": json.dumps(req.get("HyperParameters", {})),
+                "UFF_PORT_KILL_AFTER": str(self.grace),
+            }
+        )
+        with open(jobroot / "log.txt", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _SM_WRAPPER, str(jobroot / "rc")],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return {"pid": proc.pid, "root": str(jobroot), "started": time.time(), "term": None, "cause": None}
+
+
+    def _describe_real(self, path: Path, job: dict[str, Any], name: str) -> dict[str, Any]:
+        import tarfile
+
+        real = job["real"]
+        root = Path(real["root"])
+        req = job["request"]
+        now = time.time()
+        rc_file = root / "rc"
+        if not rc_file.exists():
+            try:
+                os.waitpid(real["pid"], os.WNOHANG)
+            except ChildProcessError:
+                pass
+            limit = req["StoppingCondition"]["MaxRuntimeInSeconds"]
+            cause = "MaxRuntimeExceeded" if now - real["started"] > limit else "Stopped" if job["stopped"] else None
+            if cause and real["term"] is None and (root / "rc.pid").exists():
+                # SIGTERM to the container's main process, the kill follows after the grace.
+                os.kill(int((root / "rc.pid").read_text()), signal.SIGTERM)
+                real.update(term=now, cause=cause)
+                atomic_write_json(path, job)
+            elif real["term"] is not None and now - real["term"] > self.grace:
+                kill_tree(real["pid"])
+                rc_file.write_text("-9")
+            if not rc_file.exists():
+                return {"TrainingJobName": name, "TrainingJobStatus": "InProgress" if real["term"] is None else "Stopping",
+                        "SecondaryStatus": "Training" if real["term"] is None else "Stopping"}
+        rc = int(rc_file.read_text() or "1")
+        if real["cause"] is not None:
+            primary, secondary = "Stopped", real["cause"]
+        else:
+            primary, secondary = ("Completed", "Completed") if rc == 0 else ("Failed", "Failed")
+        if "ended" not in real:
+            real["ended"] = now
+            model = root / "model"
+            archive = root / "model.tar.gz"
+            with tarfile.open(archive, "w:gz") as tar:
+                for item in sorted(model.iterdir()):
+                    tar.add(item, arcname=item.name)
+            out_bucket, _, out_prefix = req["OutputDataConfig"]["S3OutputPath"][5:].partition("/")
+            self.s3.upload_file(str(archive), out_bucket, f"{out_prefix}/{name}/output/model.tar.gz")
+            atomic_write_json(path, job)
+        out = req["OutputDataConfig"]["S3OutputPath"]
+        seconds = int(real["ended"] - real["started"])
+        return {
+            "TrainingJobName": name,
+            "TrainingJobStatus": primary,
+            "SecondaryStatus": secondary,
+            "FailureReason": "" if rc == 0 else f"AlgorithmError: exit {rc}",
+            "TrainingTimeInSeconds": seconds,
+            "BillableTimeInSeconds": seconds,
+            "ModelArtifacts": {"S3ModelArtifacts": f"{out}/{name}/output/model.tar.gz"},
+        }
 
     def _produce(self, req: dict[str, Any], steps: int, primary: str) -> None:
         """What the entry point leaves: checkpoint synced to S3, model.tar.gz with a manifest."""
@@ -473,3 +586,23 @@ class FakeSageMakerClient:
             out = req["OutputDataConfig"]["S3OutputPath"][5:]
             ob, _, op = out.partition("/")
             self.s3.upload_file(str(archive), ob, f"{op}/{req['TrainingJobName']}/output/model.tar.gz")
+
+
+_SM_WRAPPER: Final = (
+    "import os, signal, subprocess, sys\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "p = subprocess.Popen([sys.executable, '-m', 'uff_port.cloud.entry'],"
+    " preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))\n"
+    "open(sys.argv[1] + '.pid', 'w').write(str(p.pid))\n"
+    "rc = p.wait()\n"
+    "open(sys.argv[1] + '.tmp', 'w').write(str(rc))\n"
+    "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+)
+
+
+def hashlib_hex(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+

@@ -37,7 +37,7 @@ from uff_port.training.config import Config
 EXIT_FINISHED: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_DETACHED: Final = 75
-MAX_CONSECUTIVE_FAILURES: Final = 2
+MAX_CONSECUTIVE_FAILURES: Final = 3
 
 Emit = Callable[..., None]
 BackendFactory = Callable[[str], Backend]
@@ -206,11 +206,14 @@ class CloudRun:
 
     def _start_session(self) -> int | None:
         sessions = self.journal.data.sessions
-        failures = 0
-        for s in reversed(sessions):
-            if s.remote_state != "failed":
-                break
-            failures += 1
+        # A session that failed but moved the run forward (a crash after some
+        # checkpoints) is progress; only failures that bring nothing count.
+        best, failures = 0, 0
+        for s in sessions:
+            if (s.step or 0) > best:
+                best, failures = s.step or 0, 0
+            elif s.remote_state == "failed" or s.state == "refused":
+                failures += 1
         if failures >= MAX_CONSECUTIVE_FAILURES:
             return self._fail(ErrorCode.TRAINER_FAILED, f"{failures} sessions in a row failed remotely; last: {sessions[-1].detail}")
         now = self.clock()
