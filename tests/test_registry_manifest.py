@@ -194,3 +194,54 @@ def test_register_checks_hashes_while_copying(tmp_path: Path) -> None:
         (run / "final" / "notes.txt").unlink()
         assert reg.register(run / "final", manifest) == (manifest, True)
         assert reg.verify(manifest.artifact_id).ok
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["schema_version", "quality", "latency", "safety", "compatibility", "x"]),
+                       st.one_of(json_value, st.dictionaries(
+                           st.sampled_from(["enabled", "metric", "max_regression", "threshold", "max_p95_ms",
+                                            "prompts", "deny_patterns", "repeats", "contract"]), json_value))))
+def test_gates_yaml_parses_or_is_refused_with_a_code(tmp_path_factory: pytest.TempPathFactory, raw: Any) -> None:
+    import yaml
+
+    from uff_port.registry.gates import GatesConfig, load_gates
+
+    path = tmp_path_factory.mktemp("gates") / "g.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        cfg = load_gates(path)
+    except CommandError as exc:
+        assert exc.code == "invalid_gates" and exc.message.startswith("gates ")
+    else:
+        assert isinstance(cfg, GatesConfig) and cfg.latency.max_p95_ms > 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(json_value | st.dictionaries(st.sampled_from(["latency_p95_ms", "tokens_per_s", "outputs"]), json_value))
+def test_bench_results_parse_or_are_refused(tmp_path_factory: pytest.TempPathFactory, raw: Any) -> None:
+    import math
+
+    from uff_port.registry.gates import load_evidence
+
+    path = tmp_path_factory.mktemp("bench") / "b.json"
+    path.write_text(json.dumps(raw))
+    try:
+        ev = load_evidence(path)
+    except CommandError as exc:
+        assert exc.code == "invalid_args" and exc.message.startswith("bench_results")
+    else:
+        for value in (ev.latency_p95_ms, ev.tokens_per_s):
+            assert value is None or math.isfinite(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=30), max_size=4))
+def test_manifest_flags_parse_or_are_refused(values: list[str]) -> None:
+    from uff_port.registry.federate import parse_manifest_flags
+
+    try:
+        pairs = parse_manifest_flags(values)
+    except CommandError as exc:
+        assert exc.code == "invalid_args" and "manifest" in exc.message
+    else:
+        assert len(pairs) == len(values) and all(path for _, path in pairs)

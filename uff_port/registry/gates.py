@@ -11,6 +11,7 @@ table shows all reasons at once.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ Status = Literal["pass", "fail", "skip"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class QualityGate(_Section):
@@ -142,9 +143,15 @@ def load_evidence(path: str | Path) -> Evidence:
 
     def num(key: str) -> float | None:
         v = raw.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise RegistryError("invalid_args", f"bench_results.{key}: expected a number")
-        return None if v is None else float(v)
+        if v is None:
+            return None
+        try:
+            value = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise RegistryError("invalid_args", f"bench_results.{key}: expected a finite number")
+        return value
 
     return Evidence(num("latency_p95_ms"), num("tokens_per_s"), outputs, source=str(path))
 
