@@ -141,10 +141,23 @@ class TortureResult:
         return sum(self.kills.values())
 
 
+_PROGRESS: Final = b'{"event":"progress"'
+
+
 def _progress_count(run_dir: Path) -> tuple[int, int]:
-    """(progress events so far, highest step reported)."""
-    steps = [int(e["step"]) for e in read_events(run_dir) if e.get("event") == "progress"]
-    return len(steps), max(steps, default=0)
+    """(progress events so far, step of the last one); cheap enough to poll."""
+    try:
+        data = (run_dir / "events.jsonl").read_bytes()
+    except FileNotFoundError:
+        return 0, 0
+    count = data.count(_PROGRESS)
+    if not count:
+        return 0, 0
+    tail = data[data.rfind(_PROGRESS) :].split(b"\n", 1)[0]
+    try:
+        return count, int(json.loads(tail)["step"])
+    except (ValueError, KeyError):  # torn by a kill: the one before it will do
+        return count, 0
 
 
 def _committed_step(run_dir: Path) -> int:
@@ -180,13 +193,16 @@ def torture(
         next_ckpt = min((base // every + 1) * every, max_steps)
         if res.total_kills >= kills:
             kind = "none"
-        elif next_ckpt >= max_steps - 1 or rng.random() < 0.25:
+        elif base + 2 * every + 1 >= max_steps or rng.random() < 0.25:
             kind = "mid-write"  # always lands: the trainer kills itself at that sub-step
         elif rng.random() < 0.15:
             kind = "startup"
         else:
             kind = "training"
-        extra = {KILL_AT_ENV: f"{next_ckpt}:{rng.choice(WRITE_POINTS)}"} if kind == "mid-write" else None
+        # The final checkpoint is only ever killed before LATEST moves, or the
+        # run would finish before the kills are all done.
+        points = WRITE_POINTS if next_ckpt < max_steps else WRITE_POINTS[:4]
+        extra = {KILL_AT_ENV: f"{next_ckpt}:{rng.choice(points)}"} if kind == "mid-write" else None
         proc = start(run_dir, config, extra)
         res.segments += 1
         deadline = time.monotonic() + segment_timeout
@@ -200,7 +216,7 @@ def torture(
                 if _progress_count(run_dir)[0] - n0 >= want:
                     rc = _wait_or_kill(proc, time.monotonic() + rng.uniform(0.0, 0.15))
                     break
-                time.sleep(0.02)
+                time.sleep(0.03)
         else:
             rc = _wait_or_kill(proc, deadline)
         if rc is None and kind in ("startup", "training"):

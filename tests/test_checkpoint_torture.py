@@ -6,6 +6,8 @@ import importlib.util
 import signal
 import sys
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +39,25 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, float
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sigkill_torture_resumes_bit_for_bit(tmp_path: Path, reference: Any) -> None:
+    """Two tortured runs side by side (the trainer uses one thread each), KILLS kills in all."""
     losses, sha, cfg = reference
-    run = tmp_path / "tortured"
-    res = torture_resume.torture(run, cfg, kills=KILLS, seed=20261123)
-    assert res.final_rc == 0
-    assert res.total_kills >= KILLS and res.kills["mid-write"] >= 3, res.kills
-    torture_resume.compare(res, losses, run)
-    assert res.missing_steps == []
-    assert res.mismatches == [], res.mismatches[:5]
-    assert torture_resume.adapter_sha(run) == sha
-    assert res.quarantined == 0  # SIGKILL never damages a committed checkpoint
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert leftovers == []  # what killed writes left behind was swept by the next writer
+    runs = [tmp_path / "a", tmp_path / "b"]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        results = list(
+            pool.map(lambda i: torture_resume.torture(runs[i], cfg, kills=KILLS // 2, seed=20261123 + i), range(2))
+        )
+    kinds: Counter[str] = Counter()
+    for run, res in zip(runs, results, strict=True):
+        kinds.update(res.kills)
+        assert res.final_rc == 0
+        torture_resume.compare(res, losses, run)
+        assert res.missing_steps == []
+        assert res.mismatches == [], res.mismatches[:5]
+        assert torture_resume.adapter_sha(run) == sha
+        assert res.quarantined == 0  # SIGKILL never damages a committed checkpoint
+        leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+        assert leftovers == []  # what killed writes left behind was swept by the next writer
+    assert sum(kinds.values()) >= KILLS and kinds["mid-write"] >= 3 and kinds["training"] >= 5, kinds
 
 
 @pytest.mark.slow
