@@ -102,6 +102,15 @@ class ArtifactManifest(_Strict):
                 raise ValueError(f"{MANIFEST_NAME} cannot list itself")
         return v
 
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _no_bools(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for key, val in v.items():
+                if isinstance(val, bool):
+                    raise ValueError(f"metric {key!r} must be a number, not a boolean")
+        return v
+
     @field_validator("metrics")
     @classmethod
     def _finite(cls, v: dict[str, float | None]) -> dict[str, float | None]:
