@@ -220,9 +220,10 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_run(cmd_register))
 
     p = subparsers.add_parser("artifacts", parents=[common], help="list, show or verify registered artifacts")
-    p.add_argument("action", choices=("list", "show", "verify"))
+    p.add_argument("action", choices=("list", "show", "verify"),
+                   help="list: table of artifacts; show: the manifest; verify: re-hash the stored files")
     p.add_argument("ref", nargs="?", help="id, unique id prefix, alias (stable) or role:alias (ufm:stable)")
-    p.add_argument("--role")
+    p.add_argument("--role", help="list only this role; the role of a bare alias (default textgen)")
     p.set_defaults(func=_run(cmd_artifacts))
 
     p = subparsers.add_parser("promote", parents=[common], help="run the gates and move an alias",
