@@ -245,3 +245,25 @@ def test_manifest_flags_parse_or_are_refused(values: list[str]) -> None:
         assert exc.code == "invalid_args" and "manifest" in exc.message
     else:
         assert len(pairs) == len(values) and all(path for _, path in pairs)
+
+
+def test_resolve_by_prefix_and_alias(tmp_path: Path) -> None:
+    from uff_port.registry.runmanifest import build_manifest
+    from uff_port.registry.store import Registry
+
+    run = tmp_path / "run"
+    _final(run)
+    manifest = build_manifest(run / "final", run_dir=run, role="ufm")
+    with Registry(tmp_path / "reg") as reg:
+        reg.register(run / "final", manifest)
+        assert reg.resolve(manifest.artifact_id[:8].upper()) == manifest
+        for ref, code in (("%%%%%%", "invalid_args"), ("abc", "invalid_args"), ("ufm:stable", "not_found"),
+                          ("0" * 64, "not_found")):
+            with pytest.raises(CommandError) as exc:
+                reg.resolve(ref)
+            assert exc.value.code == code, ref
+        reg.move_aliases("ufm", {"stable": manifest.artifact_id}, {"stable": None}, "promote")
+        assert reg.resolve("ufm:stable") == manifest == reg.resolve("stable", role="ufm")
+        with pytest.raises(CommandError) as exc:
+            reg.move_aliases("ufm", {"stable": None}, {"stable": None}, "promote")
+        assert exc.value.code == "alias_conflict" and exc.value.details["actual"] == manifest.artifact_id

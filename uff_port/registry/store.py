@@ -42,6 +42,7 @@ ALIASES: Final = ("candidate", "stable", "previous")
 ENV_VAR: Final = "UFF_PORT_REGISTRY"
 DEFAULT_ROOT: Final = "registry"
 _MIN_PREFIX: Final = 6
+_HEX: Final = frozenset("0123456789abcdef")
 _CHUNK: Final = 1 << 20
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -211,10 +212,14 @@ class Registry:
             if target is None:
                 raise RegistryError(NOT_FOUND, f"artifact: alias {role or 'textgen'}:{ref} is not set")
             ref = target
-        if len(ref) < _MIN_PREFIX:
-            raise RegistryError(INVALID_ARGS, f"artifact: id prefix {ref!r} is shorter than {_MIN_PREFIX}")
+        ref = ref.lower()
+        if len(ref) < _MIN_PREFIX or not set(ref) <= _HEX:  # also keeps LIKE wildcards out
+            raise RegistryError(
+                INVALID_ARGS,
+                f"artifact: {ref!r} is not an alias ({', '.join(ALIASES)}) nor {_MIN_PREFIX}+ hex digits of an id",
+            )
         rows = self._db.execute(
-            "SELECT artifact_id FROM artifacts WHERE artifact_id LIKE ? || '%'", (ref.lower(),)
+            "SELECT artifact_id FROM artifacts WHERE artifact_id LIKE ? || '%'", (ref,)
         ).fetchall()
         if len(rows) != 1:
             what = "no artifact" if not rows else f"{len(rows)} artifacts"
