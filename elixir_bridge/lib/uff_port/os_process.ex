@@ -41,6 +41,50 @@ defmodule UffPort.OsProcess do
     end
   end
 
+  @doc """
+  All descendants of `os_pid` (children first), read from `/proc`; `[]` where
+  there is no `/proc`. The trainer runs in its own session, so it is not in the
+  worker's process group: this is how a hung trainer is found and killed too.
+  """
+  @spec descendants(pos_integer) :: [pos_integer]
+  def descendants(os_pid) do
+    parents =
+      case File.ls("/proc") do
+        {:ok, names} ->
+          for name <- names, pid = parse_pid(name), ppid = ppid(pid), do: {pid, ppid}
+
+        {:error, _} ->
+          []
+      end
+
+    collect([os_pid], Enum.group_by(parents, &elem(&1, 1), &elem(&1, 0)), [])
+  end
+
+  defp collect([], _children, acc), do: Enum.reverse(acc)
+
+  defp collect([pid | rest], children, acc) do
+    kids = Map.get(children, pid, [])
+    collect(rest ++ kids, children, Enum.reverse(kids) ++ acc)
+  end
+
+  defp parse_pid(name) do
+    case Integer.parse(name) do
+      {pid, ""} -> pid
+      _ -> nil
+    end
+  end
+
+  defp ppid(pid) do
+    with {:ok, stat} <- File.read("/proc/#{pid}/stat"),
+         {at, 1} <- stat |> :binary.matches(")") |> List.last(),
+         [_state, ppid | _] <-
+           stat |> binary_part(at + 2, byte_size(stat) - at - 2) |> String.split(" ", parts: 3) do
+      String.to_integer(ppid)
+    else
+      _ -> nil
+    end
+  end
+
   @doc "Polls `alive?/1` until the process is gone or `timeout_ms` passes."
   @spec wait_gone(pos_integer, non_neg_integer) :: :ok | :timeout
   def wait_gone(os_pid, timeout_ms) do

@@ -253,8 +253,16 @@ defmodule UffPort.Worker do
       :ok ->
         {:noreply, schedule_watchdog(state)}
 
+      {:kill, {:stalled, _} = reason} ->
+        # Heartbeats flow but the step does not: the trainer is hung (a C-level hang
+        # ignores SIGTERM, and would outlive its worker). Kill it first, then the worker,
+        # while the trainer is still the worker's child and can be found.
+        kill_tree(state)
+        {:stop, reason, state}
+
       {:kill, reason} ->
-        # A frozen process answers nothing, not even SIGTERM: SIGKILL it now.
+        # A frozen worker answers nothing, not even SIGTERM: SIGKILL it now. Its trainer
+        # gets SIGTERM from the parent-death signal and saves a checkpoint on its own.
         kill(state)
         {:stop, reason, state}
     end
@@ -305,7 +313,7 @@ defmodule UffPort.Worker do
 
     case Msgpack.encode(frame) do
       {:ok, bin} ->
-        true = Port.command(state.port, bin)
+        send_frame(state.port, bin)
         timer = Process.send_after(self(), {:call_timeout, id}, timeout)
         entry = %{from: from, cmd: cmd, timer: timer, timeout: timeout}
         {:ok, %{state | next_id: id + 1, pending: Map.put(state.pending, id, entry)}}
@@ -313,6 +321,14 @@ defmodule UffPort.Worker do
       {:error, reason} ->
         {:error, Error.new(:unencodable, "args of #{cmd} cannot be encoded", reason)}
     end
+  end
+
+  defp send_frame(port, bin) do
+    Port.command(port, bin)
+  rescue
+    # The process already exited: its :exit_status (or :EXIT) is on the way and
+    # stops us; the request's deadline covers the caller meanwhile.
+    ArgumentError -> :ok
   end
 
   defp handle_reply(%{"id" => id, "ok" => ok} = reply, state) do
@@ -419,6 +435,11 @@ defmodule UffPort.Worker do
 
   defp kill(%{os_pid: pid}) when is_integer(pid), do: OsProcess.signal(pid, :kill)
   defp kill(_), do: :ok
+
+  defp kill_tree(%{os_pid: pid} = state) when is_integer(pid) do
+    for child <- Enum.reverse(OsProcess.descendants(pid)), do: OsProcess.signal(child, :kill)
+    kill(state)
+  end
 
   defp now, do: System.monotonic_time(:millisecond)
 end

@@ -63,12 +63,14 @@ defmodule UffPort.WorkerState do
                 :loss,
                 :last_heartbeat_at,
                 :step_changed_at,
+                :phase,
                 attempt: 1,
                 next_id: 1,
                 pending: %{},
                 stderr_offset: 0,
                 worker_state: "starting",
-                training?: false
+                training?: false,
+                healthy?: false
               ]
 
   @type t :: %__MODULE__{}
@@ -197,9 +199,13 @@ defmodule UffPort.WorkerState do
     healthy_after = Keyword.fetch!(b, :healthy_after)
     attempt = :ets.update_counter(tid, {key, :attempts}, 1, {{key, :attempts}, 0})
 
+    # Healthy = stayed up `healthy_after` ms or advanced a training step: a worker
+    # that crashes mid-run is restarted at once, one that dies on start backs off.
+    healthy? = :ets.lookup(tid, {key, :healthy}) == [{{key, :healthy}, true}]
+
     fast =
       case :ets.lookup(tid, {key, :last_start}) do
-        [{_, last}] when now - last < healthy_after ->
+        [{_, last}] when now - last < healthy_after and not healthy? ->
           :ets.update_counter(tid, {key, :fast}, 1, {{key, :fast}, 0})
 
         _ ->
@@ -218,8 +224,22 @@ defmodule UffPort.WorkerState do
       Process.sleep(delay)
     end
 
-    :ets.insert(tid, {{key, :last_start}, System.monotonic_time(:millisecond)})
+    :ets.insert(tid, [
+      {{key, :last_start}, System.monotonic_time(:millisecond)},
+      {{key, :healthy}, false}
+    ])
+
     attempt
+  end
+
+  @doc "Notes in the ledger that this start made training progress (see `begin_attempt/1`)."
+  @spec mark_healthy(t) :: t
+  def mark_healthy(%{healthy?: true} = state), do: state
+  def mark_healthy(%{ledger: nil} = state), do: %{state | healthy?: true}
+
+  def mark_healthy(%{ledger: {tid, key}} = state) do
+    :ets.insert(tid, {{key, :healthy}, true})
+    %{state | healthy?: true}
   end
 
   @doc "Opens the Port and waits for `hello`; on failure nothing is left running."
@@ -326,10 +346,21 @@ defmodule UffPort.WorkerState do
     state =
       case event["state"] do
         s when is_binary(s) and name in ["heartbeat", "state"] ->
-          training? = s == "training"
-          # Entering training restarts the stall clock: loading the model is not a stall.
+          # The trainer's phase (loading, training, evaluating, saving) rides on state
+          # events only; heartbeats keep the last one.
+          phase = if name == "state", do: event["phase"], else: state.phase
+          training? = s == "training" and phase in [nil, "training"]
+          # Entering the stepping phase restarts the stall clock: loading a model or
+          # evaluating is slow but not a stall.
           changed_at = if training? and not state.training?, do: now, else: state.step_changed_at
-          %{state | worker_state: s, training?: training?, step_changed_at: changed_at}
+
+          %{
+            state
+            | worker_state: s,
+              phase: phase,
+              training?: training?,
+              step_changed_at: changed_at
+          }
 
         _ ->
           state
@@ -338,7 +369,8 @@ defmodule UffPort.WorkerState do
     state =
       case event["step"] do
         step when is_integer(step) and step != state.step ->
-          %{state | step: step, step_changed_at: now}
+          state = %{state | step: step, step_changed_at: now}
+          if state.training? and step > 0, do: mark_healthy(state), else: state
 
         _ ->
           state
@@ -488,6 +520,7 @@ defmodule UffPort.WorkerState do
       :os_pid,
       :attempt,
       :worker_state,
+      :phase,
       :job_id,
       :step,
       :max_steps,

@@ -1,0 +1,108 @@
+defmodule UffPort.SupervisionTest do
+  use ExUnit.Case, async: false
+
+  import UffPort.Test.Helpers
+  alias UffPort.{JobSupervisor, OsProcess, Worker}
+
+  setup do
+    tmp = tmp_dir!("sup")
+    on_exit(fn -> File.rm_rf(tmp) end)
+    {:ok, tmp: tmp}
+  end
+
+  test "a worker frozen with SIGSTOP is caught by the heartbeat watchdog and replaced", %{
+    tmp: tmp
+  } do
+    opts = worker_opts(tmp, name: :frozen_worker, subscribers: [self()], heartbeat_timeout: 1_500)
+
+    start_supervised!(%{
+      id: :sup,
+      start: {Supervisor, :start_link, [[{Worker, opts}], [strategy: :one_for_one]]}
+    })
+
+    first = await_event(%{"event" => "hello"})
+    await_event(%{"event" => "heartbeat"}, 3_000)
+    frozen_at = System.monotonic_time(:millisecond)
+    :ok = OsProcess.signal(first["pid"], :stop)
+
+    down = await_event(%{"event" => "worker_down"}, 6_000)
+    detected_ms = System.monotonic_time(:millisecond) - frozen_at
+    assert {:heartbeat_timeout, %{timeout_ms: 1_500}} = down["reason"]
+    # timeout + one watchdog period (timeout / 5) + scheduling slack on a busy machine
+    assert detected_ms < 1_500 + 300 + 1_500, "detected after #{detected_ms} ms"
+    assert gone?(first["pid"], 5_000)
+
+    second = await_event(%{"event" => "hello"}, 15_000)
+    assert second["pid"] != first["pid"]
+    assert {:ok, %{"pong" => true}} = Worker.ping(:frozen_worker)
+  end
+
+  test "a worker that dies right after start is restarted with backoff until intensity is exceeded" do
+    Process.flag(:trap_exit, true)
+
+    {:ok, sup} =
+      JobSupervisor.start_link(
+        job: %{"config_path" => "tiny"},
+        worker: fake("crash_after_hello") ++ [subscribers: [self()]],
+        max_restarts: 3,
+        max_seconds: 60,
+        backoff: [base: 150, max: 10_000, healthy_after: 30_000]
+      )
+
+    starts =
+      for attempt <- 1..4 do
+        hello = await_event(%{"event" => "hello"}, 10_000)
+        assert hello["attempt"] == attempt
+        down = await_event(%{"event" => "worker_down"}, 10_000)
+        assert {:worker_crashed, %{status: 3, stderr: stderr}} = down["reason"]
+        assert Enum.any?(stderr, &(&1 =~ "simulated CUDA error"))
+        System.monotonic_time(:millisecond)
+      end
+
+    # Restart intensity exceeded: the supervisor gives up instead of spinning.
+    assert_receive {:EXIT, ^sup, :shutdown}, 5_000
+    gaps = starts |> Enum.chunk_every(2, 1, :discard) |> Enum.map(fn [a, b] -> b - a end)
+    # backoff 150, 300, 600 ms before attempts 2, 3, 4
+    for {gap, min} <- Enum.zip(gaps, [150, 300, 600]),
+        do: assert(gap >= min, "gaps #{inspect(gaps)}")
+  end
+
+  test "the worker dies with the VM: kill -9 of the BEAM leaves no worker behind", %{tmp: tmp} do
+    ebin = Path.expand("_build/test/lib/uff_port/ebin", File.cwd!())
+    script = Path.join(tmp, "vm.exs")
+
+    File.write!(script, """
+    {:ok, w} = UffPort.Worker.start_link(heartbeat_interval: 0.5, runs_root: #{inspect(Path.join(tmp, "runs"))})
+    IO.puts("PIDS \#{System.pid()} \#{UffPort.Worker.os_pid(w)}")
+    Process.sleep(:infinity)
+    """)
+
+    port =
+      Port.open({:spawn_executable, System.find_executable("elixir")}, [
+        :binary,
+        :exit_status,
+        {:line, 1_000},
+        {:args, ["-pa", ebin, script]},
+        {:env, [{~c"UFF_PORT_PYTHON", String.to_charlist(python())}]}
+      ])
+
+    {vm_pid, worker_pid} = read_pids(port)
+    assert OsProcess.alive?(worker_pid)
+    :ok = OsProcess.signal(vm_pid, :kill)
+    assert_receive {^port, {:exit_status, _}}, 10_000
+    assert gone?(worker_pid, 10_000), "worker #{worker_pid} outlived the VM"
+  end
+
+  defp read_pids(port) do
+    receive do
+      {^port, {:data, {:eol, "PIDS " <> rest}}} ->
+        [vm, worker] = rest |> String.split() |> Enum.map(&String.to_integer/1)
+        {vm, worker}
+
+      {^port, {:data, _other}} ->
+        read_pids(port)
+    after
+      30_000 -> flunk("the child VM did not report its pids")
+    end
+  end
+end
