@@ -29,6 +29,7 @@ from typing import Any, Final
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # torture_resume: the trainer-process helpers
 
 WORDS: Final = (
     "defmodule tank hull turret track armor engine GenServer handle_call state reply "
@@ -123,12 +124,156 @@ def bench_data(lines: int, full_cap: int) -> dict[str, Any]:
     }
 
 
+def _bench_config(max_steps: int, every: int | None) -> dict[str, Any]:
+    import torture_resume
+
+    cfg = torture_resume.torture_config(max_steps, every or 1)
+    cfg["checkpoint"]["every_steps"] = every
+    cfg["data"]["seq_len"] = 128
+    cfg["lora"]["r"] = 16
+    return cfg
+
+
+def _loop_seconds(events: list[dict[str, Any]]) -> tuple[float, int]:
+    prog = [e for e in events if e.get("event") == "progress"]
+    return prog[-1]["ts"] - prog[0]["ts"], prog[-1]["step"] - prog[0]["step"]
+
+
 def bench_blocked(steps: int, every: int) -> dict[str, Any]:
-    raise NotImplementedError
+    """The real trainer with and without periodic checkpoints, same invocation."""
+    import torture_resume
+
+    out: dict[str, Any] = {"trainer": {}, "large_adapter": _bench_large_adapter()}
+    with tempfile.TemporaryDirectory(prefix="bench-blocked-") as tmp:
+        runs = {}
+        for label, ev in (("without", None), ("with", every), ("without_2", None), ("with_2", every)):
+            run = Path(tmp) / label
+            torture_resume.reference_run(run, _bench_config(steps, ev))
+            runs[label] = torture_resume.read_events(run)
+        loop = {k: _loop_seconds(v) for k, v in runs.items()}
+        ckpts = [e for k in ("with", "with_2") for e in runs[k] if e.get("event") == "checkpoint"]
+        periodic = [e for e in ckpts if e["step"] % every == 0 and e["step"] < steps]
+        blocked = sorted(e["blocked_seconds"] for e in periodic)
+        step_s = (loop["with"][0] + loop["with_2"][0]) / (loop["with"][1] + loop["with_2"][1])
+        interval = every * step_s
+        base_s = (loop["without"][0] + loop["without_2"][0]) / (loop["without"][1] + loop["without_2"][1])
+        out["trainer"] = {
+            "steps": steps,
+            "every_steps": every,
+            "checkpoints": len(periodic),
+            "bytes_per_checkpoint": periodic[0]["bytes"] if periodic else None,
+            "blocked_s_median": round(blocked[len(blocked) // 2], 5) if blocked else None,
+            "blocked_s_max": round(blocked[-1], 5) if blocked else None,
+            "write_s_median": round(sorted(e["seconds"] for e in periodic)[len(periodic) // 2], 4) if periodic else None,
+            "interval_s": round(interval, 3),
+            "blocked_share_of_interval": round(blocked[len(blocked) // 2] / interval, 5) if blocked else None,
+            "step_s_with_checkpoints": round(step_s, 4),
+            "step_s_without": round(base_s, 4),
+            "throughput_ratio_with_vs_without": round(base_s / step_s, 3),
+        }
+    return out
+
+
+def _bench_large_adapter() -> dict[str, Any]:
+    """A bigger LoRA state (r=64 on all projections of an 8x1024 Llama): async vs synchronous save."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from uff_port.training.checkpoint_store import CheckpointStore
+    from uff_port.training.state import AsyncCheckpointer, snapshot, write_snapshot
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=64, lora_alpha=128, target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    for p in params:  # optimizer state as after a real step, without paying for one
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    kw = dict(model=model, optimizer=opt, scheduler=sched, scaler=None, data_cursor={}, counters={})
+    with tempfile.TemporaryDirectory(prefix="bench-large-") as tmp:
+        store = CheckpointStore(tmp, keep_last=2)
+        sync, blocked, written = [], [], []
+        events: list[dict[str, Any]] = []
+        writer = AsyncCheckpointer(store, emit=lambda e, **f: events.append(f) if e == "checkpoint" else None)
+        for i in range(3):
+            t0 = time.perf_counter()
+            snap = snapshot(**kw, step=2 * i + 1)
+            staging = store.begin(2 * i + 1)
+            write_snapshot(snap, staging)
+            store.commit(staging, 2 * i + 1, {})
+            sync.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            writer.save(snapshot(**kw, step=2 * i + 2), {})
+            blocked.append(time.perf_counter() - t0)
+            writer.wait()
+            written.append(events[-1]["seconds"])
+            size = events[-1]["bytes"]
+    return {
+        "trainable_params": sum(p.numel() for p in params),
+        "checkpoint_mb": round(size / 2**20, 1),
+        "sync_save_blocks_s": round(min(sync), 4),
+        "async_save_blocks_s": round(min(blocked), 4),
+        "background_write_s": round(min(written), 4),
+        "blocked_ratio_async_vs_sync": round(min(blocked) / min(sync), 4),
+        "note": "CPU tensors: on a GPU the blocking part is a device-to-host copy of the same bytes",
+    }
 
 
 def bench_recovery(kills: int) -> dict[str, Any]:
-    raise NotImplementedError
+    """SIGKILL a trainer past a checkpoint, restart it: seconds to the first progress after the kill,
+    against a cold start of a fresh run measured in the same invocation."""
+    import signal
+
+    import torture_resume
+
+    cfg = _bench_config(400, 5)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
+        fresh, recover, lost = [], [], []
+        for i in range(kills):
+            cold = Path(tmp) / f"cold{i}"
+            config = torture_resume.write_config(cold, cfg)
+            t0 = time.monotonic()
+            proc = torture_resume.start(cold, config)
+            while torture_resume._progress_count(cold)[0] == 0:
+                time.sleep(0.005)
+            fresh.append(time.monotonic() - t0)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+            run = Path(tmp) / f"run{i}"
+            config = torture_resume.write_config(run, cfg)
+            proc = torture_resume.start(run, config)
+            while torture_resume._progress_count(run)[1] < 12 + i:
+                time.sleep(0.01)
+            os.killpg(proc.pid, signal.SIGKILL)
+            t_kill = time.monotonic()
+            proc.wait()
+            killed_at = torture_resume._progress_count(run)[1]
+            n0 = torture_resume._progress_count(run)[0]
+            proc = torture_resume.start(run, config)
+            while torture_resume._progress_count(run)[0] == n0:
+                time.sleep(0.005)
+            recover.append(time.monotonic() - t_kill)
+            resumed_step = torture_resume._progress_count(run)[1]
+            lost.append(killed_at - (resumed_step - 1))
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    fresh.sort()
+    recover.sort()
+    out = {
+        "kills": kills,
+        "cold_start_to_first_progress_s_median": round(fresh[len(fresh) // 2], 2),
+        "kill_to_first_progress_s_median": round(recover[len(recover) // 2], 2),
+        "ratio_recovery_vs_cold_start": round(recover[len(recover) // 2] / fresh[len(fresh) // 2], 3),
+        "steps_redone_per_kill": lost,
+    }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
