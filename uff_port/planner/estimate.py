@@ -36,6 +36,13 @@ DS_PREFETCH_BUCKET: Final = 50_000_000
 # Host: resident size of one trainer process once torch/transformers/peft are imported.
 PROCESS_RSS_GPU: Final = int(2.5 * GiB)
 PROCESS_RSS_CPU: Final = int(1.0 * GiB)
+# Backward working set in units of one layer's saved activations, measured on CPU
+# with the PyTorch memory profiler (tests/test_planner_measured.py): 1.2-1.3 with
+# checkpointing (the recomputed layer + its gradients; ~1.6 under autocast, whose
+# gradients partly flow in fp32), 0.15-0.3 without.
+BACKWARD_CKPT: Final = 1.3
+BACKWARD_CKPT_AUTOCAST: Final = 1.6
+BACKWARD_NO_CKPT: Final = 0.35
 # Loading through a device_map (the nf4 path) streams shard by shard.
 SHARD_BYTES: Final = 5 * GiB
 
@@ -164,14 +171,16 @@ def activation_bytes(arch: Arch, cand: Candidate, wl: Workload) -> dict[str, flo
     tail = tokens * (4 * arch.hidden + 4 + (2 * p * arch.hidden if cand.method == "full" else 0))
     if cand.grad_ckpt:
         # Only each layer's input survives the forward; backward recomputes one layer
-        # at a time and holds it together with its gradients.
+        # at a time and holds it together with the gradients flowing through it.
         # QLoRA's fp32 embeddings (prepare_model_for_kbit_training) make the residual fp32.
         resid = 4 if cand.method == "qlora" else p
         saved = arch.layers * tokens * resid * arch.hidden + tail
-        transient = 2 * layer
+        transient = (BACKWARD_CKPT_AUTOCAST if p < 4 else BACKWARD_CKPT) * layer
     else:
+        # Backward frees each layer's saved tensors as it goes: only the gradients in
+        # flight through one layer come on top.
         saved = arch.layers * layer + tail
-        transient = layer
+        transient = BACKWARD_NO_CKPT * layer
     # Logits in the compute dtype (held by the output), the fp32 log-softmax kept by
     # cross-entropy, and in backward its fp32 gradient in and out (HF ForCausalLMLoss
     # upcasts logits to fp32).
