@@ -21,17 +21,23 @@ _CACHE: dict[str, Path] = {}
 
 
 def trained_run(base: Path) -> Path:
-    """A real run directory: config.yaml, events.jsonl and final/ from 4 optimizer steps."""
+    """A real run directory (config.yaml, events.jsonl, final/) trained in two attempts.
+
+    The first trainer stops at step 2; the second resumes from its checkpoint
+    to step 4, so the lineage has two trainer starts, as after a preemption.
+    """
     if "run" in _CACHE:
         return _CACHE["run"]
     run = base / "trained"
-    cmd = [
-        PYTHON, "-m", "uff_port.training", "--run-dir", str(run), "--config", str(ROOT / "configs" / "tiny.yaml"),
-        "--set", "training.max_steps=4", "--set", "eval.every_steps=2", "--set", "eval.max_batches=1",
-        "--set", "checkpoint.every_steps=4", "--set", "training.warmup_steps=1",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for steps in (2, 4):
+        cmd = [
+            PYTHON, "-m", "uff_port.training", "--run-dir", str(run),
+            "--config", str(ROOT / "configs" / "tiny.yaml"),
+            "--set", f"training.max_steps={steps}", "--set", "eval.every_steps=2", "--set", "eval.max_batches=1",
+            "--set", "checkpoint.every_steps=2", "--set", "training.warmup_steps=1",
+        ]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ))
+        assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "final" / "adapter_model.safetensors").is_file()
     _CACHE["run"] = run
     return run

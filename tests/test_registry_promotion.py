@@ -67,7 +67,7 @@ def test_run_manifest_from_real_training(run: Path, tmp_path: Path) -> None:
     assert m.role == "textgen" and m.base_model.id == "builtin:tiny-llama"
     assert m.metrics["eval_loss"] == pytest.approx(finished["eval_loss"])
     assert m.metrics["train_loss"] == pytest.approx(finished["loss"])
-    assert m.lineage.attempts == 1 and m.lineage.backend == "local" and m.lineage.final_step == 4
+    assert m.lineage.attempts == 2 and m.lineage.backend == "local" and m.lineage.final_step == 4
     assert m.config_hash == config_hash(load_config(run / "config.yaml"))
     assert "adapter_model.safetensors" in m.files and "manifest.json" not in m.files
     assert m.tokenizer_hash is not None and m.interface.r == 16
