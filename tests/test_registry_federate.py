@@ -146,3 +146,26 @@ def test_quality_is_judged_against_the_previous_release(tmp_path: Path) -> None:
     res = uff("federate", "--manifest", f"hf={inputs[0][1]}", "--manifest", f"gcp={DATA / 'gcp.json'}",
               "--baseline", str(DATA / "fused_expected.json"), "--output", str(out))
     assert res.returncode == 6 and "REFUSED" in res.stdout and not out.exists()
+
+
+def test_artifact_directories_are_rehashed(tmp_path: Path) -> None:
+    from uff_port.registry.runmanifest import write_run_manifest
+
+    def artifact(name: str, role: str) -> Path:
+        final = tmp_path / name / "final"
+        final.mkdir(parents=True)
+        (final / "adapter_model.safetensors").write_bytes(name.encode() * 100)
+        (final / "tokenizer.json").write_text('{"model": "bpe"}')
+        (tmp_path / name / "config.yaml").write_text(f"name: {name}\nmodel:\n  name_or_path: org/base\n")
+        write_run_manifest(tmp_path / name, role=role, version="0.3.0")
+        return final
+
+    hf, aws = artifact("main", "textgen"), artifact("uam", "uam")
+    release = federate([("hf", hf), ("aws", aws)], None)
+    assert release["name"] == "spiralverse-ai-federated-v0.3.0" and release["roles"] == ["textgen", "uam"]
+    weights = aws / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[::-1])  # same size, other bytes
+    with pytest.raises(CommandError) as exc:
+        federate([("hf", hf), ("aws", aws)], None)
+    assert exc.value.code == "verify_failed"
+    assert exc.value.message == "aws.files: sha256 mismatch: adapter_model.safetensors"

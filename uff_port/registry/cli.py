@@ -251,7 +251,8 @@ def register(subparsers: Any) -> None:
                               description="Merge manifests from several sites into "
                               "spiralverse-ai-federated-vX.Y.Z, refusing inconsistent inputs.")
     p.add_argument("--manifest", action="append", required=True, metavar="PROVIDER=PATH",
-                   help="repeatable, e.g. --manifest hf=A.json --manifest aws=C.json")
+                   help="repeatable, e.g. --manifest hf=A.json --manifest aws=C.json; PATH may be an "
+                   "artifact directory (its files are re-hashed)")
     p.add_argument("--output", required=True)
     p.add_argument("--version", help="release version (default: the highest artifact version)")
     p.add_argument("--gates", help="gates YAML (default configs/gates.yaml)")

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port.fsutil import atomic_write_text
+from uff_port.hashing import verify_tree
 from uff_port.registry.errors import (
     GATE_FAILED,
     INCONSISTENT_RELEASE,
     INVALID_ARGS,
     INVALID_MANIFEST,
     NOT_FOUND,
+    VERIFY_FAILED,
     RegistryError,
 )
 from uff_port.registry.gates import (
@@ -33,7 +35,8 @@ from uff_port.registry.gates import (
     latency_gate,
     quality_gate,
 )
-from uff_port.registry.manifest import SEMVER_RE, ArtifactManifest, parse_manifest
+from uff_port.registry.manifest import MANIFEST_NAME, SEMVER_RE, ArtifactManifest, parse_manifest
+from uff_port.registry.runmanifest import content_excludes
 
 RELEASE_PREFIX: Final = "spiralverse-ai-federated"
 RELEASE_SCHEMA: Final = 1
@@ -48,8 +51,22 @@ def _semver_key(version: str) -> tuple[int, int, int, int]:
 
 
 def read_provider(provider: str, path: str | Path) -> tuple[list[ArtifactManifest], str]:
-    """Artifacts of one provider file (one manifest, or `{"artifacts": [...]}`) and its sha256."""
+    """Artifacts of one provider file (one manifest, or `{"artifacts": [...]}`) and its sha256.
+
+    A directory is an artifact as downloaded (files + artifact.json): its files
+    are re-hashed against the manifest too.
+    """
     p = Path(path)
+    if p.is_dir():
+        artifacts, digest = read_provider(provider, p / MANIFEST_NAME)
+        for m in artifacts:
+            report = verify_tree(p, m.files_dict(), exclude=content_excludes(p))
+            if not report.ok:
+                raise RegistryError(
+                    VERIFY_FAILED, f"{provider}.files: {report.summary()}",
+                    {"field": "files", "provider": provider, "verify": report.to_dict()},
+                )
+        return artifacts, digest
     try:
         data = p.read_bytes()
     except OSError:
