@@ -31,7 +31,7 @@ defmodule UffPort.Error do
   # protocol v1 codes (uff_port/protocol/errors.py); never create atoms from the wire.
   @wire_codes ~w(frame_too_large truncated_frame malformed_frame invalid_request unknown_command
                  invalid_args invalid_config not_available busy no_job not_found checkpoint_failed
-                 trainer_failed timeout shutting_down wont_fit internal)
+                 trainer_failed timeout shutting_down wont_fit internal corrupt_checkpoint)
 
   @doc false
   @spec new(atom, String.t(), term) :: t

@@ -44,8 +44,11 @@ def hello() -> None:
 def main() -> int:
     mode = sys.argv[1]
     if mode == "echo":
-        while (frame := read_frame(0)) is not None:
-            write_frame(frame)
+        # Buffered like the worker's own reader: one read syscall per frame, one write.
+        inp, out = sys.stdin.buffer, sys.stdout.buffer
+        while len(head := inp.read(4)) == 4:
+            out.write(head + inp.read(struct.unpack(">I", head)[0]))
+            out.flush()
         return 0
     if mode == "silent":
         time.sleep(3600)

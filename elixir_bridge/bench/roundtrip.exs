@@ -1,0 +1,161 @@
+# Round-trip and recovery figures of the bridge, each against a baseline measured
+# in the same invocation.
+#
+#   cd elixir_bridge && mix run bench/roundtrip.exs [--pings 2000] [--no-recovery]
+#
+# 1. `UffPort.Worker.ping/1` p50/p99 vs a bare Port echo: the same Python, the
+#    same {packet,4} framing and the same Elixir codec work, but no GenServer and
+#    no worker dispatch. Blocks of both alternate, so machine load hits both alike.
+# 2. Recovery: SIGKILL of the worker at step 8 of the tiny run -> first progress
+#    event after the supervisor's restart and resume, vs the cold start of the same
+#    run (supervisor start -> first progress).
+
+alias UffPort.{JobSupervisor, Msgpack, OsProcess, Worker}
+# The injected SIGKILL is expected; its crash report would only clutter the figures.
+Logger.configure(level: :critical)
+
+{opts, _, _} = OptionParser.parse(System.argv(), strict: [pings: :integer, recovery: :boolean])
+pings = Keyword.get(opts, :pings, 2_000)
+repo = Path.expand("..", File.cwd!())
+
+python =
+  System.get_env("UFF_PORT_PYTHON") ||
+    Enum.find([Path.join(repo, ".venv/bin/python")], &File.regular?/1) || "python3"
+
+fake = Path.expand("test/support/fake_worker.py")
+tmp = Path.join(System.tmp_dir!(), "uff_port_bench_#{System.unique_integer([:positive])}")
+File.mkdir_p!(tmp)
+
+defmodule Bench do
+  def pct(samples, p) do
+    sorted = Enum.sort(samples)
+    Enum.at(sorted, min(length(sorted) - 1, round(p / 100 * (length(sorted) - 1))))
+  end
+
+  def echo_rtt(port, id) do
+    frame = Msgpack.encode!(%{"id" => id, "cmd" => "ping", "args" => %{}})
+    t0 = System.monotonic_time(:microsecond)
+    true = Port.command(port, frame)
+
+    receive do
+      {^port, {:data, data}} ->
+        {:ok, %{"id" => ^id}} = Msgpack.decode(data)
+        System.monotonic_time(:microsecond) - t0
+    after
+      10_000 -> raise "echo timed out"
+    end
+  end
+
+  def ping_rtt(w) do
+    t0 = System.monotonic_time(:microsecond)
+    {:ok, %{"pong" => true}} = Worker.ping(w)
+    System.monotonic_time(:microsecond) - t0
+  end
+
+  def await(pred, timeout \\ 300_000) do
+    receive do
+      {:uff_port, _w, ev} ->
+        if pred.(ev), do: {ev, System.monotonic_time(:millisecond)}, else: await(pred, timeout)
+    after
+      timeout -> raise "bench: event not seen in #{timeout} ms"
+    end
+  end
+end
+
+# ------------------------------------------------------------------ round trips
+echo =
+  Port.open({:spawn_executable, python}, [
+    :binary,
+    {:packet, 4},
+    :exit_status,
+    {:args, [fake, "echo"]}
+  ])
+
+{:ok, w} =
+  Worker.start_link(
+    python: python,
+    runs_root: Path.join(tmp, "runs"),
+    stderr_log: Path.join(tmp, "w.log")
+  )
+
+for i <- 1..200, do: {Bench.echo_rtt(echo, i), Bench.ping_rtt(w)}
+
+blocks = 10
+per = div(pings, blocks)
+
+{echo_s, ping_s} =
+  Enum.reduce(1..blocks, {[], []}, fn b, {es, ps} ->
+    es = es ++ for(i <- 1..per, do: Bench.echo_rtt(echo, b * per + i))
+    ps = ps ++ for(_ <- 1..per, do: Bench.ping_rtt(w))
+    {es, ps}
+  end)
+
+Port.close(echo)
+Worker.shutdown(w)
+
+row = fn name, s -> "| #{name} | #{length(s)} | #{Bench.pct(s, 50)} | #{Bench.pct(s, 99)} |" end
+IO.puts("\n## ping round trip (microseconds)\n")
+IO.puts("| path | n | p50 | p99 |\n|---|---|---|---|")
+IO.puts(row.("bare Port echo (baseline)", echo_s))
+IO.puts(row.("UffPort.Worker.ping/1", ping_s))
+
+IO.puts(
+  "\nratio worker/echo: p50 #{Float.round(Bench.pct(ping_s, 50) / Bench.pct(echo_s, 50), 2)}x, " <>
+    "p99 #{Float.round(Bench.pct(ping_s, 99) / Bench.pct(echo_s, 99), 2)}x"
+)
+
+# ------------------------------------------------------------------ recovery
+if Keyword.get(opts, :recovery, true) do
+  job = %{
+    "config_path" => Path.join(repo, "configs/tiny.yaml"),
+    "run_dir" => "recovery",
+    "overrides" => %{
+      "training.max_steps" => 14,
+      "checkpoint.every_steps" => 4,
+      "eval.every_steps" => 1000,
+      "training.progress_every_seconds" => 0
+    }
+  }
+
+  t_start = System.monotonic_time(:millisecond)
+
+  {:ok, sup} =
+    JobSupervisor.start_link(
+      job: job,
+      worker: [
+        python: python,
+        runs_root: Path.join(tmp, "runs"),
+        stderr_log: Path.join(tmp, "recovery.log"),
+        subscribers: [self()],
+        heartbeat_interval: 1.0
+      ]
+    )
+
+  {_, t_first} = Bench.await(&(&1["event"] == "progress"))
+  hello = Worker.snapshot(JobSupervisor.worker(sup)).hello
+  {_, _} = Bench.await(&(&1["event"] == "progress" and &1["step"] >= 8))
+  t_kill = System.monotonic_time(:millisecond)
+  :ok = OsProcess.signal(hello["pid"], :kill)
+  {_, t_hello} = Bench.await(&(&1["event"] == "hello" and &1["attempt"] == 2))
+  {started, t_accepted} = Bench.await(&(&1["event"] == "job_started" and &1["attempt"] == 2))
+  {_, t_resumed} = Bench.await(&(&1["event"] == "progress"))
+  Bench.await(&(&1["event"] == "finished"))
+  Supervisor.stop(sup)
+
+  cold = t_first - t_start
+  recovery = t_resumed - t_kill
+  IO.puts("\n## recovery (milliseconds)\n")
+  IO.puts("| phase | ms |\n|---|---|")
+  IO.puts("| cold start: supervisor start -> first progress (baseline) | #{cold} |")
+  IO.puts("| SIGKILL -> new worker's hello | #{t_hello - t_kill} |")
+
+  IO.puts(
+    "| hello -> train accepted (resumed_from #{started["result"]["resumed_from"]}) | #{t_accepted - t_hello} |"
+  )
+
+  IO.puts("| accepted -> first progress after resume | #{t_resumed - t_accepted} |")
+  IO.puts("| **SIGKILL -> first progress after resume** | **#{recovery}** |")
+  IO.puts("\nratio recovery/cold start: #{Float.round(recovery / cold, 2)}x")
+end
+
+File.rm_rf(tmp)
