@@ -129,3 +129,11 @@ def test_gpu_fields_from_nvml(monkeypatch) -> None:
     assert sample_gpus()[0]["power_w"] is None  # one unreadable figure is nil, not a failure
     fake.nvmlDeviceGetCount = broken
     assert sample_gpus() == []
+
+
+def test_fields_cannot_clobber_the_envelope() -> None:
+    events, out, done, w = _stream()
+    events.emit("artifact_registered", name="adapter", event="spoof", seq=999, ts=123.5)
+    os.close(w)
+    done.wait(5)
+    assert out == [{"event": "artifact_registered", "seq": 1, "ts": 123.5, "name": "adapter"}]

@@ -29,6 +29,13 @@ class ErrorCode:
     TIMEOUT: Final = "timeout"
     SHUTTING_DOWN: Final = "shutting_down"
     WONT_FIT: Final = "wont_fit"
+    # Registry and releases (docs/registry.md).
+    INVALID_MANIFEST: Final = "invalid_manifest"
+    VERIFY_FAILED: Final = "verify_failed"
+    GATE_FAILED: Final = "gate_failed"
+    ALIAS_CONFLICT: Final = "alias_conflict"
+    INCONSISTENT_RELEASE: Final = "inconsistent_release"
+    INVALID_GATES: Final = "invalid_gates"
     INTERNAL: Final = "internal"
 
 

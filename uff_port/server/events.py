@@ -48,17 +48,20 @@ class EventStream:
             return
         self._writer.write(frame)
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: str, /, **fields: Any) -> None:
         """Send one event now (no rate limit): use for everything that must arrive."""
         if self.closed:
             return
+        # The envelope keys come first on the wire and cannot be overwritten by fields.
+        frame: dict[str, Any] = {"event": name, "seq": 0, "ts": fields.get("ts") or time.time()}
+        frame.update(fields)
+        frame["event"] = name
         with self._writer.lock:
             self._seq += 1
-            frame = {"event": name, "seq": self._seq, "ts": fields.pop("ts", None) or time.time()}
-            frame.update(fields)
+            frame["seq"] = self._seq
             self._writer.write_raw_locked(encode_frame(frame))
 
-    def emit_limited(self, name: str, **fields: Any) -> None:
+    def emit_limited(self, name: str, /, **fields: Any) -> None:
         """Send a chatty event through the rate limiter (progress, log)."""
         now = time.monotonic()
         if name == "progress":

@@ -8,6 +8,7 @@ request loop.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -166,8 +167,6 @@ class JobLauncher:
         return self._verify_explicit(path)
 
     def _verify_explicit(self, path: Path) -> tuple[Path, int]:
-        import json
-
         from uff_port.hashing import verify_tree
 
         manifest_path = path / "manifest.json"
@@ -219,4 +218,18 @@ class JobLauncher:
         return Job(info, argv, events, on_exit, extra_argv=extra)
 
     def after_finish(self, info: JobInfo) -> None:
-        """Hook for work after a finished job (artifact manifests); never fails the job."""
+        """Write the run's artifact manifest (final/artifact.json); a failure is a warning.
+
+        Runs after the trainer exited 0, so `finished` is already in events.jsonl
+        and the manifest's metrics include it.
+        """
+        try:
+            from uff_port.registry.runmanifest import write_run_manifest
+
+            path = write_run_manifest(info.run_dir)
+            manifest = json.loads(path.read_text())
+            self.emit("artifact", job_id=info.job_id, path=str(path), artifact_id=manifest.get("artifact_id"),
+                      role=manifest.get("role"))
+        except Exception as exc:  # the training result stands; only its manifest is missing
+            self.emit("log", job_id=info.job_id, level="warning", code="artifact_manifest_failed",
+                      message=f"could not write the artifact manifest: {type(exc).__name__}: {exc}")

@@ -31,7 +31,7 @@ class TaskContext:
     writer: FrameWriter | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: str, /, **fields: Any) -> None:
         frame = {"event": event, "ts": time.time(), **fields}
         if self.writer is None:
             self.events.append(frame)
