@@ -170,3 +170,24 @@ def test_guard_unknown_model_is_not_refused() -> None:
     cfg = validate_config({"model": {"name_or_path": "someone/not-cached"}})
     rep = check_config(cfg, [GPU16])
     assert rep.fits and not rep.checked and "not checked" in rep.message
+
+
+@pytest.mark.slow
+def test_probe_child_runs_the_candidate_on_cpu() -> None:
+    """The probe's model-building and step code, run for real in its child process (CPU dry run)."""
+    pytest.importorskip("peft")
+    from dataclasses import asdict
+
+    from uff_port.planner.arch import BUILTIN
+    from uff_port.planner.estimate import Candidate, Workload
+    from uff_port.planner.probe import run_one
+
+    for method, ckpt in (("lora", True),):
+        spec = {"arch": asdict(BUILTIN["builtin:tiny-llama"]),
+                "candidate": asdict(Candidate(method, "single", 1, ckpt, 2)),
+                "workload": asdict(Workload(seq_len=64, device="cpu")), "device": "cpu"}
+        got = run_one(spec, timeout=120)
+        assert got.get("steps") == 3 and got["loss"] == got["loss"], got  # ran, finite loss
+    bad = dict(spec, candidate=asdict(Candidate("lora", "single", 1, False, 1)), device="cuda")
+    got = run_one(bad, timeout=120)
+    assert "error" in got or got.get("max_memory_reserved")  # no GPU: a clean error, not a hang

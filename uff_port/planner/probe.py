@@ -8,7 +8,6 @@ so that one candidate's cached blocks never inflate the next one's
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from typing import Any, Final
@@ -31,16 +30,37 @@ def probe_available() -> None:
         raise ProbeUnavailable("needs a CUDA GPU and none is visible (run `uff-port plan` without --probe for estimates only)")
 
 
+def _quantize_nf4(model: Any, double_quant: bool) -> None:
+    """Swap every decoder Linear for a bitsandbytes Linear4bit holding the same weights
+    (what `from_pretrained(quantization_config=nf4)` does; lm_head stays unquantized)."""
+    import bitsandbytes as bnb
+    import torch
+
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear or name.endswith("lm_head"):
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
+                              compute_dtype=torch.bfloat16, compress_statistics=double_quant,
+                              quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
+                                     compress_statistics=double_quant, quant_type="nf4")
+        model.set_submodule(name, q)
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build the model from `spec` (arch + candidate + workload), run steps, read the allocator."""
+    """Build the model from `spec` (arch + candidate + workload), run steps, read the allocator.
+
+    `spec["device"] == "cpu"` is a dry run of the same code (no memory figures), for tests.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     arch, cand, wl = spec["arch"], spec["candidate"], spec["workload"]
-    if spec.get("cap_bytes"):
+    on_cpu = spec.get("device") == "cpu"
+    dev = torch.device("cpu") if on_cpu else torch.device("cuda", 0)
+    if spec.get("cap_bytes") and not on_cpu:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_bytes"] / total), 0)
-    dev = torch.device("cuda", 0)
     cfg: Any = LlamaConfig(  # type: ignore[call-arg]
         hidden_size=arch["hidden"], intermediate_size=arch["intermediate"], num_hidden_layers=arch["layers"],
         num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"], vocab_size=arch["vocab"],
@@ -48,29 +68,21 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         tie_word_embeddings=arch["tie_embeddings"], attn_implementation=wl["attn"], use_cache=False,
     )
     torch.manual_seed(0)
+    qlora = cand["method"] == "qlora"
+    # Random weights built where they will live (the GPU), in the trainer's bf16; the nf4
+    # path builds on the host and quantizes on the way to the GPU, as from_pretrained does.
     model: Any
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    if cand["method"] == "qlora":
-        import bitsandbytes as bnb  # noqa: F401  (probe of nf4 needs bitsandbytes)
+    with torch.device("cpu" if qlora else dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if qlora:
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-        from transformers.integrations import replace_with_bnb_linear
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=wl["double_quant"],
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = replace_with_bnb_linear(model, quantization_config=q)
-        model.to(dev)  # Params4bit quantize on their way to the GPU
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cand["grad_ckpt"])
-    else:
+        _quantize_nf4(model, wl["double_quant"])
         model.to(dev)
-        if cand["grad_ckpt"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cand["grad_ckpt"])
+    elif cand["grad_ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     if cand["method"] != "full":
         import peft
 
@@ -78,31 +90,36 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             r=wl["lora_r"], lora_alpha=2 * wl["lora_r"], lora_dropout=wl["lora_dropout"],
             target_modules=list(wl["lora_targets"]), task_type="CAUSAL_LM"))
         for p in model.parameters():
-            if p.requires_grad:
+            if p.requires_grad:  # the trainer keeps adapters in fp32
                 p.data = p.data.float()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    torch.cuda.reset_peak_memory_stats(dev)
+    if not on_cpu:
+        torch.cuda.reset_peak_memory_stats(dev)
     ids = torch.randint(0, arch["vocab"], (cand["micro_batch"], wl["seq_len"]), device=dev)
+    loss = float("nan")
     for _ in range(PROBE_STEPS):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
+        loss = float(out.loss.detach())
         del out
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if on_cpu:
+        return {"max_memory_reserved": None, "max_memory_allocated": None, "device": "cpu",
+                "steps": PROBE_STEPS, "loss": loss}
     torch.cuda.synchronize(dev)
     return {"max_memory_reserved": torch.cuda.max_memory_reserved(dev),
             "max_memory_allocated": torch.cuda.max_memory_allocated(dev),
-            "device": torch.cuda.get_device_name(dev)}
+            "device": torch.cuda.get_device_name(dev), "steps": PROBE_STEPS, "loss": loss}
 
 
 def run_one(spec: dict[str, Any], timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
     """Measure in a child process; an OOM or crash comes back as {"error": ...}."""
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
     try:
         proc = subprocess.run([sys.executable, "-m", "uff_port.planner.probe", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
