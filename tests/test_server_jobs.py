@@ -164,3 +164,16 @@ def test_no_orphans_when_the_parent_is_killed_9(runs_root: Path) -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_finished_job_reports_and_writes_artifact_manifest(worker: WorkerClient, runs_root: Path) -> None:
+    _train(worker, **{"training.max_steps": 3})
+    finished = worker.wait_event("finished", timeout=180)
+    assert finished["step"] == 3 and finished["job_id"] == "job"
+    artifact = worker.wait_event("artifact", timeout=60)
+    manifest = json.loads((runs_root / "job" / "final" / "artifact.json").read_text())
+    assert artifact["artifact_id"] == manifest["artifact_id"]
+    idle = worker.wait_event(lambda e: e.get("event") == "state" and e.get("state") == "idle", timeout=30)
+    assert idle["outcome"] == "finished" and idle["exit_status"] == 0
+    last = worker.request("status")["last_job"]
+    assert last["outcome"] == "finished" and last["step"] == 3
