@@ -322,3 +322,37 @@ def test_kill_at_env_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(KILL_AT_ENV, "12:nowhere")
     with pytest.raises(ValueError, match="STEP:POINT"):
         CheckpointStore(tmp_path)
+
+
+# -- whatever is on disk, reading never crashes ------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    latest=st.one_of(st.none(), st.binary(max_size=40), st.sampled_from([b"step-00000010\n", b"step-00000020", b"../x"])),
+    manifest=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+            max_leaves=12,
+        ).map(lambda v: json.dumps(v).encode()),
+    ),
+)
+def test_garbage_latest_and_manifest_never_crash(tmp_path_factory: Any, latest: bytes | None, manifest: bytes) -> None:
+    run = tmp_path_factory.mktemp("garbage")
+    store = CheckpointStore(run)
+    save(store, 10)
+    save(store, 20)
+    (run / "checkpoints" / "step-00000020" / "manifest.json").write_bytes(manifest)
+    if latest is None:
+        (run / "checkpoints" / LATEST).unlink()
+    else:
+        (run / "checkpoints" / LATEST).write_bytes(latest)
+    rec = Recorder()
+    point = CheckpointStore(run, emit=rec).find_resume_point()
+    assert point is not None and point.step in (10, 20)
+    if point.step == 10 and (latest or b"").strip() != b"step-00000010":  # damaged one set aside
+        assert any(e["name"] == "step-00000020" for e in rec.named("checkpoint_quarantined"))
+    assert CheckpointStore(run).latest_name() == point.path.name
+    assert (run / "checkpoints").resolve() in point.path.resolve().parents
