@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from uff_port.fsutil import confine
 from uff_port.planner.arch import DEFAULT_TARGETS, ArchError, resolve_arch
-from uff_port.planner.estimate import METHODS, Workload
+from uff_port.planner.estimate import METHODS, Method, Workload
 from uff_port.planner.search import (
     DEFAULT_GLOBAL_BATCH,
     DEFAULT_MARGIN,
@@ -53,7 +53,7 @@ class PlanArgs:
         methods = get("methods", None, (list, str))
         if isinstance(methods, str):
             methods = [m.strip() for m in methods.split(",") if m.strip()]
-        self.methods = tuple(methods) if methods else ("lora", "qlora")
+        self.methods: tuple[Method, ...] = tuple(methods) if methods else ("lora", "qlora")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             problems.append(f"methods: unknown {bad}; expected some of {list(METHODS)}")
@@ -90,9 +90,9 @@ def compute(a: PlanArgs) -> dict[str, Any]:
     wl = Workload(seq_len=a.seq_len, device="cuda" if on_gpu else "cpu",
                   compute_bytes=2 if on_gpu else 4, lora_r=a.lora_r,
                   lora_targets=DEFAULT_TARGETS, attn=a.attn)
-    methods = tuple(dict.fromkeys(("full", "lora", "qlora")))
+    # Every method is listed; the recommendation only uses the ones asked for.
     ranked, best = run_plan(arch, wl, a.gpus, a.cpu_ram, margin=a.margin, mb_max=a.mb_max,
-                            methods=methods, recommend_from=a.methods)
+                            methods=METHODS, recommend_from=a.methods)
     return {
         "model": arch.to_dict(),
         "gpus": a.gpus,

@@ -132,7 +132,7 @@ def layer_activation_bytes(arch: Arch, method: Method, wl: Workload) -> float:
     p = wl.compute_bytes
     h, i = arch.hidden, arch.intermediate
     # Two RMSNorms upcast to fp32 and keep that copy and 1/rms (HF LlamaRMSNorm).
-    total = 2 * (4 * h + 4)
+    total: float = 2 * (4 * h + 4)
     # Attention keeps q, k, v (after RoPE) and its output.
     total += p * (2 * arch.q_dim + 2 * arch.kv_dim)
     if wl.attn == "eager":
@@ -174,7 +174,7 @@ def activation_bytes(arch: Arch, cand: Candidate, wl: Workload) -> dict[str, flo
         # at a time and holds it together with the gradients flowing through it.
         # QLoRA's fp32 embeddings (prepare_model_for_kbit_training) make the residual fp32.
         resid = 4 if cand.method == "qlora" else p
-        saved = arch.layers * tokens * resid * arch.hidden + tail
+        saved: float = arch.layers * tokens * resid * arch.hidden + tail
         transient = (BACKWARD_CKPT_AUTOCAST if p < 4 else BACKWARD_CKPT) * layer
     else:
         # Backward frees each layer's saved tensors as it goes: only the gradients in
@@ -216,14 +216,16 @@ def estimate(arch: Arch, cand: Candidate, wl: Workload) -> Estimate:
         n_train = arch.n_params
         # DeepSpeed keeps bf16 params/grads and fp32 master + Adam m, v (ZeRO paper, K=12);
         # plain torch AdamW keeps m, v in the parameters' dtype.
-        train_param, grad, optim = 0.0, n_train * (2 if ds else p), n_train * (12 if ds else 2 * p)
+        train_param: float = 0.0
+        grad: float = n_train * (2 if ds else p)
+        optim: float = n_train * (12 if ds else 2 * p)
     else:
         n_train = n_lora
         train_param = n_train * (2 if ds else 4)
         grad, optim = n_train * (2 if ds else 4), n_train * (12 if ds else 8)
     acts = activation_bytes(arch, cand, wl)
 
-    gathered = 2 * (max(arch.layer_params, arch.embed_params) + DS_PREFETCH_BUCKET)
+    gathered: float = 2 * (max(arch.layer_params, arch.embed_params) + DS_PREFETCH_BUCKET)
     bucket = min(grad, 2 * DS_REDUCE_BUCKET)
     comm = 0.0
     if cand.strategy == "ddp":

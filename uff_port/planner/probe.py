@@ -73,7 +73,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     # path builds on the host and quantizes on the way to the GPU, as from_pretrained does.
     model: Any
     with torch.device("cpu" if qlora else dev):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(cfg)
+    model = model.to(torch.bfloat16)
     if qlora:
         from peft import prepare_model_for_kbit_training
 
