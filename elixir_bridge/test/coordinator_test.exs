@@ -1,0 +1,64 @@
+defmodule UffPort.CoordinatorTest do
+  use ExUnit.Case, async: false
+
+  import UffPort.Test.Helpers
+  alias UffPort.{Error, TrainingCoordinator}
+
+  @tiny Path.expand("../../configs/tiny.yaml", __DIR__)
+
+  setup do
+    tmp = tmp_dir!("coord")
+    on_exit(fn -> File.rm_rf(tmp) end)
+    {:ok, tmp: tmp}
+  end
+
+  test "a refused train ends the cycle with the worker's coded error, without restarts", %{tmp: tmp} do
+    assert {:error, {{:train_refused, %Error{code: :invalid_config, message: msg}}, summary}} =
+             TrainingCoordinator.run_training_cycle(nil, :local,
+               config: @tiny,
+               run_dir: "bad",
+               overrides: %{"training.max_steps" => -1},
+               worker: worker_opts(tmp)
+             )
+
+    assert msg =~ "training.max_steps"
+    assert [%{attempt: 1}] = summary.attempts
+  end
+
+  test "strategies are checked before anything starts" do
+    assert_raise ArgumentError, ~r/strategy must be one of/, fn ->
+      TrainingCoordinator.run_training_cycle(nil, :colab)
+    end
+  end
+
+  @tag :slow
+  test "a job that fails for good (missing data) comes back as job_failed", %{tmp: tmp} do
+    assert {:error, {{:job_failed, %{"code" => code, "resumable" => false}}, _}} =
+             TrainingCoordinator.run_training_cycle(Path.join(tmp, "missing.jsonl"), :local,
+               config: @tiny,
+               run_dir: "nodata",
+               worker: worker_opts(tmp),
+               timeout: 120_000
+             )
+
+    assert is_binary(code)
+  end
+
+  @tag :slow
+  test "a cloud strategy reaches the worker inside the job's config", %{tmp: tmp} do
+    me = self()
+
+    _ =
+      TrainingCoordinator.run_training_cycle(nil, :kaggle,
+        config: @tiny,
+        run_dir: "cloud",
+        worker: worker_opts(tmp),
+        max_restarts: 0,
+        timeout: 60_000,
+        on_event: fn _a, ev -> if ev["strategy"], do: send(me, {:strategy, ev["strategy"]}) end
+      )
+
+    assert File.read!(Path.join([tmp, "runs", "cloud", "config.yaml"])) =~ ~r/^strategy: kaggle$/m
+    assert_received {:strategy, "kaggle"}
+  end
+end
