@@ -241,3 +241,53 @@ def test_trainer_state_json_is_readable(tmp_path: Path) -> None:
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["step"] == 9 and state["data_cursor"] == cursor and state["adapter_kind"] == "peft"
     assert sha256_file(tmp_path / "adapter_model.safetensors")
+
+
+_DDP_CHILD = r"""
+import os, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, os.path.dirname(sys.argv[3]))
+from test_checkpoint_state import build, train_steps
+from uff_port.training.checkpoint_store import CheckpointStore
+from uff_port.training.state import AsyncCheckpointer, snapshot
+rank, run = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", rank=rank, world_size=2)
+torch.manual_seed(100 + rank)  # every rank has its own RNG stream (dropout differs per rank)
+model, opt, sched, scaler = build(1)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+train_steps(ddp, opt, sched, scaler, 2)
+snap = snapshot(model=ddp, optimizer=opt, scheduler=sched, scaler=scaler,
+                data_cursor={"seq_index": 8}, counters={}, step=2, rank=rank, world_size=2)
+if rank == 0:
+    writer = AsyncCheckpointer(CheckpointStore(run))
+    writer.save(snap, {})
+    assert writer.wait() is not None
+torch.save(torch.rand(4), os.path.join(run, f"next-draw-rank{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_save_every_rank_rng_and_one_rank_resumes(tmp_path: Path) -> None:
+    """gloo DDP with 2 processes: the RNG of both ranks is gathered into the checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _DDP_CHILD, str(r), str(tmp_path), __file__], env=env)
+        for r in (0, 1)
+    ]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    point = CheckpointStore(tmp_path).find_resume_point()
+    assert point is not None and point.manifest["world_size"] == 2
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(point.manifest["files"])
+    for rank in (0, 1):  # each rank's RNG continues exactly where that rank stopped
+        restore_rng(read_snapshot(point.path, rank=rank).rng)
+        assert torch.equal(torch.rand(4), torch.load(tmp_path / f"next-draw-rank{rank}.pt", weights_only=True))
+    # the same checkpoint resumed by one process: rank 0's state, same global cursor
+    one = read_snapshot(point.path, rank=0)
+    assert one.data_cursor == {"seq_index": 8} and one.world_size == 2
