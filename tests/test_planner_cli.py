@@ -108,7 +108,16 @@ def test_worker_command_plan(tmp_path: Path) -> None:
     json.dumps(res)  # wire-safe: plain maps, lists, numbers, strings
 
 
+def test_worker_command_writes_a_config_under_the_run_root(tmp_path: Path) -> None:
+    ctx = SimpleNamespace(runs_root=tmp_path)
+    res = plan_command({"model": "deepseek-coder-6.7b", "gpus": "1x16GiB", "write_config": "plans/a.yaml"}, ctx)
+    cfg = validate_config(yaml.safe_load((tmp_path / "plans" / "a.yaml").read_text()))
+    assert res["written"]["config_path"] == str(tmp_path / "plans" / "a.yaml")
+    assert cfg.quantization.mode == "nf4" and cfg.training.micro_batch_size == res["recommended"]["micro_batch"]
+
+
 @pytest.mark.parametrize(("args", "field"), [
+    ({"write_config": "../escape.yaml"}, "write_config"), ({"probe": True}, "probe"),
     ({"gpus": 2}, "gpus"), ({"seq_len": "long"}, "seq_len"), ({"margin": 2.0}, "margin"),
     ({"bogus": 1}, "bogus"), ({"model": "/etc"}, "model"), ({"cpu_ram": "x"}, "cpu_ram"),
 ])
@@ -116,7 +125,7 @@ def test_worker_command_rejects_bad_args_naming_the_field(tmp_path: Path, args: 
     ctx = SimpleNamespace(runs_root=tmp_path, emit=lambda *a, **k: None)
     with pytest.raises(CommandError) as err:
         plan_command(args, ctx)
-    assert err.value.code == "invalid_args" and field in err.value.message
+    assert err.value.code in ("invalid_args", "not_available") and field in err.value.message
 
 
 def test_worker_command_reads_a_model_dir_under_the_run_root(tmp_path: Path) -> None:

@@ -94,26 +94,6 @@ def _table(result: dict[str, Any], show_all: bool) -> None:
         console.print("[red]nothing fits[/red]: try a shorter --seq-len, more GPUs, or --methods qlora")
 
 
-def _write_config(result: dict[str, Any], path: str, global_batch: int) -> None:
-    import yaml
-
-    from uff_port.fsutil import atomic_write_text
-    from uff_port.planner.search import config_for
-    from uff_port.training.config import dump_yaml, validate_config
-
-    best = result["_best"]
-    raw, ds = config_for(result["_arch"], result["_workload"], best.est.candidate, global_batch)
-    out = Path(path)
-    if ds is not None:
-        ds_path = out.with_suffix(".deepspeed.json")
-        atomic_write_text(ds_path, json.dumps(ds, indent=2) + "\n")
-        raw["distributed"]["deepspeed_config"] = str(ds_path)
-    cfg = validate_config(raw)  # what we write must load as-is
-    header = f"# written by `uff-port plan`: {best.est.candidate.label}\n"
-    atomic_write_text(out, header + dump_yaml(cfg))
-    yaml.safe_load(out.read_text(encoding="utf-8"))
-
-
 def run(ns: argparse.Namespace) -> int:
     from uff_port.planner.arch import ArchError
     from uff_port.planner.commands import PlanArgs, compute, public
@@ -141,7 +121,9 @@ def run(ns: argparse.Namespace) -> int:
     else:
         _table(result, ns.all)
     if ns.write_config and result["_best"] is not None:
-        _write_config(result, ns.write_config, a.global_batch)
+        from uff_port.planner.commands import write_config
+
+        write_config(result, Path(ns.write_config), a.global_batch)
         print(f"wrote {ns.write_config}", file=sys.stderr)
     if ns.probe:
         from uff_port.planner.probe import probe_top

@@ -39,7 +39,8 @@ class PlanArgs:
             return v
 
         unknown = sorted(set(args) - {"model", "gpus", "cpu_ram", "seq_len", "micro_batch_max", "margin",
-                                      "methods", "revision", "lora_r", "global_batch", "attn"})
+                                      "methods", "revision", "lora_r", "global_batch", "attn",
+                                      "write_config", "probe"})
         if unknown:
             problems.append(f"{unknown[0]}: unknown argument")
         self.model: str = get("model", "deepseek-coder-6.7b", str)
@@ -50,6 +51,8 @@ class PlanArgs:
         self.lora_r: int = get("lora_r", 16, int)
         self.global_batch: int = get("global_batch", DEFAULT_GLOBAL_BATCH, int)
         self.attn: str = get("attn", "sdpa", str)
+        self.write_config: str | None = get("write_config", None, str)
+        self.probe: bool = get("probe", False, bool)
         methods = get("methods", None, (list, str))
         if isinstance(methods, str):
             methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -111,6 +114,27 @@ def compute(a: PlanArgs) -> dict[str, Any]:
     }
 
 
+def write_config(result: dict[str, Any], out: Path, global_batch: int) -> dict[str, str]:
+    """Write the recommended candidate as a ready config (validated before it is written)."""
+    import json
+
+    from uff_port.fsutil import atomic_write_text
+    from uff_port.planner.search import config_for
+    from uff_port.training.config import dump_yaml, validate_config
+
+    best = result["_best"]
+    raw, ds = config_for(result["_arch"], result["_workload"], best.est.candidate, global_batch)
+    written = {"config_path": str(out)}
+    if ds is not None:  # no preset in configs/deepspeed: write one beside the config
+        ds_path = out.with_suffix(".deepspeed.json")
+        atomic_write_text(ds_path, json.dumps(ds, indent=2) + "\n")
+        raw["distributed"]["deepspeed_config"] = str(ds_path)
+        written["deepspeed_config"] = str(ds_path)
+    cfg = validate_config(raw)
+    atomic_write_text(out, f"# written by `uff-port plan`: {best.est.candidate.label}\n" + dump_yaml(cfg))
+    return written
+
+
 def public(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
@@ -122,9 +146,20 @@ def plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     a = PlanArgs(args)
     if a.problems:
         raise CommandError(ErrorCode.INVALID_ARGS, "; ".join(a.problems), {"problems": a.problems})
+    if a.probe:
+        raise CommandError(ErrorCode.NOT_AVAILABLE,
+                           "probe: measuring runs for minutes on the GPU; run `uff-port plan --probe` there")
+    root = getattr(ctx, "runs_root", None)
+    out_path = None
+    if a.write_config is not None:
+        if root is None:
+            raise CommandError(ErrorCode.INVALID_ARGS, "write_config: no run root to write under")
+        try:
+            out_path = confine(root, a.write_config)
+        except ValueError as exc:
+            raise CommandError(ErrorCode.INVALID_ARGS, f"write_config: {exc}") from None
     if a.model.startswith(("/", "~", ".")):
         # A filesystem path from a client must stay under the worker's run root.
-        root = getattr(ctx, "runs_root", None)
         if root is None:
             raise CommandError(ErrorCode.INVALID_ARGS, "model: paths are not accepted here; use a builtin or hub id")
         try:
@@ -137,4 +172,7 @@ def plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
         raise CommandError(ErrorCode.INVALID_ARGS, str(exc)) from None
     out = public(result)
     out["candidates"] = out["candidates"][:50]  # keep the reply frame small
+    if out_path is not None and result["_best"] is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out["written"] = write_config(result, out_path, a.global_batch)
     return out
