@@ -192,4 +192,9 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Events are on disk and on the channel, checkpoints durable: skip the slow
+    # interpreter teardown (torch, OpenMP pools) so a stop is answered by a prompt exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

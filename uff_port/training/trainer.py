@@ -153,6 +153,14 @@ class Trainer:
                 f"training.grad_accum_steps: {t.grad_accum_steps} must be divisible by the number of "
                 f"processes ({self.world}) so the global batch stays micro_batch_size * grad_accum_steps",
             )
+        if cfg.distributed.backend == "deepspeed":
+            # ZeRO shards optimizer state across ranks, which rank 0's snapshot would not
+            # capture: refusing beats checkpoints that cannot resume exactly.
+            raise TrainError(
+                "not_available",
+                "distributed.backend: deepspeed is not wired into this trainer yet; use 'ddp' "
+                "(the default, and the right choice for QLoRA on 2 GPUs)",
+            )
         self.set_state("loading", world_size=self.world)
         self.device = pick_device(cfg)
         self.precision = pick_precision(cfg, self.device)
