@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from uff_port.planner.commands import plan as plan_command
 from uff_port.planner.guard import check_config
@@ -200,3 +202,24 @@ def test_probe_child_runs_the_candidate_on_cpu() -> None:
     bad = dict(spec, candidate=asdict(Candidate("lora", "single", 1, False, 1)), device="cuda")
     got = run_one(bad, timeout=120)
     assert "error" in got or got.get("max_memory_reserved")  # no GPU: a clean error, not a hang
+
+
+_arg_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
+                        st.text(max_size=12), st.sampled_from(["2x16GiB", "16GB", "none", "lora,qlora",
+                                                               "deepseek-coder-1.3b", "eager", "64GiB"]),
+                        st.lists(st.sampled_from(["lora", "full", "x"]), max_size=3))
+
+
+@given(st.dictionaries(st.sampled_from(["model", "gpus", "cpu_ram", "seq_len", "micro_batch_max", "margin",
+                                        "methods", "lora_r", "global_batch", "attn", "revision", "other"]),
+                       _arg_values, max_size=6))
+@settings(max_examples=150, deadline=None)
+def test_worker_command_any_args_give_a_result_or_invalid_args(args: dict) -> None:
+    args.setdefault("model", "deepseek-coder-1.3b")
+    try:
+        res = plan_command(args, SimpleNamespace(runs_root=Path("/nonexistent-root")))
+    except CommandError as exc:
+        assert exc.code == "invalid_args" and ":" in exc.message
+        return
+    json.dumps(res)
+    assert isinstance(res["candidates"], list)
