@@ -244,7 +244,7 @@ def commit_with_crash(store: CheckpointStore, step: int, point: str | None, hits
     store.commit(staging, step, {"config_hash": "c"})
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     keep_last=st.integers(1, 3),
     plan=st.lists(
