@@ -133,6 +133,7 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
         self._step_seconds = 0.0
         self._ckpt_seconds = 0.0
+        self._ckpt_step: int | None = None  # the same on every rank, unlike last_checkpoint
         self._inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0") or 0)
 
     # ---- events -------------------------------------------------------------
@@ -241,6 +242,7 @@ class Trainer:
         self.loss_window = LossWindow.from_counters(c)
         self.guard = ContinuityGuard(self.loss_window.values(), snap.step, emit=self.emit)
         self.resumed_step = snap.step
+        self._ckpt_step = snap.step
         self.last_checkpoint = str(point)
         self.emit("log", level="info", message=f"resumed from {point} at step {snap.step}", resumed_from=snap.step)
 
@@ -276,6 +278,7 @@ class Trainer:
             world_size=self.world,
         )
         self._last_ckpt_time = time.monotonic()
+        self._ckpt_step = self.step
         if self.rank != 0:
             return None
         self.checkpointer.save(snap, {**self.meta, "tokens_seen": self.tokens_seen})
@@ -347,14 +350,15 @@ class Trainer:
             want = self._poll(pending)
             if self._should_checkpoint():
                 want = max(want, _CKPT)
+            if self._near_deadline():
+                self.emit("log", level="warning", message="training.max_runtime nearly spent: checkpointing")
+                want = max(want, _STOP)
+            # Clocks and signals are per rank: all ranks do what the most urgent one asks.
             want = dist.agree_max(want, self.device)
             if want == _CKPT and not pending:  # periodic: do not block the loop
                 self.save_checkpoint(wait=False)
             else:
                 self._act(want, pending)
-            if self._near_deadline():
-                self.emit("log", level="warning", message="training.max_runtime nearly spent: checkpointing")
-                self._act(_STOP, pending)
             t0 = time.monotonic()
             self._step_cursor = self.data.state_dict()
             seqs = self.data.take(self.micro * self.accum)
@@ -513,8 +517,10 @@ class Trainer:
         if self.cfg.eval.every_steps is None or self.step % (self.cfg.eval.every_steps or 1):
             self.evaluate()
         self.set_state("saving")
-        if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{self.step:08d}"):
+        if self._ckpt_step != self.step:  # a collective: every rank decides alike
             self.save_checkpoint(wait=True)
+        elif self.rank == 0:
+            self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
         final = self.save_final() if (self.cfg.output.save_final and self.rank == 0) else None
         self.emit(
             "finished",
