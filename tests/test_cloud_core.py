@@ -130,12 +130,13 @@ def test_hybrid_prefers_local_gpu_then_budget_and_waits_when_empty() -> None:
     s = validate_cloud({})
     ledger = QuotaLedger(None, s.budgets)
     assert choose_backend("hybrid", ledger, s, MONDAY, gpu_present=True).backend == "local"
-    r = choose_backend("hybrid", ledger, s, MONDAY)
-    assert r.backend == "kaggle" and r.session_seconds == pytest.approx(9 * H)
-    ledger.record("a", "kaggle", MONDAY - H, 29.9 * H)
+    # Today's SageMaker hours vanish at midnight: spend them first.
     r = choose_backend("hybrid", ledger, s, MONDAY)
     assert r.backend == "sagemaker" and r.session_seconds == pytest.approx(4 * H)
     ledger.record("b", "sagemaker", MONDAY - H, 4 * H)
+    r = choose_backend("hybrid", ledger, s, MONDAY)
+    assert r.backend == "kaggle" and r.session_seconds == pytest.approx(9 * H)
+    ledger.record("a", "kaggle", MONDAY - H, 29.9 * H)
     r = choose_backend("hybrid", ledger, s, MONDAY)
     assert r.backend is None and r.wait_until == ledger.next_reset("sagemaker", MONDAY)
     assert choose_backend("kaggle", ledger, s, MONDAY).wait_until == ledger.next_reset("kaggle", MONDAY)

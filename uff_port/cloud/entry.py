@@ -43,6 +43,7 @@ SM_KILL_AFTER: Final = 120.0
 _KILL_SLACK: Final = 15.0
 SESSION_FILE: Final = "session.json"
 MAX_RESTARTS: Final = 3
+"""Restarts in a row that bring no new checkpoint before the session gives up."""
 PAYLOAD_NAME: Final = "payload.tar"
 # The session's clock starts when the kernel script started (before any pip
 # install), not when this module was imported.
@@ -187,8 +188,9 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     own_grace = max(1.0, margin - min(_KILL_SLACK, margin * 0.25))
     provider_grace = float(os.environ.get("UFF_PORT_KILL_AFTER", SM_KILL_AFTER)) - _KILL_SLACK
     self_stopped = False
-    restarts = 0
+    restarts = stalled = 0
     while True:
+        launched_at = (latest_checkpoint(platform.run_dir) or (0, None))[0]
         # Own process group: the provider's SIGTERM reaches us, and we decide how
         # the trainer hears of it (once, with a deadline), so it is never killed twice.
         children.append(subprocess.Popen(cmd, start_new_session=True))
@@ -210,7 +212,9 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         # A trainer killed from outside (OOM killer, a driver crash) while the
         # session still has time: start it again, it resumes from its last
         # checkpoint instead of wasting the rest of a 9 h session.
-        if rc < 0 and not term_at and restarts < MAX_RESTARTS and (left is None or left > 2 * margin):
+        progressed = (latest_checkpoint(platform.run_dir) or (0, None))[0] > launched_at
+        stalled = 0 if progressed else stalled + 1
+        if rc < 0 and not term_at and stalled < MAX_RESTARTS and (left is None or left > 2 * margin):
             restarts += 1
             print(f"uff-port entry: trainer died of signal {-rc}; restart {restarts}", file=sys.stderr, flush=True)
             continue

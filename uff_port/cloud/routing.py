@@ -58,13 +58,18 @@ def choose_backend(
         candidates = CLOUD_BACKENDS
     else:
         raise ValueError(f"strategy: expected local, kaggle, sagemaker or hybrid, got {strategy!r}")
-    best: tuple[float, str] | None = None
+    # Use-it-or-lose-it: among backends with a worthwhile session, take the one
+    # whose budget resets soonest (SageMaker's daily hours vanish at midnight,
+    # Kaggle's weekly ones keep); ties go to the longer session.
+    best: tuple[float, float, str] | None = None
     for backend in candidates:
         length = _feasible(ledger, settings, backend, now, need_seconds)
-        if length > 0 and (best is None or length > best[0]):
-            best = (length, backend)
+        key = (ledger.next_reset(backend, now), -length)
+        if length > 0 and (best is None or key < best[:2]):
+            best = (key[0], key[1], backend)
     if best is not None:
-        return Route(best[1], best[0], None, f"{best[1]} has {ledger.remaining_seconds(best[1], now) / HOUR:.2f} h left")
+        name = best[2]
+        return Route(name, -best[1], None, f"{name} has {ledger.remaining_seconds(name, now) / HOUR:.2f} h left")
     wait = min(ledger.next_reset(b, now) for b in candidates)
     return Route(None, 0.0, wait, f"no budget left on {', '.join(candidates)}; waiting for the next reset")
 
