@@ -291,3 +291,20 @@ def test_two_ranks_save_every_rank_rng_and_one_rank_resumes(tmp_path: Path) -> N
     # the same checkpoint resumed by one process: rank 0's state, same global cursor
     one = read_snapshot(point.path, rank=0)
     assert one.data_cursor == {"seq_index": 8} and one.world_size == 2
+
+
+def test_writer_leaves_a_live_predecessors_staging_alone(tmp_path: Path) -> None:
+    predecessor = CheckpointStore(tmp_path)
+    assert predecessor.acquire_writer()
+    theirs = predecessor.begin(30)  # its save in flight
+    events: list[tuple[str, dict[str, Any]]] = []
+    model, opt, sched, scaler = build(9)
+    snap = snapshot(model=model, optimizer=opt, scheduler=sched, scaler=scaler, data_cursor={}, counters={}, step=2)
+    writer = AsyncCheckpointer(CheckpointStore(tmp_path), emit=lambda e, **f: events.append((e, f)))
+    writer.save(snap, {})
+    assert writer.wait() is not None and theirs.is_dir()
+    assert [f["code"] for e, f in events if e == "log"] == ["concurrent_writer"]
+    predecessor.release_writer()  # it exited: the next writer sweeps what it left
+    late = AsyncCheckpointer(CheckpointStore(tmp_path))
+    late.save(snap, {})
+    assert late.wait() is not None and not theirs.exists()

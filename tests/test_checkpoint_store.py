@@ -356,3 +356,31 @@ def test_garbage_latest_and_manifest_never_crash(tmp_path_factory: Any, latest: 
         assert any(e["name"] == "step-00000020" for e in rec.named("checkpoint_quarantined"))
     assert CheckpointStore(run).latest_name() == point.path.name
     assert (run / "checkpoints").resolve() in point.path.resolve().parents
+
+
+_HOLD_LOCK = r"""
+import sys, time
+from uff_port.training.checkpoint_store import CheckpointStore
+assert CheckpointStore(sys.argv[1]).acquire_writer()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_writer_lock_waits_for_a_predecessor_to_die(tmp_path: Path) -> None:
+    store, _ = two_checkpoints(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        assert not store.acquire_writer(timeout=0.2)
+        assert store.writer_pid() == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.acquire_writer(timeout=5)  # SIGKILL released the flock
+    assert store.writer_pid() == os.getpid()
+    assert store.acquire_writer() is True  # re-entrant for its holder
+    store.release_writer()
+    other = CheckpointStore(tmp_path)
+    assert other.acquire_writer() and not CheckpointStore(tmp_path).acquire_writer()
+    other.release_writer()

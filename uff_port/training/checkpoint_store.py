@@ -19,6 +19,7 @@ silently deleted, and the previous good checkpoint is used.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -38,6 +39,7 @@ CHECKPOINT_FORMAT: Final = 1
 MANIFEST: Final = "manifest.json"
 LATEST: Final = "LATEST"
 QUARANTINE: Final = "quarantine"
+WRITER_LOCK: Final = "checkpoints.lock"  # in RUN_DIR, beside checkpoints/
 _STEP_RE: Final = re.compile(r"^step-(\d{8,})$")
 _STAGING_PREFIX: Final = ".staging-"
 _OLD_PREFIX: Final = ".old-"  # a same-step checkpoint being replaced (steps 3a/3b)
@@ -119,6 +121,7 @@ class CheckpointStore:
         self._step: int | None = None  # the step being written, for KILL_AT_ENV
         self._counter = itertools.count()
         self._mine: set[Path] = set()  # staging dirs of this process still in use
+        self._lock_fd: int | None = None
 
     # -- events ---------------------------------------------------------------
 
@@ -131,6 +134,51 @@ class CheckpointStore:
             self._fault(name)
         if self._kill_at is not None and self._kill_at == (self._step, name):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- the single writer -------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.run_dir / WRITER_LOCK
+
+    def acquire_writer(self, timeout: float = 0.0) -> bool:
+        """Become the run's only checkpoint writer (an flock held until exit or release).
+
+        A restarted trainer calls this with `checkpoint.grace_seconds` before
+        `find_resume_point`: a predecessor orphaned by a dead worker may still
+        be writing its final checkpoint, and that one should be resumed from.
+        """
+        if self._lock_fd is not None:
+            return True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        return True
+
+    def release_writer(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def writer_pid(self) -> int | None:
+        """Pid recorded by the last writer (it may have exited)."""
+        try:
+            text = self.lock_path.read_text().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() else None
 
     # -- writing ---------------------------------------------------------------
 

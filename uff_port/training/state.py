@@ -339,10 +339,19 @@ class AsyncCheckpointer:
         staging: Path | None = None
         try:
             if not self._swept:
-                # This writer is the run's only one: what a killed predecessor
-                # left half-written can go now, off the loop's critical path.
-                self.store.cleanup_staging()
                 self._swept = True
+                if self.store.acquire_writer(timeout=0.0):
+                    # The run's only writer now: what a killed predecessor left
+                    # half-written can go, off the loop's critical path.
+                    self.store.cleanup_staging()
+                elif self._emit is not None:
+                    self._emit(
+                        "log",
+                        level="warning",
+                        code="concurrent_writer",
+                        message=f"another process (pid {self.store.writer_pid()}) writes checkpoints to "
+                        f"{self.store.run_dir}; leaving its unfinished writes alone",
+                    )
             staging = self.store.begin(snap.step)
             write_snapshot(snap, staging)
             size = snapshot_bytes(staging)
