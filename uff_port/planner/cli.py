@@ -70,14 +70,18 @@ def _table(result: dict[str, Any], show_all: bool) -> None:
     rows = result["candidates"] if show_all else result["summary"]
     gpus = result["gpus"]
     cap = f"{len(gpus)}x{gpus[0] / 2**30:.0f}GiB" if gpus else "CPU only"
+    unit = "GiB per GPU" if gpus else "GiB of RAM; lora/train = params+grads+AdamW"
     t = Table(title=f"{model['name']} ({model['n_params'] / 1e9:.2f}B params), seq {result['seq_len']}, "
-                    f"{cap}, margin {result['margin']:.0%}  (GiB per GPU)")
+                    f"{cap}, margin {result['margin']:.0%}  ({unit})")
     for col in ("method", "strategy", "ckpt", "mb", "weights", "lora/train", "grads", "optim",
                 "activ", "logits", "overhead", "GPU total", "CPU RAM", "fits", "speed"):
         t.add_column(col, justify="right" if col not in ("method", "strategy", "fits") else "left")
     rec = result["recommended"]["label"] if result["recommended"] else None
     for r in rows:
-        g = r["gpu"]
+        # CPU-only: the same columns, from the host breakdown (fp32 throughout).
+        g = r["gpu"] if gpus else {"weights": r["cpu"].get("weights", 0),
+                                   "trainable_params": r["cpu"].get("trainable_state", 0),
+                                   "activations": r["cpu"].get("activations", 0)}
         fits = "yes" if r["fits"] else ("no (CPU)" if r["fits_gpu"] else "no")
         style = "bold green" if r["label"] == rec else (None if r["fits"] else "dim")
         t.add_row(
@@ -88,6 +92,8 @@ def _table(result: dict[str, Any], show_all: bool) -> None:
             _gib(r["gpu_total"]), _gib(r["cpu_total"]), fits, f"{r['score']:.2f}", style=style,
         )
     console.print(t)
+    for warning in result.get("warnings", []):
+        console.print(f"[yellow]warning[/yellow]: {warning}")
     if rec:
         console.print(f"recommended: [bold]{rec}[/bold]  overrides: {json.dumps(result['overrides'])}")
     else:

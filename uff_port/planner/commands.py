@@ -96,7 +96,12 @@ def compute(a: PlanArgs) -> dict[str, Any]:
     # Every method is listed; the recommendation only uses the ones asked for.
     ranked, best = run_plan(arch, wl, a.gpus, a.cpu_ram, margin=a.margin, mb_max=a.mb_max,
                             methods=METHODS, recommend_from=a.methods)
+    warnings = []
+    if arch.max_positions and a.seq_len > arch.max_positions:
+        warnings.append(f"seq_len: {a.seq_len} exceeds the model's max_position_embeddings "
+                        f"({arch.max_positions}); memory is estimated anyway")
     return {
+        "warnings": warnings,
         "model": arch.to_dict(),
         "gpus": a.gpus,
         "cpu_ram": a.cpu_ram,
