@@ -18,8 +18,13 @@ export UFF_PORT_PYTHON="$(cd "$VENV" && pwd)/bin/python"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 CONFIG=configs/tiny.yaml
-# Midway through configs/tiny.yaml's 60 steps, between its checkpoints at 20 and 40.
-CRASH_AT=30
+# Midway, and halfway between two checkpoints, so the resume point is visible.
+CRASH_AT=$("$UFF_PORT_PYTHON" -c '
+import sys
+from uff_port.training.config import load_config
+c = load_config(sys.argv[1])
+every = c.checkpoint.every_steps or 0
+print(max(1, c.training.max_steps // 2 + every // 2))' "$CONFIG")
 RUN_DIR="main-job-$(date -u +%Y%m%d-%H%M%S)"
 
 cd elixir_bridge

@@ -18,7 +18,8 @@ defmodule Mix.Tasks.Uff.Train do
     * `--max-steps N` - overrides `training.max_steps`.
     * `--inject-crash-at STEP` - SIGKILL the worker at STEP; the supervisor
       restarts it and the run resumes. Then an uncrashed reference run is made
-      in `<run-dir>-reference` and the summary compares final step and loss
+      in `<run-dir>-reference` from the crashed run's resolved `config.yaml`,
+      and the summary compares final step and loss
       (skip it with `--no-reference`). Exits 1 if they differ.
     * `--python PATH` - interpreter with uff-port (default `$UFF_PORT_PYTHON`, else
       the repository's `.venv`).
@@ -91,9 +92,13 @@ defmodule Mix.Tasks.Uff.Train do
       if crash_at && Keyword.get(opts, :reference, true) do
         shell.info("\nuff.train: reference run without a crash -> run #{run_dir}-reference")
 
+        # The crashed run's resolved config, so a config file edited meanwhile cannot
+        # make the comparison meaningless.
+        same = [config: Path.join(crashed.run_dir, "config.yaml"), overrides: %{}]
+
         {:ok, ref} =
           run_cycle(
-            Keyword.merge(base, run_dir: run_dir <> "-reference", on_event: &print_event/2),
+            Keyword.merge(base, same ++ [run_dir: run_dir <> "-reference", on_event: &print_event/2]),
             strategy
           )
 
