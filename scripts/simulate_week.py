@@ -210,6 +210,11 @@ def main() -> int:
     finally:
         stop.set()
         thread.join()
+        for proc in psutil.Process().children(recursive=True):  # our own sessions only
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
     wall = time.time() - t0
     sim_hours = (clock() - WEEK_START) / HOUR
     logs = list((work / "fake").rglob("events.jsonl"))

@@ -97,8 +97,8 @@ def _serve_channel(channel: Channel, run: CloudRun, control: Control) -> None:
                 channel.reply(rid, {"step": ck[0], "path": str(ck[1]), "source": "cloud"})
         elif cmd == "stop":
             control.stop_reply = lambda result, rid=rid: channel.reply(rid, result)
-            args = msg.get("args") if isinstance(msg.get("args"), dict) else {}
-            control.cancel = bool(args.get("cancel", False))
+            raw_args = msg.get("args")
+            control.cancel = bool(raw_args.get("cancel", False)) if isinstance(raw_args, dict) else False
             control.stop = True
             control.wake.set()
         else:

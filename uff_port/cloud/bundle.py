@@ -49,6 +49,8 @@ def build_wheel(cache_dir: Path) -> Path:
     cached = sorted(cache_dir.glob(f"uff_port-{__version__}-*.whl"))
     if cached:
         return cached[-1]
+    if not (REPO_ROOT / "pyproject.toml").is_file():
+        raise BundleError(f"uff-port is not installed from a source tree: build a wheel and set {WHEEL_ENV}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(cache_dir), str(REPO_ROOT)],

@@ -186,7 +186,8 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     # hard line ourselves: SIGTERM at budget - margin, SIGKILL before the end.
     deadline = None if budget is None else _STARTED + budget - margin
     own_grace = max(1.0, margin - min(_KILL_SLACK, margin * 0.25))
-    provider_grace = float(os.environ.get("UFF_PORT_KILL_AFTER", SM_KILL_AFTER)) - _KILL_SLACK
+    kill_after = float(os.environ.get("UFF_PORT_KILL_AFTER", SM_KILL_AFTER))
+    provider_grace = kill_after - min(_KILL_SLACK, kill_after * 0.25)
     self_stopped = False
     restarts = stalled = 0
     while True:

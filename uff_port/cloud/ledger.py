@@ -42,7 +42,7 @@ class QuotaLedger:
     def __init__(self, path: str | Path | None, budgets: BudgetSettings | None = None) -> None:
         """`path=None` keeps records in memory (plans and simulations)."""
         self.path = None if path is None else Path(path)
-        self.budgets = budgets or BudgetSettings()
+        self.budgets = budgets or BudgetSettings.model_validate({})
         self._memory: list[str] = []
 
     # ---- windows -------------------------------------------------------------

@@ -383,5 +383,8 @@ class CloudRun:
         return EXIT_DETACHED
 
     def _fail(self, code: str, message: str) -> int:
+        cur = self.journal.current
+        if cur is not None and cur.state == "submitting":
+            self.ledger.release(f"{self.run_id}:{cur.name}")  # never ran: give the hours back
         self.emit("failed", code=code, message=message, resumable=True)
         return EXIT_FAILED

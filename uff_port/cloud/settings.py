@@ -64,10 +64,10 @@ class PollSettings(_Section):
 
 
 class CloudSettings(_Section):
-    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
-    kaggle: KaggleSettings = Field(default_factory=KaggleSettings)
-    sagemaker: SageMakerSettings = Field(default_factory=SageMakerSettings)
-    poll: PollSettings = Field(default_factory=PollSettings)
+    budgets: BudgetSettings = Field(default_factory=lambda: BudgetSettings.model_validate({}))
+    kaggle: KaggleSettings = Field(default_factory=lambda: KaggleSettings.model_validate({}))
+    sagemaker: SageMakerSettings = Field(default_factory=lambda: SageMakerSettings.model_validate({}))
+    poll: PollSettings = Field(default_factory=lambda: PollSettings.model_validate({}))
     safety_margin_seconds: float = Field(600.0, ge=0)
     """Stop training this long before a session's budget ends (pull + upload time)."""
     estimate_hours: float | None = Field(None, gt=0)
@@ -78,7 +78,7 @@ class CloudSettings(_Section):
     """Hybrid routing prefers a local GPU; `auto` asks NVML."""
 
 
-def _friendly(err: dict[str, Any]) -> str:
+def _friendly(err: Any) -> str:
     ctx = err.get("ctx") or {}
     kind = err.get("type", "")
     if kind == "greater_than":

@@ -82,8 +82,8 @@ def map_status(desc: dict[str, Any]) -> RemoteStatus:
     billed = desc.get("BillableTimeInSeconds") or desc.get("TrainingTimeInSeconds")
     start = desc.get("TrainingStartTime")
     end = desc.get("TrainingEndTime")
-    started = start.timestamp() if hasattr(start, "timestamp") else None
-    ended = end.timestamp() if hasattr(end, "timestamp") else None
+    started = float(start.timestamp()) if start is not None and hasattr(start, "timestamp") else None
+    ended = float(end.timestamp()) if end is not None and hasattr(end, "timestamp") else None
     billed_f = float(billed) if billed is not None else None
     if primary == "InProgress":
         # A spot interruption inside the job: SageMaker restarts it itself
