@@ -223,3 +223,19 @@ def test_worker_command_any_args_give_a_result_or_invalid_args(args: dict) -> No
         return
     json.dumps(res)
     assert isinstance(res["candidates"], list)
+
+
+def test_guard_reads_the_reduce_bucket_of_the_deepspeed_config(tmp_path: Path) -> None:
+    def peak(bucket: int) -> int:
+        ds = tmp_path / f"z2-{bucket}.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": bucket}}))
+        cfg = validate_config({"model": {"name_or_path": "deepseek-coder-1.3b", "gradient_checkpointing": True},
+                               "lora": {"enabled": False}, "data": {"seq_len": 512},
+                               "training": {"micro_batch_size": 1},
+                               "distributed": {"nproc": 2, "backend": "deepspeed", "deepspeed_config": str(ds)}})
+        rep = check_config(cfg, [GPU16, dict(GPU16, index=1)])
+        assert rep.estimate["strategy"] == "zero2"
+        return rep.estimate["gpu"]["gradients"]
+
+    # the bucket buffer is 2 bytes per element, on top of this rank's shard of the gradients
+    assert peak(500_000_000) - peak(50_000_000) == 2 * 450_000_000

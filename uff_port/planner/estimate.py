@@ -76,6 +76,8 @@ class Workload:
     lora_dropout: float = 0.05
     attn: str = "sdpa"
     double_quant: bool = True
+    ds_reduce_bucket: int = DS_REDUCE_BUCKET
+    """DeepSpeed `reduce_bucket_size` (elements) of the config in use."""
 
 
 @dataclass
@@ -226,7 +228,7 @@ def estimate(arch: Arch, cand: Candidate, wl: Workload) -> Estimate:
     acts = activation_bytes(arch, cand, wl)
 
     gathered: float = 2 * (max(arch.layer_params, arch.embed_params) + DS_PREFETCH_BUCKET)
-    bucket = min(grad, 2 * DS_REDUCE_BUCKET)
+    bucket = min(grad, 2 * wl.ds_reduce_bucket)
     comm = 0.0
     if cand.strategy == "ddp":
         comm = grad  # DDP's flat gradient buckets are a second copy of the gradients

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port.planner.arch import ArchError, resolve_arch
-from uff_port.planner.estimate import Candidate, Method, Strategy, Workload, estimate
+from uff_port.planner.estimate import (
+    DS_REDUCE_BUCKET,
+    Candidate,
+    Method,
+    Strategy,
+    Workload,
+    estimate,
+)
 from uff_port.planner.search import DEFAULT_MARGIN, candidates, judge, overrides_for
 from uff_port.planner.sizes import fmt_bytes
 from uff_port.training.config import Config
@@ -54,21 +61,38 @@ def workload_of(cfg: Config, on_gpu: bool) -> Workload:
         lora_dropout=cfg.lora.dropout,
         attn=cfg.model.attn_implementation,
         double_quant=cfg.quantization.double_quant,
+        ds_reduce_bucket=_reduce_bucket(cfg),
     )
 
 
-def _ds_strategy(path: str | None) -> Strategy:
-    """ZeRO stage and offload from a DeepSpeed JSON; unreadable means ZeRO-2 (the preset)."""
+def _reduce_bucket(cfg: Config) -> int:
+    if cfg.distributed.backend != "deepspeed":
+        return DS_REDUCE_BUCKET
+    value = _ds_zero(cfg.distributed.deepspeed_config).get("reduce_bucket_size")
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
+        else DS_REDUCE_BUCKET
+
+
+def _ds_zero(path: str | None) -> dict[str, Any]:
+    """The `zero_optimization` map of a DeepSpeed JSON; {} when absent or unreadable."""
     if not path:
-        return "zero2"
+        return {}
     p = Path(path)
     if not p.is_absolute() and not p.exists():
         p = _REPO_ROOT / p
     try:
-        ds = json.loads(p.read_text(encoding="utf-8"))
-        zero = ds.get("zero_optimization") or {}
-        stage = int(zero.get("stage", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        zero = json.loads(p.read_text(encoding="utf-8")).get("zero_optimization") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return zero if isinstance(zero, dict) else {}
+
+
+def _ds_strategy(path: str | None) -> Strategy:
+    """ZeRO stage and offload from a DeepSpeed JSON; unreadable means ZeRO-2 (the preset)."""
+    zero = _ds_zero(path)
+    try:
+        stage = int(zero.get("stage", 2))
+    except (TypeError, ValueError):
         return "zero2"
     if stage >= 3:
         off = any((zero.get(k) or {}).get("device") in ("cpu", "nvme")
