@@ -241,6 +241,64 @@ def torture(
     return res
 
 
+def _trainers_of(run_dir: Path) -> list[Any]:
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if "uff_port.training" in cmd and str(run_dir) in cmd:
+            out.append(proc)
+    return out
+
+
+def torture_worker(
+    runs_root: Path, name: str, cfg: dict[str, Any], kills: int, seed: int, timeout: float = 180.0
+) -> TortureResult:
+    """SIGKILL the whole worker (`uff-port serve`) mid-training; a new worker gets the same `train`.
+
+    The orphaned trainer hears of it (channel EOF / parent-death signal), makes
+    a final checkpoint and exits 75; the next `train` must resume from it.
+    """
+    import psutil
+
+    from uff_port.client import WorkerClient
+
+    rng = random.Random(seed)
+    run_dir = (runs_root / name).resolve()
+    res = TortureResult()
+    t_start = time.monotonic()
+    while True:
+        n0, _ = _progress_count(run_dir)
+        with WorkerClient(runs_root=runs_root, env=child_env(), stderr=subprocess.DEVNULL) as client:
+            client.request("train", {"config": cfg, "run_dir": name}, timeout=60)
+            res.segments += 1
+            if res.total_kills >= kills:
+                client.wait_event(lambda e: e.get("event") in ("finished", "failed"), timeout=timeout)
+                res.final_rc = 0 if client.events_named("finished") else 1
+                client.shutdown()
+                break
+            want = rng.randint(1, 6)
+            deadline = time.monotonic() + timeout
+            while _progress_count(run_dir)[0] - n0 < want:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker segment {res.segments} made no progress")
+                time.sleep(0.03)
+            time.sleep(rng.uniform(0.0, 0.15))
+            trainers = _trainers_of(run_dir)
+            client.kill()
+            res.kills["worker"] += 1
+        # The supervisor's restart must not race the orphan's final checkpoint.
+        _gone, alive = psutil.wait_procs(trainers, timeout=timeout)
+        if alive:
+            raise RuntimeError(f"orphaned trainer(s) {[p.pid for p in alive]} outlived their worker")
+    res.seconds = time.monotonic() - t_start
+    events = read_events(run_dir)
+    res.quarantined = sum(e.get("event") == "checkpoint_quarantined" for e in events)
+    res.resumes = sum(e.get("event") == "log" and "resumed_from" in e for e in events)
+    return res
+
+
 def compare(res: TortureResult, reference: dict[int, float], run_dir: Path) -> None:
     """Fill res.mismatches / res.missing_steps: every loss ever seen for a step must be the reference's."""
     seen = losses_by_step(read_events(run_dir))

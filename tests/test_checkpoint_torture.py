@@ -94,3 +94,18 @@ def test_sigterm_leaves_durable_checkpoint_and_exits_75(tmp_path: Path, referenc
     seen = torture_resume.losses_by_step(torture_resume.read_events(run))
     assert {s: v[-1] for s, v in seen.items()} == losses
     assert torture_resume.adapter_sha(run) == sha
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killing_the_whole_worker_resumes_bit_for_bit(tmp_path: Path, reference: Any) -> None:
+    """SIGKILL `uff-port serve` mid-training: its orphaned trainer checkpoints and exits,
+    and the same `train` sent to a new worker resumes exactly."""
+    losses, sha, cfg = reference
+    res = torture_resume.torture_worker(tmp_path, "job", cfg, kills=3, seed=7)
+    assert res.final_rc == 0 and res.kills["worker"] == 3 and res.resumes == 3
+    torture_resume.compare(res, losses, tmp_path / "job")
+    assert res.missing_steps == []
+    assert res.mismatches == [], res.mismatches[:5]
+    assert torture_resume.adapter_sha(tmp_path / "job") == sha
+    assert res.quarantined == 0
