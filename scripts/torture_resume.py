@@ -10,7 +10,11 @@ own from the run directory. At the end, every loss ever reported for step s
 must equal the reference loss of step s bit for bit, and the final adapter's
 sha256 must be identical.
 
-    .venv/bin/python scripts/torture_resume.py --kills 100 --max-steps 120
+    .venv/bin/python scripts/torture_resume.py --kills 100 --max-steps 120 --worker-kills 10
+
+`--worker-kills N` then does the same N times to the whole worker
+(`uff-port serve`): its orphaned trainer must checkpoint and exit, and the same
+`train` sent to a new worker must resume exactly.
 
 tests/test_checkpoint_torture.py runs the same harness with fewer kills.
 """
@@ -316,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--work-dir", type=Path, default=None, help="default: a fresh temporary directory")
+    p.add_argument("--worker-kills", type=int, default=10, help="then SIGKILL the whole worker this often")
     p.add_argument("--entry", type=Path, default=None, help="a script to run instead of -m uff_port.training")
     args = p.parse_args(argv)
     import tempfile
@@ -347,8 +352,22 @@ def main(argv: list[str] | None = None) -> int:
         "missing_steps": res.missing_steps,
         "final_adapter_identical": same_adapter,
     }
-    print(json.dumps(report, indent=2))
     ok = same_adapter and not res.mismatches and not res.missing_steps and res.total_kills >= args.kills
+    if args.worker_kills:
+        wres = torture_worker(work, "worker-job", cfg, args.worker_kills, args.seed)
+        compare(wres, reference, work / "worker-job")
+        w_same = adapter_sha(work / "worker-job") == ref_sha
+        report["worker"] = {
+            "seconds": round(wres.seconds, 1),
+            "kills": wres.total_kills,
+            "resumes": wres.resumes,
+            "quarantined": wres.quarantined,
+            "loss_mismatches": wres.mismatches[:10],
+            "missing_steps": wres.missing_steps,
+            "final_adapter_identical": w_same,
+        }
+        ok = ok and w_same and not wres.mismatches and not wres.missing_steps
+    print(json.dumps(report, indent=2))
     return 0 if ok else 1
 
 
