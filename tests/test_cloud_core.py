@@ -249,3 +249,37 @@ def test_credentials_are_found_redacted_and_never_packaged(tmp_path: Path, monke
     (tmp_path / "w2" / wheel.name).write_bytes(bad_wheel.read_bytes())
     with pytest.raises(BundleError):
         scan_for_secrets(tmp_path / "w2")
+
+
+# ---- commands and CLI --------------------------------------------------------
+@given(st.one_of(_json, st.lists(st.fixed_dictionaries({"name": _json, "hours": _json}), max_size=3)))
+@settings(max_examples=100, deadline=None)
+def test_plan_week_jobs_argument_is_validated(raw: object) -> None:
+    from uff_port.cloud.commands import parse_jobs
+    from uff_port.protocol import CommandError
+
+    try:
+        jobs = parse_jobs(raw)
+    except CommandError as exc:
+        assert exc.code == "invalid_args" and exc.message.startswith("jobs")
+        return
+    assert all(isinstance(n, str) and 0 < h <= 1000 for n, h in jobs)
+
+
+def test_plan_week_and_cloud_status_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from uff_port.cli import main
+
+    monkeypatch.setenv("UFF_PORT_CLOUD_FAKE", str(tmp_path / "fake"))
+    assert main(["plan-week", "--job", "main=10", "--job", "ufm=3", "--runs-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "main" in out and "ufm" in out and "totals:" in out
+    assert main(["plan-week", "--job", "main=ten"]) == 2
+    j = Journal.open(tmp_path / "r", "r", "sagemaker")
+    j.begin_session("sagemaker", "uff-r-s000")
+    sm = {"bucket": "b", "role_arn": "arn:aws:iam::0:role/r", "image_uri": "i"}
+    (tmp_path / "r" / "config.yaml").write_text(yaml.safe_dump({"strategy": "sagemaker", "cloud": {"sagemaker": sm}}))
+    assert main(["cloud", "pull", str(tmp_path / "r")]) == 75  # still submitting: nothing to pull
+    assert main(["cloud", "status", str(tmp_path / "r")]) == 0
+    assert '"state": "submitting"' in capsys.readouterr().out
