@@ -216,7 +216,7 @@ def write_snapshot(snap: TrainingSnapshot, staging_dir: str | Path) -> None:
         "format": STATE_FORMAT,
         "step": snap.step,
         "world_size": snap.world_size,
-        "ranks_with_rng": sorted(snap.rank_rngs or {snap.rank: None}),
+        "ranks_with_rng": sorted(snap.rank_rngs) if snap.rank_rngs else [snap.rank],
         "adapter_kind": "peft" if snap.adapter_config is not None else "trainable_params",
         "data_cursor": snap.data_cursor,
         "counters": snap.counters,
