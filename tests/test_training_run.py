@@ -344,7 +344,7 @@ def test_adapter_save_load_round_trip_gives_identical_logits(tmp_path: Path, env
     model = load_model(cfg, device, pick_precision(cfg, device)).eval()
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():  # a trained-looking adapter: B is zero at init, which would prove nothing
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     x = torch.arange(3, 60).unsqueeze(0)
@@ -357,3 +357,23 @@ def test_adapter_save_load_round_trip_gives_identical_logits(tmp_path: Path, env
     with torch.no_grad():
         out = loaded(x).logits
     assert torch.equal(out, ref)
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_in_one_process_at_the_same_global_position(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # Constant LR after warm-up, so max_steps may differ between the legs.
+    over = {"training__lr_scheduler": "constant", "eval__every_steps": None}
+    rc, ref_dir = train(tmp_path, "ref", env, **over)
+    assert rc == 0
+    rc, run_dir = train(tmp_path, "grow", env, distributed__nproc=2, training__max_steps=3, **over)
+    assert rc == 0
+    rc, _ = train(tmp_path, "grow", env, training__max_steps=6, **over)
+    assert rc == 0
+    ref, got = losses(ref_dir), losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-4), step
+    resumed = [e for e in events_of(run_dir) if e.get("resumed_from") == 3]
+    assert resumed
