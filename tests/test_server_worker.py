@@ -180,3 +180,24 @@ def test_frame_split_across_writes(worker: WorkerClient) -> None:
     while not worker.unmatched and time.monotonic() < deadline:
         time.sleep(0.01)
     assert worker.unmatched[0]["result"]["echo"] == "split"
+
+
+def test_config_that_cannot_fit_is_refused_before_starting(worker: WorkerClient) -> None:
+    with pytest.raises(WorkerError) as exc:
+        worker.request(
+            "train",
+            {
+                "config_path": "deepseek-coder-6.7b-qlora-16gb",  # a preset name with dots in it
+                "overrides": {"lora.enabled": False, "quantization.mode": "none"},
+            },
+        )
+    assert exc.value.code == "wont_fit"
+    assert "host RAM" in exc.value.message
+    assert exc.value.details["estimate"]["fits"] is False
+    assert worker.request("status")["state"] == "idle"
+
+
+def test_unknown_preset_lists_the_presets(worker: WorkerClient) -> None:
+    with pytest.raises(WorkerError) as exc:
+        worker.request("train", {"config_path": "no-such-preset"})
+    assert exc.value.code == "invalid_config" and "tiny" in exc.value.message

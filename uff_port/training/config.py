@@ -228,11 +228,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML/JSON config; `tiny` or `tiny.yaml` also finds a preset in configs/."""
     p = Path(path)
     if not p.exists():
-        preset = CONFIGS_DIR / (p.name if p.suffix else f"{p.name}.yaml")
-        if preset.exists():
-            p = preset
-        else:
-            raise ConfigError([f"config_path: no such file {str(path)!r}"])
+        # Preset names may contain dots (`deepseek-coder-6.7b-...`): try the name as given, then + .yaml.
+        found = [c for c in (CONFIGS_DIR / p.name, CONFIGS_DIR / f"{p.name}.yaml") if c.is_file()]
+        if not found:
+            presets = sorted(c.stem for c in CONFIGS_DIR.glob("*.yaml"))
+            raise ConfigError([f"config_path: no such file {str(path)!r} (presets: {', '.join(presets)})"])
+        p = found[0]
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
