@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-bash scripts/bootstrap.sh
+# UFF_PORT_SKIP_BOOTSTRAP=1: the environment is already prepared (CI, a shared venv).
+[[ -n "${UFF_PORT_SKIP_BOOTSTRAP:-}" ]] || bash scripts/bootstrap.sh
 VENV=${UFF_PORT_VENV:-.venv}
 export UFF_PORT_PYTHON="$(cd "$VENV" && pwd)/bin/python"
 # Models are built locally; never reach for a hub.

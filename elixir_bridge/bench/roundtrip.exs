@@ -5,7 +5,7 @@
 #
 # 1. `UffPort.Worker.ping/1` p50/p99 vs a bare Port echo: the same Python, the
 #    same {packet,4} framing and the same Elixir codec work, but no GenServer and
-#    no worker dispatch. Blocks of both alternate, so machine load hits both alike.
+#    no worker dispatch. Samples alternate one by one, so machine load hits both alike.
 # 2. Recovery: SIGKILL of the worker at step 8 of the tiny run -> first progress
 #    event after the supervisor's restart and resume, vs the cold start of the same
 #    run (supervisor start -> first progress).
@@ -80,15 +80,11 @@ echo =
 
 for i <- 1..200, do: {Bench.echo_rtt(echo, i), Bench.ping_rtt(w)}
 
-blocks = 10
-per = div(pings, blocks)
-
+# Alternate one echo and one ping per iteration: both see the same machine load.
 {echo_s, ping_s} =
-  Enum.reduce(1..blocks, {[], []}, fn b, {es, ps} ->
-    es = es ++ for(i <- 1..per, do: Bench.echo_rtt(echo, b * per + i))
-    ps = ps ++ for(_ <- 1..per, do: Bench.ping_rtt(w))
-    {es, ps}
-  end)
+  1..pings
+  |> Enum.map(fn i -> {Bench.echo_rtt(echo, 1_000 + i), Bench.ping_rtt(w)} end)
+  |> Enum.unzip()
 
 Port.close(echo)
 Worker.shutdown(w)
