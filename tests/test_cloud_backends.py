@@ -257,3 +257,16 @@ def test_killed_at_every_transition_the_job_resumes_and_never_submits_twice(tmp_
         keys = [u["key"] for u in uses if u["kind"] == "use" and u["key"].startswith(run_dir.name)]
         assert sorted(keys) == sorted(set(keys)) and len(keys) == 2, point
         assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_jobs_that_keep_failing_without_progress_fail_the_run(tmp_path: Path, wheel: Path) -> None:
+    clock = FakeClock()
+    s3 = FakeS3(tmp_path / "s3")
+    sm = FakeSageMakerClient(tmp_path / "sm", s3, clock)
+    sm.kaggle_like.set_faults(sm_script=[[60.0, "InProgress", "Training"], [0.0, "Failed", "Failed"]], sm_steps=5)
+    run, events = _runner(tmp_path, clock, sm, s3, {})
+    assert run.run() == 1
+    failed = [f for e, f in events if e == "failed"]
+    assert len(failed) == 1 and "in a row" in failed[0]["message"]
+    assert len(sm.creations()) == 3
+    assert [s.remote_state for s in run.journal.data.sessions] == ["failed"] * 3
