@@ -12,7 +12,9 @@ defmodule UffPort.CoordinatorTest do
     {:ok, tmp: tmp}
   end
 
-  test "a refused train ends the cycle with the worker's coded error, without restarts", %{tmp: tmp} do
+  test "a refused train ends the cycle with the worker's coded error, without restarts", %{
+    tmp: tmp
+  } do
     assert {:error, {{:train_refused, %Error{code: :invalid_config, message: msg}}, summary}} =
              TrainingCoordinator.run_training_cycle(nil, :local,
                config: @tiny,

@@ -107,6 +107,36 @@ defmodule UffPort.TrainingTest do
     for pid <- trainers, do: assert(gone?(pid, 5_000), "trainer #{pid} left behind")
   end
 
+  test "checkpoint/1, stop/2, resume/2 and status/1 drive a real job", %{tmp: tmp} do
+    w = start_supervised!({Worker, worker_opts(tmp, subscribers: [self()])}, restart: :temporary)
+
+    overrides =
+      Map.merge(@overrides, %{"training.max_steps" => 500, "checkpoint.every_steps" => 1000})
+
+    {:ok, %{"run_dir" => run_dir, "resumed_from" => nil}} =
+      Worker.train(w, %{"config_path" => @tiny, "run_dir" => "api", "overrides" => overrides})
+
+    assert {:error, %UffPort.Error{code: :busy}} = Worker.train(w, %{"config_path" => @tiny})
+    await_event(%{"event" => "progress"}, 120_000)
+    assert {:ok, %{"step" => step, "path" => path}} = Worker.checkpoint(w)
+    assert step >= 1 and File.exists?(Path.join(path, "manifest.json"))
+    assert {:ok, %{"state" => "training", "step" => s}} = Worker.status(w)
+    assert s >= step
+
+    assert {:ok, %{"step" => stopped_at}} = Worker.stop(w, %{"checkpoint" => true})
+    assert stopped_at >= step
+    assert {:ok, %{"resumed_from" => ^stopped_at}} = Worker.resume(w, %{"run_dir" => run_dir})
+    await_progress_after(stopped_at)
+    assert {:ok, _} = Worker.stop(w, %{"checkpoint" => false})
+  end
+
+  defp await_progress_after(step) do
+    case await_event(%{"event" => "progress"}, 120_000) do
+      %{"step" => s} when s > step -> s
+      _ -> await_progress_after(step)
+    end
+  end
+
   defp flush_checkpoints(acc \\ []) do
     receive do
       {:checkpoint, _, _} = msg -> flush_checkpoints([msg | acc])

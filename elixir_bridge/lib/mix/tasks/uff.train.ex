@@ -98,7 +98,10 @@ defmodule Mix.Tasks.Uff.Train do
 
         {:ok, ref} =
           run_cycle(
-            Keyword.merge(base, same ++ [run_dir: run_dir <> "-reference", on_event: &print_event/2]),
+            Keyword.merge(
+              base,
+              same ++ [run_dir: run_dir <> "-reference", on_event: &print_event/2]
+            ),
             strategy
           )
 
