@@ -2,9 +2,9 @@ defmodule UffPort.WorkerState do
   @moduledoc """
   The state of `UffPort.Worker` and everything it does that is not message
   dispatch: option checking, opening the Port and the `hello` handshake,
-  watchdog arithmetic, exit-status mapping, the teardown escalation, the stderr
-  tail and the restart ledger (backoff). Kept apart so the GenServer reads as a
-  list of message clauses.
+  watchdog arithmetic, exit-status mapping, the teardown escalation and the
+  stderr tail (the backoff lives in `UffPort.RestartLedger`). Kept apart so
+  the GenServer reads as a list of message clauses.
 
   ## Why stderr goes to a file
 
@@ -16,8 +16,7 @@ defmodule UffPort.WorkerState do
   and can never fill up and block the worker the way an unread pipe would.
   """
 
-  require Logger
-  alias UffPort.{Error, Msgpack, OsProcess}
+  alias UffPort.{Error, Msgpack, OsProcess, RestartLedger}
 
   @sh_exec ~S(log="$1"; shift; exec "$@" 2>>"$log")
   @stderr_tail_bytes 32_768
@@ -185,60 +184,18 @@ defmodule UffPort.WorkerState do
 
   # ------------------------------------------------------------------ start
 
-  @doc """
-  Records a start in the ledger and sleeps the backoff first when the previous
-  start did not stay up `healthy_after` ms: a worker that dies on start (bad CUDA,
-  OOM at load) is retried at 0.5 s, 1 s, 2 s, ... up to `max`, not in a hot loop,
-  until the supervisor's restart intensity gives up. Returns the attempt number.
-  """
+  @doc "Records this start in the restart ledger (sleeping its backoff); the attempt number."
   @spec begin_attempt(t) :: pos_integer
   def begin_attempt(%{ledger: nil}), do: 1
+  def begin_attempt(%{ledger: ledger, backoff: b}), do: RestartLedger.begin_attempt(ledger, b)
 
-  def begin_attempt(%{ledger: {tid, key}, backoff: b}) do
-    now = System.monotonic_time(:millisecond)
-    healthy_after = Keyword.fetch!(b, :healthy_after)
-    attempt = :ets.update_counter(tid, {key, :attempts}, 1, {{key, :attempts}, 0})
-
-    # Healthy = stayed up `healthy_after` ms or advanced a training step: a worker
-    # that crashes mid-run is restarted at once, one that dies on start backs off.
-    healthy? = :ets.lookup(tid, {key, :healthy}) == [{{key, :healthy}, true}]
-
-    fast =
-      case :ets.lookup(tid, {key, :last_start}) do
-        [{_, last}] when now - last < healthy_after and not healthy? ->
-          :ets.update_counter(tid, {key, :fast}, 1, {{key, :fast}, 0})
-
-        _ ->
-          :ets.insert(tid, {{key, :fast}, 0})
-          0
-      end
-
-    if fast > 0 do
-      delay = min(b[:base] * Integer.pow(2, fast - 1), b[:max])
-
-      Logger.warning(
-        "uff_port worker restarting quickly (#{fast} in a row): backing off #{delay} ms"
-      )
-
-      # Sleeping here delays the supervisor's restart, which is the point.
-      Process.sleep(delay)
-    end
-
-    :ets.insert(tid, [
-      {{key, :last_start}, System.monotonic_time(:millisecond)},
-      {{key, :healthy}, false}
-    ])
-
-    attempt
-  end
-
-  @doc "Notes in the ledger that this start made training progress (see `begin_attempt/1`)."
+  @doc "Notes once per start that training advanced, so the next restart needs no backoff."
   @spec mark_healthy(t) :: t
   def mark_healthy(%{healthy?: true} = state), do: state
   def mark_healthy(%{ledger: nil} = state), do: %{state | healthy?: true}
 
-  def mark_healthy(%{ledger: {tid, key}} = state) do
-    :ets.insert(tid, {{key, :healthy}, true})
+  def mark_healthy(%{ledger: ledger} = state) do
+    RestartLedger.mark_healthy(ledger)
     %{state | healthy?: true}
   end
 
