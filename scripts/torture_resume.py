@@ -197,7 +197,7 @@ def torture(
         next_ckpt = min((base // every + 1) * every, max_steps)
         if res.total_kills >= kills:
             kind = "none"
-        elif base + 2 * every + 1 >= max_steps or rng.random() < 0.25:
+        elif base + 2 * every + 1 >= max_steps or res.total_kills % 4 == 3 or rng.random() < 0.1:
             kind = "mid-write"  # always lands: the trainer kills itself at that sub-step
         elif rng.random() < 0.15:
             kind = "startup"
