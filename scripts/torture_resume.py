@@ -139,6 +139,8 @@ class TortureResult:
     missing_steps: list[int] = field(default_factory=list)
     quarantined: int = 0
     resumes: int = 0
+    discontinuities: int = 0
+    """`loss_discontinuity` warnings: an exact resume must raise none."""
 
     @property
     def total_kills(self) -> int:
@@ -242,6 +244,7 @@ def torture(
     events = read_events(run_dir)
     res.quarantined = sum(e.get("event") == "checkpoint_quarantined" for e in events)
     res.resumes = sum(e.get("event") == "log" and "resumed_from" in e for e in events)
+    res.discontinuities = sum(e.get("code") == "loss_discontinuity" for e in events)
     return res
 
 
@@ -300,6 +303,7 @@ def torture_worker(
     events = read_events(run_dir)
     res.quarantined = sum(e.get("event") == "checkpoint_quarantined" for e in events)
     res.resumes = sum(e.get("event") == "log" and "resumed_from" in e for e in events)
+    res.discontinuities = sum(e.get("code") == "loss_discontinuity" for e in events)
     return res
 
 
@@ -348,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_kills": res.total_kills,
         "resumes": res.resumes,
         "quarantined": res.quarantined,
+        "loss_discontinuity_warnings": res.discontinuities,
         "loss_mismatches": res.mismatches[:10],
         "missing_steps": res.missing_steps,
         "final_adapter_identical": same_adapter,

@@ -73,6 +73,19 @@ def test_detect_jump_never_raises(before: list[float], after: list[float]) -> No
         assert math.isfinite(jump.before_mean) or not all(math.isfinite(x) for x in before)
 
 
-@given(before=st.lists(finite, min_size=2, max_size=40))
-def test_same_losses_never_jump(before: list[float]) -> None:
-    assert detect_jump(before, before) is None
+@given(before=st.lists(finite, min_size=2, max_size=40), k=st.integers(1, 8))
+def test_continuing_at_the_level_never_jumps(before: list[float], k: int) -> None:
+    recent = before[-8:]
+    assert detect_jump(before, [sum(recent) / len(recent)] * k) is None
+
+
+@given(before=st.lists(finite, min_size=2, max_size=40), after=st.lists(finite, min_size=1, max_size=8))
+def test_falling_losses_never_jump(before: list[float], after: list[float]) -> None:
+    floor = min(before)
+    assert detect_jump(before, [min(a, floor) for a in after]) is None
+
+
+def test_a_steadily_falling_run_resumed_exactly_is_silent() -> None:
+    run = [3.0 - 0.05 * i + 0.01 * ((-1) ** i) for i in range(40)]
+    assert detect_jump(run[:32], run[32:37]) is None
+    assert detect_jump(run[:32], [run[31] + 0.5] * 5) is not None  # the same run jumping back up

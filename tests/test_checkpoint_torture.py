@@ -55,6 +55,7 @@ def test_sigkill_torture_resumes_bit_for_bit(tmp_path: Path, reference: Any) -> 
         assert res.mismatches == [], res.mismatches[:5]
         assert torture_resume.adapter_sha(run) == sha
         assert res.quarantined == 0  # SIGKILL never damages a committed checkpoint
+        assert res.discontinuities == 0  # and the continuity guard stays quiet on exact resumes
         leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
         assert leftovers == []  # what killed writes left behind was swept by the next writer
     assert sum(kinds.values()) >= KILLS and kinds["mid-write"] >= 3 and kinds["training"] >= 5, kinds
@@ -108,4 +109,34 @@ def test_killing_the_whole_worker_resumes_bit_for_bit(tmp_path: Path, reference:
     assert res.missing_steps == []
     assert res.mismatches == [], res.mismatches[:5]
     assert torture_resume.adapter_sha(tmp_path / "job") == sha
-    assert res.quarantined == 0
+    assert res.quarantined == 0 and res.discontinuities == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_broken_resume_raises_the_loss_continuity_warning(tmp_path: Path) -> None:
+    """A checkpoint whose weights were replaced (re-manifested, so it verifies) must not resume silently."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from uff_port.hashing import tree_manifest
+
+    cfg = torture_resume.torture_config(12, 12)
+    run = tmp_path / "run"
+    assert torture_resume.start(run, torture_resume.write_config(run, cfg)).wait(180) == 0
+    ckpt = run / "checkpoints" / "step-00000012"
+    weights = load_file(ckpt / "adapter_model.safetensors")
+    torch.manual_seed(0)
+    save_file({k: torch.randn_like(v) * 3 for k, v in weights.items()}, ckpt / "adapter_model.safetensors")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = tree_manifest(ckpt, exclude=["manifest.json"])
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+    longer = {**cfg, "training": {**cfg["training"], "max_steps": 20}}  # max_steps may change on resume
+    assert torture_resume.start(run, torture_resume.write_config(run, longer)).wait(180) == 0
+    events = torture_resume.read_events(run)
+    (warning,) = [e for e in events if e.get("code") == "loss_discontinuity"]
+    assert warning["level"] == "warning" and warning["step"] == 12
+    assert warning["after_mean"] > warning["before_mean"]

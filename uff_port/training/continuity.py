@@ -20,9 +20,11 @@ WINDOW: Final = 32
 """Losses kept before a checkpoint."""
 AFTER_STEPS: Final = 5
 """Losses after the resume that are compared with that window."""
+RECENT: Final = 8
+"""The level before the checkpoint is the mean of this many last losses (early losses fall fast)."""
 SIGMAS: Final = 4.0
-REL_TOLERANCE: Final = 0.25
-"""A jump must exceed both SIGMAS standard deviations and this share of the mean."""
+REL_TOLERANCE: Final = 0.05
+"""A jump must exceed both SIGMAS step-noise deviations and this share of the level."""
 COUNTER_KEY: Final = "loss_window"
 
 Emit = Callable[..., None]
@@ -70,18 +72,27 @@ class Jump:
 def detect_jump(
     before: list[float], after: list[float], sigmas: float = SIGMAS, rel: float = REL_TOLERANCE
 ) -> Jump | None:
-    """A Jump when the mean of `after` leaves the band around `before`; None if not (or too little data)."""
+    """A Jump when the mean of `after` rises above the band over the level before; else None.
+
+    One-sided: a broken resume shows as a rise, and a healthy run still
+    falling would otherwise look like a jump down. The noise is estimated from
+    step-to-step differences, so a falling trend does not widen the band.
+    """
     b = [x for x in before if math.isfinite(x)]
     if len(b) < 2 or not after:
         return None
-    mean_b = sum(b) / len(b)
-    std_b = math.sqrt(sum((x - mean_b) * (x - mean_b) for x in b) / (len(b) - 1))  # no ** : it raises on overflow
-    threshold = max(sigmas * std_b, rel * abs(mean_b))
+    recent = b[-RECENT:]
+    level = sum(recent) / len(recent)
+    diffs = [y - x for x, y in zip(b[:-1], b[1:], strict=True)]
+    mean_d = sum(diffs) / len(diffs)
+    # no ** : it raises on overflow, where * gives inf
+    noise = math.sqrt(sum((d - mean_d) * (d - mean_d) for d in diffs) / max(len(diffs) - 1, 1) / 2)
+    threshold = max(sigmas * noise, rel * abs(level))
     if not all(math.isfinite(x) for x in after):
-        return Jump(mean_b, std_b, math.inf, threshold)  # a NaN/Inf loss is always a jump
+        return Jump(level, noise, math.inf, threshold)  # a NaN/Inf loss is always a jump
     mean_a = sum(after) / len(after)
-    if abs(mean_a - mean_b) > threshold:
-        return Jump(mean_b, std_b, mean_a, threshold)
+    if mean_a - level > threshold:
+        return Jump(level, noise, mean_a, threshold)
     return None
 
 
