@@ -105,6 +105,9 @@ class TrainingConfig(_Section):
     """Wall-clock budget in seconds (a Kaggle session): stop with a checkpoint before it ends."""
     progress_every_seconds: float = Field(0.5, ge=0)
     """Rate limit of `progress` events at the source."""
+    cpu_threads: int | None = Field(None, gt=0)
+    """Torch threads when training on CPU; null = torch's default (every core). 1 is
+    fastest on a shared, busy machine, where OpenMP threads wait on each other."""
 
 
 class CheckpointConfig(_Section):
@@ -158,7 +161,7 @@ class Config(_Section):
 _RESUME_NEUTRAL: Final = {
     "name": None,
     "strategy": None,
-    "training": {"max_steps", "max_runtime", "progress_every_seconds", "device"},
+    "training": {"max_steps", "max_runtime", "progress_every_seconds", "device", "cpu_threads"},
     "checkpoint": None,
     "distributed": None,
     "eval": None,

@@ -164,6 +164,8 @@ class Trainer:
             )
         self.set_state("loading", world_size=self.world)
         self.device = pick_device(cfg)
+        if self.device.type == "cpu" and t.cpu_threads:
+            torch.set_num_threads(t.cpu_threads)
         self.precision = pick_precision(cfg, self.device)
         self.micro = t.micro_batch_size
         self.accum = t.grad_accum_steps // self.world
