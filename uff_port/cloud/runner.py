@@ -323,7 +323,10 @@ class CloudRun:
         dest = Path(cur.pulled_to)
         check = check_pull(dest)
         if not check.ok:
-            self.journal.transition("refused", now=self.clock(), detail=check.reason)
+            # No manifest means the session never finished writing one: pulling
+            # again cannot help. A hash or size mismatch may be the transfer.
+            attempts = cur.pull_attempts if check.report is not None else self.settings.poll.pull_retries + 1
+            self.journal.transition("refused", now=self.clock(), detail=check.reason, pull_attempts=attempts)
             self.emit("cloud_refused", session=cur.name, attempt=cur.pull_attempts, **check.to_event())
             return None
         info = self._install(dest)
