@@ -162,14 +162,15 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     from uff_port.training.events import read_events
 
     events = read_events(run_dir)
-    last = {name: None for name in ("progress", "eval", "state", "finished", "failed")}
+    last: dict[str, dict[str, Any] | None] = {name: None for name in ("progress", "eval", "state", "finished", "failed")}
     for ev in events:
         if ev.get("event") in last:
             last[ev["event"]] = ev
     points = CheckpointStore(run_dir).list_committed()
-    prog = last["progress"] or {}
+    prog: dict[str, Any] = last["progress"] or {}
     state = (last["state"] or {}).get("state")
-    if last["finished"] and (not last["failed"] or last["finished"]["ts"] > last["failed"]["ts"]):
+    fin, fail = last["finished"], last["failed"]
+    if fin and (not fail or fin["ts"] > fail["ts"]):
         state = "finished"
     elif last["failed"]:
         state = "failed"

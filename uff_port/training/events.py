@@ -87,7 +87,7 @@ class Reporter:
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """All events of a run; a torn last line (crash mid-write) is skipped."""
-    out = []
+    out: list[dict[str, Any]] = []
     path = Path(run_dir) / EVENTS_FILE
     if not path.exists():
         return out

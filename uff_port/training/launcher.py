@@ -143,7 +143,7 @@ def launch(argv: list[str], cfg: Config, control_fd: int | None, report: Reporte
     report.emit("log", level="info", message=f"launching {nproc} processes with torchrun (port {port})")
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_child_setup, start_new_session=True)
     relay = Relay(listener, control_fd)
-    saved: dict[int, Any] = {}
+    saved: dict[signal.Signals, Any] = {}
 
     def on_signal(signum: int, _frame: Any) -> None:
         relay.close_downstream()

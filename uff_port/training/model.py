@@ -137,6 +137,7 @@ def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
             bnb_4bit_compute_dtype=getattr(torch, cfg.quantization.compute_dtype),
         )
         kwargs["device_map"] = {"": device}
+    model: Any
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -159,7 +160,7 @@ def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
             model,
             PeftLoraConfig(
                 r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
+                lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
                 lora_dropout=cfg.lora.dropout,
                 target_modules=list(cfg.lora.target_modules),
                 task_type="CAUSAL_LM",
