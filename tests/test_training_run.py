@@ -207,7 +207,7 @@ def spawn(tmp: Path, name: str, env: dict[str, str], *args: str, **overrides: An
     proc = subprocess.Popen(
         [PY, "-m", "uff_port.training", "--run-dir", str(run_dir), "--config", str(cfg),
          "--control-fd", str(theirs.fileno()), *args],
-        env=env, cwd=ROOT, pass_fds=(theirs.fileno(),), stderr=subprocess.DEVNULL,
+        env=env, cwd=ROOT, pass_fds=(theirs.fileno(),), stderr=open(tmp / f"{name}.stderr", "wb"),  # noqa: SIM115
     )  # fmt: skip
     theirs.close()
     return proc, Channel(ours), run_dir
@@ -377,3 +377,17 @@ def test_two_process_checkpoint_resumes_in_one_process_at_the_same_global_positi
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-4), step
     resumed = [e for e in events_of(run_dir) if e.get("resumed_from") == 3]
     assert resumed
+
+
+@pytest.mark.slow
+def test_two_process_run_is_driven_through_the_relayed_channel(tmp_path: Path, env: dict[str, str]) -> None:
+    proc, ch, run_dir = spawn(
+        tmp_path, "ddpchan", env, distributed__nproc=2, training__max_steps=400, checkpoint__every_steps=None
+    )
+    ch.wait_event(lambda e: e["event"] == "progress" and e["step"] >= 2)
+    st = ch.request("status")
+    assert st["ok"] and st["result"]["state"] == "training"
+    stop = ch.request("stop")
+    assert stop["ok"] and Path(stop["result"]["checkpoint"]).is_dir()
+    assert proc.wait(90) == 75  # rank 0's code, not torchrun's flattened 1
+    assert json.loads((Path(stop["result"]["checkpoint"]) / "manifest.json").read_text())["world_size"] == 2

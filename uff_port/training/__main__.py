@@ -159,6 +159,15 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
     if fd is not None:
         inbox.start_reader(fd)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if cfg.model.name_or_path.startswith("builtin:"):
+        from uff_port.training.builtin import resolve_model_path
+
+        # Before joining the process group: transformers' save_pretrained writes
+        # nothing on a rank other than 0 once torch.distributed is initialised.
+        try:
+            resolve_model_path(cfg.model.name_or_path)
+        except ValueError as exc:
+            return _refuse(report, "model_not_found", f"model.name_or_path: {exc}")
     dist.init_from_env()
     trainer = Trainer(cfg, run_dir, reporter=report, inbox=inbox, resume_from=args.resume_from, fresh=args.fresh)
     started = False

@@ -73,16 +73,20 @@ def ensure_tiny_llama(root: Path | None = None) -> Path:
     """Build the tiny model once; concurrent callers (DDP ranks, tests) wait on a lock."""
     base = root or cache_dir()
     target = base / f"tiny-llama-{_tiny_key()}"
-    if (target / "config.json").exists():
+    # The weights are written last inside the temp dir, so they mark a whole build.
+    if (target / "model.safetensors").exists():
         return target
     base.mkdir(parents=True, exist_ok=True)
     with open(base / ".tiny-llama.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if (target / "config.json").exists():  # another process built it meanwhile
+        if (target / "model.safetensors").exists():  # another process built it meanwhile
             return target
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete build of an older version
         tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama.", dir=base))
         try:
             _build_tiny_llama(tmp)
+            if not (tmp / "model.safetensors").exists():
+                raise RuntimeError(f"building {TINY_LLAMA} wrote no weights into {tmp}")
             # The rename is the commit: a crash before it leaves only a temp dir.
             os.replace(tmp, target)
             fsync_dir(base)
