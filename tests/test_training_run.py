@@ -391,3 +391,12 @@ def test_two_process_run_is_driven_through_the_relayed_channel(tmp_path: Path, e
     assert stop["ok"] and Path(stop["result"]["checkpoint"]).is_dir()
     assert proc.wait(90) == 75  # rank 0's code, not torchrun's flattened 1
     assert json.loads((Path(stop["result"]["checkpoint"]) / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_status_and_stop_are_answered_while_the_model_loads(tmp_path: Path, env: dict[str, str]) -> None:
+    proc, ch, run_dir = spawn(tmp_path, "loading", env)
+    st = ch.request("status")  # queued during imports, answered by the loading watcher
+    assert st["ok"] and st["result"]["state"] == "loading"
+    stop = ch.request("stop")
+    assert stop["ok"]
+    assert proc.wait(60) == 75

@@ -129,6 +129,50 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+class LoadingWatcher:
+    """Answers the channel while the model loads (minutes for 6.7B), when the loop cannot.
+
+    `status` gets state "loading"; a stop, EOF or signal ends the process at once
+    with 75: nothing has been trained since the last checkpoint, so nothing is lost.
+    """
+
+    def __init__(self, inbox: Any, report: Reporter, exit_hook: Any) -> None:
+        import threading
+
+        self.inbox = inbox
+        self.report = report
+        self.exit_hook = exit_hook
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="loading-watcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def finish(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        from uff_port.training.channel import EOF, SIGNAL
+
+        while not self.done.wait(0.05):
+            for c in self.inbox.poll():
+                if self.done.is_set():  # the loop owns the channel now: hand it back
+                    self.inbox.put(c)
+                elif c.cmd == "status":
+                    self.report.reply(c.id, {"step": None, "max_steps": None, "loss": None, "last_checkpoint": None, "state": "loading"})
+                elif c.cmd == "checkpoint":
+                    self.report.reply(c.id, error={"code": "busy", "message": "the model is still loading: no step to checkpoint yet"})
+                elif c.cmd in ("stop", EOF, SIGNAL):
+                    if c.cmd == "stop":
+                        self.report.reply(c.id, {"step": None, "checkpoint": None})
+                    self.report.emit("state", state="stopped", step=None, checkpoint=None, during="loading")
+                    self.exit_hook(75)
+                    os._exit(75)
+                else:
+                    self.report.reply(c.id, error={"code": "unknown_command", "message": f"trainer does not know {c.cmd!r}"})
+
+
 def _strip(argv: list[str], flags: set[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -171,8 +215,13 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
     dist.init_from_env()
     trainer = Trainer(cfg, run_dir, reporter=report, inbox=inbox, resume_from=args.resume_from, fresh=args.fresh)
     started = False
+    watcher = LoadingWatcher(inbox, report, exit_hook=_write_exit)
     try:
-        trainer.setup()
+        watcher.start()
+        try:
+            trainer.setup()
+        finally:
+            watcher.finish()
         started = True
         return trainer.train()
     except StopTraining as stop:
