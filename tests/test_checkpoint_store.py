@@ -384,3 +384,14 @@ def test_writer_lock_waits_for_a_predecessor_to_die(tmp_path: Path) -> None:
     other = CheckpointStore(tmp_path)
     assert other.acquire_writer() and not CheckpointStore(tmp_path).acquire_writer()
     other.release_writer()
+
+
+def test_store_never_imports_torch() -> None:
+    """The worker answers `train`/`resume` with it in milliseconds: no torch, ever."""
+    code = (
+        "import sys, tempfile\n"
+        "from uff_port.training.checkpoint_store import CheckpointStore\n"
+        "CheckpointStore(tempfile.mkdtemp()).find_resume_point({'resume_hash': 'x', 'tokenizer_hash': 'y'})\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
