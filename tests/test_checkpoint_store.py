@@ -391,7 +391,12 @@ def test_store_never_imports_torch() -> None:
     code = (
         "import sys, tempfile\n"
         "from uff_port.training.checkpoint_store import CheckpointStore\n"
-        "CheckpointStore(tempfile.mkdtemp()).find_resume_point({'resume_hash': 'x', 'tokenizer_hash': 'y'})\n"
+        "s = CheckpointStore(tempfile.mkdtemp())\n"
+        "d = s.begin(1); (d / 'w').write_bytes(b'w'); s.commit(d, 1, {'resume_hash': 'x', 'resume_view': {}})\n"
+        "try:\n"
+        "    s.find_resume_point({'resume_hash': 'z', 'resume_view': {'a': 1}})\n"
+        "except Exception as exc:\n"
+        "    assert 'a: None -> 1' in str(exc), exc\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
