@@ -10,7 +10,7 @@ own from the run directory. At the end, every loss ever reported for step s
 must equal the reference loss of step s bit for bit, and the final adapter's
 sha256 must be identical.
 
-    .venv/bin/python scripts/torture_resume.py --kills 100 --max-steps 120 --worker-kills 10
+    .venv/bin/python scripts/torture_resume.py --kills 100 --max-steps 200 --worker-kills 10
 
 `--worker-kills N` then does the same N times to the whole worker
 (`uff-port serve`): its orphaned trainer must checkpoint and exit, and the same
@@ -320,7 +320,7 @@ def compare(res: TortureResult, reference: dict[int, float], run_dir: Path) -> N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=100)
-    p.add_argument("--max-steps", type=int, default=120)
+    p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--every-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--work-dir", type=Path, default=None, help="default: a fresh temporary directory")
