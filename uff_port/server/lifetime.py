@@ -6,25 +6,14 @@ the worker: a trainer left behind pins GPU memory until someone notices.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 
-_PR_SET_PDEATHSIG = 1
+from uff_port.procutil import group_alive, kill_group, set_parent_death_signal
 
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
-    """Ask Linux to send `sig` when our parent dies; False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
-    return True
+__all__ = ["group_alive", "kill_group", "set_parent_death_signal", "watch_parent"]
 
 
 def watch_parent(on_orphaned: Callable[[], None], interval: float = 0.5) -> threading.Thread:
@@ -45,22 +34,3 @@ def watch_parent(on_orphaned: Callable[[], None], interval: float = 0.5) -> thre
     thread = threading.Thread(target=loop, name="parent-watch", daemon=True)
     thread.start()
     return thread
-
-
-def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
-    """Signal a whole process group; False if it no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False

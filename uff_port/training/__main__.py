@@ -12,7 +12,6 @@ only a launcher for torchrun; see launcher.py.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -21,21 +20,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.procutil import set_parent_death_signal
 from uff_port.training.config import Config, ConfigError, dump_yaml, load_config
 from uff_port.training.events import Reporter
 
 CHANNEL_SOCKET_ENV: Final = "UFF_PORT_CHANNEL_SOCKET"
 EXIT_FILE_ENV: Final = "UFF_PORT_EXIT_FILE"
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
-    """Hear of a dead parent even if our channel were somehow kept open (Linux only)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -90,7 +80,8 @@ def _refuse(report: Reporter, code: str, message: str, details: Any = None) -> i
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    set_pdeathsig()
+    # Hear of a dead worker even if our channel were somehow kept open.
+    set_parent_death_signal(signal.SIGTERM)
     run_dir: Path = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     is_launcher = False

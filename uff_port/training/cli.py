@@ -100,6 +100,13 @@ def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: b
         png = plot_run(run_dir)
     except Exception as exc:  # noqa: BLE001 - a missing plot never fails a run
         print(f"plot: {exc}", file=sys.stderr)
+    if code == 0:
+        try:  # every finished run carries its artifact manifest, as under the worker
+            from uff_port.registry.runmanifest import write_run_manifest
+
+            print(f"artifact manifest: {write_run_manifest(run_dir)}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - the adapter stands without it
+            print(f"artifact manifest: {exc}", file=sys.stderr)
     if finished and finished.get("event") == "failed":
         print(f"failed ({finished.get('code')}): {finished.get('message')}", file=sys.stderr)
     print(f"run dir: {run_dir}  exit {code}" + (f"  plot: {png}" if png else ""), file=sys.stderr)

@@ -26,11 +26,11 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.procutil import set_parent_death_signal
 from uff_port.training.config import Config
 from uff_port.training.events import Reporter
 
 _CHUNK: Final = 1 << 16
-_PDEATHSIG_SETUP: Final = 1
 
 
 def _free_port() -> int:
@@ -39,14 +39,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child_setup() -> None:
-    # Runs in the child before exec: torchrun dies with us, never orphaned.
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).prctl(_PDEATHSIG_SETUP, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+def _torchrun_dies_with_us() -> None:
+    # Runs in the child between fork and exec: torchrun dies with us, never orphaned.
+    set_parent_death_signal(signal.SIGTERM)
 
 
 class Relay:
@@ -141,7 +136,7 @@ def launch(argv: list[str], cfg: Config, control_fd: int | None, report: Reporte
         "-m", "uff_port.training", *argv,
     ]  # fmt: skip
     report.emit("log", level="info", message=f"launching {nproc} processes with torchrun (port {port})")
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_child_setup, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_torchrun_dies_with_us, start_new_session=True)
     relay = Relay(listener, control_fd)
     saved: dict[signal.Signals, Any] = {}
 

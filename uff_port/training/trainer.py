@@ -167,6 +167,7 @@ class Trainer:
         if self.device.type == "cpu" and t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
         self.precision = pick_precision(cfg, self.device)
+        self._check_fits()
         self.micro = t.micro_batch_size
         self.accum = t.grad_accum_steps // self.world
         torch.manual_seed(t.seed)  # identical LoRA init on every rank
@@ -203,6 +204,19 @@ class Trainer:
                 f"{sum(p.numel() for p in self.params)} trainable parameters, world size {self.world}"
             ),
         )
+
+    def _check_fits(self) -> None:
+        """The memory planner's verdict before the model loads: refuse now, not OOM in an hour."""
+        from uff_port.planner.guard import check_config
+
+        devices = []
+        if self.device.type == "cuda":
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                devices.append({"index": i, "name": props.name, "memory_total": props.total_memory})
+        report = check_config(self.cfg, devices)
+        if not report.fits:
+            raise TrainError("wont_fit", report.message)
 
     def _stream(self, split: str) -> PackedStream:
         def bad(name: str, line_no: int, reason: str) -> None:
@@ -542,6 +556,11 @@ class Trainer:
         final = self.run_dir / "final"
         tmp = self.run_dir / f".final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        peft_cfg = getattr(self.model, "peft_config", {}).get("default")
+        if peft_cfg is not None:
+            # Record the configured id, not this machine's cache path: the same training on
+            # two sites must give the same adapter files (and so the same artifact id).
+            peft_cfg.base_model_name_or_path = self.cfg.model.name_or_path
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         if self.cfg.output.merge and hasattr(self.model, "merge_and_unload"):
