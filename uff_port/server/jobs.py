@@ -180,6 +180,7 @@ class Job:
         info = self.info
         self._events.drain_progress()
         tail = list(self.child.stderr_tail)
+        fields: dict[str, Any]
         if code == EXIT_FINISHED and info.terminal_event is None:
             fields = {"job_id": info.job_id, "step": info.step, "loss": info.loss, "run_dir": str(info.run_dir)}
             self._events.emit("finished", **fields)
