@@ -12,6 +12,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export UFF_PORT_CACHE="${UFF_PORT_CACHE:-$PWD/.cache/uff-port}"
 
 status=0
+# Style is part of the suite: ruff (lint) and mypy (types) over the package.
+"$PY" -m ruff check uff_port scripts tests || status=$?
+"$PY" -m mypy uff_port || status=$?
 "$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
 if [[ -d elixir_bridge && -f elixir_bridge/mix.exs ]]; then
   (cd elixir_bridge && MIX_ENV=test mix test) || status=$?
