@@ -160,10 +160,21 @@ def baseline(work: Path, cfg: dict[str, Any]) -> dict[str, float]:
     return {"wall_s": time.time() - t0, "steps_computed": count_progress([work / "base" / "events.jsonl"])}
 
 
+def calibrate(work: Path, steps: int = 40) -> float:
+    """Real seconds per training step on this machine, now (sizes the job to the week)."""
+    (work / "cal.yaml").write_text(yaml.safe_dump(tiny(steps)))
+    subprocess.run([sys.executable, "-m", "uff_port.training", "--run-dir", str(work / "cal"), "--config", str(work / "cal.yaml")],
+                   check=True, capture_output=True)
+    ts = [json.loads(line)["ts"] for line in (work / "cal" / "events.jsonl").read_text().splitlines()
+          if json.loads(line).get("event") == "progress"]
+    return max(1e-3, (ts[-1] - ts[0]) / max(1, len(ts) - 1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=4.0, help="real seconds per simulated hour")
-    ap.add_argument("--max-steps", type=int, default=240)
+    ap.add_argument("--scale", type=float, default=8.0, help="real seconds per simulated hour")
+    ap.add_argument("--target-hours", type=float, default=30.0, help="size the job to this many simulated GPU-hours")
+    ap.add_argument("--max-steps", type=int, default=None, help="default: sized by --target-hours")
     ap.add_argument("--kill-every-hours", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", default=None, help="also write the report here")
@@ -174,6 +185,9 @@ def main() -> int:
         zf.writestr("uff_port/__init__.py", "")  # the kernels find uff-port installed already
     os.environ["UFF_PORT_WHEEL"] = str(wheel)
     rng = random.Random(args.seed)
+    per_step = calibrate(work)
+    if args.max_steps is None:
+        args.max_steps = max(40, int(args.target_hours * args.scale / per_step))
     clock = SimClock(args.scale)
     cloud = {
         "kaggle": {"session_hours": 9.0},
@@ -233,6 +247,8 @@ def main() -> int:
     base = baseline(work, tiny(args.max_steps))
     report = {
         "command": "scripts/simulate_week.py " + " ".join(sys.argv[1:]),
+        "max_steps": args.max_steps,
+        "seconds_per_step": round(per_step, 4),
         "exit": rc,
         "steps_kept": kept,
         "steps_computed": computed,
