@@ -187,7 +187,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     per_step = calibrate(work)
     if args.max_steps is None:
-        args.max_steps = max(40, int(args.target_hours * args.scale / per_step))
+        # Speed on a shared machine swings 5x between minutes: cap the size.
+        args.max_steps = min(600, max(40, int(args.target_hours * args.scale / per_step)))
     clock = SimClock(args.scale)
     cloud = {
         "kaggle": {"session_hours": 9.0},
