@@ -33,11 +33,14 @@ pytestmark = pytest.mark.slow
 
 TINY: dict[str, Any] = {
     "model": {"name_or_path": "builtin:tiny-llama", "local_files_only": True},
-    "data": {"path": "builtin:sample-corpus", "seq_len": 64},
+    "data": {"path": "builtin:sample-corpus", "seq_len": 256},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
     "training": {
-        "max_steps": 16,
-        "micro_batch_size": 2,
+        # Heavy enough steps (~0.25 s on 2 busy cores) that a session of a few
+        # seconds is cut off well before max_steps however fast the machine is.
+        "max_steps": 40,
+        "micro_batch_size": 4,
+        "grad_accum_steps": 4,
         "warmup_steps": 2,
         "device": "cpu",
         "precision": "fp32",
@@ -110,7 +113,7 @@ def test_kaggle_kernel_two_sessions_equal_one_local_run(tmp_path: Path, wheel: P
 
     cloud = {
         "kaggle": {"session_hours": 120 / 3600},
-        "budgets": {"kaggle_hours_per_week": 0.5, "min_session_minutes": 0.1},
+        "budgets": {"kaggle_hours_per_week": 0.5, "min_session_minutes": 0.2},
         "safety_margin_seconds": 5,
         "poll": {"interval_seconds": 0.3, "max_backoff_seconds": 8 * 86400},
     }
@@ -174,8 +177,8 @@ def test_sagemaker_entry_budget_cut_sigterm_and_resume_equal_one_local_run(
     entry = [sys.executable, "-m", "uff_port.cloud.entry"]
     run_dir = root / "checkpoints" / "run"  # what CheckpointConfig keeps across sessions
 
-    # Session 1: MaxRuntimeInSeconds leaves ~12 s after the margin: cut off by the budget.
-    p1 = subprocess.run(entry, env=_sm_env(root, {"uff_max_runtime": "20", "uff_margin": "8", "uff_session": "s0"}), capture_output=True, timeout=120)
+    # Session 1: MaxRuntimeInSeconds leaves ~10 s after the margin: cut off by the budget.
+    p1 = subprocess.run(entry, env=_sm_env(root, {"uff_max_runtime": "16", "uff_margin": "6", "uff_session": "s0"}), capture_output=True, timeout=120)
     assert p1.returncode == 0, p1.stderr[-3000:]
     s1 = json.loads((run_dir / "session.json").read_text())
     assert s1["budget_stop"] and not s1["finished"]

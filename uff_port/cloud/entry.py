@@ -233,7 +233,9 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         "step": step,
         "finished": finished,
         "signalled": bool(term_at) and not self_stopped,
-        "budget_stop": self_stopped,
+        # Cut off by the session budget: our own SIGTERM, or the trainer's
+        # max_runtime (exit 75 with nobody having signalled it).
+        "budget_stop": self_stopped or (rc == EXIT_RESUMABLE and not term_at),
         "restarts": restarts,
         "seconds": round(time.monotonic() - _STARTED, 3),
     }
