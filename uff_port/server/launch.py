@@ -153,6 +153,10 @@ class JobLauncher:
             keep_last=cfg.checkpoint.keep_last,
             emit=lambda event, **f: self.emit(event, job_id=plan.job_id, **f),
         )
+        # A trainer orphaned by a dead worker may still be writing its final checkpoint:
+        # wait (up to the grace period) until no one holds the run's writer lock.
+        if store.acquire_writer(cfg.checkpoint.grace_seconds):
+            store.release_writer()
         if plan.resume_from == AUTO:
             try:
                 point = store.find_resume_point({"resume_hash": resume_hash(cfg), "resume_view": resume_view(cfg)})

@@ -72,7 +72,7 @@ CORE_ARGS: Final[dict[str, dict[str, Arg]]] = {
     },
     "checkpoint": {},
     "resume": {"run_dir": Arg((str,), required=True), "checkpoint": Arg((int, str))},
-    "stop": {"checkpoint": Arg((bool,))},
+    "stop": {"checkpoint": Arg((bool,)), "cancel": Arg((bool,), doc="cloud jobs: stop the remote job too")},
     "shutdown": {},
     "bench_events": {"count": Arg((int,), required=True), "payload_bytes": Arg((int,))},
 }
@@ -433,11 +433,16 @@ class Worker:
         ).start()
         return DEFERRED
 
-    def _stop_job(self, job: Job, checkpoint: bool, on_stopped: Callable[[Job, dict[str, Any]], None]) -> None:
+    def _stop_job(
+        self, job: Job, checkpoint: bool, on_stopped: Callable[[Job, dict[str, Any]], None], cancel: bool = False
+    ) -> None:
         """Ask the trainer to stop; `on_stopped(job, trainer_reply)` runs once it has exited."""
         trainer_reply: dict[str, Any] = {}
         job.stop_requested = True
-        job.control("stop", {"checkpoint": checkpoint}, trainer_reply.update)
+        args: dict[str, Any] = {"checkpoint": checkpoint}
+        if cancel:  # cloud jobs: also stop the remote job instead of detaching from it
+            args["cancel"] = True
+        job.control("stop", args, trainer_reply.update)
         job.on_exit(lambda j: on_stopped(j, trainer_reply))
         grace = self._grace(job)
 
@@ -454,6 +459,7 @@ class Worker:
     def _cmd_stop(self, req: Request, reply: Reply) -> Any:
         job = self._active_job()
         checkpoint = req.args.get("checkpoint", True)
+        cancel = bool(req.args.get("cancel", False))
         self.set_state(STOPPING)
 
         def stopped(j: Job, trainer_reply: dict[str, Any]) -> None:
@@ -476,7 +482,7 @@ class Worker:
                     {"exit_status": info.exit_code, "last_checkpoint": info.last_checkpoint},
                 )
 
-        self._stop_job(job, checkpoint, stopped)
+        self._stop_job(job, checkpoint, stopped, cancel=cancel)
         return DEFERRED
 
     def _cmd_shutdown(self, _req: Request, reply: Reply) -> Any:

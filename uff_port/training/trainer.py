@@ -192,8 +192,10 @@ class Trainer:
             "versions": _versions(),
             "world_size": self.world,
         }
+        # Dropout differs per rank. Seeded before the resume: a restored checkpoint's RNG
+        # state must be the last word, or resumed runs drift from uninterrupted ones.
+        torch.manual_seed(t.seed + 1000003 * self.rank)
         self._maybe_resume()
-        torch.manual_seed(t.seed + 1000003 * self.rank + self.step)  # dropout differs per rank
         if t.max_runtime:
             self._deadline = time.monotonic() + t.max_runtime
         self.emit(
