@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from uff_port.training.config import ConfigError
+from uff_port.training.config import ConfigError, friendly_error
 
 HOUR: Final = 3600.0
 KAGGLE_MAX_SESSION_HOURS: Final = 12.0
@@ -78,20 +78,6 @@ class CloudSettings(_Section):
     """Hybrid routing prefers a local GPU; `auto` asks NVML."""
 
 
-def _friendly(err: Any) -> str:
-    ctx = err.get("ctx") or {}
-    kind = err.get("type", "")
-    if kind == "greater_than":
-        return f"must be > {ctx.get('gt')}"
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}"
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "string_pattern_mismatch":
-        return f"must match {ctx.get('pattern')}"
-    return str(err.get("msg", "invalid")).removeprefix("Value error, ")
 
 
 def validate_cloud(raw: Any) -> CloudSettings:
@@ -104,7 +90,7 @@ def validate_cloud(raw: Any) -> CloudSettings:
         settings = CloudSettings.model_validate(raw)
     except ValidationError as exc:
         problems = [
-            "cloud." + ".".join(str(p) for p in e["loc"]) + f": {_friendly(e)}" for e in exc.errors()
+            "cloud." + ".".join(str(p) for p in e["loc"]) + f": {friendly_error(e)}" for e in exc.errors()
         ]
         raise ConfigError(problems) from None
     sm = settings.sagemaker

@@ -174,7 +174,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
 
 
-def _friendly(err: Any) -> str:
+def friendly_error(err: Any) -> str:
+    """One pydantic error as a short phrase ('must be > 0'); shared by every config schema."""
     kind = err.get("type", "")
     ctx = err.get("ctx") or {}
     if kind == "greater_than":
@@ -183,6 +184,10 @@ def _friendly(err: Any) -> str:
         return f"must be >= {ctx.get('ge')}"
     if kind == "less_than":
         return f"must be < {ctx.get('lt')}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx.get('le')}"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":
@@ -224,7 +229,7 @@ def validate_config(raw: Any, overrides: dict[str, Any] | None = None) -> Config
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError([f"{_format_loc(e['loc'])}: {_friendly(e)}" for e in exc.errors()]) from None
+        raise ConfigError([f"{_format_loc(e['loc'])}: {friendly_error(e)}" for e in exc.errors()]) from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
