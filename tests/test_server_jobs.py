@@ -133,6 +133,30 @@ def test_sigterm_while_training_checkpoints_and_exits_75(worker: WorkerClient, r
     assert json.loads((ckpt / "manifest.json").read_text())["step"] >= 2
 
 
+def test_a_burst_of_sigterms_still_checkpoints_and_exits_75(worker: WorkerClient, runs_root: Path) -> None:
+    _train(worker)
+    _wait_step(worker, 2)
+    kids = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    for _ in range(300):  # the handler runs inside itself: it must take no lock
+        os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(120) == 75
+    assert _gone(kids, 10)
+    _latest(runs_root / "job")
+
+
+def test_sigkill_of_the_worker_leaves_no_trainer_behind(worker: WorkerClient, runs_root: Path) -> None:
+    """The supervisor's SIGKILL: the orphaned trainer checkpoints and exits by itself."""
+    _train(worker)
+    _wait_step(worker, 2)
+    kids = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    assert kids
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(30)
+    assert _gone(kids, 90), "the trainer outlived its worker"
+    ckpt = _latest(runs_root / "job")
+    assert json.loads((ckpt / "manifest.json").read_text())["step"] >= 2
+
+
 def test_trainer_crash_is_reported_failed_and_worker_lives(worker: WorkerClient) -> None:
     _train(worker)
     _wait_step(worker, 2)

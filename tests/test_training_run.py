@@ -254,6 +254,21 @@ def test_sigterm_and_channel_eof_checkpoint_and_exit_75(tmp_path: Path, env: dic
     assert [e for e in events_of(run_dir) if e["event"] == "checkpoint"]
 
 
+def test_a_burst_of_signals_still_checkpoints_and_exits(tmp_path: Path, env: dict[str, str]) -> None:
+    """A dead worker's parent-death SIGTERM plus a group kill arrive close together.
+
+    The handler runs again inside itself; one that takes a lock deadlocks, and
+    the trainer lives on as an orphan holding the run's writer lock.
+    """
+    over = {"training__max_steps": 500, "checkpoint__every_steps": None}
+    proc, ch, run_dir = spawn(tmp_path, "burst", env, **over)
+    ch.wait_event(lambda e: e["event"] == "progress")
+    for i in range(400):
+        proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGINT)
+    assert proc.wait(60) == 75
+    assert [e for e in events_of(run_dir) if e["event"] == "checkpoint"]
+
+
 @pytest.mark.slow
 def test_max_runtime_stops_with_a_checkpoint(tmp_path: Path, env: dict[str, str]) -> None:
     rc, run_dir = train(tmp_path, "budget", env, training__max_steps=100000, training__max_runtime=8)

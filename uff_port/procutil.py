@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import signal
 from typing import Final
 
@@ -44,3 +45,43 @@ def group_alive(pgid: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+class SignalSafeEvent:
+    """An Event whose `set` may be called from a signal handler.
+
+    `threading.Event.set` takes a lock; a handler that runs while its own
+    thread holds that lock (a second SIGTERM arriving inside the first
+    handler) deadlocks the process for good: an orphan that never exits.
+    `queue.SimpleQueue.put` is reentrant, so `set` here never blocks.
+    """
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        self._q.put(None)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def clear(self) -> None:
+        self._set = False
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                return
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set (at once if already set), False after `timeout`."""
+        if self._set:
+            return True
+        try:
+            self._q.get(timeout=timeout)
+        except queue.Empty:
+            return self._set
+        self._q.put(None)  # leave the wake-up for other waiters
+        return True

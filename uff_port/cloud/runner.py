@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from uff_port.cloud.routing import choose_backend
 from uff_port.cloud.settings import CloudSettings
 from uff_port.cloud.verify import check_pull
 from uff_port.fsutil import atomic_write_text, fsync_dir, fsync_file
+from uff_port.procutil import SignalSafeEvent
 from uff_port.protocol import ErrorCode
 from uff_port.training.config import Config
 
@@ -52,7 +52,8 @@ class Control:
     cancel: bool = False
     """`stop` with `cancel: true`: stop the remote job too (it checkpoints first)."""
     stop_reply: Callable[[dict[str, Any]], None] | None = None
-    wake: threading.Event = field(default_factory=threading.Event)
+    wake: SignalSafeEvent = field(default_factory=SignalSafeEvent)
+    """Set from the channel thread and from SIGTERM handlers: must never take a lock."""
 
 
 class CloudRun:

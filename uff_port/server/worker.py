@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port import PROTOCOL_VERSION, __version__
+from uff_port.procutil import SignalSafeEvent
 from uff_port.protocol.errors import CommandError, ErrorCode
 from uff_port.protocol.framing import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -198,6 +199,9 @@ class Worker:
             time.sleep(3600)
 
     def _install_lifetime(self) -> None:
+        self._signalled: list[int] = []
+        self._signal_event = SignalSafeEvent()
+        threading.Thread(target=self._signal_watch, name="signals", daemon=True).start()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         # Parent death (the VM killed with SIGKILL) arrives as SIGTERM: same graceful path.
@@ -205,8 +209,14 @@ class Worker:
         lifetime.watch_parent(lambda: self.begin_exit("parent_died"))
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        # Runs between bytecodes of the main thread: do no I/O here, hand over to a thread.
-        self.begin_exit(f"signal:{signal.Signals(signum).name}")
+        # Runs between bytecodes of the main thread, maybe inside itself (a burst of
+        # signals): take no lock and start no thread here, only hand over.
+        self._signalled.append(signum)
+        self._signal_event.set()
+
+    def _signal_watch(self) -> None:
+        self._signal_event.wait()
+        self.begin_exit(f"signal:{signal.Signals(self._signalled[0]).name}")
 
     # -- request loop ---------------------------------------------------------
     def handle_payload(self, payload: bytes) -> None:

@@ -26,10 +26,15 @@ class Command:
 
 
 class Inbox:
-    """Thread-safe mailbox of Commands (channel requests, EOF, signals)."""
+    """Thread-safe mailbox of Commands (channel requests, EOF, signals).
+
+    A SimpleQueue, because its `put` is reentrant: a signal handler may run
+    while the main thread is inside `put` (a second SIGTERM during the first
+    handler), and a lock-taking Queue would deadlock the trainer forever.
+    """
 
     def __init__(self) -> None:
-        self.q: queue.Queue[Command] = queue.Queue()
+        self.q: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.errors: list[str] = []
 
     def poll(self) -> list[Command]:

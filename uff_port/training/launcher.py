@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
-from uff_port.procutil import set_parent_death_signal
+from uff_port.procutil import SignalSafeEvent, set_parent_death_signal
 from uff_port.training.config import Config
 from uff_port.training.events import Reporter
 
@@ -45,24 +45,31 @@ def _torchrun_dies_with_us() -> None:
 
 
 class Relay:
-    """Copies bytes between the worker's fd and rank 0's socket until either side ends."""
+    """Copies bytes between the worker's fd and rank 0's socket until either side ends.
+
+    Only the relay thread touches the socket. `request_close` is what signal
+    handlers call: it sets a flag and takes no lock, so a second signal
+    arriving inside the first handler cannot deadlock the launcher.
+    """
 
     def __init__(self, listener: socket.socket, control_fd: int | None) -> None:
         self.listener = listener
         self.control_fd = control_fd
         self.conn: socket.socket | None = None
-        self.closed = threading.Event()
-        self._lock = threading.Lock()
+        self.closed = SignalSafeEvent()
+        self._shut = False
 
-    def close_downstream(self) -> None:
-        """EOF to rank 0: it checkpoints and all ranks stop."""
-        with self._lock:
-            self.closed.set()
-            if self.conn is not None:
-                try:
-                    self.conn.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
+    def request_close(self) -> None:
+        """EOF to rank 0 (it checkpoints and all ranks stop), within one relay tick."""
+        self.closed.set()
+
+    def _shut_downstream(self) -> None:
+        if self.conn is not None and not self._shut:
+            self._shut = True
+            try:
+                self.conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def run(self, proc: subprocess.Popen[bytes]) -> None:
         self.listener.settimeout(0.2)
@@ -74,14 +81,13 @@ class Relay:
                 continue
         else:
             return
-        with self._lock:
-            self.conn = conn
-            if self.closed.is_set():
-                conn.shutdown(socket.SHUT_WR)
+        self.conn = conn
         cfd = conn.fileno()
         fds = [cfd] + ([self.control_fd] if self.control_fd is not None else [])
         # Until rank 0's end closes (it exits): its last frames must still reach the worker.
         while cfd in fds:
+            if self.closed.is_set():
+                self._shut_downstream()
             ready, _, _ = select.select(fds, [], [], 0.2)
             for fd in ready:
                 try:
@@ -97,7 +103,8 @@ class Relay:
                 else:
                     if not data:  # the worker is gone: same as SIGTERM
                         fds.remove(fd)
-                        self.close_downstream()
+                        self.request_close()
+                        self._shut_downstream()
                         continue
                     if not self.closed.is_set():
                         conn.sendall(data)
@@ -141,7 +148,7 @@ def launch(argv: list[str], cfg: Config, control_fd: int | None, report: Reporte
     saved: dict[signal.Signals, Any] = {}
 
     def on_signal(signum: int, _frame: Any) -> None:
-        relay.close_downstream()
+        relay.request_close()
         if relay.conn is None:  # rank 0 not listening yet: nothing to checkpoint
             proc.send_signal(signal.SIGTERM)
 
