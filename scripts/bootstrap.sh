@@ -3,7 +3,8 @@
 #   - a virtualenv in .venv (override with UFF_PORT_VENV)
 #   - torch==2.13.0 first (the CPU wheel here; on a GPU box install your CUDA build first),
 #     so no later requirement can pull a different torch
-#   - the package, editable, with the train, cloud and dev extras
+#   - the package, editable, with the train, cloud, dev and deepspeed extras
+#   - a C++ compiler (DeepSpeed builds its CPU communication op on first use)
 #   - Elixir/Erlang from apt for the bridge (skip with UFF_PORT_NO_ELIXIR=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +21,20 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 stamp="$VENV/.uff-port-installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+EXTRAS="train,cloud,dev,deepspeed"
+want=$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  echo "bootstrap: installing uff-port[train,cloud,dev]" >&2
-  "$PY" -m pip install -q -e ".[train,cloud,dev]"
+  echo "bootstrap: installing uff-port[$EXTRAS]" >&2
+  "$PY" -m pip install -q -e ".[$EXTRAS]"
   echo "$want" > "$stamp"
+fi
+
+if ! command -v g++ >/dev/null 2>&1; then
+  echo "bootstrap: installing g++ with apt" >&2
+  SUDO=""
+  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++ >/dev/null
 fi
 
 if [[ -z "${UFF_PORT_NO_ELIXIR:-}" ]] && ! command -v mix >/dev/null 2>&1; then

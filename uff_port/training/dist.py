@@ -38,6 +38,27 @@ def init_from_env() -> None:
     tdist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
 
 
+def init_single() -> None:
+    """A process group of one (DeepSpeed needs a group even on a single device)."""
+    if is_distributed():
+        return
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    tdist.init_process_group(backend=backend, timeout=timedelta(minutes=10), rank=0, world_size=1)
+
+
+def barrier() -> None:
+    if is_distributed():
+        tdist.barrier()
+
+
 def shutdown() -> None:
     if is_distributed():
         tdist.destroy_process_group()

@@ -9,7 +9,8 @@ Files of a checkpoint (all `.pt` files load with `torch.load(weights_only=True)`
 
     adapter_model.safetensors  trainable weights (peft adapter keys: loadable by peft)
     adapter_config.json        the peft config, when the model is a peft model
-    optimizer.pt scheduler.pt  state dicts
+    optimizer.pt scheduler.pt  state dicts (torch layout)
+    deepspeed/                 per-rank ZeRO shards instead (DeepSpeed layout, see zero.py)
     scaler.pt                  grad scaler state (fp16 only)
     rng-rank{r}.pt             python/numpy/torch/CUDA RNG of rank r
     trainer_state.json         step, data cursor, counters, world size
@@ -100,7 +101,8 @@ def derived_seed(step: int, rank: int, seed: int = 0) -> int:
 class TrainingSnapshot:
     step: int
     adapter: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any] | None
+    """None when DeepSpeed writes the optimizer state itself (its shards are in `staging`)."""
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
     rng: dict[str, Any]
@@ -113,6 +115,10 @@ class TrainingSnapshot:
     adapter_config: dict[str, Any] | None = None
     capture_seconds: float = 0.0
     """How long `snapshot` blocked the loop."""
+    layout: str = "torch"
+    """How the optimizer state is stored: "torch" or "deepspeed-zeroS-worldN"."""
+    staging: Path | None = None
+    """A staging directory already holding files (DeepSpeed shards) to commit with the snapshot."""
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -183,7 +189,7 @@ def snapshot(
     snap = TrainingSnapshot(
         step=step,
         adapter=adapter,
-        optimizer=_to_cpu(optimizer.state_dict()),
+        optimizer=_to_cpu(optimizer.state_dict()) if optimizer is not None else None,
         scheduler=_to_cpu(scheduler.state_dict()) if scheduler is not None else {},
         scaler=_to_cpu(scaler.state_dict()) if scaler is not None else None,
         rng=rng,
@@ -206,8 +212,9 @@ def write_snapshot(snap: TrainingSnapshot, staging_dir: str | Path) -> None:
     save_file(snap.adapter, str(out / ADAPTER_FILE), metadata={"format": "pt"})
     if snap.adapter_config is not None:
         (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(snap.adapter_config, indent=2, sort_keys=True))
-    torch.save(snap.optimizer, out / "optimizer.pt")
-    torch.save(snap.scheduler, out / "scheduler.pt")
+    if snap.optimizer is not None:
+        torch.save(snap.optimizer, out / "optimizer.pt")
+        torch.save(snap.scheduler, out / "scheduler.pt")
     if snap.scaler is not None:
         torch.save(snap.scaler, out / "scaler.pt")
     for r, rng in sorted((snap.rank_rngs or {snap.rank: snap.rng}).items()):
@@ -218,6 +225,7 @@ def write_snapshot(snap: TrainingSnapshot, staging_dir: str | Path) -> None:
         "world_size": snap.world_size,
         "ranks_with_rng": sorted(snap.rank_rngs) if snap.rank_rngs else [snap.rank],
         "adapter_kind": "peft" if snap.adapter_config is not None else "trainable_params",
+        "optimizer_layout": snap.layout,
         "data_cursor": snap.data_cursor,
         "counters": snap.counters,
     }
@@ -245,11 +253,12 @@ def read_snapshot(path: str | Path, rank: int = 0, seed: int = 0) -> TrainingSna
     rng = _load(rng_file) if rng_file.exists() else {"derived_seed": derived_seed(step, rank, seed)}
     config_file = src / ADAPTER_CONFIG_FILE
     scaler_file = src / "scaler.pt"
+    optimizer_file, scheduler_file = src / "optimizer.pt", src / "scheduler.pt"
     return TrainingSnapshot(
         step=step,
         adapter=load_file(str(src / ADAPTER_FILE)),
-        optimizer=_load(src / "optimizer.pt"),
-        scheduler=_load(src / "scheduler.pt"),
+        optimizer=_load(optimizer_file) if optimizer_file.exists() else None,
+        scheduler=_load(scheduler_file) if scheduler_file.exists() else {},
         scaler=_load(scaler_file) if scaler_file.exists() else None,
         rng=rng,
         data_cursor=state["data_cursor"],
@@ -258,6 +267,7 @@ def read_snapshot(path: str | Path, rank: int = 0, seed: int = 0) -> TrainingSna
         world_size=int(state["world_size"]),
         rank_rngs={rank: rng},
         adapter_config=json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else None,
+        layout=str(state.get("optimizer_layout", "torch")),
     )
 
 
@@ -279,6 +289,8 @@ def apply_snapshot(snap: TrainingSnapshot, *, model: Any, optimizer: Any, schedu
         with torch.no_grad():
             for name, tensor in snap.adapter.items():
                 params[name].copy_(tensor)
+    if snap.optimizer is None:
+        raise ValueError("optimizer: this checkpoint holds DeepSpeed shards, not a torch optimizer state")
     optimizer.load_state_dict(snap.optimizer)
     if scheduler is not None and snap.scheduler:
         scheduler.load_state_dict(snap.scheduler)
@@ -352,7 +364,7 @@ class AsyncCheckpointer:
                         message=f"another process (pid {self.store.writer_pid()}) writes checkpoints to "
                         f"{self.store.run_dir}; leaving its unfinished writes alone",
                     )
-            staging = self.store.begin(snap.step)
+            staging = snap.staging or self.store.begin(snap.step)
             write_snapshot(snap, staging)
             size = snapshot_bytes(staging)
             meta.setdefault("world_size", snap.world_size)

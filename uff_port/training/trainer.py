@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from uff_port import __version__
 from uff_port.fsutil import atomic_write_json, fsync_dir
 from uff_port.hashing import tree_manifest
-from uff_port.training import dist
+from uff_port.training import dist, zero
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
 from uff_port.training.checkpoint_store import CheckpointStore, ResumePoint
 from uff_port.training.config import Config, config_hash, resume_hash, resume_view
@@ -154,14 +154,6 @@ class Trainer:
                 f"training.grad_accum_steps: {t.grad_accum_steps} must be divisible by the number of "
                 f"processes ({self.world}) so the global batch stays micro_batch_size * grad_accum_steps",
             )
-        if cfg.distributed.backend == "deepspeed":
-            # ZeRO shards optimizer state across ranks, which rank 0's snapshot would not
-            # capture: refusing beats checkpoints that cannot resume exactly.
-            raise TrainError(
-                "not_available",
-                "distributed.backend: deepspeed is not wired into this trainer yet; use 'ddp' "
-                "(the default, and the right choice for QLoRA on 2 GPUs)",
-            )
         self.set_state("loading", world_size=self.world)
         self.device = pick_device(cfg)
         if self.device.type == "cpu" and t.cpu_threads:
@@ -177,10 +169,19 @@ class Trainer:
         self.params = trainable_parameters(self.model)
         if not self.params:
             raise TrainError("invalid_config", "lora.enabled: false leaves no trainable parameters; enable LoRA")
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.use_scaler else None
-        self.ddp_model = dist.wrap(self.model, self.device)
+        self.engine: Any = None  # a DeepSpeed engine, or None for plain torch / DDP
+        self.ds: dict[str, Any] = {}
+        self.layout = "torch"
+        self.autocast = self.precision.autocast
+        if cfg.distributed.backend == "deepspeed":
+            self._setup_deepspeed()
+        else:
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                self.params, lr=t.learning_rate, weight_decay=t.weight_decay
+            )
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+            self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.use_scaler else None
+            self.ddp_model = dist.wrap(self.model, self.device)
         self.data = self._stream("train")
         self.store = CheckpointStore(self.run_dir, keep_last=cfg.checkpoint.keep_last, emit=self.emit)
         self.checkpointer = AsyncCheckpointer(self.store, emit=self._on_checkpoint_event)
@@ -191,6 +192,7 @@ class Trainer:
             "tokenizer_hash": self.tok_hash,
             "versions": _versions(),
             "world_size": self.world,
+            "optimizer_layout": self.layout,
         }
         # Dropout differs per rank. Seeded before the resume: a restored checkpoint's RNG
         # state must be the last word, or resumed runs drift from uninterrupted ones.
@@ -206,6 +208,34 @@ class Trainer:
                 f"{sum(p.numel() for p in self.params)} trainable parameters, world size {self.world}"
             ),
         )
+
+    def _setup_deepspeed(self) -> None:
+        """ZeRO-2/3 engine over the LoRA model: it owns the optimizer step, clipping and precision."""
+        cfg, t = self.cfg, self.cfg.training
+        try:
+            deepspeed = zero.import_deepspeed(self.device)
+            self.ds = zero.load_config(
+                cfg.distributed.deepspeed_config, micro=self.micro, accum=self.accum, world=self.world,
+                max_grad_norm=t.max_grad_norm, precision=self.precision.name,
+            )  # fmt: skip
+        except zero.ZeroError as exc:
+            raise TrainError(exc.code, exc.message) from None
+        self.zero_stage = zero.stage_of(self.ds)
+        if self.zero_stage == 3 and cfg.output.merge:
+            raise TrainError("invalid_config", "output.merge: not with ZeRO-3 (weights are sharded); "
+                             "merge the saved adapter afterwards with peft's merge_and_unload")
+        if self.zero_stage == 3 and cfg.quantization.mode != "none":
+            raise TrainError("invalid_config", "quantization.mode: 4-bit weights cannot be sharded by ZeRO-3; "
+                             "use configs/deepspeed/zero2.json or distributed.backend: ddp")
+        dist.init_single()  # a group of one when not under torchrun; no-op otherwise
+        self.optimizer = zero.make_optimizer(deepspeed, self.ds, self.params, t.learning_rate, t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
+        self.engine = zero.initialize(deepspeed, self.model, self.optimizer, self.scheduler, self.ds)
+        self.ddp_model = self.engine
+        # bf16/fp16 in the JSON cast the model itself: no autocast on top.
+        self.autocast = None
+        self.layout = zero.layout(self.ds, self.world)
 
     def _check_fits(self) -> None:
         """The memory planner's verdict before the model loads: refuse now, not OOM in an hour."""
@@ -247,7 +277,21 @@ class Trainer:
         if point is None:
             return
         snap = read_snapshot(point, rank=self.rank, seed=self.cfg.training.seed)
-        apply_snapshot(snap, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        if snap.layout != self.layout:
+            raise TrainError(
+                "checkpoint_mismatch",
+                f"{point}: optimizer state saved as {snap.layout}, this run needs {self.layout} "
+                "(DeepSpeed shards resume only with the same ZeRO stage and number of processes); "
+                "start fresh or use the original distributed settings",
+            )
+        if self.engine is not None:
+            try:
+                zero.load(self.engine, point)  # weights, optimizer shards, LR schedule
+            except zero.ZeroError as exc:
+                raise TrainError(exc.code, exc.message) from None
+            restore_rng(snap.rng)
+        else:
+            apply_snapshot(snap, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         self.data.load_state_dict(snap.data_cursor)
         c = snap.counters
         self.step = snap.step
@@ -283,18 +327,31 @@ class Trainer:
         }
 
     def save_checkpoint(self, *, wait: bool) -> str | None:
-        """Snapshot at a step boundary (collective), write in the background on rank 0."""
-        snap = snapshot(
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            data_cursor=self.data.state_dict(),
-            counters=self._counters(),
-            step=self.step,
-            rank=self.rank,
-            world_size=self.world,
-        )
+        """Snapshot at a step boundary (collective), write in the background on rank 0.
+
+        Under DeepSpeed every rank first writes its optimizer shard into the
+        staging directory rank 0 opened; the commit then covers all of them.
+        """
+        staging: Path | None = None
+        if self.engine is not None:
+            if self.rank == 0:
+                self.checkpointer.wait()  # one save at a time, and the sweep done before we stage
+                staging = self.store.begin(self.step)
+            staging = Path(dist.broadcast_object(str(staging) if staging else None))
+            zero.save(self.engine, staging)
+        with zero.gathered(self.params, getattr(self, "zero_stage", 0)):
+            snap = snapshot(
+                model=self.model,
+                optimizer=None if self.engine is not None else self.optimizer,
+                scheduler=None if self.engine is not None else self.scheduler,
+                scaler=self.scaler,
+                data_cursor=self.data.state_dict(),
+                counters=self._counters(),
+                step=self.step,
+                rank=self.rank,
+                world_size=self.world,
+            )
+        snap.layout, snap.staging = self.layout, staging
         self._last_ckpt_time = time.monotonic()
         self._ckpt_step = self.step
         if self.rank != 0:
@@ -439,7 +496,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                if self.micro <= 1 or self.world > 1:
+                if self.micro <= 1 or self.world > 1 or self.engine is not None:
                     raise TrainError(
                         "out_of_memory",
                         f"out of memory at step {self.step + 1} with micro_batch_size {self.micro}: {exc}. "
@@ -466,6 +523,8 @@ class Trainer:
         denom = max(float(total), 1.0)
         chunks = [seqs[i : i + self.micro] for i in range(0, len(seqs), self.micro)]
         loss_sum = torch.zeros((), device=self.device)
+        if self.engine is not None:
+            return self._try_step_deepspeed(chunks, denom, total)
         for i, chunk in enumerate(chunks):
             if self.world == 1 and i > 0:
                 want = self._poll(pending)
@@ -481,7 +540,7 @@ class Trainer:
                 raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={self._inject_oom}")
             batch = {k: v.to(self.device) for k, v in collate(chunk, self.data.pad_id).items()}
             with dist.no_sync_unless(model, last=i == len(chunks) - 1):
-                s = token_loss_sum(model, batch, self.precision.autocast)
+                s = token_loss_sum(model, batch, self.autocast)
                 # DDP averages gradients over ranks: scale by world so the sum is over all tokens.
                 scaled = s * (self.world / denom)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -501,6 +560,24 @@ class Trainer:
         global_sum = float(dist.all_reduce_sum(loss_sum))
         return global_sum / denom, int(total), grad_norm
 
+    def _try_step_deepspeed(
+        self, chunks: list[list[Sequence_]], denom: float, total: torch.Tensor
+    ) -> tuple[float, int, float | None]:
+        """The engine reduces (and averages over ranks) at the last micro-batch, then steps."""
+        engine = self.engine
+        loss_sum = torch.zeros((), device=self.device)
+        for i, chunk in enumerate(chunks):
+            engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+            batch = {k: v.to(self.device) for k, v in collate(chunk, self.data.pad_id).items()}
+            s = token_loss_sum(engine, batch, self.autocast)
+            # Ranks are averaged like DDP; our own token count does the accumulation scaling.
+            engine.backward(s * (self.world / denom), scale_wrt_gas=False)
+            engine.step()
+            loss_sum += s.detach().float()
+        norm = engine.get_global_grad_norm()
+        global_sum = float(dist.all_reduce_sum(loss_sum))
+        return global_sum / denom, int(total), float(norm) if norm is not None else None
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean token loss on the held-out split (loss sums accumulate, never logits)."""
@@ -518,7 +595,7 @@ class Trainer:
                 break
             batch = {k: v.to(self.device) for k, v in collate(seqs, stream.pad_id).items()}
             count += sum(s.n_targets for s in seqs)
-            loss_sum += token_loss_sum(model, batch, self.precision.autocast)
+            loss_sum += token_loss_sum(model, batch, self.autocast).float()
         stream.close()
         total = float(dist.all_reduce_sum(count))
         value = float(dist.all_reduce_sum(loss_sum)) / total if total else None
@@ -539,7 +616,10 @@ class Trainer:
             self.save_checkpoint(wait=True)
         elif self.rank == 0:
             self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
-        final = self.save_final() if (self.cfg.output.save_final and self.rank == 0) else None
+        final = None
+        if self.cfg.output.save_final:
+            with zero.gathered(self.params, getattr(self, "zero_stage", 0)):  # every rank, under ZeRO-3
+                final = self.save_final() if self.rank == 0 else None
         self.emit(
             "finished",
             step=self.step,
