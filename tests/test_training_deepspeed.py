@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,40 @@ def test_shard_loading_refuses_anything_but_plain_data(tmp_path: Path) -> None:
     fine = tmp_path / "fine.pt"
     torch.save({"w": torch.ones(2)}, fine)
     assert torch.equal(zero.safe_load(fine, [])["w"], torch.ones(2))
+
+
+@pytest.mark.slow
+def test_worker_stops_and_resumes_a_zero2_process_group(runs_root: Path) -> None:
+    """Through the worker: stop checkpoints every shard, the group is gone, train resumes it."""
+    import psutil
+
+    from uff_port.client import WorkerClient
+
+    over = {
+        "training.max_steps": 400, "data.seq_len": 64, "training.micro_batch_size": 2,
+        "training.grad_accum_steps": 2, "checkpoint.every_steps": None, "eval.every_steps": None,
+        "training.progress_every_seconds": 0.0, "training.device": "cpu",
+        "distributed.backend": "deepspeed", "distributed.nproc": 2,
+        "distributed.deepspeed_config": "configs/deepspeed/zero2.json",
+    }  # fmt: skip
+    w = WorkerClient(runs_root=runs_root, heartbeat_interval=0.2, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        w.request("train", {"config_path": "tiny", "run_dir": "ds", "overrides": over})
+        w.wait_event(lambda e: e.get("event") == "progress" and e.get("step", 0) >= 2, 240)
+        group = [p.pid for p in psutil.Process(w.pid).children(recursive=True)]
+        assert len(group) >= 4  # launcher, torchrun, two ranks
+        stopped = w.request("stop", timeout=180)
+        step = stopped["step"]
+        ckpt = runs_root / "ds" / "checkpoints" / f"step-{step:08d}"
+        assert (ckpt / zero.DS_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+        deadline = time.monotonic() + 30
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in group):
+            assert time.monotonic() < deadline, "the process group outlived the stop"
+            time.sleep(0.1)
+        started = w.request("train", {"config_path": "tiny", "run_dir": "ds", "overrides": {**over, "training.max_steps": step + 2}})
+        assert started["resumed_from"] == step
+        done = w.wait_event("finished", timeout=240)
+        assert done["step"] == step + 2
+    finally:
+        w.close_stdin()
+        w.wait(120)
