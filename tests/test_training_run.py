@@ -215,8 +215,9 @@ def spawn(tmp: Path, name: str, env: dict[str, str], *args: str, **overrides: An
 
 @pytest.mark.slow
 def test_channel_status_checkpoint_stop_then_exact_resume(tmp_path: Path, env: dict[str, str]) -> None:
-    # Longer steps so that the commands land while training runs.
-    over = {"training__max_steps": 12, "data__seq_len": 256, "checkpoint__every_steps": None}
+    # Longer steps so that the commands land while training runs; dropout on, so the
+    # resume must restore every RNG exactly (re-seeding after the restore would not).
+    over = {"training__max_steps": 12, "data__seq_len": 256, "checkpoint__every_steps": None, "lora__dropout": 0.1}
     ref_rc, ref_dir = train(tmp_path, "ref", env, **over)
     assert ref_rc == 0
     proc, ch, run_dir = spawn(tmp_path, "chan", env, **over)
@@ -267,6 +268,19 @@ def test_a_burst_of_signals_still_checkpoints_and_exits(tmp_path: Path, env: dic
         proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGINT)
     assert proc.wait(60) == 75
     assert [e for e in events_of(run_dir) if e["event"] == "checkpoint"]
+
+
+@pytest.mark.slow
+def test_a_stop_right_after_a_periodic_checkpoint_reuses_it(tmp_path: Path, env: dict[str, str]) -> None:
+    """Every step checkpoints: the stop's checkpoint is that step's, never written twice."""
+    proc, ch, run_dir = spawn(tmp_path, "every", env, training__max_steps=500, checkpoint__every_steps=1)
+    ch.wait_event(lambda e: e["event"] == "checkpoint" and e["step"] >= 2)
+    stop = ch.request("stop")
+    assert stop["ok"] and stop["result"]["checkpoint"]
+    assert proc.wait(60) == 75
+    steps = [e["step"] for e in events_of(run_dir) if e["event"] == "checkpoint"]
+    assert len(steps) == len(set(steps)), steps
+    assert Path(stop["result"]["checkpoint"]).name == f"step-{stop['result']['step']:08d}"
 
 
 @pytest.mark.slow

@@ -364,6 +364,18 @@ class Trainer:
             raise TrainError("checkpoint_failed", f"checkpoint of step {self.step} did not become durable", resumable=True)
         return str(point.path)
 
+    def _checkpoint_of_this_step(self) -> str | None:
+        """A durable checkpoint of the current step: the one already made (periodic, or the
+        one resumed from) when it succeeded, else a new one. Never the same step twice."""
+        redo = self._ckpt_step != self.step
+        if not redo and self.rank == 0:
+            point = self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
+            redo = self.checkpointer.saves > 0 and (point is None or point.step != self.step)
+        # Rank 0 alone knows whether its write failed; saving is a collective.
+        if dist.agree_max(int(redo), self.device):
+            return self.save_checkpoint(wait=True)
+        return self.last_checkpoint if self.rank == 0 else None
+
     # ---- commands -----------------------------------------------------------
     def _status(self) -> dict[str, Any]:
         return {
@@ -401,7 +413,7 @@ class Trainer:
         path: str | None = None
         if want in (_CKPT, _STOP):
             self.set_state("checkpointing")
-            path = self.save_checkpoint(wait=True)
+            path = self._checkpoint_of_this_step()
         for c in pending:
             if c.cmd == "checkpoint":
                 self.report.reply(c.id, {"step": self.step, "path": path})
