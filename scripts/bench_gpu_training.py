@@ -40,6 +40,12 @@ ARCH: dict[str, dict[str, Any]] = {
 CASES: dict[str, dict[str, Any]] = {
     "1.3b-lora": {"arch": "1.3b", "preset": "deepseek-coder-1.3b-lora-16gb.yaml", "cap_gib": None},
     "6.7b-qlora": {"arch": "6.7b", "preset": "deepseek-coder-6.7b-qlora-16gb.yaml", "cap_gib": 16.0},
+    # bf16 LoRA through DeepSpeed ZeRO-3 with parameters and optimizer on the host, one GPU
+    # capped at 16 GiB: the DeepSpeed path of the 2 x 16 GB preset (~40 GB host RAM).
+    "6.7b-zero3-offload": {"arch": "6.7b", "preset": "deepseek-coder-6.7b-2x16gb.yaml", "cap_gib": 16.0,
+                           "overrides": {"distributed.nproc": 1, "distributed.backend": "deepspeed",
+                                         "distributed.deepspeed_config": "configs/deepspeed/zero3-offload.json",
+                                         "quantization.mode": "none"}},
 }
 # Dense bf16 peak TFLOP/s by device name fragment (no sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "5060 Ti": 93.0, "4090": 165.0}
@@ -117,6 +123,7 @@ def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str
         "eval.every_steps": None,
         "output.save_final": False,
     }
+    overrides.update(case.get("overrides", {}))
     if a.grad_accum:
         overrides["training.grad_accum_steps"] = a.grad_accum
     cfg = load_config(ROOT / "configs" / case["preset"], overrides)
