@@ -181,7 +181,7 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this benchmark needs a GPU (see docs/benchmarks/training.md)")
+        raise SystemExit("no CUDA device: this benchmark needs a GPU (see docs/benchmarks.md)")
     rows = [run_case(name, a) for name in (a.only or sorted(CASES))]
     baseline = None
     if not a.only or "1.3b-lora" in a.only:

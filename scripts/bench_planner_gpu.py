@@ -3,7 +3,7 @@
 One command (needs a CUDA GPU with >= 16 GiB, torch, transformers, peft; QLoRA rows
 need bitsandbytes):
 
-    python scripts/bench_planner_gpu.py [--seq-len 2048] [--out docs/benchmarks/planner.md]
+    python scripts/bench_planner_gpu.py [--seq-len 2048] [--out docs/benchmarks.md]
 
 For deepseek-coder-1.3b and -6.7b (random weights, real shapes) it asks the planner
 for the recommended single-GPU config on 1x16GiB, runs 3 real steps of it in a
@@ -28,7 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--models", default="deepseek-coder-1.3b,deepseek-coder-6.7b")
-    ap.add_argument("--out", default="docs/benchmarks/planner.md")
+    ap.add_argument("--out", default="docs/benchmarks.md")
     ns = ap.parse_args()
     try:
         probe_available()

@@ -1,6 +1,6 @@
 """Training throughput: our trainer vs a plain transformers `Trainer`, and packing vs none.
 
-    python scripts/bench_training.py [--steps 30] [--repeats 2] [--out docs/benchmarks/training.md]
+    python scripts/bench_training.py [--steps 30] [--repeats 2] [--out docs/benchmarks.md]
 
 Every figure is a ratio against a baseline measured in the same invocation.
 Each variant runs in its own process (so peak RSS is its own), alternating
