@@ -68,3 +68,37 @@ def test_worker_runs_cloud_job_detaches_on_eof_and_resumes_from_journal(tmp_path
         w.shutdown()
     assert sm.creations() == [first, job_name("cw", 1)]
     assert (runs / "cw" / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "module", "extra"),
+    [("kaggle", "kaggle", "uff-port[cloud-sdks]"), ("sagemaker", "boto3", "uff-port[cloud]")],
+)
+def test_missing_provider_sdk_fails_for_good_naming_the_package(tmp_path: Path, strategy: str, module: str, extra: str) -> None:
+    """No SDK: `not_available`, not resumable (a restart cannot install it), nothing built or reserved."""
+    # The provider's package made unimportable for the worker and its children, installed or not.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / f"{module}.py").write_text(f"raise ImportError('{module} is not installed here')\n")
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    env = {k: v for k, v in os.environ.items() if k not in ("UFF_PORT_CLOUD_FAKE", "UFF_PORT_WHEEL")}
+    env["PYTHONPATH"] = path
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    config = {**CONFIG, "name": f"nosdk-{strategy}", "strategy": strategy}
+    with WorkerClient(runs_root=runs, heartbeat_interval=0.2, env=env) as w:
+        w.request("train", {"config": config, "run_dir": "nosdk"})
+        done = w.wait_event(lambda e: e.get("event") in ("finished", "failed"), timeout=60)
+        assert done["event"] == "failed", done
+        assert done["code"] == "not_available"
+        assert done["resumable"] is False
+        assert f"pip install '{extra}'" in done["message"]
+        idle = w.wait_event(lambda e: e.get("event") == "state" and e.get("state") == "idle", timeout=30)
+        assert idle["outcome"] == "refused"
+        assert w.request("status")["last_job"]["outcome"] == "refused"
+        assert not w.events_named("quota")  # no quota reserved
+        w.shutdown()
+    run = runs / "nosdk"
+    assert not (run / "cloud").exists()  # no bundle, no journal session: nothing to resume
+    assert not (runs / ".cloud-cache").exists()  # and no wheel was built first
+    assert not (runs / ".cloud-ledger.jsonl").exists() or not (runs / ".cloud-ledger.jsonl").read_text().strip()

@@ -20,17 +20,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from uff_port.cloud.credentials import known_secrets, redact
 from uff_port.cloud.factory import local_gpu_present, make_backend
 from uff_port.cloud.ledger import QuotaLedger
-from uff_port.cloud.runner import CloudRun, Control
+from uff_port.cloud.runner import EXIT_REFUSED, CloudRun, Control
 from uff_port.cloud.settings import validate_cloud
 from uff_port.protocol import ErrorCode, FrameError, FrameReader, FrameWriter, decode_payload
 from uff_port.training.config import ConfigError, load_config
-
-EXIT_REFUSED: Final = 3
 
 
 def _scrub(obj: Any, secrets: list[str]) -> Any:

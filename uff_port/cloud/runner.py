@@ -7,7 +7,9 @@ killed anywhere restarts in the right place (docs/cloud.md, "Recovery").
 
 Provider errors are of two kinds: `ProviderUnavailable` backs off and polls
 again (an outage is not a failure, and a job we cannot see may still run), a
-`ProviderError` fails the run with a clear message.
+`ProviderError` fails the run with a clear message. A missing client package
+(`ProviderNotAvailable`) fails it with `not_available` and `resumable: false`:
+restarting the worker cannot install it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from uff_port.cloud.backends.base import Backend, ProviderError, ProviderUnavailable, SessionSpec
+from uff_port.cloud.backends.base import (
+    Backend,
+    ProviderError,
+    ProviderNotAvailable,
+    ProviderUnavailable,
+    SessionSpec,
+)
 from uff_port.cloud.backends.sagemaker import job_name
 from uff_port.cloud.bundle import BundleError, build_bundle, build_wheel
 from uff_port.cloud.entry import latest_checkpoint
@@ -36,6 +44,8 @@ from uff_port.training.config import Config
 
 EXIT_FINISHED: Final = 0
 EXIT_FAILED: Final = 1
+EXIT_REFUSED: Final = 3
+"""Nothing was started and a restart would end the same way (bad config, missing SDK)."""
 EXIT_DETACHED: Final = 75
 MAX_CONSECUTIVE_FAILURES: Final = 3
 
@@ -157,6 +167,9 @@ class CloudRun:
             except ProviderUnavailable as exc:
                 self._outage(str(exc))
                 continue
+            except ProviderNotAvailable as exc:
+                self._fail(ErrorCode.NOT_AVAILABLE, str(exc), resumable=False)
+                return EXIT_REFUSED
             except (ProviderError, BundleError) as exc:
                 return self._fail(ErrorCode.TRAINER_FAILED if isinstance(exc, ProviderError) else ErrorCode.INVALID_CONFIG, str(exc))
             if self._unreachable_since is not None:
@@ -231,6 +244,9 @@ class CloudRun:
         limit = self.settings.kaggle.max_sessions if route.backend == "kaggle" else self.settings.sagemaker.max_sessions
         if len(sessions) >= limit:
             return self._fail(ErrorCode.TRAINER_FAILED, f"cloud.{route.backend}.max_sessions: {limit} sessions used and the run is not finished")
+        # The provider's client first: a missing SDK fails here, before a wheel
+        # is built, a bundle written or an hour of quota reserved.
+        self.backend(route.backend)
         index = len(sessions)
         name = self._session_name(route.backend, index)
         ck = self.local_checkpoint()
@@ -386,9 +402,11 @@ class CloudRun:
             self.control.stop_reply(result)
         return EXIT_DETACHED
 
-    def _fail(self, code: str, message: str) -> int:
+    def _fail(self, code: str, message: str, *, resumable: bool = True) -> int:
+        """`resumable`: the journal holds the run, so the same `train` may pick it up
+        again; false when a retry cannot help (a missing SDK)."""
         cur = self.journal.current
         if cur is not None and cur.state == "submitting":
             self.ledger.release(f"{self.run_id}:{cur.name}")  # never ran: give the hours back
-        self.emit("failed", code=code, message=message, resumable=True)
+        self.emit("failed", code=code, message=message, resumable=resumable)
         return EXIT_FAILED

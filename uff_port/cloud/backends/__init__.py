@@ -5,9 +5,17 @@ from __future__ import annotations
 from uff_port.cloud.backends.base import (
     Backend,
     ProviderError,
+    ProviderNotAvailable,
     ProviderUnavailable,
     RemoteStatus,
     SessionSpec,
 )
 
-__all__ = ["Backend", "ProviderError", "ProviderUnavailable", "RemoteStatus", "SessionSpec"]
+__all__ = [
+    "Backend",
+    "ProviderError",
+    "ProviderNotAvailable",
+    "ProviderUnavailable",
+    "RemoteStatus",
+    "SessionSpec",
+]

@@ -3,6 +3,8 @@
 `ProviderUnavailable` (network down, throttled, 5xx) means *we do not know*:
 the job may well be running, so the caller backs off and asks again, and never
 resubmits. `ProviderError` means the provider answered and refused.
+`ProviderNotAvailable` means this installation lacks the provider's client
+package: nothing was asked, and no retry can help until it is installed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ class ProviderUnavailable(Exception):
 
 class ProviderError(Exception):
     """The provider answered and refused (bad credentials, invalid request)."""
+
+
+class ProviderNotAvailable(ProviderError):
+    """The provider's client package (an optional extra) is not installed here."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any, Final
 from uff_port import __version__
 from uff_port.cloud.backends.base import (
     ProviderError,
+    ProviderNotAvailable,
     ProviderUnavailable,
     RemoteStatus,
     SessionSpec,
@@ -303,7 +304,7 @@ def load_api() -> Any:
     try:
         from kaggle.api.kaggle_api_extended import KaggleApi  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise ProviderError("the kaggle package is not installed: pip install 'uff-port[cloud-sdks]'") from exc
+        raise ProviderNotAvailable("the kaggle package is not installed: pip install 'uff-port[cloud-sdks]'") from exc
     api = KaggleApi()
     try:
         api.authenticate()

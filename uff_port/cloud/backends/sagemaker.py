@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from uff_port.cloud.backends.base import (
     ProviderError,
+    ProviderNotAvailable,
     ProviderUnavailable,
     RemoteStatus,
     SessionSpec,
@@ -256,6 +257,6 @@ def load_clients(settings: SageMakerSettings) -> tuple[Any, Any]:
     try:
         import boto3
     except ImportError as exc:
-        raise ProviderError("boto3 is not installed: pip install 'uff-port[cloud]'") from exc
+        raise ProviderNotAvailable("boto3 is not installed: pip install 'uff-port[cloud]'") from exc
     session = boto3.session.Session(region_name=settings.region)
     return session.client("sagemaker"), session.client("s3")
