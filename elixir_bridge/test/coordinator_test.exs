@@ -46,21 +46,27 @@ defmodule UffPort.CoordinatorTest do
     assert is_binary(code)
   end
 
-  @tag :slow
-  test "a cloud strategy reaches the worker inside the job's config", %{tmp: tmp} do
+  test "a cloud strategy reaches the worker inside the job's config; a missing SDK ends the cycle without restarts",
+       %{tmp: tmp} do
     me = self()
 
-    _ =
-      TrainingCoordinator.run_training_cycle(nil, :kaggle,
-        config: @tiny,
-        run_dir: "cloud",
-        worker: worker_opts(tmp),
-        max_restarts: 0,
-        timeout: 60_000,
-        on_event: fn _a, ev -> if ev["strategy"], do: send(me, {:strategy, ev["strategy"]}) end
-      )
+    assert {:error, {{:job_failed, info}, summary}} =
+             TrainingCoordinator.run_training_cycle(nil, :kaggle,
+               config: @tiny,
+               run_dir: "cloud",
+               worker: worker_opts(tmp, env: without_python_module(tmp, "kaggle")),
+               max_restarts: 3,
+               timeout: 60_000,
+               on_event: fn _a, ev ->
+                 if ev["strategy"], do: send(me, {:strategy, ev["strategy"]})
+               end
+             )
 
     assert File.read!(Path.join([tmp, "runs", "cloud", "config.yaml"])) =~ ~r/^strategy: kaggle$/m
     assert_received {:strategy, "kaggle"}
+    assert %{"code" => "not_available", "resumable" => false, "message" => msg} = info
+    assert msg =~ "pip install 'uff-port[cloud-sdks]'"
+    # Final: one attempt, stopped as a shutdown, never restarted.
+    assert [%{attempt: 1, down: {:shutdown, {:job_failed, _}}}] = summary.attempts
   end
 end

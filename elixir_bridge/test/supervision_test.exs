@@ -67,6 +67,39 @@ defmodule UffPort.SupervisionTest do
         do: assert(gap >= min, "gaps #{inspect(gaps)}")
   end
 
+  test "a job that fails for good (resumable: false) is not restarted: no restart loop", %{
+    tmp: tmp
+  } do
+    # A cloud job whose provider SDK is missing: the worker answers not_available,
+    # resumable false. The supervisor keeps running; its worker stays down.
+    {:ok, sup} =
+      start_supervised(
+        {JobSupervisor,
+         job: %{
+           "config_path" => Path.expand("../../configs/tiny.yaml", __DIR__),
+           "run_dir" => "nosdk",
+           "overrides" => %{"strategy" => "kaggle"}
+         },
+         worker:
+           worker_opts(tmp, subscribers: [self()], env: without_python_module(tmp, "kaggle")),
+         max_restarts: 3,
+         max_seconds: 60,
+         backoff: [base: 100, max: 1_000, healthy_after: 30_000]}
+      )
+
+    assert %{"attempt" => 1} = await_event(%{"event" => "hello"}, 15_000)
+    failed = await_event(%{"event" => "failed"}, 30_000)
+    assert %{"code" => "not_available", "resumable" => false} = failed
+    down = await_event(%{"event" => "worker_down"}, 30_000)
+    assert {:shutdown, {:job_failed, %{"code" => "not_available"}}} = down["reason"]
+    assert gone?(down["os_pid"], 10_000)
+
+    # A restart would say hello again within the backoff; none comes.
+    refute_receive {:uff_port, _, %{"event" => "hello"}}, 2_000
+    assert Process.alive?(sup)
+    assert JobSupervisor.worker(sup) == nil
+  end
+
   test "the worker dies with the VM: kill -9 of the BEAM leaves no worker behind", %{tmp: tmp} do
     ebin = Path.expand("_build/test/lib/uff_port/ebin", File.cwd!())
     script = Path.join(tmp, "vm.exs")

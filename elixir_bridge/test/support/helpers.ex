@@ -41,6 +41,24 @@ defmodule UffPort.Test.Helpers do
     end
   end
 
+  @doc """
+  Worker `:env` under which the Python `module` cannot be imported (installed or
+  not): a shim that raises ImportError goes first on PYTHONPATH, for the worker
+  and everything it starts.
+  """
+  def without_python_module(tmp, module) do
+    shim = Path.join(tmp, "shim-#{module}")
+    File.mkdir_p!(shim)
+
+    File.write!(
+      Path.join(shim, "#{module}.py"),
+      "raise ImportError('#{module} is not installed here')\n"
+    )
+
+    path = Enum.join(Enum.reject([shim, System.get_env("PYTHONPATH")], &(&1 in [nil, ""])), ":")
+    [{"PYTHONPATH", path}, {"UFF_PORT_CLOUD_FAKE", nil}]
+  end
+
   @doc "True once the OS process is gone (zombies count as gone)."
   def gone?(os_pid, timeout \\ 10_000), do: UffPort.OsProcess.wait_gone(os_pid, timeout) == :ok
 
