@@ -2,7 +2,7 @@
 
 Usage: python fake_worker.py MODE
   garbage            hello, then answer the first request with a frame that is not MessagePack
-  crash_after_hello  hello, a line on stderr, exit 3
+  crash_after_hello  hello, read the job's `train` (up to 5 s), a line on stderr, exit 3
   silent             never say hello
   echo               a bare {packet,4} echo (no decoding): the bench's baseline
 """
@@ -10,6 +10,7 @@ Usage: python fake_worker.py MODE
 from __future__ import annotations
 
 import os
+import select
 import struct
 import sys
 import time
@@ -55,6 +56,11 @@ def main() -> int:
         return 0
     hello()
     if mode == "crash_after_hello":
+        # Dies while loading, after the job's `train` arrived: exiting before reading it
+        # would let the bridge's write meet a closed pipe, and an EPIPE closes the Port
+        # before the exit status can arrive (the test checks the status and stderr).
+        if select.select([0], [], [], 5.0)[0]:
+            read_frame(0)
         print("fake worker: simulated CUDA error at load", file=sys.stderr, flush=True)
         return 3
     if mode == "garbage":
