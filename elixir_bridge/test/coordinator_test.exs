@@ -4,6 +4,8 @@ defmodule UffPort.CoordinatorTest do
   import UffPort.Test.Helpers
   alias UffPort.{Error, TrainingCoordinator}
 
+  # Cycles spawn real workers and allow themselves up to 120 s on a busy machine.
+  @moduletag timeout: 180_000
   @tiny Path.expand("../../configs/tiny.yaml", __DIR__)
 
   setup do

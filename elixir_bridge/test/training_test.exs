@@ -126,14 +126,40 @@ defmodule UffPort.TrainingTest do
     assert {:ok, %{"step" => stopped_at}} = Worker.stop(w, %{"checkpoint" => true})
     assert stopped_at >= step
     assert {:ok, %{"resumed_from" => ^stopped_at}} = Worker.resume(w, %{"run_dir" => run_dir})
-    await_progress_after(stopped_at)
+    await_progress_after(stopped_at, run_dir, tmp)
     assert {:ok, _} = Worker.stop(w, %{"checkpoint" => false})
   end
 
-  defp await_progress_after(step) do
-    case await_event(%{"event" => "progress"}, 120_000) do
-      %{"step" => s} when s > step -> s
-      _ -> await_progress_after(step)
+  # The resumed job's first step past `step`; a job that ends or a worker that goes
+  # down instead fails the test at once, with what the trainer and worker wrote.
+  defp await_progress_after(step, run_dir, tmp) do
+    receive do
+      {:uff_port, _, %{"event" => "progress", "step" => s}} when s > step ->
+        s
+
+      {:uff_port, _, %{"event" => name} = ev}
+      when name in ["failed", "finished", "worker_down"] ->
+        flunk(
+          "#{name} instead of progress after step #{step}: #{inspect(ev)}\n" <> logs(run_dir, tmp)
+        )
+
+      {:uff_port, _, _} ->
+        await_progress_after(step, run_dir, tmp)
+    after
+      120_000 -> flunk("no progress after step #{step} in 120 s\n" <> logs(run_dir, tmp))
+    end
+  end
+
+  defp logs(run_dir, tmp) do
+    for path <- [Path.join(run_dir, "trainer.log"), Path.join(tmp, "worker.stderr.log")],
+        into: "" do
+      tail =
+        case File.read(path) do
+          {:ok, text} -> text |> String.split("\n") |> Enum.take(-30) |> Enum.join("\n")
+          {:error, reason} -> inspect(reason)
+        end
+
+      "--- #{path} (last lines) ---\n#{tail}\n"
     end
   end
 

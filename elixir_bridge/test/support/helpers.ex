@@ -62,9 +62,10 @@ defmodule UffPort.Test.Helpers do
   @doc "True once the OS process is gone (zombies count as gone)."
   def gone?(os_pid, timeout \\ 10_000), do: UffPort.OsProcess.wait_gone(os_pid, timeout) == :ok
 
+  @doc "A fresh private directory: unique within this VM and across VMs running at once."
   def tmp_dir!(name) do
-    dir =
-      Path.join(System.tmp_dir!(), "uff_port_test_#{name}_#{System.unique_integer([:positive])}")
+    unique = "#{System.pid()}_#{System.unique_integer([:positive])}"
+    dir = Path.join(System.tmp_dir!(), "uff_port_test_#{name}_#{unique}")
 
     File.rm_rf!(dir)
     File.mkdir_p!(dir)
