@@ -19,7 +19,7 @@ from uff_port.training import zero
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ["distributed.backend=deepspeed", "distributed.nproc=2", "distributed.deepspeed_config=configs/deepspeed/zero2.json"]
-ZERO3 = ["distributed.backend=deepspeed", "distributed.nproc=2", "distributed.deepspeed_config=configs/deepspeed/zero3.json"]
+DS2 = ["distributed.backend=deepspeed", "distributed.nproc=2"]
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +99,12 @@ def test_zero2_on_two_processes_killed_mid_commit_resumes_exactly(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset", ["zero3.json", "zero3-offload.json"])
 def test_zero3_shards_weights_and_still_matches_one_process(
-    tmp_path: Path, env: dict[str, str], reference: Path
+    tmp_path: Path, env: dict[str, str], reference: Path, preset: str
 ) -> None:
-    rc, run_dir = run(tmp_path, "z3", env, ZERO3)
+    """ZeRO-3, and ZeRO-3 with parameters and optimizer on the host (DeepSpeed's CPU Adam)."""
+    rc, run_dir = run(tmp_path, "z3", env, DS2 + [f"distributed.deepspeed_config=configs/deepspeed/{preset}"])
     assert rc == 0
     assert_same_losses(losses(run_dir), losses(reference))
     # Saved from gathered weights: whole tensors, equal to the unsharded run's.
