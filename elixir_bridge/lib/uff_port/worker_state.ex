@@ -306,9 +306,11 @@ defmodule UffPort.WorkerState do
           # The trainer's phase (loading, training, evaluating, saving) rides on state
           # events only; heartbeats keep the last one.
           phase = if name == "state", do: event["phase"], else: state.phase
-          training? = s == "training" and phase in [nil, "training"]
-          # Entering the stepping phase restarts the stall clock: loading a model or
-          # evaluating is slow but not a stall.
+          # Only the trainer's stepping phase can stall. Before it reports a phase the
+          # trainer is still starting (importing torch, DeepSpeed: seconds on a busy
+          # machine), and loading a model or evaluating is slow: none is a stall.
+          training? = s == "training" and phase == "training"
+          # Entering the stepping phase restarts the stall clock.
           changed_at = if training? and not state.training?, do: now, else: state.step_changed_at
 
           %{
@@ -342,9 +344,12 @@ defmodule UffPort.WorkerState do
     if name in ["finished", "failed"], do: %{state | training?: false}, else: state
   end
 
-  @doc "The `train` of the carried job was accepted: training starts now."
+  @doc """
+  The `train` of the carried job was accepted. The stall clock starts once the
+  trainer reports its stepping phase (`on_event/4`), not here: it is only starting.
+  """
   @spec job_accepted(t, integer) :: t
-  def job_accepted(state, now), do: %{state | training?: true, step_changed_at: now}
+  def job_accepted(state, now), do: %{state | step_changed_at: now}
 
   @doc "`:ok`, or `{:kill, reason}` when heartbeats stopped or the step stopped moving."
   @spec watchdog(t, integer) :: :ok | {:kill, term}
