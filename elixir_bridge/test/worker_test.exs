@@ -113,14 +113,14 @@ defmodule UffPort.WorkerTest do
     assert gone?(os_pid, 5_000)
   end
 
-  test "start failures are errors with the stderr tail; a silent worker times out" do
+  test "start failures are errors with the stderr tail; a silent worker times out", %{tmp: tmp} do
     Process.flag(:trap_exit, true)
 
     assert {:error,
             {:start_failed, %Error{code: :start_failed, details: %{status: 2, stderr: lines}}}} =
              Worker.start_link(
                worker_args: ["--no-such-flag"],
-               stderr_log: Path.join(tmp_dir!("sf"), "e.log")
+               stderr_log: Path.join(tmp, "e.log")
              )
 
     assert Enum.any?(lines, &(&1 =~ "no-such-flag"))
