@@ -186,7 +186,7 @@ def test_shard_loading_refuses_anything_but_plain_data(tmp_path: Path) -> None:
     torch.save({"state": argparse.Namespace(x=1)}, evil)
     with pytest.raises(zero.ZeroError) as exc:
         zero.safe_load(evil, [])
-    assert exc.value.code == "checkpoint_corrupt" and "argparse.Namespace" in exc.value.message
+    assert exc.value.code == "corrupt_checkpoint" and "argparse.Namespace" in exc.value.message
     fine = tmp_path / "fine.pt"
     torch.save({"w": torch.ones(2)}, fine)
     assert torch.equal(zero.safe_load(fine, [])["w"], torch.ones(2))

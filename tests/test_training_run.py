@@ -284,6 +284,23 @@ def test_a_stop_right_after_a_periodic_checkpoint_reuses_it(tmp_path: Path, env:
 
 
 @pytest.mark.slow
+def test_a_second_trainer_on_a_busy_run_dir_is_refused(tmp_path: Path, env: dict[str, str]) -> None:
+    """The first keeps the run's writer lock; the second waits grace_seconds, then says who holds it."""
+    proc, ch, run_dir = spawn(tmp_path, "busy", env, training__max_steps=500, checkpoint__every_steps=None)
+    try:
+        ch.wait_event(lambda e: e["event"] == "progress")
+        rc, _ = train(tmp_path, "busy", env, training__max_steps=500, checkpoint__grace_seconds=1)
+        assert rc == 3
+        (failed,) = [e for e in events_of(run_dir) if e["event"] == "failed"]
+        assert failed["code"] == "busy" and failed["resumable"]
+        assert f"pid {proc.pid}" in failed["message"]
+        assert ch.request("status")["result"]["state"] == "training"  # the first runs on
+    finally:
+        ch.sock.close()
+        assert proc.wait(60) == 75
+
+
+@pytest.mark.slow
 def test_max_runtime_stops_with_a_checkpoint(tmp_path: Path, env: dict[str, str]) -> None:
     rc, run_dir = train(tmp_path, "budget", env, training__max_steps=100000, training__max_runtime=8)
     assert rc == 75

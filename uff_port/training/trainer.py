@@ -184,6 +184,8 @@ class Trainer:
             self.ddp_model = dist.wrap(self.model, self.device)
         self.data = self._stream("train")
         self.store = CheckpointStore(self.run_dir, keep_last=cfg.checkpoint.keep_last, emit=self.emit)
+        if self.rank == 0:
+            self._become_writer()
         self.checkpointer = AsyncCheckpointer(self.store, emit=self._on_checkpoint_event)
         self.meta = {
             "config_hash": config_hash(cfg),
@@ -236,6 +238,23 @@ class Trainer:
         # bf16/fp16 in the JSON cast the model itself: no autocast on top.
         self.autocast = None
         self.layout = zero.layout(self.ds, self.world)
+
+    def _become_writer(self) -> None:
+        """Hold the run's writer lock for our whole life, before choosing where to resume.
+
+        A predecessor orphaned by a dead worker may still be writing its final
+        checkpoint: waiting for it (up to `checkpoint.grace_seconds`) means we
+        resume from that checkpoint instead of an older one. Two live trainers
+        on one run directory would overwrite each other: the second is refused.
+        """
+        grace = self.cfg.checkpoint.grace_seconds
+        if not self.store.acquire_writer(timeout=grace):
+            raise TrainError(
+                "busy",
+                f"another process (pid {self.store.writer_pid()}) is still writing checkpoints to "
+                f"{self.run_dir} after {grace:g} s (checkpoint.grace_seconds); stop it or use another run_dir",
+                resumable=True,
+            )
 
     def _check_fits(self) -> None:
         """The memory planner's verdict before the model loads: refuse now, not OOM in an hour."""

@@ -181,7 +181,7 @@ def _safe_checkpoint_engine(inner: Any) -> Any:
 def safe_load(path: str | Path, allowed: list[Any], map_location: Any = None) -> Any:
     unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - set(_SAFE_GLOBALS)
     if unsafe:
-        raise ZeroError("checkpoint_corrupt", f"{path}: refusing to load objects {sorted(unsafe)} (not plain data)")
+        raise ZeroError("corrupt_checkpoint", f"{path}: refusing to load objects {sorted(unsafe)} (not plain data)")
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
@@ -197,7 +197,7 @@ def load(engine: Any, directory: Path) -> None:
     path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise ZeroError("checkpoint_corrupt", f"{directory}: no DeepSpeed state under {DS_TAG}/")
+        raise ZeroError("corrupt_checkpoint", f"{directory}: no DeepSpeed state under {DS_TAG}/")
 
 
 @contextlib.contextmanager
