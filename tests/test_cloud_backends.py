@@ -268,5 +268,6 @@ def test_jobs_that_keep_failing_without_progress_fail_the_run(tmp_path: Path, wh
     assert run.run() == 1
     failed = [f for e, f in events if e == "failed"]
     assert len(failed) == 1 and "in a row" in failed[0]["message"]
+    assert failed[0]["resumable"] is False  # a supervisor restart would only repeat them
     assert len(sm.creations()) == 3
     assert [s.remote_state for s in run.journal.data.sessions] == ["failed"] * 3

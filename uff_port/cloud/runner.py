@@ -171,7 +171,10 @@ class CloudRun:
                 self._fail(ErrorCode.NOT_AVAILABLE, str(exc), resumable=False)
                 return EXIT_REFUSED
             except (ProviderError, BundleError) as exc:
-                return self._fail(ErrorCode.TRAINER_FAILED if isinstance(exc, ProviderError) else ErrorCode.INVALID_CONFIG, str(exc))
+                # The provider refused (credentials, a bad request) or the bundle is invalid:
+                # the same `train` would meet the same refusal, so a restart cannot help.
+                code = ErrorCode.TRAINER_FAILED if isinstance(exc, ProviderError) else ErrorCode.INVALID_CONFIG
+                return self._fail(code, str(exc), resumable=False)
             if self._unreachable_since is not None:
                 self.emit("cloud_status", reachable=True, outage_seconds=round(self.clock() - self._unreachable_since, 1))
                 self._unreachable_since = None
@@ -229,7 +232,8 @@ class CloudRun:
             elif s.remote_state == "failed" or s.state == "refused":
                 failures += 1
         if failures >= MAX_CONSECUTIVE_FAILURES:
-            return self._fail(ErrorCode.TRAINER_FAILED, f"{failures} sessions in a row failed remotely; last: {sessions[-1].detail}")
+            return self._fail(ErrorCode.TRAINER_FAILED, f"{failures} sessions in a row failed remotely; last: {sessions[-1].detail}",
+                              resumable=False)
         now = self.clock()
         route = choose_backend(
             self.cfg.strategy, self.ledger, self.settings, now, gpu_present=self.gpu_present, need_seconds=self._need_seconds()
@@ -243,7 +247,8 @@ class CloudRun:
             return None
         limit = self.settings.kaggle.max_sessions if route.backend == "kaggle" else self.settings.sagemaker.max_sessions
         if len(sessions) >= limit:
-            return self._fail(ErrorCode.TRAINER_FAILED, f"cloud.{route.backend}.max_sessions: {limit} sessions used and the run is not finished")
+            return self._fail(ErrorCode.TRAINER_FAILED, f"cloud.{route.backend}.max_sessions: {limit} sessions used and the run is not finished",
+                              resumable=False)
         # The provider's client first: a missing SDK fails here, before a wheel
         # is built, a bundle written or an hour of quota reserved.
         self.backend(route.backend)
@@ -404,7 +409,7 @@ class CloudRun:
 
     def _fail(self, code: str, message: str, *, resumable: bool = True) -> int:
         """`resumable`: the journal holds the run, so the same `train` may pick it up
-        again; false when a retry cannot help (a missing SDK)."""
+        again; false when a retry cannot help (a missing SDK, a refusal, a limit reached)."""
         cur = self.journal.current
         if cur is not None and cur.state == "submitting":
             self.ledger.release(f"{self.run_id}:{cur.name}")  # never ran: give the hours back
