@@ -58,4 +58,14 @@ defmodule UffPort.WorkerStateTest do
     s = event(s, "heartbeat", %{"state" => "idle"}, 5_000)
     assert WorkerState.watchdog(s, 9_000) == :ok
   end
+
+  test "a resumed start is healthy only after its first own step, not on the resume step" do
+    s =
+      state()
+      |> event("state", %{"state" => "training", "phase" => "training", "step" => 125}, 0)
+
+    refute s.healthy?
+    s = event(s, "progress", %{"step" => 126}, 100)
+    assert s.healthy?
+  end
 end

@@ -329,7 +329,10 @@ defmodule UffPort.WorkerState do
       case event["step"] do
         step when is_integer(step) and step != state.step ->
           state = %{state | step: step, step_changed_at: now}
-          if state.training? and step > 0, do: mark_healthy(state), else: state
+          # Healthy only once this start has taken a step: a resumed trainer's `state`
+          # event already carries the resume step, and a crash right after it must
+          # still be backed off.
+          if name == "progress" and state.training? and step > 0, do: mark_healthy(state), else: state
 
         _ ->
           state
