@@ -166,3 +166,16 @@ def test_args_checked_by_name_and_type() -> None:
     assert "args.nope: unknown argument" in msg
     fields = {f["field"] for f in exc.value.details["fields"]}
     assert fields == {"args.run_dir", "args.checkpoint", "args.flag", "args.nope"}
+
+
+def test_payloads_skips_an_oversized_frame_and_ends_on_a_truncated_one() -> None:
+    r, w = os.pipe()
+    good = encode_frame({"cmd": "ping"})
+    data = good + struct.pack(">I", 100) + b"x" * 100 + good + struct.pack(">I", 50) + b"cut"
+    os.write(w, data)
+    os.close(w)
+    errors: list[str] = []
+    got = list(FrameReader(r, max_frame_bytes=64).payloads(lambda e: errors.append(e.code)))
+    os.close(r)
+    assert got == [good[4:], good[4:]]
+    assert errors == ["frame_too_large", "truncated_frame"]

@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import msgpack
@@ -117,6 +118,26 @@ class FrameReader:
                 break
             skipped += len(chunk)
         return skipped
+
+    def payloads(self, on_error: Callable[[FrameError], None]) -> Iterator[bytes]:
+        """Every payload until EOF, a fatal FrameError or a dead descriptor.
+
+        A recoverable FrameError (an oversized frame, skipped) goes to
+        `on_error` and reading goes on; a fatal one goes there too, then ends.
+        """
+        while True:
+            try:
+                payload = self.read()
+            except FrameError as exc:
+                on_error(exc)
+                if exc.fatal:
+                    return
+                continue
+            except OSError:
+                return
+            if payload is None:
+                return
+            yield payload
 
     def read(self) -> bytes | None:
         if not self._fill(HEADER.size):

@@ -181,18 +181,11 @@ class Worker:
         )
         threading.Thread(target=self._tick_loop, name="heartbeat", daemon=True).start()
         reader = FrameReader(fds.read_fd, self.opts.max_frame_bytes)
-        while True:
-            try:
-                payload = reader.read()
-            except FrameError as exc:
-                self.events.reply(error_reply(None, exc.code, exc.message, exc.details))
-                if exc.fatal:
-                    break
-                continue
-            except OSError:
-                break
-            if payload is None:
-                break
+
+        def frame_error(exc: FrameError) -> None:
+            self.events.reply(error_reply(None, exc.code, exc.message, exc.details))
+
+        for payload in reader.payloads(frame_error):
             self.handle_payload(payload)
         self.begin_exit("eof")
         while True:  # the exit sequence ends the process with os._exit

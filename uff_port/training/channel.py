@@ -55,18 +55,7 @@ class Inbox:
 
     def _read(self, fd: int) -> None:
         reader = FrameReader(fd)
-        while True:
-            try:
-                payload = reader.read()
-            except FrameError as exc:
-                self.errors.append(exc.message)
-                if exc.fatal:
-                    break
-                continue
-            except OSError:
-                break
-            if payload is None:
-                break
+        for payload in reader.payloads(lambda exc: self.errors.append(exc.message)):
             try:
                 msg = decode_payload(payload)
             except FrameError as exc:
