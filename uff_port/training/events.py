@@ -38,6 +38,16 @@ class Reporter:
         self._last_progress = 0.0
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._seal_torn_line()
+
+    def _seal_torn_line(self) -> None:
+        """End a line a killed predecessor left half-written, so ours starts on a fresh one."""
+        try:
+            with open(self.path, "rb+") as fh:
+                if fh.seek(0, os.SEEK_END) and (fh.seek(-1, os.SEEK_END), fh.read(1))[1] != b"\n":
+                    fh.write(b"\n")
+        except FileNotFoundError:
+            pass
 
     def emit(self, event: str, **fields: Any) -> None:
         if not self.enabled:
