@@ -15,7 +15,12 @@ status=0
 # Style is part of the suite: ruff (lint) and mypy (types) over the package.
 "$PY" -m ruff check uff_port scripts tests || status=$?
 "$PY" -m mypy uff_port || status=$?
-"$PY" -m pytest -q -p no:cacheprovider --durations=25 "$@" || status=$?
+# Two test processes, a file each at a time (module fixtures stay in one process): most
+# tests wait on the subprocesses they drive. UFF_PORT_TEST_WORKERS=0 runs them serially.
+WORKERS=${UFF_PORT_TEST_WORKERS:-2}
+XDIST=()
+[[ "$WORKERS" == "0" ]] || XDIST=(-n "$WORKERS" --dist loadfile)
+"$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=25 "$@" || status=$?
 if [[ -d elixir_bridge && -f elixir_bridge/mix.exs ]]; then
   # The whole ExUnit suite, slow tests included: the kill-and-resume, stall and
   # heartbeat-watchdog tests train the tiny model for real (about a minute).
