@@ -170,6 +170,36 @@ def test_trainer_crash_is_reported_failed_and_worker_lives(worker: WorkerClient)
     assert worker.request("status")["state"] == "idle"
 
 
+def test_a_dead_stdout_reader_does_not_stall_the_shutdown(runs_root: Path) -> None:
+    """The VM died mid-event: writes to stdout fail, and the worker still stops at once."""
+    from uff_port.protocol import FrameReader, decode_payload, encode_frame
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uff_port", "serve", "--runs-root", str(runs_root), "--heartbeat-interval", "0.05"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(encode_frame({"id": 1, "cmd": "train", "args": {"config_path": "tiny", "run_dir": "job", "overrides": BUSY}}))
+        proc.stdin.flush()
+        reader = FrameReader(proc.stdout.fileno())
+        while True:  # until the trainer steps
+            payload = reader.read()
+            assert payload is not None
+            if decode_payload(payload).get("event") == "progress":
+                break
+        kids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        proc.stdout.close()  # events and heartbeats now fail with EPIPE
+        time.sleep(0.5)
+        proc.stdin.close()  # then EOF: checkpoint and exit
+        assert proc.wait(60) == 75
+        assert _gone(kids, 10)
+        _latest(runs_root / "job")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_no_orphans_when_the_parent_is_killed_9(runs_root: Path) -> None:
     parent = subprocess.Popen(
         [sys.executable, str(HELPERS / "parent_of_worker.py"), str(runs_root), json.dumps(BUSY)],

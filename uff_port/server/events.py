@@ -46,7 +46,18 @@ class EventStream:
     def reply(self, frame: dict[str, Any]) -> None:
         if self.closed:
             return
-        self._writer.write(frame)
+        try:
+            self._writer.write(frame)
+        except OSError:
+            self._lost_stdout()
+
+    def _lost_stdout(self) -> None:
+        """The reader of stdout is gone (its VM died): drop what follows, never raise.
+
+        A raise here would kill the thread that relays the trainer's frames, and
+        with it the worker's view of its trainer while it shuts down.
+        """
+        self.closed = True
 
     def emit(self, name: str, /, **fields: Any) -> None:
         """Send one event now (no rate limit): use for everything that must arrive."""
@@ -59,7 +70,10 @@ class EventStream:
         with self._writer.lock:
             self._seq += 1
             frame["seq"] = self._seq
-            self._writer.write_raw_locked(encode_frame(frame))
+            try:
+                self._writer.write_raw_locked(encode_frame(frame))
+            except OSError:
+                self._lost_stdout()
 
     def emit_limited(self, name: str, /, **fields: Any) -> None:
         """Send a chatty event through the rate limiter (progress, log)."""

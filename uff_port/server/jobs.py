@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ class Job:
 
     # -- channel ------------------------------------------------------------
     def _run(self) -> None:
-        broken = self.child.read_frames(self._on_frame)
+        broken = self.child.read_frames(self._on_frame_guarded)
         code = self.child.wait(timeout=None if broken is None else 5.0)
         if code is None:  # channel broke but the process lives on: it is not trustworthy
             self.kill()
@@ -123,6 +124,14 @@ class Job:
         self.kill()
         self.info.exit_code = code
         self._finish(code if code is not None else -1, broken)
+
+    def _on_frame_guarded(self, frame: dict[str, Any]) -> None:
+        # This thread is what notices the trainer's exit: one bad frame or a failed
+        # callback must not end it, or shutdown waits out its whole grace period.
+        try:
+            self._on_frame(frame)
+        except Exception:  # noqa: BLE001 - reported on stderr, the relay goes on
+            traceback.print_exc(file=sys.stderr)
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         if "reply_to" in frame:
