@@ -240,6 +240,11 @@ def torture(
             break
         if rc != -signal.SIGKILL:
             raise RuntimeError(f"segment {res.segments} ({kind}) exited {rc}; see {run_dir / 'events.jsonl'}")
+    return _tally(res, run_dir, t_start)
+
+
+def _tally(res: TortureResult, run_dir: Path, t_start: float) -> TortureResult:
+    """What the run's events say about the torture: quarantines, resumes, discontinuities."""
     res.seconds = time.monotonic() - t_start
     events = read_events(run_dir)
     res.quarantined = sum(e.get("event") == "checkpoint_quarantined" for e in events)
@@ -299,12 +304,7 @@ def torture_worker(
         _gone, alive = psutil.wait_procs(trainers, timeout=timeout)
         if alive:
             raise RuntimeError(f"orphaned trainer(s) {[p.pid for p in alive]} outlived their worker")
-    res.seconds = time.monotonic() - t_start
-    events = read_events(run_dir)
-    res.quarantined = sum(e.get("event") == "checkpoint_quarantined" for e in events)
-    res.resumes = sum(e.get("event") == "log" and "resumed_from" in e for e in events)
-    res.discontinuities = sum(e.get("code") == "loss_discontinuity" for e in events)
-    return res
+    return _tally(res, run_dir, t_start)
 
 
 def compare(res: TortureResult, reference: dict[int, float], run_dir: Path) -> None:
