@@ -113,6 +113,27 @@ defmodule UffPort.WorkerTest do
     assert gone?(os_pid, 5_000)
   end
 
+  test "a worker gone before reading its job is a crash with its stderr, not a bare EPIPE", %{
+    tmp: tmp
+  } do
+    w =
+      start_supervised!(
+        {Worker,
+         fake("die_after_hello") ++
+           [job: %{"config_path" => "tiny"}, stderr_log: Path.join(tmp, "die.log")]},
+        restart: :temporary
+      )
+
+    ref = Process.monitor(w)
+    assert_receive {:DOWN, ^ref, :process, ^w, reason}, 5_000
+
+    assert {:worker_crashed, %{status: nil, port_closed: :epipe, os_pid: os_pid, stderr: lines}} =
+             reason
+
+    assert Enum.any?(lines, &(&1 =~ "died before reading its job"))
+    assert gone?(os_pid, 1_000)
+  end
+
   test "start failures are errors with the stderr tail; a silent worker times out", %{tmp: tmp} do
     Process.flag(:trap_exit, true)
 

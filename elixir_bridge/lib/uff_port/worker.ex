@@ -36,6 +36,9 @@ defmodule UffPort.Worker do
       stopped a job early with a durable checkpoint, e.g. it was sent SIGTERM:
       someone wants it down, so a `:transient` child is not restarted);
     * any other status -> `{:worker_crashed, %{status:, signal:, stderr:}}`;
+    * a worker that exited before reading a request the bridge wrote closes the
+      Port with EPIPE, and no status arrives: `{:worker_crashed, %{status: nil,
+      port_closed: :epipe, stderr:}}`;
     * `{:heartbeat_timeout, info}`, `{:stalled, info}` from the watchdogs;
     * `{:call_timeout, cmd}`, `{:bad_frame, reason}`, `{:shutdown, {:train_refused, error}}`.
 
@@ -74,6 +77,8 @@ defmodule UffPort.Worker do
   alias UffPort.{Error, Msgpack, OsProcess, WorkerState}
 
   @long_commands ~w(checkpoint stop shutdown resume)
+  # How long a worker whose pipe closed gets to finish exiting (and writing stderr).
+  @port_closed_grace 2_000
 
   @type worker :: GenServer.server()
   @type result :: {:ok, map} | {:error, Error.t()}
@@ -224,9 +229,13 @@ defmodule UffPort.Worker do
   end
 
   def handle_info({:EXIT, port, reason}, %{port: port} = state) do
-    # The port died without an :exit_status (closed or crashed driver): no status will
-    # arrive, so stop with the port's reason and let the supervisor restart us.
-    {:stop, {:port_closed, reason}, %{state | port: nil}}
+    # The port closed without an :exit_status: a write met the pipe of a process that
+    # had already exited (EPIPE), and no status will follow. Make sure the process is
+    # gone (a live one that merely closed stdin is killed), then report a crash with
+    # its stderr, so the crash report still says why it died.
+    if OsProcess.wait_gone(state.os_pid, @port_closed_grace) == :timeout, do: kill(state)
+    state = %{state | port: nil}
+    {:stop, WorkerState.port_closed_reason(reason, state), state}
   end
 
   def handle_info({:EXIT, _other, _reason}, state), do: {:noreply, state}

@@ -332,7 +332,9 @@ defmodule UffPort.WorkerState do
           # Healthy only once this start has taken a step: a resumed trainer's `state`
           # event already carries the resume step, and a crash right after it must
           # still be backed off.
-          if name == "progress" and state.training? and step > 0, do: mark_healthy(state), else: state
+          if name == "progress" and state.training? and step > 0,
+            do: mark_healthy(state),
+            else: state
 
         _ ->
           state
@@ -398,6 +400,22 @@ defmodule UffPort.WorkerState do
 
     {:worker_crashed,
      %{status: status, signal: signal, os_pid: state.os_pid, stderr: stderr_tail(state)}}
+  end
+
+  @doc """
+  The stop reason when the Port closed without an exit status (`reason` is the
+  Port's, e.g. `:epipe`): a crash with an unknown status, and the stderr tail.
+  """
+  @spec port_closed_reason(term, t) :: {:worker_crashed, map}
+  def port_closed_reason(reason, state) do
+    {:worker_crashed,
+     %{
+       status: nil,
+       signal: nil,
+       port_closed: reason,
+       os_pid: state.os_pid,
+       stderr: stderr_tail(state)
+     }}
   end
 
   @doc """

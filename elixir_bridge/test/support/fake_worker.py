@@ -3,6 +3,8 @@
 Usage: python fake_worker.py MODE
   garbage            hello, then answer the first request with a frame that is not MessagePack
   crash_after_hello  hello, read the job's `train` (up to 5 s), a line on stderr, exit 3
+  die_after_hello    close stdin, a line on stderr, hello, exit 3 after 0.3 s: the bridge's
+                     `train` meets a closed pipe (EPIPE) and no exit status ever arrives
   silent             never say hello
   echo               a bare {packet,4} echo (no decoding): the bench's baseline
 """
@@ -54,6 +56,12 @@ def main() -> int:
     if mode == "silent":
         time.sleep(3600)
         return 0
+    if mode == "die_after_hello":
+        os.close(0)
+        print("fake worker: died before reading its job", file=sys.stderr, flush=True)
+        hello()
+        time.sleep(0.3)
+        return 3
     hello()
     if mode == "crash_after_hello":
         # Dies while loading, after the job's `train` arrived: exiting before reading it

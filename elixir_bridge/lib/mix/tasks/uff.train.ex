@@ -213,6 +213,9 @@ defmodule Mix.Tasks.Uff.Train do
   defp describe({:worker_crashed, %{status: s, signal: sig}}) when is_integer(sig),
     do: "killed by signal #{sig} (status #{s})"
 
+  defp describe({:worker_crashed, %{status: nil, port_closed: r}}),
+    do: "exited (status unknown: its pipe closed with #{inspect(r)})"
+
   defp describe({:worker_crashed, %{status: s}}), do: "crashed with exit status #{s}"
   defp describe(:normal), do: "exited normally"
   defp describe(other), do: inspect(other, limit: 8)
