@@ -37,13 +37,16 @@ defmodule UffPort.SupervisionTest do
     assert {:ok, %{"pong" => true}} = Worker.ping(:frozen_worker)
   end
 
-  test "a worker that dies right after start is restarted with backoff until intensity is exceeded" do
+  test "a worker that dies right after start is restarted with backoff until intensity is exceeded",
+       %{tmp: tmp} do
     Process.flag(:trap_exit, true)
 
     {:ok, sup} =
       JobSupervisor.start_link(
         job: %{"config_path" => "tiny"},
-        worker: fake("crash_after_hello") ++ [subscribers: [self()]],
+        worker:
+          fake("crash_after_hello") ++
+            [subscribers: [self()], stderr_log: Path.join(tmp, "crash.log")],
         max_restarts: 3,
         max_seconds: 60,
         backoff: [base: 150, max: 10_000, healthy_after: 30_000]
@@ -105,7 +108,7 @@ defmodule UffPort.SupervisionTest do
     script = Path.join(tmp, "vm.exs")
 
     File.write!(script, """
-    {:ok, w} = UffPort.Worker.start_link(heartbeat_interval: 0.5, runs_root: #{inspect(Path.join(tmp, "runs"))})
+    {:ok, w} = UffPort.Worker.start_link(heartbeat_interval: 0.5, runs_root: #{inspect(Path.join(tmp, "runs"))}, stderr_log: #{inspect(Path.join(tmp, "vm.log"))})
     IO.puts("PIDS \#{System.pid()} \#{UffPort.Worker.os_pid(w)}")
     Process.sleep(:infinity)
     """)

@@ -73,10 +73,15 @@ defmodule UffPort.WorkerTest do
   end
 
   test "shutdown/1 replies, the worker exits 0 and the GenServer stops normally", %{tmp: tmp} do
-    w = start!(tmp)
+    # With no :stderr_log, the default one in the temp dir is this start's own...
+    w = start!(tmp, stderr_log: nil)
+    log = Worker.snapshot(w).stderr_log
+    assert String.starts_with?(log, System.tmp_dir!()) and File.exists?(log)
     ref = Process.monitor(w)
     assert {:ok, %{"reason" => "shutdown"}} = Worker.shutdown(w)
     assert_receive {:DOWN, ^ref, :process, ^w, :normal}, 10_000
+    # ...and a normal stop removes it: the temp dir does not fill up with them.
+    refute File.exists?(log)
   end
 
   test "EOF alone ends the worker when the GenServer is killed without terminate", %{tmp: tmp} do
@@ -113,14 +118,16 @@ defmodule UffPort.WorkerTest do
     assert gone?(os_pid, 5_000)
   end
 
-  test "a worker gone before reading its job is a crash with its stderr, not a bare EPIPE", %{
-    tmp: tmp
-  } do
+  test "a worker gone before reading its job is a crash with its stderr, not a bare EPIPE" do
+    # A named worker's default log is named after it (the worker dies too soon to ask).
+    name = UffPort.WorkerTest.DiesAfterHello
+    log = Path.join(System.tmp_dir!(), "uff_port-#{inspect(name)}.stderr.log")
+    File.rm(log)
+    on_exit(fn -> File.rm(log) end)
+
     w =
       start_supervised!(
-        {Worker,
-         fake("die_after_hello") ++
-           [job: %{"config_path" => "tiny"}, stderr_log: Path.join(tmp, "die.log")]},
+        {Worker, fake("die_after_hello") ++ [name: name, job: %{"config_path" => "tiny"}]},
         restart: :temporary
       )
 
@@ -132,6 +139,8 @@ defmodule UffPort.WorkerTest do
 
     assert Enum.any?(lines, &(&1 =~ "died before reading its job"))
     assert gone?(os_pid, 1_000)
+    # A crashed worker's default log stays for the post-mortem.
+    assert File.read!(log) =~ "died before reading its job"
   end
 
   test "start failures are errors with the stderr tail; a silent worker times out", %{tmp: tmp} do

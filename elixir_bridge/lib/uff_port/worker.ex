@@ -66,7 +66,9 @@ defmodule UffPort.Worker do
     * `:shutdown_grace`, `:term_grace` - ms allowed for the `shutdown` command and
       for SIGTERM during teardown (defaults 120_000 and 30_000).
     * `:stderr_log` - file the worker's stderr is appended to (default: a file
-      in the system temp dir); `:stderr_lines` kept for crash reports (default 40).
+      in the system temp dir, per registered name or else per start, removed
+      after a `:normal` stop and kept after a crash); `:stderr_lines` kept for
+      crash reports (default 40).
     * `:subscribers` - pids or registered names that receive events.
     * `:job` - `train` args to send after every start.
   """
@@ -181,6 +183,7 @@ defmodule UffPort.Worker do
         {:ok, state}
 
       {:error, %Error{} = err} ->
+        WorkerState.drop_temp_log(state, {:start_failed, err})
         # An error for start_link and a failed restart for a supervisor, so restart
         # intensity (and the ledger's backoff) applies to a worker that cannot start.
         {:stop, {:start_failed, err}}
@@ -311,7 +314,7 @@ defmodule UffPort.Worker do
       "stderr" => stderr
     })
 
-    :ok
+    WorkerState.drop_temp_log(state, reason)
   end
 
   # ------------------------------------------------------------------ internals

@@ -69,7 +69,8 @@ defmodule UffPort.WorkerState do
                 stderr_offset: 0,
                 worker_state: "starting",
                 training?: false,
-                healthy?: false
+                healthy?: false,
+                temp_log?: false
               ]
 
   @type t :: %__MODULE__{}
@@ -137,6 +138,7 @@ defmodule UffPort.WorkerState do
         argv: argv,
         cd: Path.expand(c.cd || File.cwd!()),
         stderr_log: Path.expand(c.stderr_log || default_log(c.name)),
+        temp_log?: c.stderr_log == nil,
         backoff: Keyword.merge(@defaults[:backoff], c.backoff),
         watchdog_every: max(50, div(min(c.heartbeat_timeout, c.stall_timeout), 5))
     }
@@ -173,7 +175,7 @@ defmodule UffPort.WorkerState do
     tag =
       if name,
         do: inspect(name) |> String.replace(~r/[^A-Za-z0-9_.-]/, "_"),
-        else: "os#{System.pid()}"
+        else: "os#{System.pid()}-#{System.unique_integer([:positive])}"
 
     Path.join(System.tmp_dir!(), "uff_port-#{tag}.stderr.log")
   end
@@ -401,6 +403,20 @@ defmodule UffPort.WorkerState do
     {:worker_crashed,
      %{status: status, signal: signal, os_pid: state.os_pid, stderr: stderr_tail(state)}}
   end
+
+  @doc """
+  Removes the default stderr log (one the caller did not choose) after a
+  normal stop, or when it is empty: nothing in it is needed, and the temp dir
+  would fill up. A crashed worker's log with something in it stays for the
+  post-mortem.
+  """
+  @spec drop_temp_log(t, term) :: :ok
+  def drop_temp_log(%{temp_log?: true, stderr_log: log}, reason) do
+    if reason == :normal or match?({:ok, %{size: 0}}, File.stat(log)), do: _ = File.rm(log)
+    :ok
+  end
+
+  def drop_temp_log(_state, _reason), do: :ok
 
   @doc """
   The stop reason when the Port closed without an exit status (`reason` is the
