@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,3 +36,13 @@ def worker(runs_root: Path) -> Iterator[WorkerClient]:
                 client.proc.wait(30)
             except Exception:
                 client.kill()
+
+
+@pytest.fixture
+def wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in wheel for cloud bundles (set as UFF_PORT_WHEEL), so no real wheel is built."""
+    path = tmp_path / "uff_port-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("uff_port/__init__.py", "")
+    monkeypatch.setenv("UFF_PORT_WHEEL", str(path))
+    return path

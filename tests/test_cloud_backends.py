@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +39,6 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.t += seconds
-
-
-@pytest.fixture
-def wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "uff_port-0.1.0-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("uff_port/__init__.py", "")
-    monkeypatch.setenv("UFF_PORT_WHEEL", str(path))
-    return path
 
 
 def _spec(tmp_path: Path, wheel: Path, index: int = 0, max_steps: int = 10) -> SessionSpec:

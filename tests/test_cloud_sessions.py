@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +77,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "losses": _losses([root / "run" / "events.jsonl"]),
         "adapter": sha256_file(root / "run" / "final" / "adapter_model.safetensors"),
     }
-
-
-@pytest.fixture
-def wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "uff_port-0.1.0-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("uff_port/__init__.py", "")
-    monkeypatch.setenv("UFF_PORT_WHEEL", str(path))
-    return path
 
 
 def _same_training(reference: dict[str, Any], losses: dict[int, float], adapter: Path) -> None:
