@@ -47,6 +47,13 @@ def _gone(pids: list[int], timeout: float) -> bool:
     return False
 
 
+def _training_tree(w: WorkerClient) -> list[int]:
+    """Starts the default job, waits for step 2; the pids of the worker's descendants (the trainer)."""
+    _train(w)
+    _wait_step(w, 2)
+    return [p.pid for p in psutil.Process(w.pid).children(recursive=True)]
+
+
 def _latest(run_dir: Path) -> Path:
     name = (run_dir / "checkpoints" / "LATEST").read_text().strip()
     path = run_dir / "checkpoints" / name
@@ -111,9 +118,7 @@ def test_changed_config_on_same_run_dir_is_refused(worker: WorkerClient) -> None
 
 
 def test_eof_while_training_checkpoints_and_exits_75(worker: WorkerClient, runs_root: Path) -> None:
-    _train(worker)
-    _wait_step(worker, 2)
-    kids = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    kids = _training_tree(worker)
     worker.close_stdin()
     assert worker.wait(120) == 75
     assert _gone(kids, 10)
@@ -121,9 +126,7 @@ def test_eof_while_training_checkpoints_and_exits_75(worker: WorkerClient, runs_
 
 
 def test_sigterm_while_training_checkpoints_and_exits_75(worker: WorkerClient, runs_root: Path) -> None:
-    _train(worker)
-    _wait_step(worker, 2)
-    kids = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    kids = _training_tree(worker)
     t0 = time.monotonic()
     os.kill(worker.pid, signal.SIGTERM)
     assert worker.wait(120) == 75
@@ -134,9 +137,7 @@ def test_sigterm_while_training_checkpoints_and_exits_75(worker: WorkerClient, r
 
 
 def test_a_burst_of_sigterms_still_checkpoints_and_exits_75(worker: WorkerClient, runs_root: Path) -> None:
-    _train(worker)
-    _wait_step(worker, 2)
-    kids = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    kids = _training_tree(worker)
     for _ in range(300):  # the handler runs inside itself: it must take no lock
         os.kill(worker.pid, signal.SIGTERM)
     assert worker.wait(120) == 75
@@ -146,9 +147,7 @@ def test_a_burst_of_sigterms_still_checkpoints_and_exits_75(worker: WorkerClient
 
 def test_sigkill_of_the_worker_leaves_no_trainer_behind(worker: WorkerClient, runs_root: Path) -> None:
     """The supervisor's SIGKILL: the orphaned trainer checkpoints and exits by itself."""
-    _train(worker)
-    _wait_step(worker, 2)
-    kids = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+    kids = _training_tree(worker)
     assert kids
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(30)
