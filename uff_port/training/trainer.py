@@ -170,7 +170,7 @@ class Trainer:
         if not self.params:
             raise TrainError("invalid_config", "lora.enabled: false leaves no trainable parameters; enable LoRA")
         self.engine: Any = None  # a DeepSpeed engine, or None for plain torch / DDP
-        self.ds: dict[str, Any] = {}
+        self.zero_stage = 0  # the ZeRO stage under DeepSpeed; 3 shards the weights too
         self.layout = "torch"
         self.autocast = self.precision.autocast
         if cfg.distributed.backend == "deepspeed":
@@ -216,13 +216,13 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         try:
             deepspeed = zero.import_deepspeed(self.device)
-            self.ds = zero.load_config(
+            ds = zero.load_config(
                 cfg.distributed.deepspeed_config, micro=self.micro, accum=self.accum, world=self.world,
                 max_grad_norm=t.max_grad_norm, precision=self.precision.name,
             )  # fmt: skip
         except zero.ZeroError as exc:
             raise TrainError(exc.code, exc.message) from None
-        self.zero_stage = zero.stage_of(self.ds)
+        self.zero_stage = zero.stage_of(ds)
         if self.zero_stage == 3 and cfg.output.merge:
             raise TrainError("invalid_config", "output.merge: not with ZeRO-3 (weights are sharded); "
                              "merge the saved adapter afterwards with peft's merge_and_unload")
@@ -230,14 +230,14 @@ class Trainer:
             raise TrainError("invalid_config", "quantization.mode: 4-bit weights cannot be sharded by ZeRO-3; "
                              "use configs/deepspeed/zero2.json or distributed.backend: ddp")
         dist.init_single()  # a group of one when not under torchrun; no-op otherwise
-        self.optimizer = zero.make_optimizer(deepspeed, self.ds, self.params, t.learning_rate, t.weight_decay)
+        self.optimizer = zero.make_optimizer(deepspeed, ds, self.params, t.learning_rate, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.engine = zero.initialize(deepspeed, self.model, self.optimizer, self.scheduler, self.ds)
+        self.engine = zero.initialize(deepspeed, self.model, self.optimizer, self.scheduler, ds)
         self.ddp_model = self.engine
         # bf16/fp16 in the JSON cast the model itself: no autocast on top.
         self.autocast = None
-        self.layout = zero.layout(self.ds, self.world)
+        self.layout = zero.layout(ds, self.world)
 
     def _become_writer(self) -> None:
         """Hold the run's writer lock for our whole life, before choosing where to resume.
@@ -358,7 +358,7 @@ class Trainer:
                 staging = self.store.begin(self.step)
             staging = Path(dist.broadcast_object(str(staging) if staging else None))
             zero.save(self.engine, staging)
-        with zero.gathered(self.params, getattr(self, "zero_stage", 0)):
+        with zero.gathered(self.params, self.zero_stage):
             snap = snapshot(
                 model=self.model,
                 optimizer=None if self.engine is not None else self.optimizer,
@@ -553,9 +553,9 @@ class Trainer:
         total = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=self.device))
         denom = max(float(total), 1.0)
         chunks = [seqs[i : i + self.micro] for i in range(0, len(seqs), self.micro)]
-        loss_sum = torch.zeros((), device=self.device)
         if self.engine is not None:
             return self._try_step_deepspeed(chunks, denom, total)
+        loss_sum = torch.zeros((), device=self.device)
         for i, chunk in enumerate(chunks):
             if self.world == 1 and i > 0:
                 want = self._poll(pending)
@@ -649,7 +649,7 @@ class Trainer:
             self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
         final = None
         if self.cfg.output.save_final:
-            with zero.gathered(self.params, getattr(self, "zero_stage", 0)):  # every rank, under ZeRO-3
+            with zero.gathered(self.params, self.zero_stage):  # every rank, under ZeRO-3
                 final = self.save_final() if self.rank == 0 else None
         self.emit(
             "finished",
