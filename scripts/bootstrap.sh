@@ -29,18 +29,15 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
-if ! command -v g++ >/dev/null 2>&1; then
-  echo "bootstrap: installing g++ with apt" >&2
-  SUDO=""
-  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++ >/dev/null
-fi
+apt_install() {  # apt_install PACKAGE... (as root, or through sudo)
+  echo "bootstrap: installing $* with apt" >&2
+  local sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
 
+command -v g++ >/dev/null 2>&1 || apt_install g++
 if [[ -z "${UFF_PORT_NO_ELIXIR:-}" ]] && ! command -v mix >/dev/null 2>&1; then
-  echo "bootstrap: installing elixir and erlang-dev with apt" >&2
-  SUDO=""
-  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq elixir erlang-dev >/dev/null
+  apt_install elixir erlang-dev
 fi

@@ -78,8 +78,6 @@ class CloudSettings(_Section):
     """Hybrid routing prefers a local GPU; `auto` asks NVML."""
 
 
-
-
 def validate_cloud(raw: Any) -> CloudSettings:
     """Validate a config's `cloud:` map; raise ConfigError listing every problem."""
     if raw is None:

@@ -13,7 +13,7 @@ only resumes on the same number of ranks and the same ZeRO stage, which the
 trainer checks through `layout()` before loading.
 
 Loading never unpickles arbitrary objects: DeepSpeed's own loader uses
-`weights_only=False`, ours uses `weights_only=True` with the three plain data
+`weights_only=False`, ours uses `weights_only=True` with the four plain data
 classes DeepSpeed puts in its optimizer files allowed, and refuses a file that
 names anything else.
 """
