@@ -8,6 +8,7 @@ the directory.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -71,3 +72,22 @@ def confine(root: str | os.PathLike[str], candidate: str | os.PathLike[str]) -> 
     if resolved != base and base not in resolved.parents:
         raise ValueError(f"path {os.fspath(candidate)!r} escapes {os.fspath(base)!r}")
     return resolved
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT anywhere in an exception's chain (a commit wraps the OSError it hit).
+
+    Native writers (safetensors, torch's zip writer) raise their own types: for those the
+    OS's words in the message are all there is.
+    """
+    seen: BaseException | None = exc
+    for _ in range(16):  # chains are short; a cycle must not hang us
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if any(s in text for s in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

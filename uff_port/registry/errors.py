@@ -24,6 +24,8 @@ NOT_FOUND: Final = "not_found"
 INVALID_ARGS: Final = "invalid_args"
 INVALID_GATES: Final = "invalid_gates"
 """The gates YAML failed its schema."""
+NON_FINITE: Final = "non_finite"
+"""The artifact's weights hold NaN or Inf (a diverged run); `details.tensors` names them."""
 
 EXIT_CODES: Final = {
     INVALID_ARGS: 2,
@@ -34,6 +36,7 @@ EXIT_CODES: Final = {
     GATE_FAILED: 6,
     ALIAS_CONFLICT: 7,
     INCONSISTENT_RELEASE: 8,
+    NON_FINITE: 9,
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from uff_port import PROTOCOL_VERSION, __version__
 from uff_port.procutil import SignalSafeEvent
-from uff_port.protocol.errors import CommandError, ErrorCode
+from uff_port.protocol.errors import CommandError, ErrorCode, disk_full_error
 from uff_port.protocol.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     FrameError,
@@ -247,6 +247,10 @@ class Worker:
         except CommandError as exc:
             reply.error(exc.code, exc.message, exc.details)
         except Exception as exc:
+            full = disk_full_error(exc, request.cmd) if isinstance(exc, OSError) else None
+            if full is not None:
+                reply.error(full.code, full.message, full.details)
+                return
             traceback.print_exc(file=sys.stderr)
             reply.error(
                 ErrorCode.INTERNAL,
@@ -374,9 +378,13 @@ class Worker:
                 reply.error(exc.code, exc.message, exc.details)
                 return
             except Exception as exc:
-                traceback.print_exc(file=sys.stderr)
                 self._starting = False
                 self.set_state(IDLE)
+                full = disk_full_error(exc, "could not start the job") if isinstance(exc, OSError) else None
+                if full is not None:
+                    reply.error(full.code, full.message, full.details)
+                    return
+                traceback.print_exc(file=sys.stderr)
                 reply.error(ErrorCode.INTERNAL, f"could not start the job: {type(exc).__name__}: {exc}")
                 return
             self.job = job
