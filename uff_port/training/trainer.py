@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from uff_port import __version__
-from uff_port.fsutil import atomic_write_json, fsync_dir, is_disk_full
+from uff_port.fsutil import atomic_write_json, fsync_tree, is_disk_full, recover_dir, replace_dir
 from uff_port.hashing import tree_manifest
 from uff_port.training import dist, zero
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
@@ -199,6 +199,7 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir, keep_last=cfg.checkpoint.keep_last, emit=self.emit)
         if self.rank == 0:
             self._become_writer()
+            recover_dir(self.run_dir / "final")  # an export that died mid-swap
         self.checkpointer = AsyncCheckpointer(self.store, emit=self._on_checkpoint_event)
         self.meta = {
             "config_hash": config_hash(cfg),
@@ -781,14 +782,8 @@ class Trainer:
                 "files": tree_manifest(tmp, exclude=["manifest.json"]),
             },
         )
-        if final.exists():
-            old = self.run_dir / f".final-old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(self.run_dir)
+        fsync_tree(tmp)  # every file of the export, before the rename makes it `final`
+        replace_dir(tmp, final)
         self.emit("log", level="info", message=f"final adapter saved to {final}", path=str(final))
         return final
 
