@@ -143,6 +143,32 @@ defmodule UffPort.WorkerTest do
     assert File.read!(log) =~ "died before reading its job"
   end
 
+  test "a subscriber that dies is dropped", %{tmp: tmp} do
+    w = start!(tmp)
+    sub = spawn(fn -> receive(do: (:stop -> :ok)) end)
+    :ok = Worker.subscribe(w, sub)
+    :ok = Worker.subscribe(w, sub)
+    assert Enum.sort(subscribers(w)) == Enum.sort([self(), sub])
+    send(sub, :stop)
+    assert wait_until(fn -> subscribers(w) == [self()] end)
+  end
+
+  defp subscribers(w), do: :sys.get_state(w) |> UffPort.WorkerState.subscribers()
+
+  defp wait_until(fun, tries \\ 50) do
+    cond do
+      fun.() ->
+        true
+
+      tries == 0 ->
+        false
+
+      true ->
+        Process.sleep(20)
+        wait_until(fun, tries - 1)
+    end
+  end
+
   test "start failures are errors with the stderr tail; a silent worker times out", %{tmp: tmp} do
     Process.flag(:trap_exit, true)
 
