@@ -118,11 +118,33 @@ defmodule UffPort.WorkerStateTest do
     assert s.pending == %{} and s.next_id == 3
   end
 
-  test "deadlines: the bridge's defaults" do
+  test "deadlines: the bridge's defaults, or the worker's announced deadline when longer" do
     s = state(call_timeout: 1_000, long_call_timeout: 5_000, start_timeout: 2_000)
+    # No command_info (an older worker, a fake one): the bridge's defaults.
     assert WorkerState.deadline(s, "train") == 1_000
     assert WorkerState.deadline(s, "stop") == 5_000
     assert WorkerState.job_deadline(s) == 2_000
+
+    info = %{
+      "train" => %{"long_running" => true, "deadline_s" => 130.0},
+      "stop" => %{"long_running" => true, "deadline_s" => 1},
+      "ping" => %{"long_running" => false, "deadline_s" => nil},
+      "plan" => %{"long_running" => true, "deadline_s" => "soon"},
+      "huge" => %{"deadline_s" => 1.0e12}
+    }
+
+    s = WorkerState.started(s, Map.put(@hello, "command_info", info), 0)
+    assert WorkerState.deadline(s, "train") == 130_000
+    assert WorkerState.job_deadline(s) == 130_000
+    # Shorter than the bridge's own default: the default stands.
+    assert WorkerState.deadline(s, "stop") == 5_000
+    assert WorkerState.deadline(s, "ping") == 1_000
+    assert WorkerState.deadline(s, "plan") == 1_000
+    # Held to the longest timer the VM can set.
+    assert WorkerState.deadline(s, "huge") == 4_294_967_295
+
+    s = WorkerState.started(s, Map.put(@hello, "command_info", "garbage"), 0)
+    assert WorkerState.deadline(s, "train") == 1_000
   end
 
   test "subscribers are kept by monitor and dropped when theirs fires" do

@@ -49,6 +49,18 @@ defmodule UffPort.Worker do
     * `{:heartbeat_timeout, info}`, `{:stalled, info}` from the watchdogs;
     * `{:call_timeout, cmd}`, `{:bad_frame, reason}`, `{:shutdown, {:train_refused, error}}`.
 
+  ## Deadlines
+
+  A call's deadline is its `timeout:` option when given; otherwise the
+  bridge's default for the command (`:call_timeout`; `:long_call_timeout` for
+  `checkpoint`, `stop`, `shutdown`, `resume`), or the `deadline_s` the worker
+  announced for it in `hello`'s `command_info` when that is longer. The worker
+  announces `train` and `resume` at its grace period plus a margin (130 s by
+  default): before replying it may wait that long for a trainer orphaned by a
+  dead worker to commit its final checkpoint, and killing it sooner would only
+  restart it into the same wait. The carried `:job`'s `train` gets at least
+  `:start_timeout`, or the announced deadline when longer.
+
   ## Options
 
   Checked at start by `UffPort.WorkerOptions.new!/1` (a bad one raises
@@ -133,7 +145,7 @@ defmodule UffPort.Worker do
 
   @doc """
   Any command, including the worker's extension commands. `opts[:timeout]` (ms)
-  overrides the command's default deadline. Never raises or exits:
+  overrides the command's deadline (see "Deadlines"). Never raises or exits:
   a dead worker is `{:error, %Error{code: :worker_down}}`; a missed deadline
   `:response_timeout`; args that cannot be encoded `:unencodable`.
   """

@@ -39,11 +39,12 @@ defmodule UffPort.WorkerOptions do
     * `:env` - extra environment `[{name, value}]`; a nil value unsets the variable.
     * `:cuda_visible_devices` - string (`"0,1"`); default: the VM's own value, if any.
     * `:start_timeout` - ms to wait for `hello` (default #{@start_timeout}); also
-      the deadline of the carried `:job`'s `train`.
+      the least the carried `:job`'s `train` is given.
     * `:call_timeout` - the bridge's default per-call deadline in ms (default
       #{@call_timeout}); `checkpoint`, `stop`, `shutdown` and `resume` use
-      `:long_call_timeout` (default #{@long_call_timeout}); `timeout:` on a
-      call overrides both.
+      `:long_call_timeout` (default #{@long_call_timeout}). A command whose
+      `deadline_s` in the worker's `hello` is longer gets that instead (see
+      "Deadlines" in `UffPort.Worker`); `timeout:` on a call overrides both.
     * `:heartbeat_timeout` - ms without a heartbeat before the worker is killed
       (default #{@heartbeat_timeout}; keep it several heartbeat intervals).
     * `:stall_timeout` - ms without the step advancing while training (default

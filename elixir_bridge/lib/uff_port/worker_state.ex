@@ -27,6 +27,8 @@ defmodule UffPort.WorkerState do
 
   # The bridge's own default goes to the other commands; these wait on a checkpoint.
   @long_commands ~w(checkpoint stop shutdown resume)
+  # The longest timer the VM can set (ms): a deadline from the wire is held to it.
+  @max_deadline 4_294_967_295
 
   @typedoc "Who waits for a reply: a caller, or the carried job's `train` (nobody waits)."
   @type waiter :: {:call, GenServer.from()} | :job
@@ -56,6 +58,7 @@ defmodule UffPort.WorkerState do
     next_id: 1,
     pending: %{},
     subscribers: %{},
+    deadlines: %{},
     stderr_offset: 0,
     worker_state: "starting",
     training?: false,
@@ -79,6 +82,7 @@ defmodule UffPort.WorkerState do
           next_id: pos_integer,
           pending: %{pos_integer => pending},
           subscribers: %{WorkerOptions.subscriber() => reference | nil},
+          deadlines: %{String.t() => pos_integer},
           stderr_offset: non_neg_integer,
           worker_state: String.t(),
           training?: boolean,
@@ -100,7 +104,8 @@ defmodule UffPort.WorkerState do
     do: %{state | port: port, os_pid: os_pid, stderr_offset: offset}
 
   @doc """
-  `hello` arrived at `now`: the worker is idle and the watchdog clocks start.
+  `hello` arrived at `now`: the worker is idle, the watchdog clocks start, and
+  the per-command deadlines it announces (`command_info`) are noted.
   """
   @spec started(t, map, integer) :: t
   def started(state, hello, now) do
@@ -111,25 +116,41 @@ defmodule UffPort.WorkerState do
       state
       | hello: hello,
         os_pid: os_pid,
+        deadlines: announced_deadlines(hello["command_info"]),
         worker_state: "idle",
         last_heartbeat_at: now,
         step_changed_at: now
     }
   end
 
+  # command_info is wire data: anything but a positive number of seconds is no deadline.
+  defp announced_deadlines(info) when is_map(info) do
+    for {cmd, %{"deadline_s" => s}} when is_binary(cmd) and is_number(s) and s > 0 <- info,
+        into: %{},
+        do: {cmd, min(ceil(s * 1000), @max_deadline)}
+  end
+
+  defp announced_deadlines(_), do: %{}
+
   # ------------------------------------------------------------------ requests
 
   @doc """
-  The deadline in ms for `cmd`: `:long_call_timeout` for the commands that
-  wait on a checkpoint, else `:call_timeout`.
+  The deadline in ms for `cmd`: the bridge's default (`:long_call_timeout` for
+  the commands that wait on a checkpoint, else `:call_timeout`), or the
+  worker's `deadline_s` for it when that is longer. A worker that may take a
+  grace period to answer `train` (it waits for an orphaned trainer's final
+  checkpoint) must not be killed for it: its restart would wait the same way.
   """
   @spec deadline(t, String.t()) :: pos_integer
-  def deadline(%{opts: opts}, cmd),
-    do: if(cmd in @long_commands, do: opts.long_call_timeout, else: opts.call_timeout)
+  def deadline(%{opts: opts} = state, cmd) do
+    default = if cmd in @long_commands, do: opts.long_call_timeout, else: opts.call_timeout
+    max(default, Map.get(state.deadlines, cmd, 0))
+  end
 
-  @doc "The deadline of the carried job's `train`: `:start_timeout`."
+  @doc "The deadline of the carried job's `train`: at least `:start_timeout`."
   @spec job_deadline(t) :: pos_integer
-  def job_deadline(state), do: state.opts.start_timeout
+  def job_deadline(state),
+    do: max(state.opts.start_timeout, Map.get(state.deadlines, "train", 0))
 
   @doc "The id for the next request."
   @spec reserve_id(t) :: {pos_integer, t}
