@@ -260,3 +260,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline", help="the current release descriptor: quality is judged against it")
     p.add_argument("--created-at", help="timestamp to record (omitted by default: output is deterministic)")
     p.set_defaults(func=_run(cmd_federate))
+
+    from uff_port.registry import release_cli  # deploy, watch, publish, pull
+
+    release_cli.register(subparsers)

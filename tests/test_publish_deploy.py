@@ -1,0 +1,165 @@
+"""Deploy into a serving directory: atomic switches under a concurrent reader, rollback, hooks, holds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from release_fixtures import role_artifacts
+from test_registry_fixtures import uff
+
+from uff_port.protocol import CommandError
+from uff_port.registry import deploy as dp
+from uff_port.registry.manifest import ArtifactManifest
+from uff_port.registry.store import Registry
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[ArtifactManifest]]]:
+    base = tmp_path_factory.mktemp("deploy")
+    with Registry(base / "reg") as reg:
+        arts = {"ufm": role_artifacts(reg, base, "ufm", 4), "ucm": role_artifacts(reg, base, "ucm", 1)}
+    return base / "reg", arts
+
+
+def _read_whole(role_dir: Path) -> str:
+    """What an inference host does: resolve `current` once, then read every file of that version."""
+    version = Path(os.path.realpath(role_dir / "current"))
+    manifest = json.loads((version / "artifact.json").read_text())
+    for rel, meta in manifest["files"].items():
+        data = (version / rel).read_bytes()
+        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise AssertionError(f"partial adapter: {version.name[:12]}/{rel}")
+    return str(manifest["artifact_id"])
+
+
+def test_reader_never_sees_a_partial_adapter_and_rollback_restores_the_bytes(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    reg_dir, arts = world
+    ufm = arts["ufm"]
+    target = tmp_path / "serve"
+    with Registry(reg_dir) as reg:
+        dp.deploy(reg, target, {"ufm": ufm[0]})
+        seen: dict[str, int] = {}
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    aid = _read_whole(target / "ufm")
+                    seen[aid] = seen.get(aid, 0) + 1
+                except FileNotFoundError:
+                    seen["vanished"] = seen.get("vanished", 0) + 1  # a pruned old version: whole or gone
+                except AssertionError as exc:
+                    errors.append(str(exc))
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            for i in range(12):
+                dp.deploy(reg, target, {"ufm": ufm[(i + 1) % 4]})
+                if i % 3 == 2:
+                    dp.rollback_role(reg, target, "ufm")
+        finally:
+            stop.set()
+            thread.join(30)
+        assert errors == [] and sum(v for k, v in seen.items() if k != "vanished") > 12, seen
+        assert len({k for k in seen if k != "vanished"}) >= 2  # the reader saw switches happen
+
+        # exactly the previous bytes come back
+        serving = dp.ServingDir(target)
+        before_prev = serving.link("ufm", "previous")
+        assert before_prev is not None
+        dp.rollback_role(reg, target, "ufm")
+        assert serving.link("ufm", "current") == before_prev
+        restored = dp.tree_digest(Path(os.path.realpath(target / "ufm" / "current")))
+        registered = dp.tree_digest(reg.artifact_dir(before_prev))
+        assert restored == registered
+        # the current adapter and the two before it are kept, nothing else
+        versions = [p for p in (target / "ufm" / "versions").iterdir()]
+        assert len(versions) == 3 and not [p for p in versions if p.name.startswith(".")]
+
+
+def test_launch_config_hooks_and_holds(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    reg_dir, arts = world
+    target = tmp_path / "serve"
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    class FakeVllm(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append((self.path, body))
+            ok = self.path == "/v1/load_lora_adapter" and Path(body["lora_path"]).is_dir()
+            self.send_response(200 if ok or self.path.startswith("/v1/unload") else 400)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook_log = tmp_path / "hook.log"
+    hooks = dp.ReloadHooks(command=f"sh -c 'echo $UFF_PORT_ROLE $UFF_PORT_ARTIFACT_ID >> {hook_log}'",
+                           vllm_url=f"http://127.0.0.1:{server.server_port}")
+    try:
+        with Registry(reg_dir) as reg:
+            ufm, ucm = arts["ufm"], arts["ucm"]
+            out = dp.deploy(reg, target, {"ufm": ufm[0], "ucm": ucm[0]}, hooks=hooks)
+            launch = json.loads((target / "vllm.json").read_text())
+            cmd = launch["command"]
+            assert cmd[:3] == ["vllm", "serve", "builtin:tiny-llama"] and "--enable-lora" in cmd
+            assert cmd[cmd.index("--max-loras") + 1] == "2" and cmd[cmd.index("--max-lora-rank") + 1] == "16"
+            i = cmd.index("--lora-modules")
+            assert cmd[i + 1:i + 3] == [f"ucm={target}/ucm/current", f"ufm={target}/ufm/current"]
+            assert "--lora-modules ucm=" in (target / "vllm.sh").read_text()
+            assert [c[0] for c in calls] == ["/v1/unload_lora_adapter", "/v1/load_lora_adapter"] * 2
+            assert calls[1][1] == {"lora_name": "ucm", "lora_path": str(target / "ucm" / "versions" / ucm[0].artifact_id)}
+            assert hook_log.read_text().split("\n")[:2] == [f"ucm {ucm[0].artifact_id}", f"ufm {ufm[0].artifact_id}"]
+            assert out.reloads and all(r["ok"] for r in out.reloads)
+
+            # the same deploy again moves nothing and calls no hook
+            calls.clear()
+            again = dp.deploy(reg, target, {"ufm": ufm[0]}, hooks=hooks)
+            assert not again.switches[0].changed and calls == []
+
+            # a rollback with hold: the bad release is never redeployed without --unhold
+            dp.deploy(reg, target, {"ufm": ufm[1]})
+            dp.rollback_role(reg, target, "ufm", hold=True, note={"slo": "latency_p95"})
+            with pytest.raises(CommandError) as exc:
+                dp.deploy(reg, target, {"ufm": ufm[1]})
+            assert exc.value.code == "release_held" and "latency_p95" in exc.value.message
+            dp.deploy(reg, target, {"ufm": ufm[1]}, unhold=True)
+            assert dp.ServingDir(target).holds() == {}
+
+            # a failing hook: the switch stands, the caller hears reload_failed
+            bad = dp.ReloadHooks(command="sh -c 'echo no >&2; exit 3'")
+            with pytest.raises(CommandError) as exc:
+                dp.deploy(reg, target, {"ufm": ufm[2]}, hooks=bad)
+            assert exc.value.code == "reload_failed" and "exited 3" in exc.value.message
+            assert dp.ServingDir(target).link("ufm", "current") == ufm[2].artifact_id
+    finally:
+        server.shutdown()
+
+
+def test_cli_deploys_stable_and_a_release(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    reg_dir, arts = world
+    ufm, ucm = arts["ufm"][3], arts["ucm"][0]
+    release = {"kind": "uff-port.release", "artifacts": {"ufm": ufm.to_dict(), "ucm": ucm.to_dict()}}
+    (tmp_path / "fused.json").write_text(json.dumps(release))
+    target = tmp_path / "serve"
+    res = uff("deploy", "--registry", str(reg_dir), "--target", str(target), "--release",
+              str(tmp_path / "fused.json"), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert {r["role"]: r["artifact_id"] for r in out["roles"]} == {"ufm": ufm.artifact_id, "ucm": ucm.artifact_id}
+    res = uff("deploy", "--registry", str(reg_dir), "--target", str(target), "--role", "ufm")
+    assert res.returncode == 4 and "ufm:stable is not set" in res.stderr  # nothing promoted yet
