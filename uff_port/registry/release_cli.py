@@ -74,6 +74,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from uff_port.registry.store import default_root
+    from uff_port.registry.watch import Watcher, load_slo
+
+    def emit(event: str, /, **fields: Any) -> None:
+        print(json.dumps({"event": event, "ts": time.time(), **fields}, sort_keys=True), flush=True)
+
+    cfg = load_slo(args.slo)
+    registry = None if args.no_registry else Path(args.registry) if args.registry else default_root()
+    watcher = Watcher(cfg, Path(args.target), registry, emit, hooks=_hooks(args))
+    watcher.run(1 if args.once else args.max_polls)
+    return 0
+
+
 def register(subparsers: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", default=None, help=_REGISTRY_HELP)
@@ -98,3 +115,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--status", action="store_true", help="print what the serving directory holds")
     p.add_argument("--port", type=int, default=8000, help="port written into the launch command")
     p.set_defaults(func=_run(cmd_deploy))
+
+    p = subparsers.add_parser(
+        "watch", parents=[hooks], help="roll a role back when its SLO stays breached",
+        description="Poll the serving metrics (Prometheus text or JSON) every interval_s; when an SLO stays "
+        "breached for its window_s, roll the role back to previous in the serving directory and the "
+        "registry (audit row, slo_rollback event) and hold the rolled-back artifact. Events: JSON lines.")
+    p.add_argument("--target", required=True, help="the serving directory (uff-port deploy --target)")
+    p.add_argument("--slo", required=True, help="SLO YAML (docs/registry.md, Watch)")
+    p.add_argument("--registry", default=None, help=_REGISTRY_HELP)
+    p.add_argument("--no-registry", action="store_true", help="roll back the serving directory only")
+    p.add_argument("--once", action="store_true", help="poll once and exit")
+    p.add_argument("--max-polls", type=int, default=None, help="stop after this many polls")
+    p.set_defaults(func=_run(cmd_watch))
