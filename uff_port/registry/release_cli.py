@@ -91,6 +91,45 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api() -> Any:
+    """The Hub client (HfApi with the usual token); one function so tests can swap in a fake."""
+    from uff_port.registry import hub
+
+    return hub.make_api()
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from uff_port.registry import hub
+    from uff_port.registry.store import Registry
+
+    with Registry(args.registry) as reg:
+        out = hub.publish(reg, args.ref, args.repo, api=_api(), private=args.private,
+                          revision=args.revision, license=args.license, role=args.role)
+    if args.json:
+        _print_json(out)
+    else:
+        verb = "published" if out["created"] else "already published"
+        print(f"{verb} {out['role']} {out['version']} {out['artifact_id'][:12]} to "
+              f"hf://{out['repo']}@{out['tag']} (commit {out['commit'][:12]} on {out['revision']})")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from uff_port.registry import hub
+    from uff_port.registry.service import summary
+    from uff_port.registry.store import Registry
+
+    with Registry(args.registry) as reg:
+        manifest, created, rev = hub.pull(reg, args.source, api=_api())
+    out = {**summary(manifest), "created": created, "source": args.source, "revision": rev}
+    if args.json:
+        _print_json(out)
+    else:
+        verb = "registered" if created else "already registered"
+        print(f"verified and {verb} {manifest.role} {manifest.name} {manifest.version}: {manifest.artifact_id}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", default=None, help=_REGISTRY_HELP)
@@ -128,3 +167,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--once", action="store_true", help="poll once and exit")
     p.add_argument("--max-polls", type=int, default=None, help="stop after this many polls")
     p.set_defaults(func=_run(cmd_watch))
+
+    p = subparsers.add_parser(
+        "publish", parents=[common], help="push a registered artifact to a Hugging Face Hub repo",
+        description="One commit per artifact: its files exactly as registered, artifact.json and a model card; "
+        "the artifact id in the commit message and as the tag artifact-<id>. Token: HF_TOKEN or the stored login.")
+    p.add_argument("ref", help="artifact id, prefix or alias (ufm:stable)")
+    p.add_argument("--repo", required=True, help="ORG/NAME of the model repo (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to commit to (default main; created if missing)")
+    p.add_argument("--license", default="other", help="license in the card's front matter (default other)")
+    p.add_argument("--role", help="the role of a bare alias such as stable")
+    p.set_defaults(func=_run(cmd_publish))
+
+    p = subparsers.add_parser(
+        "pull", parents=[common], help="fetch hf://ORG/NAME@REV, verify it against its manifest, register it")
+    p.add_argument("source", help="hf://ORG/NAME[@REVISION] (a branch, a commit or a tag artifact-<id>)")
+    p.set_defaults(func=_run(cmd_pull))
