@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -163,3 +164,48 @@ def test_cli_deploys_stable_and_a_release(world, tmp_path: Path) -> None:  # typ
     assert {r["role"]: r["artifact_id"] for r in out["roles"]} == {"ufm": ufm.artifact_id, "ucm": ucm.artifact_id}
     res = uff("deploy", "--registry", str(reg_dir), "--target", str(target), "--role", "ufm")
     assert res.returncode == 4 and "ufm:stable is not set" in res.stderr  # nothing promoted yet
+
+
+def test_worker_commands_deploy_and_roll_back(world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from uff_port.registry import deploy_commands
+    from uff_port.server.task import TaskContext
+
+    reg_dir, arts = world
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    serving_root = tmp_path / "srv"
+    monkeypatch.setenv("UFF_PORT_REGISTRY", str(reg_dir))
+    monkeypatch.setenv("UFF_PORT_SERVING_ROOT", str(serving_root))
+    ctx = TaskContext(runs_root=runs)
+    ufm = arts["ufm"]
+    for m in ufm[:2]:
+        out = deploy_commands.deploy({"target": "host", "roles": [f"ufm={m.artifact_id}"]}, ctx)
+    assert out["roles"][0]["artifact_id"] == ufm[1].artifact_id and out["target"] == str(serving_root / "host")
+    assert [e["event"] for e in ctx.events] == ["deployed", "deployed"]
+    assert ctx.events[-1]["replaced"] == ufm[0].artifact_id
+    rolled = deploy_commands.deploy_rollback({"target": "host", "role": "ufm", "hold": True}, ctx)
+    assert rolled["restored"] == ufm[0].artifact_id and ctx.events[-1]["event"] == "deploy_rolled_back"
+    assert rolled["registry"]["moved"] is False  # the registry never had them as stable
+    with pytest.raises(CommandError) as exc:
+        deploy_commands.deploy({"target": "host", "roles": [f"ufm={ufm[1].artifact_id}"]}, ctx)
+    assert exc.value.code == "release_held"
+    for bad, field in (({"target": "../../etc", "roles": ["ufm"]}, "args.target"),
+                       ({"target": "host", "roles": "ufm"}, "args.roles"),
+                       ({"target": "host"}, "args.roles/args.release")):
+        with pytest.raises(CommandError) as exc:
+            deploy_commands.deploy(bad, ctx)
+        assert exc.value.code == "invalid_args" and field in exc.value.message
+
+
+def test_deploy_through_the_real_worker(world, runs_root: Path, worker) -> None:  # type: ignore[no-untyped-def]
+    reg_dir, arts = world
+    release = {"kind": "uff-port.release", "artifacts": {"ucm": arts["ucm"][0].to_dict()}}
+    (runs_root / "fused.json").write_text(json.dumps(release))
+    shutil.copytree(reg_dir, runs_root / "registry")
+    reply = worker.call("deploy", {"target": "serve", "release": "fused.json"}, timeout=120)
+    assert reply["ok"], reply
+    event = worker.wait_event("deployed", timeout=30)
+    assert event["role"] == "ucm" and event["artifact_id"] == arts["ucm"][0].artifact_id
+    assert (runs_root / "serve" / "ucm" / "current").is_symlink()
+    reply = worker.call("deploy_rollback", {"target": "serve", "role": "ucm"}, timeout=60)
+    assert not reply["ok"] and reply["error"]["code"] == "not_found"
