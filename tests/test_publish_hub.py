@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -170,3 +171,20 @@ def test_card_front_matter_names_a_hub_base_model(published_world: tuple[Path, l
     card = huggingface_hub.ModelCard(text)
     assert card.data.base_model == "deepseek-ai/deepseek-coder-1.3b-base" and card.data.library_name == "peft"
     assert "Not promoted to stable" in card.text
+
+
+def test_federate_reads_a_manifest_from_the_hub(
+    published_world: tuple[Path, list[ArtifactManifest]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg_dir, arts = published_world
+    server = FakeHub(valid_tokens={TOKEN})
+    api = FakeHfApi(server, token=TOKEN)
+    with Registry(reg_dir) as reg:
+        out = hub.publish(reg, arts[1].artifact_id, "acme/ufm", api=api)
+    monkeypatch.setattr(hub, "make_api", lambda: FakeHfApi(server, token=None))  # public repo: no token
+    fused = tmp_path / "fused.json"
+    assert _cli("federate", "--manifest", f"hf=hf://acme/ufm@{out['tag']}", "--output", str(fused), "--no-gates") == 0
+    release = json.loads(fused.read_text())
+    on_hub = server.repos["acme/ufm"].commits[out["commit"]].files["artifact.json"]
+    assert release["artifacts"]["ufm"]["artifact_id"] == arts[1].artifact_id
+    assert release["providers"]["hf"]["manifest_sha256"] == hashlib.sha256(on_hub).hexdigest()

@@ -18,7 +18,6 @@ is never printed, logged or put in an event.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -227,11 +226,17 @@ def pull(reg: Registry, uri: str, *, api: Any, actor: str = "cli") -> tuple[Arti
 
 
 def manifest_from_hub(uri: str, *, api: Any, dest: Path) -> Path:
-    """Only the artifact.json of a Hub revision, written to `dest` (federation reads manifests)."""
+    """The artifact.json of a Hub revision, downloaded as is (its sha256 is what federation records)."""
     repo, rev = parse_uri(uri)
-    path = _call("hf_hub_download", api.hf_hub_download, repo, MANIFEST_NAME, revision=rev,
-                 repo_type="model", local_dir=str(dest))
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    out = dest / f"{repo.replace('/', '--')}@{rev}.json"
-    out.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return out
+    local = dest / f"{repo.replace('/', '--')}@{rev}"
+    return Path(_call("hf_hub_download", api.hf_hub_download, repo, MANIFEST_NAME, revision=rev,
+                      repo_type="model", local_dir=str(local)))
+
+
+def resolve_inputs(inputs: list[tuple[str, str]], dest: Path, api: Any = None) -> list[tuple[str, str]]:
+    """`federate --manifest hf=hf://ORG/NAME@REV`: each hf:// input becomes its downloaded manifest."""
+    if not any(path.startswith("hf://") for _, path in inputs):
+        return inputs
+    api = api if api is not None else make_api()
+    return [(who, str(manifest_from_hub(path, api=api, dest=dest)) if path.startswith("hf://") else path)
+            for who, path in inputs]
