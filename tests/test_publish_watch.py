@@ -204,10 +204,14 @@ def test_json_source_and_bad_slo_files(artifacts: tuple[Path, list[ArtifactManif
            "slos": [{"name": "p95", "role": "ufm", "metric": "ufm.latency_p95_ms", "max": 1500, "window_s": 0}]}
     (tmp_path / "slo.yaml").write_text(yaml.safe_dump(cfg))
     events: list[tuple[str, dict[str, Any]]] = []
-    watcher = Watcher(load_slo(tmp_path / "slo.yaml"), target, None, lambda e, **f: events.append((e, f)))
+    watcher = Watcher(load_slo(tmp_path / "slo.yaml"), target, None, lambda e, **f: events.append((e, f)),
+                      hooks=dp.ReloadHooks(command="sh -c 'exit 4'"))
     [rolled] = watcher.run(max_polls=1)
     assert rolled["excess"] == 1700.0 and rolled["registry"] == {"moved": False}  # host only
     assert dp.ServingDir(target).link("ufm", "current") == ids[0]
+    # the host could not reload: the rollback stands and says so
+    assert [e for e, _ in events] == ["slo_breached", "slo_rollback", "reload_failed"]
+    assert "exited 4" in events[-1][1]["message"]
 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"source": {"url": "x", "file": "y"},
                                                        "slos": [{"name": "a", "role": "chat", "metric": "m"}]}))

@@ -459,8 +459,10 @@ def rollback_role(
                                        {"stable": bad, "previous": good}, "rollback", actor, note)
                 registry_out = {"moved": True, "audit_seq": seq}
             else:
-                registry_out["reason"] = (f"registry {role}:stable is {str(current.get('stable'))[:12]}, "
-                                          f"not the served {bad[:12]}; left as is")
+                registry_out["reason"] = (
+                    f"registry {role}: stable={str(current.get('stable'))[:12]} "
+                    f"previous={str(current.get('previous'))[:12]}, not the served pair "
+                    f"{bad[:12]}/{str(good)[:12]}; left as is")
         serving.write_launch()
     out: dict[str, Any] = {"role": role, "rolled_back": bad, "restored": good, "version": switch.version,
            "path": switch.path, "held": hold, "registry": registry_out, "reloads": []}

@@ -28,7 +28,7 @@ from typing import Any, Final
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from uff_port.registry.deploy import ReloadHooks, ServingDir, rollback_role
+from uff_port.registry.deploy import ReloadHooks, ServingDir, Switch, rollback_role
 from uff_port.registry.errors import INVALID_SLO, RegistryError
 from uff_port.registry.manifest import ROLES
 from uff_port.registry.store import Registry
@@ -313,7 +313,11 @@ class Watcher:
             return None
         reg = Registry(self.registry) if self.registry is not None else None
         try:
-            out = rollback_role(reg, self.target, role, actor="watch", note=note, hold=True, hooks=self.hooks)
+            out = rollback_role(reg, self.target, role, actor="watch", note=note, hold=True)
+        except RegistryError as exc:  # e.g. the previous version no longer verifies: report, keep watching
+            self.emit("slo_rollback_failed", **note, code=exc.code, message=exc.message)
+            self._quiet(role, now)
+            return None
         finally:
             if reg is not None:
                 reg.close()
@@ -322,6 +326,13 @@ class Watcher:
         self.emit("slo_rollback", **event)
         self.rollbacks.append(event)
         self._quiet(role, now)
+        if self.hooks is not None:  # after the event: the rollback stands even if the host cannot reload
+            switch = Switch(role, out["restored"], out["version"], out["rolled_back"], True, out["path"])
+            try:
+                for done in self.hooks.run([switch], self.target):
+                    self.emit("adapter_reloaded", **done)
+            except RegistryError as exc:
+                self.emit("reload_failed", role=role, code=exc.code, message=exc.message)
         return event
 
     def _quiet(self, role: str, now: float) -> None:
