@@ -91,6 +91,11 @@ def test_publish_pull_round_trip_and_model_card(
     assert _cli("publish", b.artifact_id, "--repo", "acme/ufm-adapter", "--registry", str(reg_dir)) == 0
     assert len(repo.commits) == commits + 1 and len(repo.tags) == 2
     assert "published ufm 1.1.0" in output()
+    # a tag lost after its commit (a crash between the two calls): the head is tagged, not committed again
+    lost = repo.tags.pop(f"artifact-{b.artifact_id}")
+    assert _cli("publish", b.artifact_id, "--repo", "acme/ufm-adapter", "--registry", str(reg_dir)) == 0
+    assert repo.tags[f"artifact-{b.artifact_id}"] == lost and len(repo.commits) == commits + 1
+    output()
 
     # pull by tag into another registry: verified, registered, same bytes; twice is a no-op
     other = tmp_path / "other-reg"

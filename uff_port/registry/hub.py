@@ -177,6 +177,12 @@ def publish(
     ops.append(hub.CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
     wanted = {op.path_in_repo for op in ops} | _KEEP_ON_HUB
     present = _call("list_repo_files", api.list_repo_files, repo, revision=branch, repo_type="model")
+    head = next((b.target_commit for b in refs.branches if b.name == branch), None)
+    if head is not None and MANIFEST_NAME in present and _head_is(api, repo, head, m):
+        # committed before, the tag lost (a crash between the two calls): tag that commit, no second one
+        _call("create_tag", api.create_tag, repo, tag=tag, tag_message=f"artifact {m.artifact_id}",
+              revision=head, repo_type="model")
+        return {**out, "commit": head, "created": False}
     ops += [hub.CommitOperationDelete(path_in_repo=p) for p in sorted(set(present) - wanted)]
     message = f"{m.role} {m.name} {m.version}: artifact {m.artifact_id}"
     info = _call("create_commit", api.create_commit, repo, ops, commit_message=message,
@@ -185,6 +191,13 @@ def publish(
     _call("create_tag", api.create_tag, repo, tag=tag, tag_message=message, revision=info.oid,
           repo_type="model")
     return {**out, "commit": info.oid, "created": True, "commit_url": info.commit_url}
+
+
+def _head_is(api: Any, repo: str, commit: str, m: ArtifactManifest) -> bool:
+    with tempfile.TemporaryDirectory(prefix="uff-head-") as tmp:
+        path = _call("hf_hub_download", api.hf_hub_download, repo, MANIFEST_NAME, revision=commit,
+                     repo_type="model", local_dir=tmp)
+        return Path(path).read_bytes() == m.to_json().encode()
 
 
 def pull(reg: Registry, uri: str, *, api: Any, actor: str = "cli") -> tuple[ArtifactManifest, bool, str]:
