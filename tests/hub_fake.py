@@ -22,6 +22,7 @@ import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -30,6 +31,12 @@ from huggingface_hub.hf_api import CommitInfo, GitRefInfo, GitRefs
 from huggingface_hub.utils import validate_repo_id
 
 ENDPOINT = "https://huggingface.co"
+KNOWN_LICENSES = frozenset({
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigcode-openrail-m",
+    "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "bsd-3-clause", "gpl-3.0", "agpl-3.0", "lgpl-3.0",
+    "llama2", "llama3", "llama3.1", "gemma", "deepseek", "unlicense", "other",
+})
+"""A subset of the Hub's license ids (the Hub refuses a card whose license is not one of its list)."""
 
 
 def _response(status: int, url: str) -> httpx2.Response:
@@ -97,19 +104,29 @@ class FakeHfApi:
         return oid
 
     @staticmethod
-    def _check_card(content: bytes) -> None:
+    def _check_card(content: bytes, url: str) -> None:
+        """The Hub answers 400 "Invalid metadata in README.md" for front matter it cannot accept."""
         text = content.decode("utf-8")
         if not text.startswith("---\n"):
             return
+        problems = []
         meta = yaml.safe_load(text.split("---\n", 2)[1]) or {}
         if not isinstance(meta, dict):
-            raise ValueError("README.md: front matter is not a mapping")
+            problems.append("front matter is not a mapping")
+            meta = {}
         bases = meta.get("base_model")
         for base in [bases] if isinstance(bases, str) else bases or []:
-            validate_repo_id(base)  # the Hub rejects a base_model that is not a model id
-        for key in ("tags",):
-            if key in meta and not isinstance(meta[key], list):
-                raise ValueError(f"README.md: {key} must be a list")
+            try:
+                validate_repo_id(base)
+            except HFValidationError:
+                problems.append(f'"base_model" {base!r} is not a model id')
+        if "license" in meta and meta["license"] not in KNOWN_LICENSES:
+            problems.append(f'"license" must be one of the Hub\'s license ids, got {meta["license"]!r}')
+        if "tags" in meta and not isinstance(meta["tags"], list):
+            problems.append('"tags" must be an array')
+        if problems:
+            raise HfHubHTTPError("400 Bad Request: Invalid metadata in README.md.\n- " + "\n- ".join(problems),
+                                 response=_response(400, url))
 
     # -- HfApi surface ------------------------------------------------------------
 
@@ -184,7 +201,7 @@ class FakeHfApi:
                     assert isinstance(src, io.BufferedIOBase)
                     data = src.read()
                 if op.path_in_repo == "README.md":
-                    self._check_card(data)
+                    self._check_card(data, f"{ENDPOINT}/api/models/{repo_id}/commit/{branch}")
                 files[op.path_in_repo] = data
             elif isinstance(op, CommitOperationDelete):
                 if op.path_in_repo not in files:

@@ -163,6 +163,10 @@ def test_pull_refuses_tampered_or_missing_and_errors_name_the_call(
         with pytest.raises(CommandError) as exc:
             hub.publish(reg, a.artifact_id, "acme/x", api=FakeHfApi(server, token=None))
         assert exc.value.code == "hub_failed" and exc.value.details["status"] == 401
+        with pytest.raises(CommandError) as exc:  # the Hub refuses front matter it cannot read
+            hub.publish(reg, a.artifact_id, "acme/bad-license", api=api, license="my-own-terms")
+        assert exc.value.details == {"call": "create_commit", "status": 400}
+        assert "Invalid metadata in README.md" in exc.value.message
     with Registry(tmp_path / "r3") as reg3, pytest.raises(CommandError) as exc:
         hub.pull(reg3, "hf://acme/private", api=FakeHfApi(server, token=None))
     assert exc.value.details["status"] == 404

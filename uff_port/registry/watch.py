@@ -311,7 +311,8 @@ class Watcher:
             self.emit("slo_rollback_skipped", **note, reason=reason)
             self._quiet(role, now)
             return None
-        reg = Registry(self.registry) if self.registry is not None else None
+        # an absent registry is not created here: the host alone is rolled back
+        reg = Registry(self.registry) if self.registry and (self.registry / "registry.db").is_file() else None
         try:
             out = rollback_role(reg, self.target, role, actor="watch", note=note, hold=True)
         except RegistryError as exc:  # e.g. the previous version no longer verifies: report, keep watching
