@@ -164,6 +164,11 @@ def test_cli_deploys_stable_and_a_release(world, tmp_path: Path) -> None:  # typ
     assert {r["role"]: r["artifact_id"] for r in out["roles"]} == {"ufm": ufm.artifact_id, "ucm": ucm.artifact_id}
     res = uff("deploy", "--registry", str(reg_dir), "--target", str(target), "--role", "ufm")
     assert res.returncode == 4 and "ufm:stable is not set" in res.stderr  # nothing promoted yet
+    swapped = {"kind": "uff-port.release", "artifacts": {"ucm": ufm.to_dict()}}
+    (tmp_path / "swapped.json").write_text(json.dumps(swapped))
+    with Registry(reg_dir) as reg, pytest.raises(CommandError) as exc:
+        dp.plan_from_release(reg, tmp_path / "swapped.json")
+    assert exc.value.code == "inconsistent_release" and "registered as a ufm artifact" in exc.value.message
 
 
 def test_worker_commands_deploy_and_roll_back(world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

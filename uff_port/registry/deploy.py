@@ -357,6 +357,9 @@ def plan_from_release(reg: Registry, release_path: str | Path) -> dict[str, Arti
         except RegistryError as exc:
             raise RegistryError(NOT_FOUND, f"release.artifacts.{role}: {aid[:12]} is not in the registry; "
                                 "register or pull it first", {"role": role, "artifact_id": aid}) from exc
+        if plan[role].role != role:
+            raise RegistryError(INCONSISTENT_RELEASE, f"release.artifacts.{role}: {aid[:12]} is registered "
+                                f"as a {plan[role].role} artifact", {"field": "role", "role": role})
     return plan
 
 
