@@ -146,7 +146,19 @@ def test_launch_config_hooks_and_holds(world, tmp_path: Path) -> None:  # type: 
             with pytest.raises(CommandError) as exc:
                 dp.deploy(reg, target, {"ufm": ufm[2]}, hooks=bad)
             assert exc.value.code == "reload_failed" and "exited 3" in exc.value.message
-            assert dp.ServingDir(target).link("ufm", "current") == ufm[2].artifact_id
+            serving = dp.ServingDir(target)
+            assert serving.link("ufm", "current") == ufm[2].artifact_id
+
+            # a rollback judged against another adapter than the one serving is refused
+            with pytest.raises(CommandError) as exc:
+                dp.rollback_role(reg, target, "ufm", expect_current=ufm[1].artifact_id)
+            assert exc.value.code == "alias_conflict" and serving.link("ufm", "current") == ufm[2].artifact_id
+            # a version damaged on the host is replaced whole when deployed again
+            weights = serving.version_dir("ufm", ufm[2].artifact_id) / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-7])
+            dp.deploy(reg, target, {"ufm": ufm[2]})
+            assert dp.tree_digest(serving.version_dir("ufm", ufm[2].artifact_id)) == dp.tree_digest(
+                reg.artifact_dir(ufm[2].artifact_id))
     finally:
         server.shutdown()
 

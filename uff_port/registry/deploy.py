@@ -37,6 +37,7 @@ from typing import Any, Final
 from uff_port.fsutil import atomic_write_json, atomic_write_text, fsync_dir
 from uff_port.hashing import sha256_file, verify_tree
 from uff_port.registry.errors import (
+    ALIAS_CONFLICT,
     INCONSISTENT_RELEASE,
     INVALID_ARGS,
     INVALID_MANIFEST,
@@ -140,7 +141,6 @@ class ServingDir:
             report = verify_tree(final, manifest.files_dict(), exclude=(MANIFEST_NAME,))
             if report.ok:
                 return final
-            self._discard(final)  # damaged on the host: replace it whole
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
         try:
@@ -157,8 +157,12 @@ class ServingDir:
                     os.fsync(fh.fileno())
             for d in sorted({(tmp / rel).parent for rel in manifest.files}, reverse=True):
                 fsync_dir(d)
+            damaged = final.parent / f".trash-{uuid.uuid4().hex}"
+            if final.is_dir():  # damaged on the host: swapped for the good copy, two renames apart
+                os.rename(final, damaged)
             os.rename(tmp, final)
             fsync_dir(final.parent)
+            shutil.rmtree(damaged, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -431,6 +435,7 @@ def rollback_role(
     note: dict[str, Any] | None = None,
     hold: bool = False,
     hooks: ReloadHooks | None = None,
+    expect_current: str | None = None,
 ) -> dict[str, Any]:
     """Roll a role back in the serving directory and, when it agrees, in the registry.
 
@@ -438,12 +443,18 @@ def rollback_role(
     adapter being rolled back (one audit row per alias, with `note`); if the
     registry has moved on, only the host is rolled back and `registry` says why.
     `hold` puts the rolled-back artifact on the hold list (no automatic redeploy).
+    `expect_current` makes it a compare-and-swap: a watcher that judged one
+    adapter never rolls back another that a deploy switched in meanwhile.
     """
     serving = ServingDir(target)
     with serving.locked():
         bad = serving.link(role, "current")
         if bad is None:
             raise RegistryError(NOT_FOUND, f"{role}: nothing is deployed in {serving.role_dir(role)}")
+        if expect_current is not None and bad != expect_current:
+            raise RegistryError(ALIAS_CONFLICT, f"{role}: current is {bad[:12]}, not the judged "
+                                f"{expect_current[:12]}; a deploy moved it first",
+                                {"role": role, "expected": expect_current, "actual": bad})
         good = serving.link(role, "previous")
         if good is not None:  # the restored bytes must still be the registered ones
             m = serving.manifest(role, good)

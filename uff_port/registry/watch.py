@@ -314,7 +314,8 @@ class Watcher:
         # an absent registry is not created here: the host alone is rolled back
         reg = Registry(self.registry) if self.registry and (self.registry / "registry.db").is_file() else None
         try:
-            out = rollback_role(reg, self.target, role, actor="watch", note=note, hold=True)
+            out = rollback_role(reg, self.target, role, actor="watch", note=note, hold=True,
+                                expect_current=current)
         except RegistryError as exc:  # e.g. the previous version no longer verifies: report, keep watching
             self.emit("slo_rollback_failed", **note, code=exc.code, message=exc.message)
             self._quiet(role, now)
