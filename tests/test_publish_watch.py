@@ -183,7 +183,7 @@ def test_recovery_within_the_window_does_nothing(
     clock = Clock()
     watcher = Watcher(load_slo(_slo(tmp_path, metrics.url)), target, reg_dir,
                       lambda e, **f: events.append(e), clock=clock)
-    metrics.buckets = SLOW
+    metrics.buckets, metrics.requests, metrics.errors = SLOW, 5000, 10
     watcher.poll()
     clock.t += 45
     metrics.buckets = FAST
@@ -191,6 +191,14 @@ def test_recovery_within_the_window_does_nothing(
     clock.t += 60
     watcher.poll()
     assert events == ["slo_breached", "slo_recovered"]
+    metrics.requests, metrics.errors = 10, 9  # counters reset (the server restarted): no judgement
+    clock.t += 15
+    watcher.poll()
+    metrics.server.shutdown()
+    metrics.server.server_close()
+    clock.t += 15
+    watcher.poll()
+    assert events == ["slo_breached", "slo_recovered", "metrics_unreadable"]
     assert dp.ServingDir(target).link("ufm", "current") == ids[1] and dp.ServingDir(target).holds() == {}
     with Registry(reg_dir) as reg:
         assert reg.aliases("ufm")["stable"] == ids[1]

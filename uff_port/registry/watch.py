@@ -15,6 +15,7 @@ failed first.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
@@ -234,6 +235,8 @@ class Watcher:
                 if den is None or prev_den is None:
                     return None
                 den -= prev_den
+            if num < 0 or (den is not None and den < 0):
+                return None  # a counter went down: the server restarted; judge from the next poll
         if slo.divide_by:
             return None if num is None or not den else num / den
         return num
@@ -254,6 +257,8 @@ class Watcher:
                 return None
             before = buckets(self.previous)
             now = {b: c - before.get(b, 0.0) for b, c in now.items()}
+            if any(c < 0 for c in now.values()):
+                return None  # counters reset (server restart)
         assert slo.quantile is not None
         return histogram_quantile(slo.quantile, now)
 
@@ -262,7 +267,7 @@ class Watcher:
         now = self.clock()
         try:
             samples, data = read_source(self.cfg.source)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             self.emit("metrics_unreadable", source=self.cfg.source.url or self.cfg.source.file, error=str(exc))
             return []
         due: dict[str, tuple[Slo, float, _State]] = {}
