@@ -157,6 +157,18 @@ def test_pull_refuses_tampered_or_missing_and_errors_name_the_call(
         with pytest.raises(CommandError) as exc:
             hub.pull(reg2, "acme/ufm", api=api)
         assert exc.value.code == "invalid_args"
+    # another publisher commits between our listing and our commit: the Hub refuses ours (412)
+    class Racing(FakeHfApi):
+        def list_repo_files(self, repo_id: str, **kw: object) -> list[str]:
+            files = super().list_repo_files(repo_id, **kw)  # type: ignore[arg-type]
+            FakeHfApi(server, token=TOKEN).create_commit(
+                repo_id, [huggingface_hub.CommitOperationAdd("notes.txt", b"theirs")], commit_message="theirs")
+            return files
+
+    with Registry(reg_dir) as reg, pytest.raises(CommandError) as exc:
+        hub.publish(reg, arts[1].artifact_id, "acme/ufm", api=Racing(server, token=TOKEN))
+    assert exc.value.details == {"call": "create_commit", "status": 412}
+    assert f"artifact-{arts[1].artifact_id}" not in repo.tags
     # private repos are invisible without a token; writes need one
     with Registry(reg_dir) as reg:
         hub.publish(reg, a.artifact_id, "acme/private", api=api, private=True)

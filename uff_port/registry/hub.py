@@ -185,9 +185,11 @@ def publish(
         return {**out, "commit": head, "created": False}
     ops += [hub.CommitOperationDelete(path_in_repo=p) for p in sorted(set(present) - wanted)]
     message = f"{m.role} {m.name} {m.version}: artifact {m.artifact_id}"
+    # parent_commit: if someone else committed to the branch since we listed it, the Hub refuses
+    # (412) rather than mixing our files with theirs
     info = _call("create_commit", api.create_commit, repo, ops, commit_message=message,
                  commit_description=f"uff-port artifact {m.artifact_id} ({len(m.files)} files)",
-                 revision=branch, repo_type="model")
+                 revision=branch, repo_type="model", parent_commit=head)
     _call("create_tag", api.create_tag, repo, tag=tag, tag_message=message, revision=info.oid,
           repo_type="model")
     return {**out, "commit": info.oid, "created": True, "commit_url": info.commit_url}
