@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -226,3 +227,31 @@ def test_deploy_through_the_real_worker(world, runs_root: Path, worker) -> None:
     assert (runs_root / "serve" / "ucm" / "current").is_symlink()
     reply = worker.call("deploy_rollback", {"target": "serve", "role": "ucm"}, timeout=60)
     assert not reply["ok"] and reply["error"]["code"] == "not_found"
+
+
+def test_six_roles_from_a_federated_release(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """docs/registry.md's worked example: one release of the six manager roles on one vLLM server."""
+    from uff_port.registry.federate import federate, write_release
+
+    reg_dir, arts = world
+    roles = ("ufm", "ucm", "urm", "ulm", "uim", "uam")
+    with Registry(reg_dir) as reg:
+        extra = {r: role_artifacts(reg, tmp_path, r, 1)[0] for r in roles[2:]}
+        chosen = {"ufm": arts["ufm"][0], "ucm": arts["ucm"][0], **extra}
+        inputs = []
+        for role, m in chosen.items():
+            (tmp_path / f"{role}.json").write_text(m.to_json())
+            inputs.append((role, str(tmp_path / f"{role}.json")))
+    write_release(federate(inputs, None), tmp_path / "release.json")
+    target = tmp_path / "srv"
+    res = uff("deploy", "--registry", str(reg_dir), "--target", str(target), "--release", str(tmp_path / "release.json"))
+    assert res.returncode == 0, res.stderr
+    launch = json.loads((target / "vllm.json").read_text())
+    cmd = launch["command"]
+    assert cmd[cmd.index("--max-loras") + 1] == "6"
+    i = cmd.index("--lora-modules")
+    assert cmd[i + 1:i + 7] == [f"{r}={target}/{r}/current" for r in sorted(roles)]
+    assert {r: v["artifact_id"] for r, v in launch["roles"].items()} == {r: m.artifact_id for r, m in chosen.items()}
+    assert subprocess.run(["sh", "-n", str(target / "vllm.sh")]).returncode == 0
+    status = json.loads(uff("deploy", "--target", str(target), "--status").stdout)
+    assert sorted(status["roles"]) == sorted(roles) and status["holds"] == {}
