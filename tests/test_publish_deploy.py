@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,25 @@ def test_reader_never_sees_a_partial_adapter_and_rollback_restores_the_bytes(wor
                 except AssertionError as exc:
                     errors.append(str(exc))
 
+        def reads() -> int:
+            return sum(seen.values())
+
+        def let_it_read() -> None:  # the reader gets a couple of reads in between, however loaded the host
+            start = reads()
+            for _ in range(2000):
+                if reads() >= start + 2:
+                    return
+                time.sleep(0.005)
+
         thread = threading.Thread(target=reader)
         thread.start()
         try:
             for i in range(12):
                 dp.deploy(reg, target, {"ufm": ufm[(i + 1) % 4]})
+                let_it_read()
                 if i % 3 == 2:
                     dp.rollback_role(reg, target, "ufm")
+                    let_it_read()
         finally:
             stop.set()
             thread.join(30)
