@@ -39,6 +39,11 @@ class ErrorCode:
     ALIAS_CONFLICT: Final = "alias_conflict"
     INCONSISTENT_RELEASE: Final = "inconsistent_release"
     INVALID_GATES: Final = "invalid_gates"
+    # Deploy, watch, publish (docs/registry.md).
+    RELEASE_HELD: Final = "release_held"
+    HUB_FAILED: Final = "hub_failed"
+    RELOAD_FAILED: Final = "reload_failed"
+    INVALID_SLO: Final = "invalid_slo"
     INTERNAL: Final = "internal"
 
 

@@ -34,7 +34,8 @@ defmodule UffPort.Error do
                  invalid_args invalid_config not_available busy no_job not_found
                  checkpoint_failed corrupt_checkpoint trainer_failed timeout shutting_down
                  wont_fit disk_full non_finite invalid_manifest verify_failed gate_failed
-                 alias_conflict inconsistent_release invalid_gates internal)
+                 alias_conflict inconsistent_release invalid_gates internal
+                 release_held hub_failed reload_failed invalid_slo)
 
   @doc false
   @spec new(atom, String.t(), term) :: t
