@@ -1,0 +1,186 @@
+"""Hostile and careless input through the real worker and the real CLI.
+
+Every attack gets a coded answer naming the field, leaks nothing of the files
+it points at, leaves the worker answering `ping`, and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+import pytest
+
+from uff_port.client import WorkerClient, WorkerError
+from uff_port.training.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+MEMORY_CAP = 1 << 30  # the idle worker maps ~0.4 GiB; the unbounded bomb needs many GiB
+
+SECRETS = [
+    "root:$6$SECRETHASHroot0123456789abcdef:19000:0:99999:7:::",
+    "svc:$6$SECRETHASHsvc0123456789abcdef:19000:0:99999:7:::",
+    "api_key: SECRETTOKEN-0123456789",
+    "- SECRETLISTITEM",
+]
+
+
+def _cap_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The classic: each level lists the previous one ten times, nine levels deep (10^9 strings)."""
+    lines = ["name: bomb", "cloud:", "  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels + 1):
+        lines.append(f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _train_error(worker: WorkerClient, args: dict[str, Any], timeout: float = 10.0) -> WorkerError:
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as exc:
+        worker.request("train", args, timeout=timeout)
+    assert time.monotonic() - start < timeout
+    return exc.value
+
+
+def _tree(pid: int) -> list[int]:
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def _gone(pids: list[int], timeout: float = 30) -> bool:
+    """Nothing the worker started outlives it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_alias_bomb_is_refused_under_a_memory_cap(tmp_path: Path, runs_root: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    with WorkerClient(runs_root=runs_root, heartbeat_interval=0.5, preexec_fn=_cap_memory) as w:
+        err = _train_error(w, {"config_path": str(bomb)})
+        assert err.code == "invalid_config"
+        assert "alias" in err.message and str(bomb) in err.message
+        assert w.request("ping")["pong"] is True
+        assert w.request("status")["state"] == "idle"
+        assert _tree(w.pid) == []
+        w.close_stdin()
+        assert w.wait(30) == 0
+    assert list(runs_root.iterdir()) == []
+
+
+def test_alias_bomb_on_the_command_line_is_refused_at_once(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    start = time.monotonic()
+    proc = subprocess.run(
+        [PY, "-m", "uff_port", "train", str(bomb), "--run-dir", str(tmp_path / "run"), "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, preexec_fn=_cap_memory,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "alias" in proc.stderr and time.monotonic() - start < 60
+
+
+def test_config_path_contents_are_never_echoed(tmp_path: Path, worker: WorkerClient) -> None:
+    shadow = tmp_path / "shadow"
+    shadow.write_text("\n".join(SECRETS[:2]) + "\n")
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text(SECRETS[2] + "\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [\n" + SECRETS[2] + "\n  x: 'SECRETQUOTED\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text(SECRETS[3] + "\n")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"name: SECRETLATIN\xe9\n")
+    cases = {shadow: "unknown key", keyed: "unknown key", broken: "not valid YAML at line",
+             listed: "must hold a map, got list", binary: "binary file", latin: "not UTF-8",
+             tmp_path: "is a directory"}  # fmt: skip
+    for path, expect in cases.items():
+        reply = w_call(worker, {"config_path": str(path)})
+        assert reply["error"]["code"] == "invalid_config", reply
+        assert expect in reply["error"]["message"], reply
+        text = json.dumps(reply)
+        assert "SECRET" not in text, text
+    assert worker.request("ping")["pong"] is True
+
+
+def w_call(worker: WorkerClient, args: dict[str, Any]) -> dict[str, Any]:
+    reply = worker.call("train", args, timeout=10)
+    assert reply["ok"] is False
+    return reply
+
+
+def test_deep_odd_and_non_finite_configs_are_invalid_config(tmp_path: Path, worker: WorkerClient) -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(900):
+        node["a"] = {}
+        node = node["a"]
+    inf_file = tmp_path / "inf.yaml"
+    inf_file.write_text("training:\n  learning_rate: .inf\n")
+    nan_file = tmp_path / "nan.yaml"
+    nan_file.write_text("checkpoint:\n  every_seconds: .nan\n")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"config": {"cloud": deep}}, "nested deeper than 32 levels"),
+        ({"config": {}, "overrides": {"cloud." + "a." * 40 + "b": 1}}, "nested deeper than 32 levels"),
+        ({"config": {"cloud": {"x": [1] * 100_001}}}, "more than 100000 values"),
+        ({"config": {"training": {"max_steps": True}}}, "training.max_steps: expected an integer, got boolean"),
+        ({"config": {"training": {"learning_rate": "1e-3"}}}, "training.learning_rate: expected a number, got string"),
+        ({"config": {"training": {"learning_rate": None}}}, "training.learning_rate: expected a number, got null"),
+        ({"config": {"cloud": {"blob": b"\x00\x01"}}}, "cloud.blob: expected a map, list"),
+        ({"config_path": str(inf_file)}, "training.learning_rate: must be a finite number"),
+        ({"config_path": str(nan_file)}, "checkpoint.every_seconds: must be a finite number"),
+    ]
+    for args, expect in cases:
+        err = _train_error(worker, args)
+        assert err.code == "invalid_config", (args, err)
+        assert expect in err.message, (expect, err.message)
+    # Our client sends NaN/Inf as nil, like the worker; another client may not.
+    raw = [
+        ({"config": {"training": {"learning_rate": float("inf")}}}, "training.learning_rate: must be a finite number"),
+        ({"config": {}, "overrides": {"lora.alpha": float("nan")}}, "lora.alpha: must be a finite number"),
+        ({"config": {"cloud": {"budgets": {"x": float("-inf")}}}}, "cloud.budgets.x: must be a finite number"),
+    ]
+    for rid, (args, expect) in enumerate(raw, start=1000):
+        payload = msgpack.packb({"id": rid, "cmd": "train", "args": args}, use_bin_type=True)
+        worker.send_raw(struct.pack(">I", len(payload)) + payload)
+        reply = _unmatched_reply(worker, rid)
+        assert reply["error"]["code"] == "invalid_config" and expect in reply["error"]["message"], reply
+    assert worker.request("status")["state"] == "idle"
+
+
+def _unmatched_reply(worker: WorkerClient, rid: int, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for frame in list(worker.unmatched):
+            if frame.get("id") == rid:
+                return frame
+        time.sleep(0.01)
+    raise TimeoutError(f"no reply to request {rid}")
+
+
+def test_yaml_exponent_floats_are_numbers_and_presets_validate(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("training:\n  learning_rate: 1e-3\n  max_grad_norm: 5E+0\n")
+    cfg = load_config(path)
+    assert cfg.training.learning_rate == 1e-3 and cfg.training.max_grad_norm == 5.0
+    for preset in sorted((ROOT / "configs").glob("*.yaml")):
+        if preset.name != "gates.yaml":
+            load_config(preset)
