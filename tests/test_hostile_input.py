@@ -7,6 +7,7 @@ it points at, leaves the worker answering `ping`, and leaves no process behind.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import struct
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
+import yaml
 
 from uff_port.client import WorkerClient, WorkerError
 from uff_port.training.config import load_config
@@ -184,3 +186,62 @@ def test_yaml_exponent_floats_are_numbers_and_presets_validate(tmp_path: Path) -
     for preset in sorted((ROOT / "configs").glob("*.yaml")):
         if preset.name != "gates.yaml":
             load_config(preset)
+
+
+@pytest.fixture(scope="module")
+def train_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = dict(os.environ)
+    env["UFF_PORT_CACHE"] = str(tmp_path_factory.getbasetemp() / "uff-cache")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+TINY: dict[str, Any] = {
+    "name": "hostile",
+    "model": {"name_or_path": "builtin:tiny-llama", "local_files_only": True},
+    "data": {"seq_len": 64, "eval_fraction": 0.0},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "training": {"max_steps": 2, "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 0,
+                 "device": "cpu", "precision": "fp32", "cpu_threads": 1},
+    "checkpoint": {"every_steps": None},
+    "eval": {"every_steps": None},
+    "output": {"plot": False},
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_giant_lines_are_skipped_unread_and_the_run_finishes(tmp_path: Path, train_env: dict[str, str]) -> None:
+    from uff_port.training.builtin import sample_corpus_path
+
+    corpus = tmp_path / "corpus.jsonl"
+    normal = sample_corpus_path().read_text().splitlines()[:60]
+    with open(corpus, "w") as fh:
+        fh.write(normal[0] + "\n")
+        fh.write(json.dumps({"text": "x" * (2 << 20)}) + "\n")  # line 2: valid JSON over the limit
+        fh.write(normal[1] + "\n")
+        fh.flush()
+        fh.truncate(fh.tell() + (512 << 20))  # line 4: a 512 MiB line of NULs, sparse on disk
+        fh.seek(0, os.SEEK_END)
+        fh.write("\n" + "\n".join(normal[2:]) + "\n")
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"].update(path=str(corpus), max_line_bytes=1 << 20)
+    config = tmp_path / "giant.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    # A parent of its own, so RUSAGE_CHILDREN's peak RSS is the CLI's and its trainer's only.
+    wrapper = (
+        "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [PY, "-c", wrapper, PY, "-m", "uff_port", "train", str(config), "--run-dir", str(run_dir), "--quiet"],
+        cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_mib = int(proc.stdout.split()[-1]) // 1024
+    assert peak_mib < 1024, f"trainer peak RSS {peak_mib} MiB: the giant line was loaded"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    bad = [e for e in events if e.get("code") == "bad_line"]
+    assert [(e["file"], e["line"]) for e in bad] == [("corpus.jsonl", 2), ("corpus.jsonl", 4)]
+    assert all("data.max_line_bytes" in e["message"] for e in bad)
+    assert any(e["event"] == "finished" for e in events)

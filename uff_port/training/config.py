@@ -76,6 +76,8 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     max_bad_lines: int = Field(100, ge=0)
     shuffle_buffer: int = Field(0, ge=0)
+    max_line_bytes: int = Field(4 << 20, gt=0)
+    """A longer JSONL line is a bad line: skipped unread and untokenised, never held in memory."""
 
 
 class LoraConfig(_Section):
@@ -169,6 +171,9 @@ class Config(_Section):
 _RESUME_NEUTRAL: Final = {
     "name": None,
     "strategy": None,
+    # The limit only decides which oversized lines are skipped from here on; binding
+    # checkpoints to it would strand every run started before the key existed.
+    "data": {"max_line_bytes"},
     "training": {"max_steps", "max_runtime", "progress_every_seconds", "device", "cpu_threads"},
     "checkpoint": None,
     "distributed": None,
