@@ -188,6 +188,24 @@ def test_yaml_exponent_floats_are_numbers_and_presets_validate(tmp_path: Path) -
             load_config(preset)
 
 
+def test_run_dir_and_job_id_are_checked(worker: WorkerClient, runs_root: Path) -> None:
+    cases = [
+        ({"run_dir": "x" * 5000}, "args.run_dir"),
+        ({"run_dir": "a/" + "y" * 300}, "args.run_dir"),
+        ({"run_dir": "line\nbreak"}, "args.run_dir"),
+        ({"run_dir": "tab\there"}, "args.run_dir"),
+        ({"run_dir": "esc\x1b[2J"}, "args.run_dir"),
+        ({"run_dir": "ok", "job_id": "job\n"}, "args.job_id"),
+        ({"run_dir": "ok", "job_id": "a\x00b"}, "args.job_id"),
+    ]
+    for extra, field in cases:
+        err = _train_error(worker, {"config_path": "tiny", **extra})
+        assert err.code == "invalid_args", (extra, err)
+        assert err.details["fields"][0]["field"] == field
+    assert list(runs_root.iterdir()) == []
+    assert worker.request("status")["state"] == "idle"
+
+
 @pytest.fixture(scope="module")
 def train_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = dict(os.environ)
@@ -207,6 +225,30 @@ TINY: dict[str, Any] = {
     "eval": {"every_steps": None},
     "output": {"plot": False},
 }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_data_path_directory_fails_clearly_and_shutdown_right_after_exits_zero(
+    tmp_path: Path, runs_root: Path, train_env: dict[str, str]
+) -> None:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["path"] = str(tmp_path)
+    with WorkerClient(runs_root=runs_root, heartbeat_interval=0.5, env=train_env) as w:
+        shutdown: dict[str, Any] = {}
+
+        def on_failed(event: dict[str, Any]) -> None:
+            if event.get("event") == "failed" and not shutdown:  # at once, from the reader thread
+                shutdown["id"] = 99
+                w.send_frame({"id": 99, "cmd": "shutdown"})
+
+        w.on_event(on_failed)
+        w.request("train", {"config": cfg, "run_dir": "dir-data"})
+        started = _tree(w.pid)
+        failed = w.wait_event("failed", timeout=180)
+        assert failed["code"] == "data_not_found"
+        assert "is a directory" in failed["message"] and "no such file" not in failed["message"]
+        assert w.wait(60) == 0
+    assert _gone(started)
 
 
 @pytest.mark.slow
