@@ -287,3 +287,15 @@ def test_giant_lines_are_skipped_unread_and_the_run_finishes(tmp_path: Path, tra
     assert [(e["file"], e["line"]) for e in bad] == [("corpus.jsonl", 2), ("corpus.jsonl", 4)]
     assert all("data.max_line_bytes" in e["message"] for e in bad)
     assert any(e["event"] == "finished" for e in events)
+
+
+def test_client_wait_finished_returns_at_once_after_a_refused_train(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [PY, "-m", "uff_port", "client", "train config_path=no-such-preset", "--wait-finished", "--quiet",
+         "--runs-root", str(tmp_path / "runs"), "--heartbeat-interval", "0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "invalid_config" in proc.stdout and "nothing to wait for" in proc.stderr
+    assert time.monotonic() - start < 30
