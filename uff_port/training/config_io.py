@@ -40,6 +40,8 @@ MAX_ALIASES: Final = 1_000
 """Times a YAML map or list is reached again through an alias (nested ones too)."""
 
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+# Quoted input in a parser's message (an alias name, a tag); one quoted character
+# (`expected ',' or ']'`) is the parser's own wording and tells the user what to fix.
 _QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
 _Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -162,7 +164,7 @@ def check_tree(obj: Any, prefix: tuple[Any, ...] = ()) -> None:
 def _redact(problem: str) -> str:
     """A parser's message without anything it quoted from the input."""
     first = problem.strip().splitlines()[0] if problem.strip() else "syntax error"
-    return _QUOTED.sub("'...'", first)[:120]
+    return _QUOTED.sub(lambda m: m.group(0) if len(m.group(0)) <= 3 else "'...'", first)[:120]
 
 
 def _where(exc: Exception) -> str:
