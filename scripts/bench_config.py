@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from uff_port.training.config import CONFIGS_DIR, Config, load_config_file, validate_config  # noqa: E402
+from uff_port.core.config import CONFIGS_DIR, Config, load_config_file, validate_config  # noqa: E402
 
 
 def old_load(path: Path) -> Any:

@@ -97,8 +97,8 @@ def nvml_used_mib() -> float | None:
 def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str, Any]:
     import torch
 
+    from uff_port.core.config import load_config
     from uff_port.training.channel import Inbox
-    from uff_port.training.config import load_config
     from uff_port.training.events import Reporter
     from uff_port.training.trainer import Trainer
 

@@ -60,7 +60,7 @@ def _stream(path: Path, tokenizer: Any, cfg: Any) -> Any:
 
 
 def bench_data(lines: int, full_cap: int) -> dict[str, Any]:
-    from uff_port.training.config import validate_config
+    from uff_port.core.config import validate_config
     from uff_port.training.model import load_tokenizer
 
     cfg = validate_config({"data": {"eval_fraction": 0.0, "seq_len": 256}})
@@ -180,7 +180,7 @@ def _bench_large_adapter() -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from uff_port.training.checkpoint_store import CheckpointStore
+    from uff_port.core.checkpoint_store import CheckpointStore
     from uff_port.training.state import AsyncCheckpointer, snapshot, write_snapshot
 
     torch.manual_seed(0)

@@ -51,8 +51,8 @@ def _peak_rss_mb() -> float:
 
 
 def run_ours(cfg_raw: dict[str, Any]) -> dict[str, Any]:
+    from uff_port.core.config import validate_config
     from uff_port.training.channel import Inbox
-    from uff_port.training.config import validate_config
     from uff_port.training.events import Reporter
     from uff_port.training.trainer import Trainer
 
@@ -91,7 +91,7 @@ def run_hf(cfg_raw: dict[str, Any]) -> dict[str, Any]:
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments
 
-    from uff_port.training.config import validate_config
+    from uff_port.core.config import validate_config
     from uff_port.training.data import collate
     from uff_port.training.model import load_model, load_tokenizer, pick_precision
 

@@ -22,7 +22,7 @@ CONFIG=configs/tiny.yaml
 # Midway, and halfway between two checkpoints, so the resume point is visible.
 CRASH_AT=$("$UFF_PORT_PYTHON" -c '
 import sys
-from uff_port.training.config import load_config
+from uff_port.core.config import load_config
 c = load_config(sys.argv[1])
 every = c.checkpoint.every_steps or 0
 print(max(1, c.training.max_steps // 2 + every // 2))' "$CONFIG")

@@ -41,7 +41,7 @@ from uff_port.cloud.fakes import FakeKaggleApi, FakeS3, FakeSageMakerClient
 from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.runner import CloudRun
 from uff_port.cloud.settings import validate_cloud
-from uff_port.training.config import validate_config
+from uff_port.core.config import validate_config
 
 HOUR = 3600.0
 WEEK_START = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc).timestamp()  # a Monday

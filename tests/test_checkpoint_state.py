@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uff_port.core.checkpoint_store import CheckpointStore
 from uff_port.hashing import sha256_file
-from uff_port.training.checkpoint_store import CheckpointStore
 from uff_port.training.state import (
     AsyncCheckpointer,
     apply_snapshot,
@@ -249,7 +249,7 @@ import torch
 import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(sys.argv[3]))
 from test_checkpoint_state import build, train_steps
-from uff_port.training.checkpoint_store import CheckpointStore
+from uff_port.core.checkpoint_store import CheckpointStore
 from uff_port.training.state import AsyncCheckpointer, snapshot
 rank, run = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from uff_port.training.checkpoint_store import (
+from uff_port.core.checkpoint_store import (
     CHECKPOINT_FORMAT,
     KILL_AT_ENV,
     LATEST,
@@ -22,7 +22,7 @@ from uff_port.training.checkpoint_store import (
     parse_step,
     step_name,
 )
-from uff_port.training.config import resume_hash, resume_view, validate_config
+from uff_port.core.config import resume_hash, resume_view, validate_config
 
 CRASH_POINTS = ("begun", "writing", "files_synced", "manifest_written", "old_moved_aside", "renamed", "latest_written", "pruned")
 
@@ -284,7 +284,7 @@ def test_any_crash_point_resumes_from_last_committed(tmp_path_factory: Any, keep
 
 _KILL_CHILD = r"""
 import sys
-from uff_port.training.checkpoint_store import CheckpointStore
+from uff_port.core.checkpoint_store import CheckpointStore
 run, step = sys.argv[1], int(sys.argv[2])
 store = CheckpointStore(run, keep_last=2)
 store.find_resume_point()
@@ -360,7 +360,7 @@ def test_garbage_latest_and_manifest_never_crash(tmp_path_factory: Any, latest: 
 
 _HOLD_LOCK = r"""
 import sys, time
-from uff_port.training.checkpoint_store import CheckpointStore
+from uff_port.core.checkpoint_store import CheckpointStore
 assert CheckpointStore(sys.argv[1]).acquire_writer()
 print("held", flush=True)
 time.sleep(60)
@@ -390,7 +390,7 @@ def test_store_never_imports_torch() -> None:
     """The worker answers `train`/`resume` with it in milliseconds: no torch, ever."""
     code = (
         "import sys, tempfile\n"
-        "from uff_port.training.checkpoint_store import CheckpointStore\n"
+        "from uff_port.core.checkpoint_store import CheckpointStore\n"
         "s = CheckpointStore(tempfile.mkdtemp())\n"
         "d = s.begin(1); (d / 'w').write_bytes(b'w'); s.commit(d, 1, {'resume_hash': 'x', 'resume_view': {}})\n"
         "try:\n"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from uff_port.training.checkpoint_store import CheckpointStore
+from uff_port.core.checkpoint_store import CheckpointStore
 
 _spec = importlib.util.spec_from_file_location(
     "torture_resume", Path(__file__).resolve().parents[1] / "scripts" / "torture_resume.py"

@@ -24,7 +24,7 @@ from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.runner import CloudRun
 from uff_port.cloud.settings import validate_cloud
 from uff_port.cloud.verify import check_pull
-from uff_port.training.config import validate_config
+from uff_port.core.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SM = {"bucket": "uff-test", "role_arn": "arn:aws:iam::000000000000:role/uff", "image_uri": "img:1", "region": "us-east-1"}

@@ -20,7 +20,7 @@ from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.routing import choose_backend, plan_week
 from uff_port.cloud.settings import BudgetSettings, validate_cloud
 from uff_port.cloud.verify import MANIFEST_NAME, check_pull, write_output_manifest
-from uff_port.training.config import ConfigError
+from uff_port.core.config import ConfigError
 
 # Monday 2026-11-23 10:00 UTC
 MONDAY = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.timezone.utc).timestamp()

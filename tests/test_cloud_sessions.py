@@ -25,8 +25,8 @@ from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.runner import CloudRun
 from uff_port.cloud.settings import validate_cloud
 from uff_port.cloud.verify import check_pull
+from uff_port.core.config import validate_config
 from uff_port.hashing import sha256_file
-from uff_port.training.config import validate_config
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from uff_port.core.checkpoint_store import CheckpointStore
 from uff_port.fsutil import recover_dir, replace_dir
-from uff_port.training.checkpoint_store import CheckpointStore
 
 
 def _tree(path: Path, text: str) -> Path:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from uff_port.client import WorkerClient, WorkerError
-from uff_port.training.config import load_config
+from uff_port.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -14,10 +14,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uff_port.core.config import validate_config
 from uff_port.planner.commands import plan as plan_command
 from uff_port.planner.guard import check_config
 from uff_port.protocol.errors import CommandError
-from uff_port.training.config import validate_config
 
 GIB = 2**30
 GPU16 = {"index": 0, "name": "RTX 5060 Ti", "memory_total": 16 * GIB}

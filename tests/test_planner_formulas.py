@@ -123,7 +123,7 @@ def test_candidate_space() -> None:
 
 
 def test_overrides_name_real_config_keys() -> None:
-    from uff_port.training.config import validate_config
+    from uff_port.core.config import validate_config
 
     for c in candidates(2, ("full", "lora", "qlora"), 2):
         validate_config({}, overrides_for(c, 16))

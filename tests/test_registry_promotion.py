@@ -18,6 +18,7 @@ from test_registry_fixtures import (
     variant_run,
 )
 
+from uff_port.core.config import config_hash, load_config
 from uff_port.protocol import CommandError
 from uff_port.registry import commands
 from uff_port.registry.gates import load_evidence, load_gates
@@ -27,7 +28,6 @@ from uff_port.registry.runmanifest import write_run_manifest
 from uff_port.registry.service import register_path
 from uff_port.registry.store import Registry
 from uff_port.server.task import TaskContext
-from uff_port.training.config import config_hash, load_config
 
 pytestmark = pytest.mark.slow
 

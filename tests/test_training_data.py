@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from uff_port.core.config import MANAGER_DOMAINS, DataConfig
 from uff_port.training.builtin import ensure_tiny_llama, sample_corpus_path
-from uff_port.training.config import MANAGER_DOMAINS, DataConfig
 from uff_port.training.data import IGNORE, DataError, PackedStream, collate, in_eval_split
 
 

@@ -337,7 +337,7 @@ def test_global_batch_must_split_evenly_across_processes(tmp_path: Path, env: di
 
 
 def test_every_preset_is_a_valid_config() -> None:
-    from uff_port.training.config import load_config
+    from uff_port.core.config import load_config
 
     names = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name.startswith(("tiny", "deepseek", "adapter")))
     assert len(names) == 10
@@ -380,8 +380,8 @@ def test_adapter_save_load_round_trip_gives_identical_logits(tmp_path: Path, env
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from uff_port.core.config import validate_config
     from uff_port.training.builtin import ensure_tiny_llama
-    from uff_port.training.config import validate_config
     from uff_port.training.model import load_model, pick_precision
 
     tiny = ensure_tiny_llama(Path(env["UFF_PORT_CACHE"]))

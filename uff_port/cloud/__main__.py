@@ -25,10 +25,12 @@ from typing import Any
 from uff_port.cloud.credentials import known_secrets, redact
 from uff_port.cloud.factory import local_gpu_present, make_backend
 from uff_port.cloud.ledger import QuotaLedger
-from uff_port.cloud.runner import EXIT_REFUSED, CloudRun, Control
+from uff_port.cloud.runner import CloudRun, Control
 from uff_port.cloud.settings import validate_cloud
+from uff_port.core import layout
+from uff_port.core.config import ConfigError, load_config
+from uff_port.core.exits import ExitCode
 from uff_port.protocol import ErrorCode, FrameError, FrameReader, FrameWriter, decode_payload
-from uff_port.training.config import ConfigError, load_config
 
 
 def _scrub(obj: Any, secrets: list[str]) -> Any:
@@ -109,11 +111,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     channel = Channel(args.control_fd)
     try:
-        cfg = load_config(args.config or run_dir / "config.yaml")
+        cfg = load_config(args.config or run_dir / layout.CONFIG)
         settings = validate_cloud(cfg.cloud)
     except ConfigError as exc:
         channel.emit("failed", code=ErrorCode.INVALID_CONFIG, message=str(exc), resumable=False)
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
     run_id = args.job_id or run_dir.name
     ledger = QuotaLedger(settings.ledger_path or run_dir.parent / ".cloud-ledger.jsonl", settings.budgets)
     control = Control()
@@ -122,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg,
         settings,
         run_id=run_id,
-        backend_factory=lambda name: make_backend(name, settings, run_id, run_dir / "cloud" / "work"),
+        backend_factory=lambda name: make_backend(name, settings, run_id, run_dir / layout.CLOUD / "work"),
         ledger=ledger,
         emit=channel.emit,
         gpu_present=local_gpu_present(settings),
@@ -156,7 +158,7 @@ def _exec_local(args: argparse.Namespace) -> int:
     if args.job_id:
         argv += ["--job-id", args.job_id]
     os.execv(sys.executable, argv)
-    return 1  # not reached
+    return ExitCode.CRASH  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:

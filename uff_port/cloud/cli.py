@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from uff_port.cloud.commands import default_jobs
+from uff_port.core import layout
 
 
 def register(sub: Any) -> None:
@@ -31,7 +32,7 @@ def register(sub: Any) -> None:
 def _cloud_map(config: str | None) -> dict[str, Any]:
     if not config:
         return {}
-    from uff_port.training.config import load_config_file
+    from uff_port.core.config import load_config_file
 
     return dict(load_config_file(config).get("cloud") or {})
 
@@ -64,7 +65,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     from uff_port.cloud.backends.base import ProviderError, ProviderUnavailable
     from uff_port.cloud.factory import make_backend
     from uff_port.cloud.journal import Journal
-    from uff_port.training.config import ConfigError, load_config
+    from uff_port.core.config import ConfigError, load_config
 
     run_dir = Path(args.run_dir)
     journal = Journal.load(run_dir)
@@ -74,7 +75,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     if args.action == "status":
         out: dict[str, Any] = journal.summary()
     try:
-        cfg = load_config(args.config or run_dir / "config.yaml")
+        cfg = load_config(args.config or run_dir / layout.CONFIG)
         from uff_port.cloud.settings import validate_cloud
 
         settings = validate_cloud(cfg.cloud)
@@ -83,7 +84,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         return 2
     cur = journal.current
     try:
-        backend = make_backend(cur.backend, settings, journal.data.run_id, run_dir / "cloud" / "work")
+        backend = make_backend(cur.backend, settings, journal.data.run_id, run_dir / layout.CLOUD / "work")
         if args.action == "status":
             if cur.remote_ref:
                 st = backend.status(cur.remote_ref)
@@ -127,7 +128,7 @@ def _pull(run_dir: Path, cfg: Any, settings: Any) -> int:
         cfg,
         settings,
         run_id=run_dir.name,
-        backend_factory=lambda n: make_backend(n, settings, run_dir.name, run_dir / "cloud" / "work"),
+        backend_factory=lambda n: make_backend(n, settings, run_dir.name, run_dir / layout.CLOUD / "work"),
         ledger=QuotaLedger(settings.ledger_path or run_dir.parent / ".cloud-ledger.jsonl", settings.budgets),
         emit=emit,
     )

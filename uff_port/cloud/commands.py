@@ -16,9 +16,9 @@ from uff_port.cloud.journal import Journal
 from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.routing import plan_week as _plan_week
 from uff_port.cloud.settings import CloudSettings, validate_cloud
+from uff_port.core.config import MANAGER_DOMAINS, ConfigError
 from uff_port.fsutil import confine
 from uff_port.protocol import CommandError, ErrorCode
-from uff_port.training.config import MANAGER_DOMAINS, ConfigError
 
 DEFAULT_MAIN_HOURS: Final = 12.0
 DEFAULT_ADAPTER_HOURS: Final = 4.0

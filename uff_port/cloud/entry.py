@@ -35,14 +35,14 @@ import yaml
 
 from uff_port.cloud.environment import BUNDLE_MARKER, Platform, PlatformError, detect
 from uff_port.cloud.verify import write_output_manifest
+from uff_port.core import layout
+from uff_port.core.checkpoint_store import CheckpointStore
+from uff_port.core.exits import ExitCode
 from uff_port.fsutil import atomic_write_json
-from uff_port.training.checkpoint_store import CheckpointStore
 
-EXIT_RESUMABLE: Final = 75
 DEFAULT_MARGIN: Final = 60.0
 SM_KILL_AFTER: Final = 120.0
 _KILL_SLACK: Final = 15.0
-SESSION_FILE: Final = "session.json"
 MAX_RESTARTS: Final = 3
 """Restarts in a row that bring no new checkpoint before the session gives up."""
 PAYLOAD_NAME: Final = "payload.tar"
@@ -110,11 +110,11 @@ def _copy_run_to_model_dir(platform: Platform) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for name in ("config.yaml", "events.jsonl", SESSION_FILE):
+    for name in (layout.CONFIG, layout.EVENTS, layout.SESSION):
         if (platform.run_dir / name).is_file():
             shutil.copyfile(platform.run_dir / name, out / name)
-    if (platform.run_dir / "final").is_dir():
-        shutil.copytree(platform.run_dir / "final", out / "final")
+    if (platform.run_dir / layout.FINAL).is_dir():
+        shutil.copytree(platform.run_dir / layout.FINAL, out / layout.FINAL)
     latest = CheckpointStore(platform.run_dir).latest()
     if latest is not None:
         CheckpointStore(out).install(latest.path)
@@ -189,7 +189,7 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         break
     shutil.rmtree(tmp, ignore_errors=True)
     step = _latest_step(platform.run_dir)
-    finished = (platform.run_dir / "final").is_dir() and rc == 0
+    finished = (platform.run_dir / layout.FINAL).is_dir() and rc == ExitCode.OK
     info = {
         "session": session or meta.get("session"),
         "run_id": meta.get("run_id"),
@@ -201,18 +201,18 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         "signalled": bool(term_at) and not self_stopped,
         # Cut off by the session budget: our own SIGTERM, or the trainer's
         # max_runtime (exit 75 with nobody having signalled it).
-        "budget_stop": self_stopped or (rc == EXIT_RESUMABLE and not term_at),
+        "budget_stop": self_stopped or (rc == ExitCode.RESUMABLE and not term_at),
         "restarts": restarts,
         "seconds": round(time.monotonic() - _STARTED, 3),
     }
-    atomic_write_json(platform.run_dir / SESSION_FILE, info)
+    atomic_write_json(platform.run_dir / layout.SESSION, info)
     if platform.kind == "sagemaker":
         _copy_run_to_model_dir(platform)
     write_output_manifest(platform.output_dir, session=info["session"], step=step, finished=finished, rc=rc)
-    if rc in (0, EXIT_RESUMABLE) or self_stopped:
+    if rc in (ExitCode.OK, ExitCode.RESUMABLE) or self_stopped:
         # A stop at the budget is the plan, even if the trainer had to be
         # killed: what it made durable is in the manifest and verifies.
-        return 0
+        return ExitCode.OK
     if platform.kind == "sagemaker":
         failure = Path(os.environ.get("UFF_PORT_SM_ROOT", "/opt/ml")) / "output" / "failure"
         failure.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         platform = detect(args.budget_seconds, args.run_dir)
     except PlatformError as exc:
         print(f"uff-port entry: {exc}", file=sys.stderr)
-        return 3
+        return ExitCode.REFUSED
     hps = platform.hyperparameters
     margin = float(hps.get("uff_margin", args.margin_seconds))
     session = args.session or hps.get("uff_session")

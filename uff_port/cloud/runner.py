@@ -36,17 +36,14 @@ from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.routing import choose_backend
 from uff_port.cloud.settings import CloudSettings
 from uff_port.cloud.verify import check_pull
+from uff_port.core import layout
+from uff_port.core.checkpoint_store import CheckpointStore
+from uff_port.core.config import Config
+from uff_port.core.exits import ExitCode
 from uff_port.fsutil import fsync_tree, replace_dir
 from uff_port.procutil import SignalSafeEvent
 from uff_port.protocol import ErrorCode
-from uff_port.training.checkpoint_store import CheckpointStore
-from uff_port.training.config import Config
 
-EXIT_FINISHED: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_REFUSED: Final = 3
-"""Nothing was started and a restart would end the same way (bad config, missing SDK)."""
-EXIT_DETACHED: Final = 75
 MAX_CONSECUTIVE_FAILURES: Final = 3
 
 Emit = Callable[..., None]
@@ -136,7 +133,7 @@ class CloudRun:
             run_id=self.run_id,
             name=name,
             index=index,
-            bundle_dir=self.run_dir / "cloud" / "bundle",
+            bundle_dir=self.run_dir / layout.CLOUD / "bundle",
             budget_seconds=budget,
             margin_seconds=self.settings.safety_margin_seconds,
         )
@@ -158,7 +155,7 @@ class CloudRun:
                 return self._finish()
             if self.control.detach:
                 self.journal.save()
-                return EXIT_DETACHED
+                return ExitCode.RESUMABLE  # detached: the journal holds the run
             if self.control.stop and not self.control.cancel:
                 # The worker's own exit sends `stop` too: never cancel paid-for
                 # remote work on it. Leave it running; the journal knows it.
@@ -170,7 +167,8 @@ class CloudRun:
                 continue
             except ProviderNotAvailable as exc:
                 self._fail(ErrorCode.NOT_AVAILABLE, str(exc), resumable=False)
-                return EXIT_REFUSED
+                # Nothing was started and a restart would end the same way (bad config, missing SDK).
+                return ExitCode.REFUSED
             except (ProviderError, BundleError) as exc:
                 # The provider refused (credentials, a bad request) or the bundle is invalid:
                 # the same `train` would meet the same refusal, so a restart cannot help.
@@ -260,7 +258,7 @@ class CloudRun:
         # The bundle is rebuilt from durable local state, so it may be built
         # before the intent record: a crash here leaves nothing to undo.
         build_bundle(
-            self.run_dir / "cloud" / "bundle",
+            self.run_dir / layout.CLOUD / "bundle",
             self.cfg.to_dict(),
             run_id=self.run_id,
             session=name,
@@ -275,7 +273,7 @@ class CloudRun:
     def _resume_tree(self, ck: tuple[int, Path] | None) -> Path | None:
         if ck is None:
             return None
-        tree = self.run_dir / "cloud" / "resume"
+        tree = self.run_dir / layout.CLOUD / "resume"
         if tree.exists():
             shutil.rmtree(tree)  # rebuilt for every session; nothing reads it but the bundle
         CheckpointStore(tree).install(ck[1])
@@ -319,7 +317,7 @@ class CloudRun:
         return None
 
     def _pull_dir(self, name: str) -> Path:
-        return self.run_dir / "cloud" / "pulls" / name
+        return self.run_dir / layout.CLOUD / "pulls" / name
 
     def _pull(self, cur: Any) -> int | None:
         dest = self._pull_dir(cur.name)
@@ -361,16 +359,16 @@ class CloudRun:
         """Move a verified session's checkpoint (and final adapter) into the run directory."""
         run = pulled / "run"
         info: dict[str, Any] = {}
-        if (run / "session.json").is_file():
-            info = json.loads((run / "session.json").read_text(encoding="utf-8"))
+        if (run / layout.SESSION).is_file():
+            info = json.loads((run / layout.SESSION).read_text(encoding="utf-8"))
         remote = CheckpointStore(run).latest()
         local = self.local_checkpoint()
         if remote is not None and (local is None or remote.step > local[0]):
             store = CheckpointStore(self.run_dir, keep_last=self.cfg.checkpoint.keep_last)
             point = store.install(remote.path)
             self.emit("checkpoint", step=point.step, path=str(point.path), source="cloud")
-        if info.get("finished") and (run / "final").is_dir():
-            self._install_final(run / "final", self.run_dir / "final")
+        if info.get("finished") and (run / layout.FINAL).is_dir():
+            self._install_final(run / layout.FINAL, self.run_dir / layout.FINAL)
         return info
 
     @staticmethod
@@ -385,11 +383,11 @@ class CloudRun:
     def _finish(self) -> int:
         ck = self.local_checkpoint()
         step = self.journal.data.final_step or (ck[0] if ck else None)
-        final = self.run_dir / "final"
+        final = self.run_dir / layout.FINAL
         self.emit("finished", step=step, final=str(final) if final.is_dir() else None, source="cloud")
         if self.control.stop_reply is not None:
             self.control.stop_reply({"step": step, "checkpoint": str(ck[1]) if ck else None})
-        return EXIT_FINISHED
+        return ExitCode.OK
 
     def _reply_stop(self, remote: str | None = None) -> int:
         ck = self.local_checkpoint()
@@ -398,7 +396,7 @@ class CloudRun:
             if remote:
                 result["remote"] = remote
             self.control.stop_reply(result)
-        return EXIT_DETACHED
+        return ExitCode.RESUMABLE
 
     def _fail(self, code: str, message: str, *, resumable: bool = True) -> int:
         """`resumable`: the journal holds the run, so the same `train` may pick it up
@@ -407,4 +405,4 @@ class CloudRun:
         if cur is not None and cur.state == "submitting":
             self.ledger.release(f"{self.run_id}:{cur.name}")  # never ran: give the hours back
         self.emit("failed", code=code, message=message, resumable=resumable)
-        return EXIT_FAILED
+        return ExitCode.CRASH

@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from uff_port.training.config import ConfigError, friendly_error
+from uff_port.core.config import ConfigError, friendly_error
 
 HOUR: Final = 3600.0
 KAGGLE_MAX_SESSION_HOURS: Final = 12.0

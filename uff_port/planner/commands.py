@@ -123,9 +123,9 @@ def write_config(result: dict[str, Any], out: Path, global_batch: int) -> dict[s
     """Write the recommended candidate as a ready config (validated before it is written)."""
     import json
 
+    from uff_port.core.config import dump_yaml, validate_config
     from uff_port.fsutil import atomic_write_text
     from uff_port.planner.search import config_for
-    from uff_port.training.config import dump_yaml, validate_config
 
     best = result["_best"]
     raw, ds = config_for(result["_arch"], result["_workload"], best.est.candidate, global_batch)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from uff_port.core.config import Config
 from uff_port.planner.arch import ArchError, resolve_arch
 from uff_port.planner.sizes import fmt_bytes
-from uff_port.training.config import Config
 
 # events.jsonl, trainer.log, config and manifests, RNG and data cursor, sweep headroom.
 SLACK_BYTES: Final = 64 * 2**20

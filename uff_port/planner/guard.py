@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.core.config import Config
 from uff_port.planner.arch import ArchError, resolve_arch
 from uff_port.planner.estimate import (
     DS_REDUCE_BUCKET,
@@ -23,7 +24,6 @@ from uff_port.planner.estimate import (
 )
 from uff_port.planner.search import DEFAULT_MARGIN, candidates, judge, overrides_for
 from uff_port.planner.sizes import fmt_bytes
-from uff_port.training.config import Config
 
 # Refuse only what the estimate itself puts over the card; suggestions keep a margin.
 REFUSE_MARGIN: Final = 0.0

@@ -17,6 +17,7 @@ from typing import Any, Final
 import yaml
 
 from uff_port import __version__
+from uff_port.core import layout
 from uff_port.fsutil import atomic_write_text
 from uff_port.hashing import list_files, sha256_file, tree_manifest
 from uff_port.registry.errors import NOT_FOUND, RegistryError
@@ -149,7 +150,7 @@ def _dataset_hash(cfg: dict[str, Any], events: list[dict[str, Any]], run_dir: Pa
 
 def _config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     """The run's config map and its hash (`config_hash` when it validates, else file bytes)."""
-    path = run_dir / "config.yaml"
+    path = run_dir / layout.CONFIG
     try:
         text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
@@ -157,7 +158,7 @@ def _config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
         return {}, None
     if not isinstance(raw, dict):
         return {}, hashlib.sha256(text.encode()).hexdigest()
-    from uff_port.training.config import ConfigError, config_hash, validate_config
+    from uff_port.core.config import ConfigError, config_hash, validate_config
 
     try:
         cfg = validate_config(raw)
@@ -209,7 +210,7 @@ def build_manifest(
     if not files:
         raise RegistryError(NOT_FOUND, f"run_dir: {artifact_dir} holds no files")
     cfg, cfg_hash = _config(run_dir)
-    events = _read_events(run_dir / "events.jsonl")
+    events = _read_events(run_dir / layout.EVENTS)
     interface, adapter = _interface(artifact_dir)
     model_cfg = cfg.get("model") or {}
     base_id = base_model or model_cfg.get("name_or_path") or adapter.get("base_model_name_or_path")
@@ -255,7 +256,7 @@ def write_run_manifest(
     manifest that a later `register` would half-read.
     """
     run = Path(run_dir)
-    final = run / "final"
+    final = run / layout.FINAL
     manifest = build_manifest(
         final, run_dir=run, role=role, version=version, name=name, created_at=created_at
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from uff_port.core import layout
 from uff_port.registry.errors import INVALID_MANIFEST, NON_FINITE, NOT_FOUND, RegistryError
 from uff_port.registry.manifest import (
     MANIFEST_NAME,
@@ -25,8 +26,8 @@ def locate(path: Path) -> tuple[Path, Path | None]:
     """(artifact directory, manifest path or None) for a run dir, artifact dir or manifest file."""
     if path.is_file():
         return path.parent, path
-    if (path / "final").is_dir():
-        path = path / "final"
+    if (path / layout.FINAL).is_dir():
+        path = path / layout.FINAL
     if not path.is_dir():
         raise RegistryError(NOT_FOUND, f"path: no run, artifact directory or manifest at {str(path)!r}")
     manifest = path / MANIFEST_NAME
@@ -46,7 +47,7 @@ def register_path(
     artifact_dir, manifest_path = locate(path)
     require_finite_weights(artifact_dir)
     if manifest_path is None:
-        if artifact_dir.name != "final":
+        if artifact_dir.name != layout.FINAL:
             raise RegistryError(NOT_FOUND, f"path: {artifact_dir} has no {MANIFEST_NAME}")
         manifest_path = write_run_manifest(artifact_dir.parent, role=role, version=version or "0.1.0", name=name)
     manifest = load_manifest(manifest_path)

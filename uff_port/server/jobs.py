@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.core import layout
+from uff_port.core.exits import ExitCode
 from uff_port.protocol.errors import ErrorCode
 from uff_port.server.children import Child
 from uff_port.server.events import EventStream
 
-EXIT_FINISHED: Final = 0
-EXIT_REFUSED: Final = 3
-EXIT_RESUMABLE: Final = 75
 # Events the trainer sends that pass through the rate limiter.
 _LIMITED: Final = frozenset({"progress", "log"})
 
@@ -75,11 +74,11 @@ class Job:
         self.exited = threading.Event()
         self.stop_requested = False
         self._exit_waiters: list[Callable[[Job], None]] = []
-        self._events_log = info.run_dir / "events.jsonl"
+        self._events_log = info.run_dir / layout.EVENTS
         self.child = Child(
             argv,
             extra_argv=extra_argv,
-            log_path=info.run_dir / "trainer.log",
+            log_path=info.run_dir / layout.TRAINER_LOG,
             name=f"trainer[{info.job_id}]",
         )
         self._thread = threading.Thread(target=self._run, name=f"job-{info.job_id}", daemon=True)
@@ -190,11 +189,11 @@ class Job:
         self._events.drain_progress()
         tail = list(self.child.stderr_tail)
         fields: dict[str, Any]
-        if code == EXIT_FINISHED and info.terminal_event is None:
+        if code == ExitCode.OK and info.terminal_event is None:
             fields = {"job_id": info.job_id, "step": info.step, "loss": info.loss, "run_dir": str(info.run_dir)}
             self._events.emit("finished", **fields)
             self._log_event("finished", fields)
-        elif code not in (EXIT_FINISHED, EXIT_RESUMABLE) and info.terminal_event != "failed":
+        elif code not in (ExitCode.OK, ExitCode.RESUMABLE) and info.terminal_event != "failed":
             how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
             last = next((line for line in reversed(tail) if line.strip()), "")
             fields = {

@@ -15,12 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from uff_port.core import layout
 from uff_port.fsutil import atomic_write_text, confine
 from uff_port.protocol.errors import CommandError, ErrorCode
 from uff_port.server.events import EventStream
 from uff_port.server.jobs import Job, JobInfo, cloud_argv, trainer_argv
+
+if TYPE_CHECKING:  # pydantic is imported on the first train request, not at start-up
+    from uff_port.core.config import Config
 
 _JOB_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 AUTO: Final = "auto"
@@ -34,7 +38,7 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 class LaunchPlan:
     job_id: str
     run_dir: Path
-    config: Any  # uff_port.training.config.Config (imported lazily)
+    config: Config
     resume_from: Path | str | None  # AUTO: find the newest valid checkpoint
     resumed_step: int | None = None
 
@@ -45,8 +49,8 @@ def _invalid(field: str, message: str, expected: str | None = None) -> CommandEr
     )
 
 
-def _validate(raw: Any, overrides: dict[str, Any] | None) -> Any:
-    from uff_port.training.config import ConfigError, validate_config
+def _validate(raw: Any, overrides: dict[str, Any] | None) -> Config:
+    from uff_port.core.config import ConfigError, validate_config
 
     try:
         return validate_config(raw, overrides)
@@ -105,7 +109,7 @@ class JobLauncher:
         return path, job_id or path.name
 
     def prepare_train(self, args: dict[str, Any]) -> LaunchPlan:
-        from uff_port.training.config import ConfigError, load_config_file
+        from uff_port.core.config import ConfigError, load_config_file
 
         if "config" in args and "config_path" in args:
             raise _invalid("args.config", "give either config or config_path, not both")
@@ -125,12 +129,12 @@ class JobLauncher:
         return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=AUTO)
 
     def prepare_resume(self, args: dict[str, Any]) -> LaunchPlan:
-        from uff_port.training.config import ConfigError, load_config_file
+        from uff_port.core.config import ConfigError, load_config_file
 
         run_dir, job_id = self._run_dir(args["run_dir"], None, "run")
-        cfg_path = run_dir / "config.yaml"
+        cfg_path = run_dir / layout.CONFIG
         if not cfg_path.is_file():
-            raise CommandError(ErrorCode.NOT_FOUND, f"{run_dir} has no config.yaml: nothing to resume", {"run_dir": str(run_dir)})
+            raise CommandError(ErrorCode.NOT_FOUND, f"{run_dir} has no {layout.CONFIG}: nothing to resume", {"run_dir": str(run_dir)})
         try:
             cfg = _validate(load_config_file(cfg_path), None)
         except ConfigError as exc:
@@ -140,15 +144,15 @@ class JobLauncher:
         if which is None:
             return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=AUTO)
         if isinstance(which, int):
-            path = run_dir / "checkpoints" / f"step-{which:08d}"
+            path = run_dir / layout.CHECKPOINTS / f"step-{which:08d}"
         else:
             try:
-                path = confine(run_dir, which if Path(which).is_absolute() else Path("checkpoints") / which)
+                path = confine(run_dir, which if Path(which).is_absolute() else Path(layout.CHECKPOINTS) / which)
             except ValueError:
                 raise _invalid("args.checkpoint", f"{which!r} is outside {run_dir}") from None
         return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=path)
 
-    def _check_fits(self, cfg: Any) -> None:
+    def _check_fits(self, cfg: Config) -> None:
         """Refuse a config the memory planner says cannot fit, before any GPU minute is spent."""
         try:
             from uff_port.planner.guard import check_config
@@ -162,7 +166,7 @@ class JobLauncher:
                 {"estimate": report.estimate, "nearest_fit": report.nearest_fit},
             )
 
-    def _check_disk(self, cfg: Any, run_dir: Path) -> None:
+    def _check_disk(self, cfg: Config, run_dir: Path) -> None:
         """Refuse a job whose checkpoints cannot fit on the run directory's disk."""
         from uff_port.planner.disk import check_disk
 
@@ -172,8 +176,8 @@ class JobLauncher:
 
     # -- start (job-start thread) ----------------------------------------
     def _resolve_checkpoint(self, plan: LaunchPlan) -> tuple[Path | None, int | None]:
-        from uff_port.training.checkpoint_store import CheckpointMismatch, CheckpointStore
-        from uff_port.training.config import resume_hash, resume_view
+        from uff_port.core.checkpoint_store import CheckpointMismatch, CheckpointStore
+        from uff_port.core.config import resume_hash, resume_view
 
         cfg = plan.config
         store = CheckpointStore(
@@ -218,13 +222,13 @@ class JobLauncher:
         return path, step
 
     def start(self, plan: LaunchPlan, events: EventStream, on_exit: Callable[[Job], None]) -> Job:
-        from uff_port.training.config import config_hash, dump_yaml, resume_hash
+        from uff_port.core.config import config_hash, dump_yaml, resume_hash
 
         cfg = plan.config
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         local = cfg.strategy == "local"
         resume_path, step = self._resolve_checkpoint(plan) if local else (None, None)
-        cfg_path = plan.run_dir / "config.yaml"
+        cfg_path = plan.run_dir / layout.CONFIG
         atomic_write_text(
             cfg_path,
             f"# config_hash: {config_hash(cfg)}\n# resume_hash: {resume_hash(cfg)}\n" + dump_yaml(cfg),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port import PROTOCOL_VERSION, __version__
+from uff_port.core.exits import ExitCode
 from uff_port.procutil import SignalSafeEvent
 from uff_port.protocol.errors import CommandError, ErrorCode, disk_full_error
 from uff_port.protocol.framing import (
@@ -49,10 +50,6 @@ from uff_port.server.launch import JobLauncher
 from uff_port.server.stdio import claim_stdio
 from uff_port.server.tasks import TaskRunner
 from uff_port.server.telemetry_loop import TelemetryCache
-
-EXIT_OK: Final = 0
-EXIT_LOST: Final = 1
-EXIT_RESUMABLE: Final = 75
 
 # Worker states (the `state` field of status, heartbeat and state events).
 IDLE: Final = "idle"
@@ -572,7 +569,7 @@ class Worker:
         threading.Thread(target=self._exit_sequence, args=(reason, reply), name="exit", daemon=True).start()
 
     def _exit_sequence(self, reason: str, reply: Reply | None) -> None:
-        code = EXIT_OK
+        code: int = ExitCode.OK
         stopped: dict[str, Any] = {"reason": reason, "job_id": None, "checkpoint": None}
         try:
             self.set_state(SHUTTING_DOWN, reason=reason)
@@ -590,18 +587,18 @@ class Worker:
                 stopped.update(job_id=info.job_id, step=info.step, exit_status=info.exit_code)
                 if info.last_checkpoint:
                     stopped["checkpoint"] = info.last_checkpoint.get("path")
-                if info.exit_code == 0 or ended_before:
-                    code = EXIT_OK
-                elif info.exit_code == 75:
-                    code = EXIT_OK if reason == "shutdown" else EXIT_RESUMABLE
+                if info.exit_code == ExitCode.OK or ended_before:
+                    code = ExitCode.OK
+                elif info.exit_code == ExitCode.RESUMABLE:
+                    code = ExitCode.OK if reason == "shutdown" else ExitCode.RESUMABLE
                 else:
-                    code = EXIT_LOST
+                    code = ExitCode.CRASH
             self.tasks.kill_all()
             if reply is not None:
                 reply.ok(stopped)
         except Exception:
             traceback.print_exc(file=sys.stderr)
-            code = EXIT_LOST
+            code = ExitCode.CRASH
         finally:
             self._stop_ticks.set()
             self.telemetry.stop()

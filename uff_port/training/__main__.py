@@ -20,8 +20,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.core import layout
+from uff_port.core.config import Config, ConfigError, dump_yaml, load_config
+from uff_port.core.exits import ExitCode
 from uff_port.procutil import set_parent_death_signal
-from uff_port.training.config import Config, ConfigError, dump_yaml, load_config
 from uff_port.training.events import Reporter
 
 CHANNEL_SOCKET_ENV: Final = "UFF_PORT_CHANNEL_SOCKET"
@@ -74,7 +76,7 @@ def _write_exit(code: int) -> None:
 
 def _refuse(report: Reporter, code: str, message: str, details: Any = None) -> int:
     report.emit("failed", code=code, message=message, resumable=False, details=details)
-    return 3
+    return ExitCode.REFUSED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     is_launcher = False
     fd, sock = _channel_fd(args)
     report = Reporter(run_dir, channel_fd=fd, rank=int(os.environ.get("RANK", "0")), job_id=args.job_id)
-    config_path = args.config or run_dir / "config.yaml"
+    config_path = args.config or run_dir / layout.CONFIG
     try:
         cfg = load_config(config_path, parse_overrides(args.overrides))
     except ConfigError as exc:
         return _refuse(report, "invalid_config", str(exc), exc.problems)
     if "LOCAL_RANK" not in os.environ:
-        resolved = run_dir / "config.yaml"
+        resolved = run_dir / layout.CONFIG
         if not resolved.exists() or Path(config_path).resolve() != resolved or args.overrides:
             from uff_port.fsutil import atomic_write_text
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         from uff_port.training.launcher import launch
 
         # Ranks re-read the resolved config; the overrides are already in it.
-        child_argv = _strip(argv, {"--control-fd", "--config", "--set"}) + ["--config", str(run_dir / "config.yaml")]
+        child_argv = _strip(argv, {"--control-fd", "--config", "--set"}) + ["--config", str(run_dir / layout.CONFIG)]
         return launch(child_argv, cfg, fd, report)
     code = run(cfg, run_dir, args, report, fd)
     _write_exit(code)
@@ -158,8 +160,8 @@ class LoadingWatcher:
                     if c.cmd == "stop":
                         self.report.reply(c.id, {"step": None, "checkpoint": None})
                     self.report.emit("state", state="stopped", step=None, checkpoint=None, during="loading")
-                    self.exit_hook(75)
-                    os._exit(75)
+                    self.exit_hook(ExitCode.RESUMABLE)
+                    os._exit(ExitCode.RESUMABLE)
                 else:
                     self.report.reply(c.id, error={"code": "unknown_command", "message": f"trainer does not know {c.cmd!r}"})
 
@@ -182,12 +184,12 @@ def _strip(argv: list[str], flags: set[str]) -> list[str]:
 def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, fd: int | None) -> int:
     """Set up and train; every way out is an exit code and, on failure, a `failed` event."""
     # Heavy imports only now: a refused config above never loads torch.
+    from uff_port.core.checkpoint_store import CheckpointMismatch
     from uff_port.training import dist
     from uff_port.training.channel import Inbox
-    from uff_port.training.checkpoint_store import CheckpointMismatch
     from uff_port.training.data import DataError
     from uff_port.training.model import ModelError
-    from uff_port.training.trainer import EXIT_CRASH, StopTraining, Trainer, TrainError
+    from uff_port.training.trainer import StopTraining, Trainer, TrainError
 
     inbox = Inbox()
     inbox.install_signal_handlers()
@@ -226,7 +228,7 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
             bool(getattr(exc, "resumable", False)) or (started and trainer.last_checkpoint is not None)
         )
         report.emit("failed", code=exc.code, message=exc.message, resumable=resumable, step=trainer.step)
-        return 3 if not started else EXIT_CRASH
+        return ExitCode.REFUSED if not started else ExitCode.CRASH
     except Exception as exc:  # noqa: BLE001 - the worker must hear why, whatever it was
         trainer.settle()
         report.emit(
@@ -237,7 +239,7 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
             step=trainer.step,
             details=traceback.format_exc()[-4000:],
         )
-        return EXIT_CRASH
+        return ExitCode.CRASH
     finally:
         trainer.cleanup()
         dist.shutdown()

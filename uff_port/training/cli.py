@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.core import layout
+
 DEFAULT_CONFIG: Final = "tiny"
 
 
@@ -52,8 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    if not (args.run_dir / "config.yaml").exists():
-        print(f"run_dir: {args.run_dir} has no config.yaml; is it a run directory?", file=sys.stderr)
+    if not (args.run_dir / layout.CONFIG).exists():
+        print(f"run_dir: {args.run_dir} has no {layout.CONFIG}; is it a run directory?", file=sys.stderr)
         return 2
     return _run_trainer(args.run_dir, [], args.overrides, args.quiet)
 
@@ -165,7 +167,7 @@ def _line(ev: dict[str, Any]) -> str:
 
 def run_status(run_dir: Path) -> dict[str, Any]:
     """Summary of a run directory from events.jsonl and its committed checkpoints."""
-    from uff_port.training.checkpoint_store import CheckpointStore
+    from uff_port.core.checkpoint_store import CheckpointStore
     from uff_port.training.events import read_events
 
     events = read_events(run_dir)
@@ -191,7 +193,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "eval_loss": (last["eval"] or {}).get("loss"),
         "last_checkpoint": str(points[-1].path) if points else None,
         "checkpoints": [p.step for p in points],
-        "final": str(run_dir / "final") if (run_dir / "final" / "manifest.json").exists() else None,
+        "final": str(run_dir / layout.FINAL) if (run_dir / layout.FINAL / layout.MANIFEST).exists() else None,
         "failed": last["failed"],
         "events": len(events),
     }

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from uff_port.core.config import DataConfig
 from uff_port.training.builtin import resolve_data_path
-from uff_port.training.config import DataConfig
 
 IGNORE: Final = -100
 _SKIP_CHUNK: Final = 1 << 20  # bytes read at a time while skipping an oversized line

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.core import layout
 from uff_port.protocol import FrameWriter, sanitize
 
-EVENTS_FILE: Final = "events.jsonl"
+EVENTS_FILE: Final = layout.EVENTS
 # Events after which the file is fsynced: the ones a post-mortem must find.
 _DURABLE: Final = frozenset({"checkpoint", "finished", "failed"})
 

@@ -26,8 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.core.config import Config
 from uff_port.procutil import SignalSafeEvent, set_parent_death_signal
-from uff_port.training.config import Config
 from uff_port.training.events import Reporter
 
 _CHUNK: Final = 1 << 16

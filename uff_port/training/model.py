@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import torch
 
+from uff_port.core.config import Config
 from uff_port.training.builtin import resolve_model_path
-from uff_port.training.config import Config
 
 MODEL_NOT_FOUND: Final = "model_not_found"
 WEIGHT_FILES: Final = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

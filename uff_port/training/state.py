@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from uff_port.training.checkpoint_store import CheckpointStore, ResumePoint
+from uff_port.core.checkpoint_store import CheckpointStore, ResumePoint
 
 STATE_FORMAT: Final = 1
 ADAPTER_FILE: Final = "adapter_model.safetensors"

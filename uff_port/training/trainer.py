@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from uff_port import __version__
+from uff_port.core import layout
+from uff_port.core.checkpoint_store import CheckpointStore, ResumePoint
+from uff_port.core.config import Config, config_hash, resume_hash, resume_view
+from uff_port.core.exits import ExitCode
 from uff_port.fsutil import atomic_write_json, fsync_tree, is_disk_full, recover_dir, replace_dir
 from uff_port.hashing import tree_manifest
 from uff_port.training import dist, zero
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
-from uff_port.training.checkpoint_store import CheckpointStore, ResumePoint
-from uff_port.training.config import Config, config_hash, resume_hash, resume_view
 from uff_port.training.continuity import ContinuityGuard, LossWindow
 from uff_port.training.data import IGNORE, PackedStream, Sequence_, collate
 from uff_port.training.events import Reporter
@@ -51,10 +53,6 @@ from uff_port.training.state import (
     snapshot,
 )
 
-EXIT_OK: Final = 0
-EXIT_RESUMABLE: Final = 75
-EXIT_REFUSED: Final = 3
-EXIT_CRASH: Final = 1
 INJECT_OOM_ENV: Final = "UFF_PORT_INJECT_OOM_AT_STEP"
 INJECT_NONFINITE_ENV: Final = "UFF_PORT_INJECT_NONFINITE_AT_STEP"
 # Control words agreed on by all ranks at a step boundary (max wins).
@@ -199,7 +197,7 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir, keep_last=cfg.checkpoint.keep_last, emit=self.emit)
         if self.rank == 0:
             self._become_writer()
-            recover_dir(self.run_dir / "final")  # an export that died mid-swap
+            recover_dir(self.run_dir / layout.FINAL)  # an export that died mid-swap
         self.checkpointer = AsyncCheckpointer(self.store, emit=self._on_checkpoint_event)
         self.meta = {
             "config_hash": config_hash(cfg),
@@ -484,7 +482,7 @@ class Trainer:
         pending.clear()
         if want in (_STOP, _STOP_NOSAVE):
             self.set_state("stopped", checkpoint=path)
-            raise StopTraining(EXIT_RESUMABLE)
+            raise StopTraining(ExitCode.RESUMABLE)
         self.set_state("training")
 
     # ---- the loop -----------------------------------------------------------
@@ -753,11 +751,11 @@ class Trainer:
             tokens_seen=self.tokens_seen,
         )
         self.state = "finished"
-        return EXIT_OK
+        return ExitCode.OK
 
     def save_final(self) -> Path:
         """Adapter (and optional merged model) to RUN_DIR/final, committed by one rename."""
-        final = self.run_dir / "final"
+        final = self.run_dir / layout.FINAL
         tmp = self.run_dir / f".final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         peft_cfg = getattr(self.model, "peft_config", {}).get("default")
@@ -774,12 +772,12 @@ class Trainer:
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "merged")
         atomic_write_json(
-            tmp / "manifest.json",
+            tmp / layout.MANIFEST,
             {
                 "step": self.step,
                 "base_model": self.cfg.model.name_or_path,
                 **{k: self.meta[k] for k in ("config_hash", "tokenizer_hash", "versions")},
-                "files": tree_manifest(tmp, exclude=["manifest.json"]),
+                "files": tree_manifest(tmp, exclude=[layout.MANIFEST]),
             },
         )
         fsync_tree(tmp)  # every file of the export, before the rename makes it `final`

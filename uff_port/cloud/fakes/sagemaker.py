@@ -249,7 +249,7 @@ class FakeSageMakerClient:
         import yaml
 
         from uff_port.cloud.verify import write_output_manifest
-        from uff_port.training.checkpoint_store import CheckpointStore
+        from uff_port.core.checkpoint_store import CheckpointStore
 
         bucket, _, ck_prefix = req["CheckpointConfig"]["S3Uri"][5:].partition("/")
         bundle_bucket, _, bundle_prefix = req["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"][5:].partition("/")

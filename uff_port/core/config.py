@@ -18,7 +18,7 @@ from typing import Annotated, Any, Final, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from uff_port.training.config_io import (
+from uff_port.core.config_io import (
     ConfigLimitError,
     check_tree,
     dotted,

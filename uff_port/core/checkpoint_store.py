@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.core import layout
 from uff_port.fsutil import (
     OLD_PREFIX,
     atomic_write_text,
@@ -43,10 +44,10 @@ from uff_port.fsutil import (
 from uff_port.hashing import tree_manifest, verify_tree
 
 CHECKPOINT_FORMAT: Final = 1
-MANIFEST: Final = "manifest.json"
+MANIFEST: Final = layout.MANIFEST
 LATEST: Final = "LATEST"
 QUARANTINE: Final = "quarantine"
-WRITER_LOCK: Final = "checkpoints.lock"  # in RUN_DIR, beside checkpoints/
+WRITER_LOCK: Final = layout.CHECKPOINTS_LOCK  # in RUN_DIR, beside checkpoints/
 _STEP_RE: Final = re.compile(r"^step-(\d{8,})$")
 _STAGING_PREFIX: Final = ".staging-"
 _PRUNED_PREFIX: Final = ".pruned-"  # renamed away before rmtree, so never half-deleted
@@ -108,7 +109,7 @@ class CheckpointStore:
         if keep_last < 1:
             raise ValueError(f"keep_last: must be >= 1, got {keep_last}")
         self.run_dir = Path(run_dir)
-        self.checkpoints_dir = self.run_dir / "checkpoints"
+        self.checkpoints_dir = self.run_dir / layout.CHECKPOINTS
         self.keep_last = keep_last
         self._emit = emit
         self._fault = fault_hook
@@ -446,7 +447,7 @@ def _read_manifest(path: Path) -> dict[str, Any] | str:
 
 
 def _differences(manifest: dict[str, Any], expect: dict[str, Any]) -> list[str]:
-    from uff_port.training.config import diff_views
+    from uff_port.core.config import diff_views
 
     out: list[str] = []
     if "resume_hash" in expect and manifest.get("resume_hash") != expect["resume_hash"]:
