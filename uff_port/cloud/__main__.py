@@ -30,7 +30,14 @@ from uff_port.cloud.settings import validate_cloud
 from uff_port.core import layout
 from uff_port.core.config import ConfigError, load_config
 from uff_port.core.exits import ExitCode
-from uff_port.protocol import ErrorCode, FrameError, FrameReader, FrameWriter, decode_payload
+from uff_port.protocol import (
+    ErrorCode,
+    FrameError,
+    FrameReader,
+    FrameWriter,
+    decode_payload,
+    failed_fields,
+)
 
 
 def _scrub(obj: Any, secrets: list[str]) -> Any:
@@ -114,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config or run_dir / layout.CONFIG)
         settings = validate_cloud(cfg.cloud)
     except ConfigError as exc:
-        channel.emit("failed", code=ErrorCode.INVALID_CONFIG, message=str(exc), resumable=False)
+        channel.emit("failed", **failed_fields(ErrorCode.INVALID_CONFIG, str(exc), resumable=False))
         return ExitCode.REFUSED
     run_id = args.job_id or run_dir.name
     ledger = QuotaLedger(settings.ledger_path or run_dir.parent / ".cloud-ledger.jsonl", settings.budgets)

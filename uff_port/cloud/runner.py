@@ -42,7 +42,7 @@ from uff_port.core.config import Config
 from uff_port.core.exits import ExitCode
 from uff_port.fsutil import fsync_tree, replace_dir
 from uff_port.procutil import SignalSafeEvent
-from uff_port.protocol import ErrorCode
+from uff_port.protocol import ErrorCode, failed_fields, finished_fields
 
 MAX_CONSECUTIVE_FAILURES: Final = 3
 
@@ -384,7 +384,7 @@ class CloudRun:
         ck = self.local_checkpoint()
         step = self.journal.data.final_step or (ck[0] if ck else None)
         final = self.run_dir / layout.FINAL
-        self.emit("finished", step=step, final=str(final) if final.is_dir() else None, source="cloud")
+        self.emit("finished", **finished_fields(step=step, final=str(final) if final.is_dir() else None, source="cloud"))
         if self.control.stop_reply is not None:
             self.control.stop_reply({"step": step, "checkpoint": str(ck[1]) if ck else None})
         return ExitCode.OK
@@ -404,5 +404,5 @@ class CloudRun:
         cur = self.journal.current
         if cur is not None and cur.state == "submitting":
             self.ledger.release(f"{self.run_id}:{cur.name}")  # never ran: give the hours back
-        self.emit("failed", code=code, message=message, resumable=resumable)
+        self.emit("failed", **failed_fields(code, message, resumable=resumable))
         return ExitCode.CRASH

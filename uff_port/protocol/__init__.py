@@ -16,6 +16,7 @@ from uff_port.protocol.framing import (
     encode_frame,
     sanitize,
 )
+from uff_port.protocol.messages import failed_fields, finished_fields
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -26,5 +27,7 @@ __all__ = [
     "FrameWriter",
     "decode_payload",
     "encode_frame",
+    "failed_fields",
+    "finished_fields",
     "sanitize",
 ]

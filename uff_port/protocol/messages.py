@@ -8,7 +8,7 @@ dispatcher can always answer, and answer precisely.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from uff_port.protocol.errors import CommandError, ErrorCode
 
@@ -137,3 +137,34 @@ def ok_reply(rid: int, result: dict[str, Any]) -> dict[str, Any]:
 
 def error_reply(rid: int | None, code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": {"code": code, "message": message, "details": details}}
+
+
+# The two terminal events of a job (docs/protocol.md, "Events"). Every plane that
+# ends a job (the trainer, the worker when a trainer dies, the cloud runner)
+# builds their fields here, so the wire shape has one definition.
+FAILED_OPTIONAL: Final = frozenset(
+    {"step", "details", "job_id", "exit_status", "stderr_tail", "last_checkpoint", "source"}
+)
+FINISHED_OPTIONAL: Final = frozenset(
+    {"max_steps", "loss", "eval_loss", "final", "last_checkpoint", "tokens_seen", "job_id", "run_dir", "source"}
+)
+
+
+def _check_optional(event: str, given: dict[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise TypeError(f"{event} event: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def failed_fields(code: str, message: str, *, resumable: bool, **optional: Any) -> dict[str, Any]:
+    """Fields of a `failed` event: `code`, `message`, `resumable` (a checkpoint exists to
+    resume from, and resuming can help), then whichever of FAILED_OPTIONAL the sender knows."""
+    _check_optional("failed", optional, FAILED_OPTIONAL)
+    return {"code": str(code), "message": message, "resumable": bool(resumable), **optional}
+
+
+def finished_fields(*, step: int | None, **optional: Any) -> dict[str, Any]:
+    """Fields of a `finished` event: `step`, then whichever of FINISHED_OPTIONAL the sender knows
+    (the trainer sends all of max_steps, loss, eval_loss, final, last_checkpoint, tokens_seen)."""
+    _check_optional("finished", optional, FINISHED_OPTIONAL)
+    return {"step": step, **optional}

@@ -25,6 +25,7 @@ from typing import Any, Final
 from uff_port.core import layout
 from uff_port.core.exits import ExitCode
 from uff_port.protocol.errors import ErrorCode
+from uff_port.protocol.messages import failed_fields, finished_fields
 from uff_port.server.children import Child
 from uff_port.server.events import EventStream
 
@@ -190,22 +191,22 @@ class Job:
         tail = list(self.child.stderr_tail)
         fields: dict[str, Any]
         if code == ExitCode.OK and info.terminal_event is None:
-            fields = {"job_id": info.job_id, "step": info.step, "loss": info.loss, "run_dir": str(info.run_dir)}
+            fields = finished_fields(step=info.step, job_id=info.job_id, loss=info.loss, run_dir=str(info.run_dir))
             self._events.emit("finished", **fields)
             self._log_event("finished", fields)
         elif code not in (ExitCode.OK, ExitCode.RESUMABLE) and info.terminal_event != "failed":
             how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
             last = next((line for line in reversed(tail) if line.strip()), "")
-            fields = {
-                "job_id": info.job_id,
-                "code": ErrorCode.TRAINER_FAILED,
-                "message": f"trainer {how}" + (f": {last}" if last else "") + (f" ({broken})" if broken else ""),
-                "resumable": info.last_checkpoint is not None or info.resumed_from is not None,
-                "exit_status": code,
-                "stderr_tail": tail[-10:],
-                "step": info.step,
-                "last_checkpoint": info.last_checkpoint,
-            }
+            fields = failed_fields(
+                ErrorCode.TRAINER_FAILED,
+                f"trainer {how}" + (f": {last}" if last else "") + (f" ({broken})" if broken else ""),
+                resumable=info.last_checkpoint is not None or info.resumed_from is not None,
+                job_id=info.job_id,
+                exit_status=code,
+                stderr_tail=tail[-10:],
+                step=info.step,
+                last_checkpoint=info.last_checkpoint,
+            )
             self._events.emit("failed", **fields)
             self._log_event("failed", fields)
         with self._lock:

@@ -51,6 +51,9 @@ from uff_port.server.stdio import claim_stdio
 from uff_port.server.tasks import TaskRunner
 from uff_port.server.telemetry_loop import TelemetryCache
 
+# A finished job's `outcome` (status's last_job, the idle `state` event) by its exit status.
+_OUTCOMES: Final[dict[int, str]] = {ExitCode.OK: "finished", ExitCode.RESUMABLE: "stopped", ExitCode.REFUSED: "refused"}
+
 # Worker states (the `state` field of status, heartbeat and state events).
 IDLE: Final = "idle"
 STARTING: Final = "starting"
@@ -454,7 +457,7 @@ class Worker:
     def _job_exited(self, job: Job) -> None:
         info = job.info
         code = info.exit_code
-        outcome = {0: "finished", 75: "stopped", 3: "refused"}.get(code if code is not None else -1, "failed")
+        outcome = _OUTCOMES.get(code if code is not None else -1, "failed")
         self.last_job = {
             "job_id": info.job_id,
             "run_dir": str(info.run_dir),

@@ -24,6 +24,7 @@ from uff_port.core import layout
 from uff_port.core.config import Config, ConfigError, dump_yaml, load_config
 from uff_port.core.exits import ExitCode
 from uff_port.procutil import set_parent_death_signal
+from uff_port.protocol import ErrorCode, failed_fields
 from uff_port.training.events import Reporter
 
 CHANNEL_SOCKET_ENV: Final = "UFF_PORT_CHANNEL_SOCKET"
@@ -75,7 +76,7 @@ def _write_exit(code: int) -> None:
 
 
 def _refuse(report: Reporter, code: str, message: str, details: Any = None) -> int:
-    report.emit("failed", code=code, message=message, resumable=False, details=details)
+    report.emit("failed", **failed_fields(code, message, resumable=False, details=details))
     return ExitCode.REFUSED
 
 
@@ -227,17 +228,19 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
         resumable = not getattr(exc, "final", False) and (
             bool(getattr(exc, "resumable", False)) or (started and trainer.last_checkpoint is not None)
         )
-        report.emit("failed", code=exc.code, message=exc.message, resumable=resumable, step=trainer.step)
+        report.emit("failed", **failed_fields(exc.code, exc.message, resumable=resumable, step=trainer.step))
         return ExitCode.REFUSED if not started else ExitCode.CRASH
     except Exception as exc:  # noqa: BLE001 - the worker must hear why, whatever it was
         trainer.settle()
         report.emit(
             "failed",
-            code="trainer_failed",
-            message=f"{type(exc).__name__}: {exc}",
-            resumable=trainer.last_checkpoint is not None,
-            step=trainer.step,
-            details=traceback.format_exc()[-4000:],
+            **failed_fields(
+                ErrorCode.TRAINER_FAILED,
+                f"{type(exc).__name__}: {exc}",
+                resumable=trainer.last_checkpoint is not None,
+                step=trainer.step,
+                details=traceback.format_exc()[-4000:],
+            ),
         )
         return ExitCode.CRASH
     finally:

@@ -31,6 +31,7 @@ from uff_port.core.config import Config, config_hash, resume_hash, resume_view
 from uff_port.core.exits import ExitCode
 from uff_port.fsutil import atomic_write_json, fsync_tree, is_disk_full, recover_dir, replace_dir
 from uff_port.hashing import tree_manifest
+from uff_port.protocol import finished_fields
 from uff_port.training import dist, zero
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
 from uff_port.training.continuity import ContinuityGuard, LossWindow
@@ -742,13 +743,15 @@ class Trainer:
                 final = self.save_final() if self.rank == 0 else None
         self.emit(
             "finished",
-            step=self.step,
-            max_steps=self.cfg.training.max_steps,
-            loss=self.loss,
-            eval_loss=self.eval_loss,
-            final=str(final) if final else None,
-            last_checkpoint=self.last_checkpoint,
-            tokens_seen=self.tokens_seen,
+            **finished_fields(
+                step=self.step,
+                max_steps=self.cfg.training.max_steps,
+                loss=self.loss,
+                eval_loss=self.eval_loss,
+                final=str(final) if final else None,
+                last_checkpoint=self.last_checkpoint,
+                tokens_seen=self.tokens_seen,
+            ),
         )
         self.state = "finished"
         return ExitCode.OK
