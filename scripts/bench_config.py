@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from uff_port.core.config import CONFIGS_DIR, Config, load_config_file, validate_config  # noqa: E402
+from uff_port.core.config import PRESETS_DIR, Config, load_config_file, validate_config  # noqa: E402
 
 
 def old_load(path: Path) -> Any:
@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--loads", type=int, default=40, help="loads of every preset per round and loader")
     args = ap.parse_args()
-    presets = sorted(p for p in CONFIGS_DIR.glob("*.yaml") if p.name != "gates.yaml")
+    presets = sorted(p for p in PRESETS_DIR.glob("*.yaml") if p.name != "gates.yaml")
     for p in presets:  # same trees from both loaders, or the comparison means nothing
         assert old_load(p) == load_config_file(p), p
     raws = [load_config_file(p) for p in presets]

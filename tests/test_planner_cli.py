@@ -170,7 +170,7 @@ def test_guard_on_two_gpus_with_deepspeed_preset(tmp_path: Path) -> None:
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
     cfg = validate_config({"model": {"name_or_path": "deepseek-coder-6.7b", "gradient_checkpointing": True},
                            "lora": {"enabled": False}, "data": {"seq_len": 512},
-                           "training": {"micro_batch_size": 1},
+                           "training": {"micro_batch_size": 1, "grad_accum_steps": 2},
                            "distributed": {"nproc": 2, "backend": "deepspeed", "deepspeed_config": str(ds)}})
     rep = check_config(cfg, [GPU16, dict(GPU16, index=1)])
     assert rep.estimate["strategy"] == "zero3_offload"
@@ -231,7 +231,7 @@ def test_guard_reads_the_reduce_bucket_of_the_deepspeed_config(tmp_path: Path) -
         ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": bucket}}))
         cfg = validate_config({"model": {"name_or_path": "deepseek-coder-1.3b", "gradient_checkpointing": True},
                                "lora": {"enabled": False}, "data": {"seq_len": 512},
-                               "training": {"micro_batch_size": 1},
+                               "training": {"micro_batch_size": 1, "grad_accum_steps": 2},
                                "distributed": {"nproc": 2, "backend": "deepspeed", "deepspeed_config": str(ds)}})
         rep = check_config(cfg, [GPU16, dict(GPU16, index=1)])
         assert rep.estimate["strategy"] == "zero2"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.resources
 import json
 import os
 import stat
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from uff_port.core.config_io import (
     ConfigLimitError,
@@ -26,7 +28,10 @@ from uff_port.core.config_io import (
     read_config_bytes,
 )
 
-CONFIGS_DIR: Final = Path(__file__).resolve().parents[2] / "configs"
+# The presets ship inside the package (`uff_port/presets`, the top-level `configs/`
+# directory: a link in a checkout, files in a wheel), so an installed worker has them.
+# Installs are plain directories, so the resource is a real path.
+PRESETS_DIR: Final = Path(str(importlib.resources.files("uff_port") / "presets"))
 MANAGER_DOMAINS: Final = ("ufm", "ucm", "urm", "ulm", "uim", "uam")
 
 
@@ -150,6 +155,63 @@ class OutputConfig(_Section):
     plot: bool = True
 
 
+def resolve_deepspeed_config(name: str) -> tuple[Path | None, list[Path]]:
+    """(the DeepSpeed JSON `distributed.deepspeed_config` names, or None; the places tried).
+
+    An absolute path, else relative to the working directory, else a preset:
+    `deepspeed/zero2.json` or `configs/deepspeed/zero2.json` (as a checkout spells it).
+    """
+    p = Path(name).expanduser()
+    if p.is_absolute():
+        tried = [p]
+    else:
+        tried = [Path.cwd() / p, PRESETS_DIR / p]
+        if p.parts[:1] == ("configs",):
+            tried.append(PRESETS_DIR.joinpath(*p.parts[1:]))
+    return next((t for t in tried if _exists(t, regular=True)), None), tried
+
+
+def deepspeed_zero_stage(name: str | None) -> int | None:
+    """The ZeRO stage a DeepSpeed JSON asks for (2 when none is named); None when the file
+    cannot be found or read here: the trainer, on the machine that trains, reports that."""
+    if name is None:
+        return 2  # the trainer's default: ZeRO-2 with DeepSpeed's defaults
+    path, _ = resolve_deepspeed_config(name)
+    if path is None:
+        return None
+    try:
+        raw = json.loads(read_config_bytes(path, "distributed.deepspeed_config"))
+        stage = raw.get("zero_optimization", {}).get("stage", 0)
+    except (ConfigLimitError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) and not isinstance(stage, bool) else None
+
+
+def cross_section_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
+    """Problems that involve more than one section, as (dotted path, message) pairs.
+
+    They are checked here, at validation, so a config the trainer would refuse after
+    loading a 6.7B model is refused in milliseconds by the worker and the CLI.
+    """
+    problems: list[tuple[tuple[str, ...], str]] = []
+    t, d = cfg.training, cfg.distributed
+    if not cfg.lora.enabled and cfg.quantization.mode == "nf4":
+        problems.append((("lora", "enabled"), "false with quantization.mode nf4 leaves no trainable parameters "
+                         "(4-bit weights are frozen); enable LoRA (QLoRA) or set quantization.mode: none"))
+    if t.grad_accum_steps % d.nproc:
+        problems.append((("training", "grad_accum_steps"), f"{t.grad_accum_steps} must be divisible by "
+                         f"distributed.nproc ({d.nproc}): the global batch is micro_batch_size * "
+                         "grad_accum_steps whatever the number of processes"))
+    if d.backend == "deepspeed" and deepspeed_zero_stage(d.deepspeed_config) == 3:
+        if cfg.output.merge:
+            problems.append((("output", "merge"), "not with ZeRO-3 (weights are sharded); merge the saved "
+                             "adapter afterwards with peft's merge_and_unload"))
+        if cfg.quantization.mode != "none":
+            problems.append((("quantization", "mode"), "4-bit weights cannot be sharded by ZeRO-3; use "
+                             "configs/deepspeed/zero2.json or distributed.backend: ddp"))
+    return problems
+
+
 class Config(_Section):
     name: str = "run"
     strategy: Literal["local", "kaggle", "sagemaker", "hybrid"] = "local"
@@ -167,6 +229,19 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _check_sections_together(self) -> Config:
+        problems = cross_section_problems(self)
+        if problems:
+            raise ValidationError.from_exception_data(
+                "Config",
+                [
+                    InitErrorDetails(type=PydanticCustomError("cross_section", "{message}", {"message": message}), loc=loc, input=None)
+                    for loc, message in problems
+                ],
+            )
+        return self
 
 
 # Sections that may change between a checkpoint and its resume without changing
@@ -296,9 +371,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not _exists(p):
         # Preset names may contain dots (`deepseek-coder-6.7b-...`): try the name as given, then + .yaml.
-        found = [c for c in (CONFIGS_DIR / p.name, CONFIGS_DIR / f"{p.name}.yaml") if _exists(c, regular=True)]
+        found = [c for c in (PRESETS_DIR / p.name, PRESETS_DIR / f"{p.name}.yaml") if _exists(c, regular=True)]
         if not found:
-            presets = sorted(c.stem for c in CONFIGS_DIR.glob("*.yaml"))
+            presets = sorted(c.stem for c in PRESETS_DIR.glob("*.yaml"))
             raise ConfigError([f"config_path: no such file {str(path)!r} (presets: {', '.join(presets)})"])
         p = found[0]
     try:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
-from uff_port.core.config import Config
+from uff_port.core.config import Config, resolve_deepspeed_config
 from uff_port.planner.arch import ArchError, resolve_arch
 from uff_port.planner.estimate import (
     DS_REDUCE_BUCKET,
@@ -27,7 +26,6 @@ from uff_port.planner.sizes import fmt_bytes
 
 # Refuse only what the estimate itself puts over the card; suggestions keep a margin.
 REFUSE_MARGIN: Final = 0.0
-_REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -77,9 +75,9 @@ def _ds_zero(path: str | None) -> dict[str, Any]:
     """The `zero_optimization` map of a DeepSpeed JSON; {} when absent or unreadable."""
     if not path:
         return {}
-    p = Path(path)
-    if not p.is_absolute() and not p.exists():
-        p = _REPO_ROOT / p
+    p, _ = resolve_deepspeed_config(path)
+    if p is None:
+        return {}
     try:
         zero = json.loads(p.read_text(encoding="utf-8")).get("zero_optimization") or {}
     except (OSError, ValueError, AttributeError):

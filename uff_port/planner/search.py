@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.core.config import resolve_deepspeed_config
 from uff_port.planner.arch import Arch
 from uff_port.planner.estimate import (
     DEEPSPEED,
@@ -180,7 +181,8 @@ def config_for(arch: Arch, wl: Workload, cand: Candidate, global_batch: int,
                repo_root: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(config map for our schema, DeepSpeed JSON to write beside it or None).
 
-    The DeepSpeed JSON is returned only when the preset is missing from configs/.
+    The DeepSpeed JSON is returned only when the preset is missing (from `repo_root`/configs
+    when given, else from the shipped presets).
     """
     ov = overrides_for(cand, global_batch)
     raw: dict[str, Any] = {
@@ -201,7 +203,8 @@ def config_for(arch: Arch, wl: Workload, cand: Candidate, global_batch: int,
     }
     extra = None
     if cand.strategy in DEEPSPEED:
-        root = repo_root or Path(__file__).resolve().parents[2]
-        if not (root / ov["distributed.deepspeed_config"]).is_file():
+        name = ov["distributed.deepspeed_config"]
+        present = (repo_root / name).is_file() if repo_root else resolve_deepspeed_config(name)[0] is not None
+        if not present:
             extra = deepspeed_json(cand.strategy)
     return raw, extra

@@ -103,14 +103,6 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(resolved, dump_yaml(cfg))
         is_launcher = cfg.distributed.nproc > 1
     if is_launcher:
-        if cfg.training.grad_accum_steps % cfg.distributed.nproc:
-            return _refuse(
-                report,
-                "invalid_config",
-                f"training.grad_accum_steps: {cfg.training.grad_accum_steps} must be divisible by "
-                f"distributed.nproc ({cfg.distributed.nproc}): the global batch is "
-                "micro_batch_size * grad_accum_steps whatever the number of processes",
-            )
         from uff_port.training.launcher import launch
 
         # Ranks re-read the resolved config; the overrides are already in it.

@@ -160,6 +160,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         t = cfg.training
+        # Validation checked distributed.nproc; the world size actually started may differ
+        # (torchrun or a cloud launcher started by hand).
         if t.grad_accum_steps % self.world:
             raise TrainError(
                 "invalid_config",
@@ -179,7 +181,7 @@ class Trainer:
         self.tok_hash = tokenizer_hash(self.tokenizer)
         self.model = load_model(cfg, self.device, self.precision)
         self.params = trainable_parameters(self.model)
-        if not self.params:
+        if not self.params:  # validation refuses lora off with nf4; this is what the model says
             raise TrainError("invalid_config", "lora.enabled: false leaves no trainable parameters; enable LoRA")
         self.engine: Any = None  # a DeepSpeed engine, or None for plain torch / DDP
         self.zero_stage = 0  # the ZeRO stage under DeepSpeed; 3 shards the weights too
@@ -235,13 +237,8 @@ class Trainer:
             )  # fmt: skip
         except zero.ZeroError as exc:
             raise TrainError(exc.code, exc.message) from None
+        # ZeRO-3 with output.merge or 4-bit weights is refused by the config's validation.
         self.zero_stage = zero.stage_of(ds)
-        if self.zero_stage == 3 and cfg.output.merge:
-            raise TrainError("invalid_config", "output.merge: not with ZeRO-3 (weights are sharded); "
-                             "merge the saved adapter afterwards with peft's merge_and_unload")
-        if self.zero_stage == 3 and cfg.quantization.mode != "none":
-            raise TrainError("invalid_config", "quantization.mode: 4-bit weights cannot be sharded by ZeRO-3; "
-                             "use configs/deepspeed/zero2.json or distributed.backend: ddp")
         dist.init_single()  # a group of one when not under torchrun; no-op otherwise
         self.optimizer = zero.make_optimizer(deepspeed, ds, self.params, t.learning_rate, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))

@@ -29,6 +29,8 @@ from typing import Any, Final
 
 import torch
 
+from uff_port.core.config import resolve_deepspeed_config
+
 DS_TAG: Final = "deepspeed"
 PACKAGE_HINT: Final = "pip install 'uff-port[deepspeed]'"
 # Plain data classes found in ZeRO-1/2/3 optimizer files (torch.serialization lists them).
@@ -38,7 +40,6 @@ _SAFE_GLOBALS: Final = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
 )
-_ROOT: Final = Path(__file__).resolve().parents[2]
 
 
 class ZeroError(Exception):
@@ -62,12 +63,10 @@ def import_deepspeed(device: torch.device) -> Any:
 
 
 def resolve_config_path(name: str) -> Path:
-    """An absolute path, or one relative to the working directory or the project root."""
-    p = Path(name).expanduser()
-    tried = [p] if p.is_absolute() else [Path.cwd() / p, _ROOT / p]
-    for candidate in tried:
-        if candidate.is_file():
-            return candidate
+    """An absolute path, or one relative to the working directory, or a shipped preset."""
+    found, tried = resolve_deepspeed_config(name)
+    if found is not None:
+        return found
     raise ZeroError(
         "invalid_config",
         f"distributed.deepspeed_config: no file at {name!r} (tried {', '.join(str(t) for t in tried)})",
