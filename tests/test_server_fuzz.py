@@ -116,7 +116,7 @@ def test_fuzz_decoder_and_dispatcher(tmp_path: Path) -> None:
             assert reply["error"]["code"] and reply["error"]["message"]
             codes[reply["error"]["code"]] = codes.get(reply["error"]["code"], 0) + 1
     assert "internal" not in codes, codes
-    assert worker.job is None and not worker._starting  # no fuzzed frame started a trainer
+    assert worker.slot.job is None and not worker.slot.starting  # no fuzzed frame started a trainer
     assert {"malformed_frame", "invalid_request", "unknown_command", "invalid_args"} <= set(codes)
 
 

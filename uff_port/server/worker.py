@@ -45,21 +45,15 @@ from uff_port.protocol.messages import (
 from uff_port.server import lifetime
 from uff_port.server.events import DEFAULT_PROGRESS_PER_S, EventStream
 from uff_port.server.extensions import EXTENSION_COMMANDS
+from uff_port.server.job_slot import JobSlot
 from uff_port.server.jobs import Job
-from uff_port.server.launch import JobLauncher
+from uff_port.server.launch import JobLauncher, LaunchPlan
 from uff_port.server.stdio import claim_stdio
 from uff_port.server.tasks import TaskRunner
 from uff_port.server.telemetry_loop import TelemetryCache
 
 # A finished job's `outcome` (status's last_job, the idle `state` event) by its exit status.
 _OUTCOMES: Final[dict[int, str]] = {ExitCode.OK: "finished", ExitCode.RESUMABLE: "stopped", ExitCode.REFUSED: "refused"}
-
-# Worker states (the `state` field of status, heartbeat and state events).
-IDLE: Final = "idle"
-STARTING: Final = "starting"
-TRAINING: Final = "training"
-STOPPING: Final = "stopping"
-SHUTTING_DOWN: Final = "shutting_down"
 
 # What a client should allow a reply beyond the grace periods below: validating a
 # config, importing the planner, starting a process, on a busy machine.
@@ -180,12 +174,8 @@ class Worker:
         self.opts = opts
         self.runs_root = Path(opts.runs_root).resolve()
         self.started = time.time()
-        self.state = IDLE
-        self.job: Job | None = None
-        self.last_job: dict[str, Any] | None = None
-        self._starting = False
-        self._exiting = False
-        self._exit_reason: str | None = None
+        # The job slot (state word, job, last job, exit) is changed only through its transitions.
+        self.slot = JobSlot(lambda event, **fields: self.events.emit(event, **fields))
         self._stop_ticks = threading.Event()
         self.events: EventStream  # set in serve()/attach()
         self.telemetry = TelemetryCache(interval=max(0.5, opts.heartbeat_interval))
@@ -289,8 +279,9 @@ class Worker:
             schema = COMMANDS[request.cmd].args if request.cmd in COMMANDS else None
             if schema is not None:
                 request = Request(request.id, request.cmd, check_args(request.cmd, request.args, schema))
-            if self._exiting and request.cmd not in ("ping", "status", "shutdown"):
-                raise CommandError(ErrorCode.SHUTTING_DOWN, f"worker is shutting down ({self._exit_reason})")
+            exit_reason = self.slot.exit_reason
+            if exit_reason is not None and request.cmd not in ("ping", "status", "shutdown"):
+                raise CommandError(ErrorCode.SHUTTING_DOWN, f"worker is shutting down ({exit_reason})")
             result = handler(request, reply)
             if result is not DEFERRED:
                 reply.ok(result)
@@ -309,17 +300,12 @@ class Worker:
             )
 
     # -- state ----------------------------------------------------------------
-    def set_state(self, state: str, **fields: Any) -> None:
-        self.state = state
-        job = self.job
-        self.events.emit("state", state=state, job_id=job.info.job_id if job else fields.pop("job_id", None), **fields)
-
     def snapshot(self) -> dict[str, Any]:
-        job = self.job
+        state, job, last_job = self.slot.view()
         info = job.info if job else None
-        last = self.last_job or {}
+        last = last_job or {}
         return {
-            "state": self.state,
+            "state": state,
             "job_id": info.job_id if info else last.get("job_id"),
             "phase": info.phase if info else None,
             "step": info.step if info else last.get("step"),
@@ -331,7 +317,7 @@ class Worker:
             "resumed_from": info.resumed_from if info else None,
             "last_checkpoint": info.last_checkpoint if info else last.get("last_checkpoint"),
             "last_progress_ts": info.last_progress_ts if info else None,
-            "last_job": self.last_job,
+            "last_job": last_job,
         }
 
     # -- heartbeats -----------------------------------------------------------
@@ -394,42 +380,30 @@ class Worker:
         elapsed = time.perf_counter() - start
         return {"count": count, "seconds": elapsed, "events_per_s": count / elapsed if elapsed else None}
 
-    def _require_idle(self) -> None:
-        if self.job is not None or self._starting:
-            job_id = self.job.info.job_id if self.job else None
-            raise CommandError(
-                ErrorCode.BUSY,
-                f"a job is already {self.state} ({job_id}); send stop first",
-                {"job_id": job_id, "state": self.state},
-            )
-
     def _cmd_train(self, req: Request, reply: Reply) -> Any:
-        self._require_idle()
+        self.slot.check_idle()
         plan = self.launcher.prepare_train(req.args)  # validates; raises CommandError
         self._launch(plan, reply)
         return DEFERRED
 
     def _cmd_resume(self, req: Request, reply: Reply) -> Any:
-        self._require_idle()
+        self.slot.check_idle()
         plan = self.launcher.prepare_resume(req.args)
         self._launch(plan, reply)
         return DEFERRED
 
-    def _launch(self, plan: Any, reply: Reply) -> None:
-        self._starting = True
-        self.set_state(STARTING, job_id=plan.job_id)
+    def _launch(self, plan: LaunchPlan, reply: Reply) -> None:
+        self.slot.begin_start(plan.job_id)
 
         def run() -> None:
             try:
                 job = self.launcher.start(plan, self.events, self._job_exited)
             except CommandError as exc:
-                self._starting = False
-                self.set_state(IDLE)
+                self.slot.start_failed()
                 reply.error(exc.code, exc.message, exc.details)
                 return
             except Exception as exc:
-                self._starting = False
-                self.set_state(IDLE)
+                self.slot.start_failed()
                 full = disk_full_error(exc, "could not start the job") if isinstance(exc, OSError) else None
                 if full is not None:
                     reply.error(full.code, full.message, full.details)
@@ -437,9 +411,7 @@ class Worker:
                 traceback.print_exc(file=sys.stderr)
                 reply.error(ErrorCode.INTERNAL, f"could not start the job: {type(exc).__name__}: {exc}")
                 return
-            self.job = job
-            self._starting = False
-            self.set_state(TRAINING, run_dir=str(job.info.run_dir), resumed_from=job.info.resumed_from)
+            self.slot.started(job)
             reply.ok(
                 {
                     "job_id": job.info.job_id,
@@ -458,7 +430,7 @@ class Worker:
         info = job.info
         code = info.exit_code
         outcome = _OUTCOMES.get(code if code is not None else -1, "failed")
-        self.last_job = {
+        last_job = {
             "job_id": info.job_id,
             "run_dir": str(info.run_dir),
             "outcome": outcome,
@@ -468,24 +440,17 @@ class Worker:
             "loss": info.loss,
             "last_checkpoint": info.last_checkpoint,
         }
-        if self.job is job:
-            self.job = None
+        # The artifact manifest first: `artifact` comes before the idle `state` event, and
+        # the slot holds the job until then, so no `train` starts while it is written.
         if outcome == "finished":
             self.launcher.after_finish(info)
-        if not self._exiting:
-            self.set_state(IDLE, job_id=info.job_id, outcome=outcome, exit_status=code)
-
-    def _active_job(self) -> Job:
-        job = self.job
-        if job is None:
-            raise CommandError(ErrorCode.NO_JOB, "no job is running", {"state": self.state})
-        return job
+        self.slot.job_exited(job, last_job)
 
     def _grace(self, job: Job) -> float:
         return min(self.opts.grace_seconds, job.info.grace_seconds)
 
     def _cmd_checkpoint(self, _req: Request, reply: Reply) -> Any:
-        job = self._active_job()
+        job = self.slot.active_job()
         if not job.control("checkpoint", {}, reply.from_frame):
             raise CommandError(ErrorCode.TRAINER_FAILED, "the trainer is not reachable")
         threading.Timer(
@@ -518,14 +483,13 @@ class Worker:
         threading.Thread(target=escalate, name="stop-escalation", daemon=True).start()
 
     def _cmd_stop(self, req: Request, reply: Reply) -> Any:
-        job = self._active_job()
         checkpoint = req.args.get("checkpoint", True)
         cancel = bool(req.args.get("cancel", False))
-        self.set_state(STOPPING)
+        job = self.slot.stopping()
 
         def stopped(j: Job, trainer_reply: dict[str, Any]) -> None:
             info = j.info
-            if info.exit_code in (0, 75):
+            if info.exit_code in (ExitCode.OK, ExitCode.RESUMABLE):
                 ckpt = info.last_checkpoint
                 reply.ok(
                     {
@@ -563,23 +527,18 @@ class Worker:
 
     # -- exit -----------------------------------------------------------------
     def begin_exit(self, reason: str, reply: Reply | None = None) -> None:
-        if self._exiting:
+        if not self.slot.begin_exit(reason):
             if reply is not None:
-                reply.error(ErrorCode.SHUTTING_DOWN, f"already shutting down ({self._exit_reason})")
+                reply.error(ErrorCode.SHUTTING_DOWN, f"already shutting down ({self.slot.exit_reason})")
             return
-        self._exiting = True
-        self._exit_reason = reason
         threading.Thread(target=self._exit_sequence, args=(reason, reply), name="exit", daemon=True).start()
 
     def _exit_sequence(self, reason: str, reply: Reply | None) -> None:
         code: int = ExitCode.OK
         stopped: dict[str, Any] = {"reason": reason, "job_id": None, "checkpoint": None}
         try:
-            self.set_state(SHUTTING_DOWN, reason=reason)
-            deadline = time.monotonic() + EXIT_STARTING_WAIT_S
-            while self._starting and time.monotonic() < deadline:
-                time.sleep(0.05)  # a job being started is stopped like any other
-            job = self.job
+            self.slot.shutting_down(reason)
+            job = self.slot.wait_started(EXIT_STARTING_WAIT_S)  # a job being started is stopped like any other
             if job is not None:
                 # A job that already sent `failed` ended on its own: stopping it loses nothing.
                 ended_before = job.info.terminal_event is not None
