@@ -21,7 +21,8 @@ evaluator is root the child drops to a uid of its own slot, so RLIMIT_NPROC
 bounds a fork bomb, root-only files stay unreadable, the executor cannot be
 signalled, and after the sample every process left with that uid is killed
 (a `setsid` cannot escape). Without a uid drop, a pid namespace is swept
-instead; at `rlimits` only the process group is (`describe()` says which).
+instead, and at `rlimits` the executor is a child subreaper that kills every
+descendant the sample left (`describe()` says which).
 
 A sample passes only if the program ran to its end: the child writes a
 per-sample nonce (sent over the executor's pipe, never on disk) after the
@@ -79,18 +80,65 @@ for _m in ("traceback", "typing", "math", "collections", "itertools", "functools
 import traceback
 
 def sweep(uid):
-    # uid None: everything in this pid namespace but its init and this executor
-    keep = {1, os.getpid()}
+    # kill(-1) signals every process the caller may signal, in one pass under the kernel's
+    # task list lock, so a fork bomb cannot outrun it: sent as `uid` it takes exactly the
+    # sample's processes; sent by the executor itself (uid None), all of its pid namespace
+    for _ in range(20):
+        if uid is None:
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except OSError:
+                pass
+        else:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setuid(uid)
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+        left = False
+        for e in os.listdir("/proc"):
+            if e.isdigit() and int(e) not in (1, os.getpid()):
+                try:
+                    st = os.stat("/proc/" + e)
+                    with open("/proc/" + e + "/stat", "rb") as fh:
+                        state = fh.read().rsplit(b")", 1)[1].split()[0]
+                except OSError:
+                    continue
+                if state != b"Z" and (uid is None or st.st_uid == uid):
+                    left = True
+        if not left:
+            return
+        time.sleep(0.005)
+
+def sweep_children():
+    # without a uid or pid namespace to sweep: this executor is a child subreaper, so
+    # whatever the sample left (even after setsid) is re-parented here and killed
+    me = str(os.getpid())
     for _ in range(50):
         found = False
         for e in os.listdir("/proc"):
-            if e.isdigit() and int(e) not in keep:
+            if e.isdigit():
                 try:
-                    if uid is None or os.stat("/proc/" + e).st_uid == uid:
+                    with open("/proc/" + e + "/stat", "rb") as fh:
+                        ppid = fh.read().rsplit(b")", 1)[1].split()[1].decode()
+                    if ppid == me:
                         found = True
                         os.kill(int(e), signal.SIGKILL)
-                except OSError:
+                except (OSError, IndexError):
                     pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
         if not found:
             return
         time.sleep(0.002)
@@ -151,6 +199,11 @@ def wait(pid, timeout):
     return False
 
 def main():
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
     out = os.fdopen(os.dup(1), "wb")
     nul = os.open(os.devnull, os.O_RDWR)
     os.dup2(nul, 1)
@@ -172,6 +225,8 @@ def main():
             sweep(req["uid"])
         elif req["pidns"]:
             sweep(None)
+        else:
+            sweep_children()
         out.write(json.dumps({"code": os.waitstatus_to_exitcode(status), "timed_out": not done,
                               "duration": duration}).encode() + b"\n")
         out.flush()
@@ -327,7 +382,7 @@ class Sandbox:
         if level == "bwrap":
             assert self._bwrap
             cmd = [self._bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-                   "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+                   "--unshare-cgroup-try", "--new-session",
                    "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
                    "--size", str(self.limits.tmpfs_bytes), "--tmpfs", "/tmp"]
             hidden = _hidden_dirs()
@@ -359,14 +414,20 @@ class Sandbox:
                 "TMPDIR": home, "OMP_NUM_THREADS": "1"}
 
     def _start(self, slot: int) -> _Server:
-        """The slot's executor inside the sandbox; its directory holds one subdirectory a sample."""
+        """The slot's executor inside the sandbox; its directory holds one subdirectory a sample.
+
+        No `--die-with-parent`: its parent-death signal fires when the *thread* that started
+        bwrap ends (a pool thread, here). The executor exits at EOF on its stdin instead,
+        which also comes when the evaluator dies.
+        """
         base = tempfile.mkdtemp(prefix="uff-eval-", dir=self.tmp_root)
         os.chmod(base, 0o711)  # the sample's uid may pass through to its own directory
         argv = [self.python, "-I", "-S", "-c", _SERVER, self._path]
-        proc = subprocess.Popen(
-            self._wrap(self.isolation, base, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, cwd=base, start_new_session=True, close_fds=True,
-        )
+        with open(os.path.join(base, "executor.log"), "wb") as log:
+            proc = subprocess.Popen(
+                self._wrap(self.isolation, base, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log, cwd=base, start_new_session=True, close_fds=True,
+            )
         inside = INSIDE_DIR if self.isolation == "bwrap" else base
         return _Server(proc, base, inside)
 
@@ -420,9 +481,11 @@ class Sandbox:
                               "RLIMIT_NPROC": lim.nproc}}
             reply = srv.ask(req, lim.timeout_s + 30.0)
             if reply is None:  # the executor itself died or hung: restart it for the next sample
+                why = _tail(os.path.join(srv.base, "executor.log"), 300).strip().splitlines()
                 srv.stop()
                 self._servers.pop(slot, None)
-                return ExecResult(False, "sandbox executor died during the sample", self.isolation,
+                return ExecResult(False, "sandbox executor died during the sample"
+                                  + (f": {why[-1]}" if why else ""), self.isolation,
                                   None, round(time.monotonic() - start, 4))
             tail = _tail(os.path.join(host_dir, ".stderr"), lim.stderr_tail)
             code = int(reply["code"])
