@@ -331,6 +331,7 @@ class Sandbox:
         self._servers: dict[int, _Server] = {}
         weakref.finalize(self, _stop_all, self._servers)
         self._seq = itertools.count(1)
+        _remove_stale(self.tmp_root or tempfile.gettempdir())
         if isolation == "auto":
             self.isolation = self._probe()
         elif isolation in ISOLATION_LEVELS:
@@ -420,7 +421,7 @@ class Sandbox:
         bwrap ends (a pool thread, here). The executor exits at EOF on its stdin instead,
         which also comes when the evaluator dies.
         """
-        base = tempfile.mkdtemp(prefix="uff-eval-", dir=self.tmp_root)
+        base = tempfile.mkdtemp(prefix=f"uff-eval-{os.getpid()}-", dir=self.tmp_root)
         os.chmod(base, 0o711)  # the sample's uid may pass through to its own directory
         argv = [self.python, "-I", "-S", "-c", _SERVER, self._path]
         with open(os.path.join(base, "executor.log"), "wb") as log:
@@ -509,6 +510,20 @@ class Sandbox:
             for f in [pool.submit(one, i) for i in range(len(items))]:
                 f.result()
         return [r for r in out if r is not None]
+
+
+def _remove_stale(root: str) -> None:
+    """Directories of evaluators that were killed (their pid is gone) before they could clean up."""
+    for d in Path(root).glob("uff-eval-*-*"):
+        pid = d.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _stop_all(servers: dict[int, _Server]) -> None:
