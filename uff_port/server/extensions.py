@@ -17,4 +17,5 @@ EXTENSION_COMMANDS: Final[dict[str, str]] = {
     "releases": "uff_port.registry.commands:releases",
     "plan_week": "uff_port.cloud.commands:plan_week",
     "cloud_status": "uff_port.cloud.commands:cloud_status",
+    "eval": "uff_port.eval.commands:eval_command",
 }
