@@ -164,6 +164,7 @@ class Trainer:
         self.accum = t.grad_accum_steps // self.world
         torch.manual_seed(t.seed)  # identical LoRA init on every rank
         self.tokenizer = load_tokenizer(cfg)
+        self._code_eval_step = -1  # the step eval.suites last ran at
         self.tok_hash = tokenizer_hash(self.tokenizer)
         self.model = load_model(cfg, self.device, self.precision)
         self.params = trainable_parameters(self.model)
@@ -500,6 +501,7 @@ class Trainer:
                 window_t0, window_tokens = now, 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                 self.evaluate()
+            self._code_eval(pending, final=False)
         return self._finish()
 
     def _should_checkpoint(self) -> bool:
@@ -638,10 +640,30 @@ class Trainer:
         self.set_state("training")
         return value
 
+    def _code_eval(self, pending: list[Command], final: bool) -> None:
+        """eval.suites (uff_port.eval.training): a stop abandons it, then stops as usual."""
+        if not self.cfg.eval.suites or self.rank != 0 or (final and self._code_eval_step == self.step):
+            return
+        from uff_port.eval.training import due, run_suites
+
+        if not any(due(s, self.step, self.cfg.eval.every_steps, final) for s in self.cfg.eval.suites):
+            return
+        if self.zero_stage == 3:  # sharded parameters: generation would need them gathered
+            self.emit("log", level="warning", message="eval.suites skipped: not supported with zero_stage 3")
+            return
+        self._code_eval_step = self.step
+        self.set_state("evaluating")
+        want = run_suites(self.cfg.eval.suites, self.run_dir, self.model, self.tokenizer, self.device,
+                          self.step, self.cfg.eval.every_steps, final, self.emit,
+                          lambda: self._poll(pending), _STOP_NOSAVE, self.eval_loss)
+        self._act(want, pending)
+        self.set_state("training")
+
     # ---- the end ------------------------------------------------------------
     def _finish(self) -> int:
         if self.cfg.eval.every_steps is None or self.step % (self.cfg.eval.every_steps or 1):
             self.evaluate()
+        self._code_eval([], final=True)
         self.set_state("saving")
         if self._ckpt_step != self.step:  # a collective: every rank decides alike
             self.save_checkpoint(wait=True)
