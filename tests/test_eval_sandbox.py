@@ -146,3 +146,17 @@ def test_fallback_levels_still_judge_and_contain(level: str, env: dict[str, Path
         assert sb.run(TASK.program("    return 1\n")).passed
     time.sleep(0.2)
     assert leftovers() == []
+
+
+def test_a_callback_that_raises_cancels_the_samples_not_yet_started() -> None:
+    seen: list[int] = []
+
+    def stop_early(i: int, _res: object) -> None:
+        seen.append(i)
+        raise KeyboardInterrupt("abandon")
+
+    with Sandbox(workers=1) as sb:
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            sb.run_many(["import time; time.sleep(0.2)"] * 50, on_done=stop_early)
+        assert len(seen) <= 2 and time.monotonic() - t0 < 5  # the one running meanwhile may end too

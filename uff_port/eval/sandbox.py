@@ -497,7 +497,11 @@ class Sandbox:
 
     def run_many(self, programs: Iterable[str],
                  on_done: Callable[[int, ExecResult], None] | None = None) -> list[ExecResult]:
-        """All programs, `workers` at a time; `on_done(index, result)` as each finishes."""
+        """All programs, `workers` at a time; `on_done(index, result)` as each finishes.
+
+        If `on_done` raises (a caller abandoning the run), the samples not yet started are
+        cancelled and the exception propagates once the running ones end.
+        """
         items = list(programs)
         out: list[ExecResult | None] = [None] * len(items)
 
@@ -506,9 +510,12 @@ class Sandbox:
             if on_done is not None:
                 on_done(i, out[i])  # type: ignore[arg-type]
 
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.workers)
+        try:
             for f in [pool.submit(one, i) for i in range(len(items))]:
                 f.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return [r for r in out if r is not None]
 
 
