@@ -152,5 +152,17 @@ def test_tiny_model_end_to_end_generation_and_compare(tmp_path: Path, env: dict[
     assert res["adapter"] == str(run / "final") and res["tasks"] == 4
     assert (run / "eval" / "components.completions.jsonl").exists()
 
+    # registered (its manifest carries the suite's metrics), then evaluated by its id prefix
+    reg_env = {**env, "UFF_PORT_REGISTRY": str(tmp_path / "registry")}
+    done = cli(reg_env, "register", str(run), "--json")
+    assert done.returncode == 0, done.stderr
+    art = json.loads(done.stdout)
+    assert art["metrics"]["eval/components/pass@1"] == res["metrics"]["pass@1"]
+    r = cli(reg_env, "eval", art["artifact_id"][:12], "--suite", "ufm", "--limit", "1", "--max-new-tokens", "4",
+            "--json", "--out", str(tmp_path / "by-id" / "ufm.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    by_id = json.loads((tmp_path / "by-id" / "ufm.json").read_text())
+    assert by_id["target"].endswith(art["artifact_id"][:12]) and by_id["adapter"]
+
     missing = cli(env, "eval", str(tmp_path / "nowhere"), "--suite", "components")
     assert missing.returncode == 4 and "nowhere" in missing.stderr

@@ -80,6 +80,26 @@ def _base_of(adapter_dir: Path, run_dir: Path | None) -> str:
     return resolve_model_path(str(base))
 
 
+def _registered(ref: str, base_model: str | None) -> Target | None:
+    """An artifact of the registry ($UFF_PORT_REGISTRY, else ./registry), if there is one by `ref`."""
+    from uff_port.registry.store import Registry, default_root
+
+    root = default_root()
+    if not (Path(root) / "registry.db").is_file():
+        return None
+    from uff_port.registry.bench import resolve_base
+    from uff_port.registry.errors import RegistryError
+
+    try:
+        with Registry(root) as reg:
+            manifest = reg.resolve(ref)
+            adapter = reg.artifact_dir(manifest.artifact_id)
+    except RegistryError:
+        return None
+    return Target(resolve_base(manifest.base_model.id, base_model), str(adapter),
+                  f"{manifest.role}:{manifest.artifact_id[:12]}")
+
+
 def resolve_target(target: str, base_model: str | None = None) -> Target:
     """Where the weights are, without loading them."""
     from uff_port.training.builtin import BUILTIN_PREFIX, resolve_model_path
@@ -91,8 +111,11 @@ def resolve_target(target: str, base_model: str | None = None) -> Target:
             raise TargetError(f"target: {exc}") from None
     path = Path(target).expanduser()
     if not path.is_dir():
+        registered = _registered(target, base_model)
+        if registered is not None:
+            return registered
         raise TargetError(f"target {target!r}: expected a run directory, adapter or model directory, "
-                          "or builtin:tiny-llama")
+                          "a registered artifact (id, prefix or alias) or builtin:tiny-llama")
     run_dir = None
     adapter = None
     if (path / "final" / "adapter_config.json").is_file():
