@@ -65,11 +65,13 @@ def test_eval_scores_a_sample_file_as_json(tmp_path: Path, env: dict[str, str]) 
     assert proc.returncode == 2 and f"{bad}:2: task_id: 'nope' is not a task" in proc.stderr
 
 
-def sandbox_processes() -> list[int]:
+def sandbox_processes(evaluator: int) -> list[int]:
+    """Processes running as a sandbox uid of the evaluator with pid `evaluator`."""
+    first = UID_BASE + (evaluator % 1_000_000) * 64
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.stat(f"/proc/{pid}").st_uid >= UID_BASE:
+            if first <= os.stat(f"/proc/{pid}").st_uid < first + 64:
                 pids.append(int(pid))
         except OSError:
             pass
@@ -103,9 +105,9 @@ def test_a_killed_eval_resumes_where_it_stopped(tmp_path: Path, env: dict[str, s
     assert json.loads(done.stdout)["pass_at_k"]["pass@1"] == 0.5
     assert time.monotonic() - start < 60
     deadline = time.monotonic() + 10  # the killed run's executor ends at EOF after its sample
-    while sandbox_processes() and time.monotonic() < deadline:
+    while sandbox_processes(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert sandbox_processes() == []
+    assert sandbox_processes(proc.pid) == []
 
 
 def make_adapter_run(run: Path) -> None:
