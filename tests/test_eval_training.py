@@ -47,3 +47,35 @@ def test_status_answers_and_stop_abandons_an_eval(worker: WorkerClient, runs_roo
     logs = [e["message"] for e in worker.events_named("log")]
     assert any("code evaluation abandoned at step 2" in m for m in logs)
     assert not (runs_root / "job" / "eval" / "humaneval.json").exists()
+
+
+def test_a_shared_eval_path_makes_eval_losses_comparable(tmp_path: Path) -> None:
+    """Two runs that split their own data differently evaluate on the same fixed file."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from uff_port.training.builtin import sample_corpus_path
+
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(sample_corpus_path().read_text().splitlines(keepends=True)[:40]))
+    tokens = []
+    for name, fraction in (("a", 0.0), ("b", 0.3)):
+        cfg = {"model": {"name_or_path": "builtin:tiny-llama"},
+               "data": {"path": "builtin:sample-corpus", "seq_len": 64, "eval_fraction": fraction},
+               "training": {"max_steps": 2, "micro_batch_size": 2, "grad_accum_steps": 1, "device": "cpu",
+                            "precision": "fp32", "progress_every_seconds": 0},
+               "checkpoint": {"every_steps": None}, "output": {"plot": False},
+               "eval": {"every_steps": 2, "max_batches": 50, "path": str(held_out)}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        proc = subprocess.run([sys.executable, "-m", "uff_port.training", "--run-dir", str(tmp_path / name),
+                               "--config", str(tmp_path / f"{name}.yaml")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        events = [json.loads(x) for x in (tmp_path / name / "events.jsonl").read_text().splitlines()]
+        evals = [e for e in events if e["event"] == "eval" and "suite" not in e]
+        assert evals and evals[-1]["loss"] is not None
+        tokens.append(evals[-1]["tokens"])
+    assert tokens[0] == tokens[1] > 0  # the same held-out tokens, though run a holds out nothing of its own

@@ -142,6 +142,8 @@ class EvalConfig(_Section):
     max_batches: int = Field(20, gt=0)
     # left out of the dump when empty, so configs without suites keep their config_hash
     suites: list[SuiteEvalConfig] = Field(default_factory=list, exclude_if=lambda v: not v)
+    # a fixed held-out file for the loss, shared by runs so their eval_loss compares
+    path: str | None = Field(None, min_length=1, exclude_if=lambda v: v is None)
 
 
 class OutputConfig(_Section):

@@ -28,6 +28,7 @@ from uff_port import __version__
 from uff_port.fsutil import atomic_write_json, fsync_dir
 from uff_port.hashing import tree_manifest
 from uff_port.training import dist, zero
+from uff_port.training.builtin import resolve_data_path
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
 from uff_port.training.checkpoint_store import CheckpointStore, ResumePoint
 from uff_port.training.config import Config, config_hash, resume_hash, resume_view
@@ -274,10 +275,13 @@ class Trainer:
         def bad(name: str, line_no: int, reason: str) -> None:
             self.emit("log", level="warning", code="bad_line", file=name, line=line_no, message=f"{name}:{line_no}: {reason}")
 
+        shared = self.cfg.eval.path if split == "eval" else None  # eval.path: every line is held out
+        if shared and not resolve_data_path(shared).is_file():
+            raise TrainError("data_not_found", f"eval.path: no such file {shared!r}")
         return PackedStream(
-            self.cfg.data.path,
+            shared or self.cfg.data.path,
             self.tokenizer,
-            self.cfg.data,
+            self.cfg.data.model_copy(update={"eval_fraction": 1.0}) if shared else self.cfg.data,
             split=split,  # type: ignore[arg-type]
             seed=self.cfg.training.seed,
             rank=self.rank,
@@ -614,7 +618,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean token loss on the held-out split (loss sums accumulate, never logits)."""
-        if self.cfg.data.eval_fraction <= 0:
+        if self.cfg.data.eval_fraction <= 0 and not self.cfg.eval.path:
             return None
         self.set_state("evaluating")
         model = self.model
