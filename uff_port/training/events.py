@@ -34,6 +34,8 @@ class Reporter:
         self.job_id = job_id
         self.listeners: list[Listener] = []
         self.channel_broken = False
+        self.write_errors = 0
+        self.last_write_error: OSError | None = None
         self._lock = threading.Lock()
         self._last_progress = 0.0
         if self.enabled:
@@ -57,11 +59,17 @@ class Reporter:
             rec.setdefault("job_id", self.job_id)
         line = json.dumps(rec, separators=(",", ":"), default=str) + "\n"
         with self._lock:  # the checkpoint thread emits too
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(line)
-                if event in _DURABLE:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            try:
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(line)
+                    if event in _DURABLE:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+            except OSError as exc:
+                # A full disk must not silence the worker: the event (a `failed` saying
+                # `disk_full`, above all) still goes over the channel.
+                self.write_errors += 1
+                self.last_write_error = exc
             self._send(rec)
         for listener in self.listeners:
             listener(rec)
