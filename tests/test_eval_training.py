@@ -40,8 +40,9 @@ def test_status_answers_and_stop_abandons_an_eval(worker: WorkerClient, runs_roo
         **BASE, "training.max_steps": 400, "eval.every_steps": None,
         "eval.suites": [{"suite": "humaneval", "every_steps": 2, "max_new_tokens": 64, "batch_size": 2}]}})
     worker.wait_event(lambda e: e.get("event") == "state" and e.get("phase") == "evaluating", timeout=180)
-    status = worker.request("status", timeout=10)  # answered between generation batches
+    status = worker.request("status", timeout=10)  # the worker's own view: busy, at step 2
     assert status["step"] == 2
+    # the stop goes to the trainer, which polls its channel between generation batches
     stopped = worker.request("stop", timeout=60)
     assert stopped["exit_status"] == 75 and stopped["checkpoint"] and stopped["step"] == 2
     logs = [e["message"] for e in worker.events_named("log")]
