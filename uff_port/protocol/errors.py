@@ -29,6 +29,7 @@ class ErrorCode:
     TIMEOUT: Final = "timeout"
     SHUTTING_DOWN: Final = "shutting_down"
     WONT_FIT: Final = "wont_fit"
+    UNSAFE_PATH: Final = "unsafe_path"  # a symlink (or non-file) in a run directory that leads out of it
     # Registry and releases (docs/registry.md).
     INVALID_MANIFEST: Final = "invalid_manifest"
     VERIFY_FAILED: Final = "verify_failed"
