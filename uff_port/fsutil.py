@@ -100,6 +100,17 @@ def is_inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> boo
     return p == base or base in p.parents
 
 
+def find_symlinks(root: str | os.PathLike[str]) -> list[str]:
+    """Relative paths of every symlink under `root` (files and directories), sorted."""
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                out.append(os.path.relpath(full, root))
+    return sorted(out)
+
+
 def confine_existing(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """`path` resolved, refusing (UnsafePath) one whose symlinks lead outside `root`.
 

@@ -24,6 +24,8 @@ NOT_FOUND: Final = "not_found"
 INVALID_ARGS: Final = "invalid_args"
 INVALID_GATES: Final = "invalid_gates"
 """The gates YAML failed its schema."""
+UNSAFE_PATH: Final = "unsafe_path"
+"""An artifact or run directory holds a symlink (or non-file): never followed, never copied."""
 
 EXIT_CODES: Final = {
     INVALID_ARGS: 2,
@@ -34,6 +36,7 @@ EXIT_CODES: Final = {
     GATE_FAILED: 6,
     ALIAS_CONFLICT: 7,
     INCONSISTENT_RELEASE: 8,
+    UNSAFE_PATH: 9,
 }
 
 

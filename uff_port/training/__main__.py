@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     is_launcher = False
     fd, sock = _channel_fd(args)
     report = Reporter(run_dir, channel_fd=fd, rank=int(os.environ.get("RANK", "0")), job_id=args.job_id)
+    if report.file_refused is not None:
+        return _refuse(report, "unsafe_path", report.file_refused)
     config_path = args.config or run_dir / "config.yaml"
     try:
         cfg = load_config(config_path, parse_overrides(args.overrides))
@@ -199,6 +201,7 @@ def _strip(argv: list[str], flags: set[str]) -> list[str]:
 def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, fd: int | None) -> int:
     """Set up and train; every way out is an exit code and, on failure, a `failed` event."""
     # Heavy imports only now: a refused config above never loads torch.
+    from uff_port.fsutil import UnsafePath
     from uff_port.training import dist
     from uff_port.training.channel import Inbox
     from uff_port.training.checkpoint_store import CheckpointMismatch
@@ -239,6 +242,10 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
         return stop.code
     except CheckpointMismatch as exc:
         return _refuse(report, "checkpoint_mismatch", str(exc), exc.differences)
+    except UnsafePath as exc:  # a symlink out of the run directory, found by the checkpoint store
+        trainer.settle()
+        report.emit("failed", code=exc.code, message=str(exc), resumable=False, step=trainer.step)
+        return 3 if not started else EXIT_CRASH
     except (ModelError, DataError, TrainError) as exc:
         trainer.settle()
         resumable = bool(getattr(exc, "resumable", False)) or (started and trainer.last_checkpoint is not None)

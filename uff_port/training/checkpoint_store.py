@@ -36,6 +36,7 @@ from uff_port.fsutil import (
     UnsafePath,
     atomic_write_text,
     confine_existing,
+    find_symlinks,
     fsync_dir,
     fsync_file,
     open_confined,
@@ -450,7 +451,7 @@ class CheckpointStore:
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
             return None, "manifest lists no files"
-        links = _symlinks_in(path)
+        links = find_symlinks(path)
         if links:
             return None, f"holds symlinks (never followed): {', '.join(links[:5])}"
         report = verify_tree(path, files, exclude=[MANIFEST])
@@ -592,15 +593,6 @@ def _holds_open(pid: int, file_id: tuple[int, int]) -> bool:
         if (st.st_dev, st.st_ino) == file_id:
             return True
     return False
-
-
-def _symlinks_in(root: Path) -> list[str]:
-    out = []
-    for dirpath, dirs, files in os.walk(root):
-        for name in (*dirs, *files):
-            if os.path.islink(os.path.join(dirpath, name)):
-                out.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(out)
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | str:

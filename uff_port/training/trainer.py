@@ -712,6 +712,8 @@ class Trainer:
         """Adapter (and optional merged model) to RUN_DIR/final, committed by one rename."""
         final = self.run_dir / "final"
         tmp = self.run_dir / f".final-{os.getpid()}"
+        if tmp.is_symlink():  # planted: rmtree refuses links, and we must not write through it
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         peft_cfg = getattr(self.model, "peft_config", {}).get("default")
         if peft_cfg is not None:
