@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from uff_port import __version__
-from uff_port.fsutil import atomic_write_json, fsync_dir
+from uff_port.fsutil import UNSAFE_PATH, UnsafePath, atomic_write_json, fsync_dir
 from uff_port.hashing import tree_manifest
 from uff_port.training import dist, zero
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
@@ -424,6 +424,8 @@ class Trainer:
             return None
         point = self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
         if point is None:
+            if isinstance(self.checkpointer.last_error, UnsafePath):  # checkpoints/ now leads out of the run
+                raise TrainError(UNSAFE_PATH, str(self.checkpointer.last_error), resumable=True)
             raise TrainError("checkpoint_failed", f"checkpoint of step {self.step} did not become durable", resumable=True)
         return str(point.path)
 
