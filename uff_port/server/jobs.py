@@ -173,7 +173,8 @@ class Job:
             info.phase = "training"
         elif name == "state" and isinstance(fields.get("state"), str):
             info.phase = fields["state"]
-            if isinstance(fields.get("resumed_from"), int):  # the trainer's word: it may have fallen back
+            if fields["state"] == "training" and "resumed_from" in fields:
+                # The trainer's word on where it resumed: it may have fallen back past the worker's choice.
                 info.resumed_from = fields["resumed_from"]
         elif name == "checkpoint":
             info.last_checkpoint = {"step": fields.get("step"), "path": fields.get("path")}
