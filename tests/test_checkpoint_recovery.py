@@ -26,6 +26,7 @@ SMALL = {
     "checkpoint.every_steps": 2,
     "checkpoint.keep_last": 3,
     "eval.every_steps": None,
+    "eval.max_batches": 1,
     "data.seq_len": 64,
 }
 

@@ -109,3 +109,21 @@ def test_register_refuses_a_symlink_in_final(worker: WorkerClient, runs_root: Pa
         copied = [p for p in reg.rglob("*") if p.is_file() and b"TOPSECRET" in p.read_bytes()] if reg.exists() else []
         assert copied == []
     assert tree(outside) == before
+
+
+def test_the_trainer_refuses_a_linked_config_or_events_file(tmp_path: Path, outside: Path) -> None:
+    """The trainer started by hand (or racing the worker's checks) refuses too, before training."""
+    root = Path(__file__).resolve().parents[1]
+    (outside / "config.yaml").write_text((root / "configs" / "tiny.yaml").read_text())
+    before = tree(outside)
+    for name in ("config.yaml", "events.jsonl"):
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        (run / name).symlink_to(outside / name)
+        proc = subprocess.run(
+            [sys.executable, "-m", "uff_port.training", "--run-dir", str(run)]
+            + ([] if name == "config.yaml" else ["--config", str(root / "configs" / "tiny.yaml")]),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 3, proc.stderr[-2000:]
+    assert tree(outside) == before

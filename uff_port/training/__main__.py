@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if report.file_refused is not None:
         return _refuse(report, "unsafe_path", report.file_refused)
     config_path = args.config or run_dir / "config.yaml"
+    if Path(config_path).absolute().parent == run_dir and Path(config_path).is_symlink():
+        # The run's own config.yaml is the worker's file: a link planted there is not read through.
+        return _refuse(report, "unsafe_path", f"{config_path}: is a symlink; refusing to read through it")
     try:
         cfg = load_config(config_path, parse_overrides(args.overrides))
     except ConfigError as exc:

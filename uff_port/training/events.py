@@ -114,9 +114,11 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """All events of a run; a torn last line (crash mid-write) is skipped."""
     out: list[dict[str, Any]] = []
     path = Path(run_dir) / EVENTS_FILE
-    if not path.exists():
+    try:
+        fh = open_confined(path.parent, path, "rb")
+    except (OSError, UnsafePath):  # absent, or a planted link: nothing of ours to read
         return out
-    with open(path, encoding="utf-8") as fh:
+    with fh:
         for line in fh:
             try:
                 out.append(json.loads(line))
