@@ -141,10 +141,36 @@ def test_cli_promote_prints_gate_table(variants: dict[str, Path], tmp_path: Path
     ok = uff("promote", str(load_manifest(variants["a"] / "final").artifact_id), "--registry", reg_dir,
              "--bench-results", bench)
     assert ok.returncode == 0, ok.stderr
-    assert "promoted" in ok.stdout and ok.stdout.count("PASS") == 5
+    assert "promoted" in ok.stdout and ok.stdout.count("PASS") == 6
     worse = load_manifest(variants["worse"] / "final").artifact_id
     bad = uff("promote", worse, "--registry", reg_dir, "--bench-results", bench)
     assert bad.returncode == 6 and "REFUSED" in bad.stdout and "regresses past stable" in bad.stdout
+
+
+def test_a_nan_adapter_is_refused_at_register_and_by_the_weights_gate(
+    variants: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "nan"
+    shutil.copytree(variants["b"], src, ignore=shutil.ignore_patterns("checkpoints"))
+    adapter = src / "final" / "adapter_model.safetensors"
+    tensors = load_file(str(adapter))
+    name = sorted(tensors)[-1]
+    tensors[name].flat[-1] = float("inf")
+    save_file(tensors, str(adapter))
+    manifest = load_manifest(write_run_manifest(src))  # every hash matches the poisoned bytes
+    with Registry(tmp_path / "reg") as reg:
+        with pytest.raises(CommandError) as refused:
+            register_path(reg, src)
+        assert refused.value.code == "non_finite" and name in refused.value.message
+        # Stored without the door check (a registry older than it, or a pulled copy):
+        # promotion still reads the tensors before any alias moves.
+        reg.register(src / "final", manifest)
+        gates = load_gates(gates_file(tmp_path / "gates.yaml"))
+        result = promote(reg, manifest.artifact_id, gates, evidence=load_evidence(bench_file(tmp_path / "b.json")))
+        assert not result.moved and [g.gate for g in result.gates if g.status == "fail"] == ["weights"]
+        assert "NaN/Inf in 1" in result.gates[-1].detail and reg.aliases("textgen") == {}
 
 
 def test_rollback_restores_previous_release(variants: dict[str, Path], tmp_path: Path) -> None:
@@ -238,7 +264,7 @@ def test_worker_commands(variants: dict[str, Path], tmp_path: Path) -> None:
 
     ctx.events.clear()
     out = commands.promote({"artifact": ids["a"], "bench_results": "bench.json"}, ctx)
-    assert out["moved"] and names()[-1] == "alias_moved" and names().count("gate_result") == 5
+    assert out["moved"] and names()[-1] == "alias_moved" and names().count("gate_result") == 6
     commands.promote({"artifact": ids["b"], "bench_results": "bench.json", "expect": ids["a"]}, ctx)
     with pytest.raises(CommandError) as exc:
         commands.promote({"artifact": ids["worse"], "bench_results": "bench.json"}, ctx)

@@ -104,7 +104,7 @@ def test_register_refuses_a_symlink_in_final(worker: WorkerClient, runs_root: Pa
         [sys.executable, "-m", "uff_port", "register", str(runs_root / "job"), "--registry", str(registry)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert cli.returncode == 9 and "unsafe_path" in cli.stderr, cli.stderr
+    assert cli.returncode == 10 and "unsafe_path" in cli.stderr, cli.stderr
     for reg in (registry, runs_root / "registry"):
         copied = [p for p in reg.rglob("*") if p.is_file() and b"TOPSECRET" in p.read_bytes()] if reg.exists() else []
         assert copied == []

@@ -27,6 +27,12 @@ def test_hello_is_first_and_complete(worker: WorkerClient) -> None:
     assert hello["protocol"] == 1
     assert hello["pid"] == worker.pid
     assert CORE <= set(hello["commands"])
+    info = hello["command_info"]
+    assert list(info) == hello["commands"]
+    assert info["ping"] == {"long_running": False, "deadline_s": None}
+    # `train` may first wait out the grace period (100 s) for an orphaned trainer's checkpoint.
+    assert info["train"]["long_running"] is True and info["train"]["deadline_s"] > 100
+    assert all(i["deadline_s"] is None or i["deadline_s"] > 100 for i in info.values() if i["long_running"])
     assert hello["devices"] == [] or all("memory_total" in d for d in hello["devices"])
     assert isinstance(hello["ts"], float) and isinstance(hello["version"], str)
 

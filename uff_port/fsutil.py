@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
+import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -32,6 +35,18 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """Every file and directory under `root`, then `root` itself."""
+    # Children before parents: a directory entry is only worth syncing once
+    # what it names is on disk.
+    for dirpath, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(dirpath) / name)
+        for name in dirs:
+            fsync_dir(Path(dirpath) / name)
+    fsync_dir(root)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -62,6 +77,52 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+OLD_PREFIX: Final = ".old-"
+"""A directory moved aside by `replace_dir`, put back by `recover_dir` if we died mid-swap."""
+_swaps = itertools.count()
+
+
+def replace_dir(new: str | os.PathLike[str], dst: str | os.PathLike[str],
+                after_move_aside: Callable[[], None] | None = None) -> None:
+    """Make the (complete, fsynced) directory `new` be `dst`, replacing any old one.
+
+    rename(2) cannot replace a non-empty directory, and rmtree-then-rename leaves a
+    window with no `dst` at all. So: move the old one aside under a recognisable
+    name, rename the new one in, fsync the parent, and only then delete the old.
+    A crash in between leaves either the old `dst` or the aside copy, which
+    `recover_dir(dst)` puts back; never a half-deleted directory under `dst`.
+    """
+    new_p, dst_p = Path(new), Path(dst)
+    if dst_p.exists():
+        old = dst_p.with_name(f"{OLD_PREFIX}{dst_p.name}-{os.getpid()}-{next(_swaps)}")
+        os.rename(dst_p, old)
+        if after_move_aside is not None:
+            after_move_aside()
+        os.rename(new_p, dst_p)
+        fsync_dir(dst_p.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new_p, dst_p)
+        fsync_dir(dst_p.parent)
+
+
+def recover_dir(dst: str | os.PathLike[str]) -> bool:
+    """Undo a `replace_dir` that died mid-swap: put the old `dst` back if it is missing,
+    else drop the stale aside copies. True when something was put back."""
+    dst_p = Path(dst)
+    if not dst_p.parent.is_dir():
+        return False
+    restored = False
+    for aside in sorted(dst_p.parent.glob(f"{OLD_PREFIX}{dst_p.name}-*")):
+        if not dst_p.exists():
+            os.rename(aside, dst_p)
+            restored = True
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+        fsync_dir(dst_p.parent)
+    return restored
+
+
 def confine(root: str | os.PathLike[str], candidate: str | os.PathLike[str]) -> Path:
     """Resolve `candidate` under `root` and refuse anything that escapes it.
 
@@ -74,6 +135,25 @@ def confine(root: str | os.PathLike[str], candidate: str | os.PathLike[str]) -> 
     if resolved != base and base not in resolved.parents:
         raise ValueError(f"path {os.fspath(candidate)!r} escapes {os.fspath(base)!r}")
     return resolved
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT anywhere in an exception's chain (a commit wraps the OSError it hit).
+
+    Native writers (safetensors, torch's zip writer) raise their own types: for those the
+    OS's words in the message are all there is.
+    """
+    seen: BaseException | None = exc
+    for _ in range(16):  # chains are short; a cycle must not hang us
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if any(s in text for s in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # -- confinement of files inside a run -------------------------------------------

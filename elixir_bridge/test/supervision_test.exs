@@ -70,6 +70,29 @@ defmodule UffPort.SupervisionTest do
         do: assert(gap >= min, "gaps #{inspect(gaps)}")
   end
 
+  test "the carried job's train gets the worker's announced deadline: no restart loop" do
+    # Every restart sends the job's train, and a worker may first wait out an orphaned
+    # trainer's grace period: killed at :start_timeout (2 s here, 30 s by default), it
+    # would be restarted into the same wait, again and again. The fake waits 2.5 s and
+    # announces 10 s.
+    {:ok, _sup} =
+      start_supervised(
+        {JobSupervisor,
+         job: %{"config_path" => "tiny"},
+         worker: fake("slow_train", [2.5, 10]) ++ [subscribers: [self()], start_timeout: 2_000],
+         max_restarts: 3,
+         max_seconds: 60}
+      )
+
+    assert %{"attempt" => 1} = await_event(%{"event" => "hello"}, 10_000)
+
+    assert %{"attempt" => 1, "result" => %{"job_id" => "fake"}} =
+             await_event(%{"event" => "job_started"}, 10_000)
+
+    refute_received {:uff_port, _, %{"event" => "worker_down"}}
+    refute_received {:uff_port, _, %{"event" => "hello"}}
+  end
+
   test "a job that fails for good (resumable: false) is not restarted: no restart loop", %{
     tmp: tmp
   } do

@@ -1,14 +1,16 @@
 defmodule UffPort.WorkerStateTest do
-  # Watchdog arithmetic on a bare state: no process, no clock.
+  # The bridge's rules on a bare state: no process, no clock, no file.
   use ExUnit.Case, async: true
 
-  alias UffPort.WorkerState
+  alias UffPort.{WorkerOptions, WorkerState}
 
-  defp state do
-    [command: {"/bin/true", []}, stall_timeout: 1_000, heartbeat_timeout: 60_000]
-    |> WorkerState.config!()
-    |> Map.merge(%{last_heartbeat_at: 0, step_changed_at: 0})
-  end
+  @hello %{"event" => "hello", "protocol" => 1, "pid" => 4242}
+
+  defp opts(extra \\ []),
+    do: WorkerOptions.new!([command: {"/bin/true", []}, stderr_log: "/tmp/unused.log"] ++ extra)
+
+  defp state(extra \\ [stall_timeout: 1_000, heartbeat_timeout: 60_000]),
+    do: extra |> opts() |> WorkerState.new() |> WorkerState.started(@hello, 0)
 
   defp event(state, name, fields, now),
     do: WorkerState.on_event(state, name, Map.put(fields, "event", name), now)
@@ -67,5 +69,125 @@ defmodule UffPort.WorkerStateTest do
     refute s.healthy?
     s = event(s, "progress", %{"step" => 126}, 100)
     assert s.healthy?
+  end
+
+  test "the heartbeat watchdog fires once the worker is silent past its timeout" do
+    s = state(heartbeat_timeout: 1_000) |> beat(500)
+    assert WorkerState.watchdog(s, 1_500) == :ok
+
+    assert {:kill, {:heartbeat_timeout, %{silent_ms: 1_001, timeout_ms: 1_000, os_pid: 4242}}} =
+             WorkerState.watchdog(s, 1_501)
+  end
+
+  test "exit statuses map to stop reasons in one place" do
+    s = state()
+    assert WorkerState.exit_reason(s, 0, ["x"]) == :normal
+    assert WorkerState.exit_reason(s, 75, ["x"]) == {:shutdown, :resumable}
+
+    assert WorkerState.exit_reason(s, 3, ["boom"]) ==
+             {:worker_crashed, %{status: 3, signal: nil, os_pid: 4242, stderr: ["boom"]}}
+
+    assert {:worker_crashed, %{status: 137, signal: 9}} = WorkerState.exit_reason(s, 137, [])
+
+    assert {:worker_crashed, %{status: nil, port_closed: :epipe, stderr: ["e"]}} =
+             WorkerState.port_closed_reason(s, :epipe, ["e"])
+
+    assert WorkerState.clean_stop?(:normal) and WorkerState.clean_stop?({:shutdown, :resumable})
+    refute WorkerState.clean_stop?({:worker_crashed, %{}})
+  end
+
+  test "teardown starts where the worker can still be reached" do
+    assert WorkerState.teardown_steps({:heartbeat_timeout, %{}}) == [:sigkill]
+    assert WorkerState.teardown_steps({:stalled, %{}}) == [:sigkill]
+    assert WorkerState.teardown_steps({:bad_frame, :x}) == [:sigterm, :sigkill]
+    assert WorkerState.teardown_steps(:shutdown) == [:shutdown, :sigterm, :sigkill]
+    assert WorkerState.teardown_steps({:call_timeout, "ping"}) == [:shutdown, :sigterm, :sigkill]
+  end
+
+  test "requests get increasing ids and are popped once" do
+    s = state()
+    {1, s} = WorkerState.reserve_id(s)
+    s = WorkerState.put_pending(s, 1, %{from: :job, cmd: "train", timer: make_ref(), timeout: 5})
+    {2, s} = WorkerState.reserve_id(s)
+    s = WorkerState.put_pending(s, 2, %{from: :job, cmd: "ping", timer: make_ref(), timeout: 5})
+
+    assert {%{cmd: "ping"}, s} = WorkerState.pop_pending(s, 2)
+    assert {nil, s} = WorkerState.pop_pending(s, 2)
+    assert {nil, s} = WorkerState.pop_pending(s, nil)
+    assert {[%{cmd: "train"}], s} = WorkerState.take_pending(s)
+    assert s.pending == %{} and s.next_id == 3
+  end
+
+  test "deadlines: the bridge's defaults, or the worker's announced deadline when longer" do
+    s = state(call_timeout: 1_000, long_call_timeout: 5_000, start_timeout: 2_000)
+    # No command_info (an older worker, a fake one): the bridge's defaults.
+    assert WorkerState.deadline(s, "train") == 1_000
+    assert WorkerState.deadline(s, "stop") == 5_000
+    assert WorkerState.job_deadline(s) == 2_000
+
+    info = %{
+      "train" => %{"long_running" => true, "deadline_s" => 130.0},
+      "stop" => %{"long_running" => true, "deadline_s" => 1},
+      "ping" => %{"long_running" => false, "deadline_s" => nil},
+      "plan" => %{"long_running" => true, "deadline_s" => "soon"},
+      "huge" => %{"deadline_s" => 1.0e12}
+    }
+
+    s = WorkerState.started(s, Map.put(@hello, "command_info", info), 0)
+    assert WorkerState.deadline(s, "train") == 130_000
+    assert WorkerState.job_deadline(s) == 130_000
+    # Shorter than the bridge's own default: the default stands.
+    assert WorkerState.deadline(s, "stop") == 5_000
+    assert WorkerState.deadline(s, "ping") == 1_000
+    assert WorkerState.deadline(s, "plan") == 1_000
+    # Held to the longest timer the VM can set.
+    assert WorkerState.deadline(s, "huge") == 4_294_967_295
+
+    s = WorkerState.started(s, Map.put(@hello, "command_info", "garbage"), 0)
+    assert WorkerState.deadline(s, "train") == 1_000
+  end
+
+  test "subscribers are kept by monitor and dropped when theirs fires" do
+    {a, b} = {make_ref(), make_ref()}
+    pid = spawn(fn -> :ok end)
+
+    s =
+      state()
+      |> WorkerState.add_subscriber(self(), a)
+      |> WorkerState.add_subscriber(pid, b)
+      |> WorkerState.add_subscriber(:some_name, nil)
+
+    assert WorkerState.subscribed?(s, pid)
+    s = WorkerState.drop_subscriber(s, b)
+    assert Enum.sort(WorkerState.subscribers(s)) == Enum.sort([self(), :some_name])
+    # A stray reference drops nothing; names are never dropped.
+    assert WorkerState.drop_subscriber(s, make_ref()) == s
+  end
+
+  test "options: defaults filled, bad ones raise ArgumentError naming the option" do
+    o = opts()
+    assert o.call_timeout == 30_000 and o.heartbeat_interval == 2.0 and o.temp_log? == false
+    assert o.watchdog_every == 2_000
+
+    for {key, bad} <- [
+          call_timeout: 0,
+          stall_timeout: 1.5,
+          heartbeat_interval: 0,
+          grace_seconds: -1,
+          max_frame_bytes: "big",
+          name: "w",
+          runs_root: 5,
+          env: [:x],
+          subscribers: [1],
+          job: [config_path: "tiny"],
+          backoff: [base: -1],
+          command: "python"
+        ] do
+      assert_raise ArgumentError, ~r/#{key}/, fn -> opts([{key, bad}]) end
+    end
+
+    assert_raise ArgumentError, ~r/unknown UffPort.Worker options \[:bogus\]/, fn ->
+      opts(bogus: 1)
+    end
   end
 end

@@ -143,6 +143,47 @@ defmodule UffPort.WorkerTest do
     assert File.read!(log) =~ "died before reading its job"
   end
 
+  test "train gets the deadline the worker announces, not the bridge's shorter default" do
+    # The worker may first wait a whole grace period (100 s) for an orphaned trainer's
+    # final checkpoint, against the bridge's 30 s default: here 1.5 s against 0.5 s,
+    # announced as 10 s. Killed at the default, the worker would restart into the same wait.
+    w =
+      start_supervised!({Worker, fake("slow_train", [1.5, 10]) ++ [call_timeout: 500]},
+        restart: :temporary
+      )
+
+    ref = Process.monitor(w)
+    assert {:ok, %{"job_id" => "fake"}} = Worker.train(w, %{"config_path" => "tiny"})
+    refute_received {:DOWN, ^ref, _, _, _}
+    assert {:ok, %{"pong" => true}} = Worker.ping(w)
+  end
+
+  test "a subscriber that dies is dropped", %{tmp: tmp} do
+    w = start!(tmp)
+    sub = spawn(fn -> receive(do: (:stop -> :ok)) end)
+    :ok = Worker.subscribe(w, sub)
+    :ok = Worker.subscribe(w, sub)
+    assert Enum.sort(subscribers(w)) == Enum.sort([self(), sub])
+    send(sub, :stop)
+    assert wait_until(fn -> subscribers(w) == [self()] end)
+  end
+
+  defp subscribers(w), do: :sys.get_state(w) |> UffPort.WorkerState.subscribers()
+
+  defp wait_until(fun, tries \\ 50) do
+    cond do
+      fun.() ->
+        true
+
+      tries == 0 ->
+        false
+
+      true ->
+        Process.sleep(20)
+        wait_until(fun, tries - 1)
+    end
+  end
+
   test "start failures are errors with the stderr tail; a silent worker times out", %{tmp: tmp} do
     Process.flag(:trap_exit, true)
 

@@ -35,7 +35,8 @@ import yaml
 
 from uff_port.cloud.environment import BUNDLE_MARKER, Platform, PlatformError, detect
 from uff_port.cloud.verify import write_output_manifest
-from uff_port.fsutil import atomic_write_json, atomic_write_text
+from uff_port.fsutil import atomic_write_json
+from uff_port.training.checkpoint_store import CheckpointStore
 
 EXIT_RESUMABLE: Final = 75
 DEFAULT_MARGIN: Final = 60.0
@@ -73,34 +74,6 @@ def _materialize(platform: Platform) -> Platform:
     return dataclasses.replace(platform, bundle_dir=dest)
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    """(step, dir) of the newest durable checkpoint of a run directory."""
-    ckdir = run_dir / "checkpoints"
-    latest = ckdir / "LATEST"
-    if latest.is_file():
-        name = latest.read_text(encoding="utf-8").strip()
-        path = Path(name) if Path(name).is_absolute() else ckdir / Path(name).name
-        step = _step_of(path.name)
-        if path.is_dir() and step is not None:
-            return step, path
-    best: tuple[int, Path] | None = None
-    for p in ckdir.glob("step-*"):
-        step = _step_of(p.name)
-        if step is not None and p.is_dir() and (p / "manifest.json").is_file():
-            if best is None or step > best[0]:
-                best = (step, p)
-    return best
-
-
-def _step_of(name: str) -> int | None:
-    if not name.startswith("step-"):
-        return None
-    try:
-        return int(name[5:])
-    except ValueError:
-        return None
-
-
 def _session_config(platform: Platform, budget: float | None, margin: float) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = json.loads((platform.bundle_dir / BUNDLE_MARKER).read_text(encoding="utf-8"))
     cfg = yaml.safe_load((platform.bundle_dir / meta.get("config", "config.yaml")).read_text(encoding="utf-8"))
@@ -124,21 +97,11 @@ def _restore_resume(platform: Platform) -> None:
     src = platform.bundle_dir / "resume"
     if not src.is_dir():
         return
-    ours = latest_checkpoint(platform.run_dir)
-    bundled = _latest_in(src)
-    if bundled is None or (ours is not None and ours[0] >= bundled):
+    ours = CheckpointStore(platform.run_dir).latest()
+    bundled = CheckpointStore(src).latest()
+    if bundled is None or (ours is not None and ours.step >= bundled.step):
         return
-    dst = platform.run_dir / "checkpoints"
-    dst.mkdir(parents=True, exist_ok=True)
-    name = f"step-{bundled:08d}"
-    shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
-    # LATEST moves only once the directory it names is in place.
-    atomic_write_text(dst / "LATEST", name + "\n")
-
-
-def _latest_in(tree: Path) -> int | None:
-    name = (tree / "LATEST").read_text(encoding="utf-8").strip() if (tree / "LATEST").is_file() else ""
-    return _step_of(name)
+    CheckpointStore(platform.run_dir).install(bundled.path)
 
 
 def _copy_run_to_model_dir(platform: Platform) -> None:
@@ -152,10 +115,14 @@ def _copy_run_to_model_dir(platform: Platform) -> None:
             shutil.copyfile(platform.run_dir / name, out / name)
     if (platform.run_dir / "final").is_dir():
         shutil.copytree(platform.run_dir / "final", out / "final")
-    latest = latest_checkpoint(platform.run_dir)
+    latest = CheckpointStore(platform.run_dir).latest()
     if latest is not None:
-        shutil.copytree(latest[1], out / "checkpoints" / latest[1].name)
-        atomic_write_text(out / "checkpoints" / "LATEST", latest[1].name + "\n")
+        CheckpointStore(out).install(latest.path)
+
+
+def _latest_step(run_dir: Path) -> int:
+    point = CheckpointStore(run_dir).latest()
+    return point.step if point else 0
 
 
 def run_session(platform: Platform, margin: float, session: str | None) -> int:
@@ -163,7 +130,7 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     budget = platform.budget_seconds
     meta, cfg = _session_config(platform, budget, margin)
     _restore_resume(platform)
-    start_step = (latest_checkpoint(platform.run_dir) or (0, None))[0]
+    start_step = _latest_step(platform.run_dir)
     tmp = Path(tempfile.mkdtemp(prefix="uff-session-"))
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -191,7 +158,7 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     self_stopped = False
     restarts = stalled = 0
     while True:
-        launched_at = (latest_checkpoint(platform.run_dir) or (0, None))[0]
+        launched_at = _latest_step(platform.run_dir)
         # Own process group: the provider's SIGTERM reaches us, and we decide how
         # the trainer hears of it (once, with a deadline), so it is never killed twice.
         children.append(subprocess.Popen(cmd, start_new_session=True))
@@ -213,7 +180,7 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         # A trainer killed from outside (OOM killer, a driver crash) while the
         # session still has time: start it again, it resumes from its last
         # checkpoint instead of wasting the rest of a 9 h session.
-        progressed = (latest_checkpoint(platform.run_dir) or (0, None))[0] > launched_at
+        progressed = _latest_step(platform.run_dir) > launched_at
         stalled = 0 if progressed else stalled + 1
         if rc < 0 and not term_at and stalled < MAX_RESTARTS and (left is None or left > 2 * margin):
             restarts += 1
@@ -221,8 +188,7 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
             continue
         break
     shutil.rmtree(tmp, ignore_errors=True)
-    latest = latest_checkpoint(platform.run_dir)
-    step = latest[0] if latest else 0
+    step = _latest_step(platform.run_dir)
     finished = (platform.run_dir / "final").is_dir() and rc == 0
     info = {
         "session": session or meta.get("session"),

@@ -31,15 +31,15 @@ from uff_port.cloud.backends.base import (
 )
 from uff_port.cloud.backends.sagemaker import job_name
 from uff_port.cloud.bundle import BundleError, build_bundle, build_wheel
-from uff_port.cloud.entry import latest_checkpoint
 from uff_port.cloud.journal import REMOTE_DONE, SETTLED, Journal, crash_point
 from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.routing import choose_backend
 from uff_port.cloud.settings import CloudSettings
 from uff_port.cloud.verify import check_pull
-from uff_port.fsutil import atomic_write_text, fsync_dir, fsync_file
+from uff_port.fsutil import fsync_tree, replace_dir
 from uff_port.procutil import SignalSafeEvent
 from uff_port.protocol import ErrorCode
+from uff_port.training.checkpoint_store import CheckpointStore
 from uff_port.training.config import Config
 
 EXIT_FINISHED: Final = 0
@@ -116,7 +116,8 @@ class CloudRun:
         return self._backends[name]
 
     def local_checkpoint(self) -> tuple[int, Path] | None:
-        return latest_checkpoint(self.run_dir)
+        point = CheckpointStore(self.run_dir).latest()
+        return (point.step, point.path) if point else None
 
     def status(self) -> dict[str, Any]:
         ck = self.local_checkpoint()
@@ -276,10 +277,8 @@ class CloudRun:
             return None
         tree = self.run_dir / "cloud" / "resume"
         if tree.exists():
-            shutil.rmtree(tree)
-        tree.mkdir(parents=True)
-        shutil.copytree(ck[1], tree / ck[1].name)
-        (tree / "LATEST").write_text(ck[1].name + "\n", encoding="utf-8")
+            shutil.rmtree(tree)  # rebuilt for every session; nothing reads it but the bundle
+        CheckpointStore(tree).install(ck[1])
         return tree
 
     def _remote_note(self) -> str | None:
@@ -364,30 +363,24 @@ class CloudRun:
         info: dict[str, Any] = {}
         if (run / "session.json").is_file():
             info = json.loads((run / "session.json").read_text(encoding="utf-8"))
-        remote = latest_checkpoint(run)
+        remote = CheckpointStore(run).latest()
         local = self.local_checkpoint()
-        if remote is not None and (local is None or remote[0] > local[0]):
-            self._install_tree(remote[1], self.run_dir / "checkpoints" / remote[1].name)
-            # LATEST moves only once the directory it names is durable.
-            atomic_write_text(self.run_dir / "checkpoints" / "LATEST", remote[1].name + "\n")
-            self.emit("checkpoint", step=remote[0], path=str(self.run_dir / "checkpoints" / remote[1].name), source="cloud")
+        if remote is not None and (local is None or remote.step > local[0]):
+            store = CheckpointStore(self.run_dir, keep_last=self.cfg.checkpoint.keep_last)
+            point = store.install(remote.path)
+            self.emit("checkpoint", step=point.step, path=str(point.path), source="cloud")
         if info.get("finished") and (run / "final").is_dir():
-            self._install_tree(run / "final", self.run_dir / "final")
+            self._install_final(run / "final", self.run_dir / "final")
         return info
 
     @staticmethod
-    def _install_tree(src: Path, dst: Path) -> None:
+    def _install_final(src: Path, dst: Path) -> None:
         tmp = dst.with_name(f".{dst.name}.incoming")
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(src, tmp)
-        for path in sorted(tmp.rglob("*"), reverse=True):
-            if path.is_file():
-                fsync_file(path)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-        fsync_dir(dst.parent)
+        fsync_tree(tmp)
+        replace_dir(tmp, dst)
 
     def _finish(self) -> int:
         ck = self.local_checkpoint()

@@ -6,6 +6,7 @@ match on them, so they never change meaning.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, Final
 
 
@@ -29,6 +30,8 @@ class ErrorCode:
     TIMEOUT: Final = "timeout"
     SHUTTING_DOWN: Final = "shutting_down"
     WONT_FIT: Final = "wont_fit"
+    DISK_FULL: Final = "disk_full"
+    NON_FINITE: Final = "non_finite"
     UNSAFE_PATH: Final = "unsafe_path"  # a symlink (or non-file) in a run directory that leads out of it
     # Registry and releases (docs/registry.md).
     INVALID_MANIFEST: Final = "invalid_manifest"
@@ -37,6 +40,11 @@ class ErrorCode:
     ALIAS_CONFLICT: Final = "alias_conflict"
     INCONSISTENT_RELEASE: Final = "inconsistent_release"
     INVALID_GATES: Final = "invalid_gates"
+    # Deploy, watch, publish (docs/registry.md).
+    RELEASE_HELD: Final = "release_held"
+    HUB_FAILED: Final = "hub_failed"
+    RELOAD_FAILED: Final = "reload_failed"
+    INVALID_SLO: Final = "invalid_slo"
     INTERNAL: Final = "internal"
 
 
@@ -58,3 +66,15 @@ class CommandError(Exception):
 
     def __repr__(self) -> str:
         return f"CommandError({self.code!r}, {self.message!r})"
+
+
+def disk_full_error(exc: OSError, doing: str) -> CommandError | None:
+    """`disk_full` for ENOSPC/EDQUOT (what the user can fix), None for any other OSError."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return CommandError(
+        ErrorCode.DISK_FULL,
+        f"{doing}: no space left on the disk{where}; free some space and send the request again",
+        {"errno": exc.errno, "path": exc.filename},
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
 def cmd_federate(args: argparse.Namespace) -> int:
     from uff_port.registry.federate import federate, parse_manifest_flags, write_release
     from uff_port.registry.gates import load_gates
+    from uff_port.registry.hub import resolve_inputs as resolve_hub_inputs
 
     gates = None if args.no_gates else load_gates(args.gates)
     baseline = None
@@ -190,8 +192,10 @@ def cmd_federate(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise RegistryError("invalid_args", f"baseline: cannot read {args.baseline}: {exc}") from None
     try:
-        release = federate(parse_manifest_flags(args.manifest), gates, version=args.version,
-                           created_at=args.created_at, baseline=baseline)
+        with tempfile.TemporaryDirectory(prefix="uff-federate-") as tmp:  # manifests read from the Hub
+            inputs = resolve_hub_inputs(parse_manifest_flags(args.manifest), Path(tmp))
+            release = federate(inputs, gates, version=args.version,
+                               created_at=args.created_at, baseline=baseline)
     except RegistryError as exc:
         if isinstance(exc.details, dict) and exc.details.get("gates"):
             _console().print(_gates_table(exc.details["gates"], f"{exc.details.get('name')}: REFUSED"))
@@ -252,7 +256,7 @@ def register(subparsers: Any) -> None:
                               "spiralverse-ai-federated-vX.Y.Z, refusing inconsistent inputs.")
     p.add_argument("--manifest", action="append", required=True, metavar="PROVIDER=PATH",
                    help="repeatable, e.g. --manifest hf=A.json --manifest aws=C.json; PATH may be an "
-                   "artifact directory (its files are re-hashed)")
+                   "artifact directory (its files are re-hashed) or hf://ORG/NAME@REV (its artifact.json)")
     p.add_argument("--output", required=True)
     p.add_argument("--version", help="release version (default: the highest artifact version)")
     p.add_argument("--gates", help="gates YAML (default configs/gates.yaml)")
@@ -260,3 +264,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline", help="the current release descriptor: quality is judged against it")
     p.add_argument("--created-at", help="timestamp to record (omitted by default: output is deterministic)")
     p.set_defaults(func=_run(cmd_federate))
+
+    from uff_port.registry import release_cli  # deploy, watch, publish, pull
+
+    release_cli.register(subparsers)

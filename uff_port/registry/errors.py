@@ -24,6 +24,16 @@ NOT_FOUND: Final = "not_found"
 INVALID_ARGS: Final = "invalid_args"
 INVALID_GATES: Final = "invalid_gates"
 """The gates YAML failed its schema."""
+NON_FINITE: Final = "non_finite"
+"""The artifact's weights hold NaN or Inf (a diverged run); `details.tensors` names them."""
+RELEASE_HELD: Final = "release_held"
+"""`deploy`: the artifact was rolled back after an SLO breach and stays out until `--unhold`."""
+HUB_FAILED: Final = "hub_failed"
+"""The Hugging Face Hub refused or failed a call (repo, revision, auth); `details.call` names it."""
+RELOAD_FAILED: Final = "reload_failed"
+"""The serving directory switched but the reload hook (command or vLLM endpoint) failed."""
+INVALID_SLO: Final = "invalid_slo"
+"""The SLO YAML of `watch` failed its schema."""
 UNSAFE_PATH: Final = "unsafe_path"
 """An artifact or run directory holds a symlink (or non-file): never followed, never copied."""
 
@@ -36,7 +46,12 @@ EXIT_CODES: Final = {
     GATE_FAILED: 6,
     ALIAS_CONFLICT: 7,
     INCONSISTENT_RELEASE: 8,
-    UNSAFE_PATH: 9,
+    NON_FINITE: 9,
+    INVALID_SLO: 3,
+    RELEASE_HELD: 20,
+    HUB_FAILED: 21,
+    RELOAD_FAILED: 22,
+    UNSAFE_PATH: 10,
 }
 
 

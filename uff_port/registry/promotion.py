@@ -10,12 +10,14 @@ that is no longer current.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from uff_port.registry.errors import INVALID_ARGS, NOT_FOUND, VERIFY_FAILED, RegistryError
 from uff_port.registry.gates import Evidence, GateResult, GatesConfig, needs_measurement, run_gates
 from uff_port.registry.manifest import ArtifactManifest
 from uff_port.registry.store import Registry
+from uff_port.registry.tensors import TensorFileError, scan_tree
 
 UNSET: Final = object()
 PROMOTE_TARGETS: Final = ("stable", "candidate")
@@ -45,6 +47,19 @@ class PromotionResult:
             "audit_seq": self.audit_seq,
             "gates": [g.to_dict() for g in self.gates],
         }
+
+
+def weights_gate(artifact_dir: Path) -> GateResult:
+    """Every stored float tensor is finite (an artifact registered before this check, or pulled)."""
+    try:
+        report = scan_tree(artifact_dir)
+    except TensorFileError as exc:
+        return GateResult("weights", "fail", "unreadable", "all finite", str(exc))
+    measured = f"{report.tensors} tensors in {report.files} files"
+    if not report.ok:
+        return GateResult("weights", "fail", measured, "all finite",
+                          f"NaN/Inf in {len(report.nonfinite)}: " + "; ".join(report.nonfinite[:3]))
+    return GateResult("weights", "pass", measured, "all finite")
 
 
 def promote(
@@ -84,11 +99,14 @@ def promote(
     stable_id = current.get("stable")
     baseline = reg.resolve(stable_id) if stable_id else None
     integrity = GateResult("integrity", "pass", f"{len(cand.files)} files", "manifest sha256")
+    weights = weights_gate(reg.artifact_dir(cand.artifact_id))
+    if not weights.passed:
+        return PromotionResult(cand, target, False, [integrity, weights])
     if evidence is None and needs_measurement(gates):
         from uff_port.registry.bench import measure  # loads torch: only when a gate needs it
 
         evidence = measure(cand, reg.artifact_dir(cand.artifact_id), gates, base_model, device)
-    results = [integrity, *run_gates(gates, cand, baseline, evidence)]
+    results = [integrity, weights, *run_gates(gates, cand, baseline, evidence)]
     if not all(g.passed for g in results):
         return PromotionResult(cand, target, False, results)
     if baseline_id == cand.artifact_id:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from uff_port.registry.errors import INVALID_MANIFEST, NOT_FOUND, RegistryError
+from uff_port.registry.errors import INVALID_MANIFEST, NON_FINITE, NOT_FOUND, RegistryError
 from uff_port.registry.manifest import (
     MANIFEST_NAME,
     ArtifactManifest,
@@ -18,6 +18,7 @@ from uff_port.registry.manifest import (
 )
 from uff_port.registry.runmanifest import write_run_manifest
 from uff_port.registry.store import Registry
+from uff_port.registry.tensors import TensorFileError, scan_tree
 
 
 def locate(path: Path) -> tuple[Path, Path | None]:
@@ -43,6 +44,7 @@ def register_path(
 ) -> tuple[ArtifactManifest, bool]:
     """Register a run (writing its manifest if the worker has not), an artifact dir or a manifest."""
     artifact_dir, manifest_path = locate(path)
+    require_finite_weights(artifact_dir)
     if manifest_path is None:
         if artifact_dir.name != "final":
             raise RegistryError(NOT_FOUND, f"path: {artifact_dir} has no {MANIFEST_NAME}")
@@ -52,6 +54,21 @@ def register_path(
     if overrides:
         manifest = parse_manifest({**manifest.to_dict(), **overrides})
     return reg.register(artifact_dir, manifest, actor)
+
+
+def require_finite_weights(artifact_dir: Path) -> None:
+    """Refuse a diverged run's adapter at the door: its hashes match, its numbers are NaN."""
+    try:
+        report = scan_tree(artifact_dir)
+    except TensorFileError as exc:
+        raise RegistryError(INVALID_MANIFEST, f"weights: {exc}") from None
+    if not report.ok:
+        raise RegistryError(
+            NON_FINITE,
+            f"{artifact_dir}: {len(report.nonfinite)} weight tensor(s) hold NaN or Inf "
+            f"(first: {report.nonfinite[0]}); a diverged run is never registered",
+            {"tensors": report.nonfinite[:50]},
+        )
 
 
 def summary(m: ArtifactManifest) -> dict[str, Any]:

@@ -26,7 +26,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from uff_port.fsutil import UnsafePath, atomic_write_text, fsync_dir, open_confined
+from uff_port.fsutil import (
+    UnsafePath,
+    atomic_write_text,
+    fsync_dir,
+    open_confined,
+    recover_dir,
+    replace_dir,
+)
 from uff_port.hashing import VerifyReport, list_files, verify_tree
 from uff_port.registry.errors import (
     ALIAS_CONFLICT,
@@ -177,6 +184,7 @@ class Registry:
     def _store_files(self, source: Path, manifest: ArtifactManifest, report: VerifyReport) -> None:
         """Copy into a temp dir, hashing; rename it to artifacts/<id> only if every hash matched."""
         final = self.artifact_dir(manifest.artifact_id)
+        recover_dir(final)  # a replacement (below) that died mid-swap
         if final.is_dir() and verify_tree(final, manifest.files_dict(), exclude=(MANIFEST_NAME,)).ok:
             return
         tmp = self.artifacts_dir / f".tmp-{uuid.uuid4().hex}"
@@ -189,15 +197,14 @@ class Registry:
             atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
             for d in sorted({(tmp / rel).parent for rel in manifest.files}, reverse=True):
                 fsync_dir(d)
-            if final.exists():  # a corrupt earlier copy: replace it whole
-                shutil.rmtree(final)
+            fsync_dir(tmp)
             try:
-                os.rename(tmp, final)
+                # A corrupt earlier copy is replaced whole; the new name is fsynced before the DB row.
+                replace_dir(tmp, final)
             except OSError:
                 # Another process stored the same content first; same id means same bytes.
                 if not final.is_dir():
                     raise
-            fsync_dir(self.artifacts_dir)  # the new name must survive a crash before the DB row
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

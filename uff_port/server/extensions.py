@@ -15,6 +15,8 @@ EXTENSION_COMMANDS: Final[dict[str, str]] = {
     "promote": "uff_port.registry.commands:promote",
     "rollback": "uff_port.registry.commands:rollback",
     "releases": "uff_port.registry.commands:releases",
+    "deploy": "uff_port.registry.deploy_commands:deploy",
+    "deploy_rollback": "uff_port.registry.deploy_commands:deploy_rollback",
     "plan_week": "uff_port.cloud.commands:plan_week",
     "cloud_status": "uff_port.cloud.commands:cloud_status",
 }

@@ -128,6 +128,7 @@ class JobLauncher:
         cfg = _validate(raw, args.get("overrides"))
         self._check_fits(cfg)
         run_dir, job_id = self._run_dir(args.get("run_dir"), args.get("job_id"), cfg.name)
+        self._check_disk(cfg, run_dir)
         return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=AUTO)
 
     def prepare_resume(self, args: dict[str, Any]) -> LaunchPlan:
@@ -141,6 +142,7 @@ class JobLauncher:
             cfg = _validate(load_config_file(cfg_path), None)
         except ConfigError as exc:
             raise CommandError(ErrorCode.INVALID_CONFIG, "; ".join(exc.problems), {"problems": exc.problems}) from None
+        self._check_disk(cfg, run_dir)
         which = args.get("checkpoint")
         if which is None:
             return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=AUTO)
@@ -166,6 +168,14 @@ class JobLauncher:
                 report.message,
                 {"estimate": report.estimate, "nearest_fit": report.nearest_fit},
             )
+
+    def _check_disk(self, cfg: Any, run_dir: Path) -> None:
+        """Refuse a job whose checkpoints cannot fit on the run directory's disk."""
+        from uff_port.planner.disk import check_disk
+
+        report = check_disk(cfg, run_dir)
+        if not report.fits:
+            raise CommandError(ErrorCode.DISK_FULL, report.message, {"needed": report.needed, "free": report.free})
 
     # -- start (job-start thread) ----------------------------------------
     def _claim_run(self, plan: LaunchPlan, store: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from uff_port import PROTOCOL_VERSION, __version__
 from uff_port.procutil import SignalSafeEvent
-from uff_port.protocol.errors import CommandError, ErrorCode
+from uff_port.protocol.errors import CommandError, ErrorCode, disk_full_error
 from uff_port.protocol.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     FrameError,
@@ -61,22 +61,70 @@ TRAINING: Final = "training"
 STOPPING: Final = "stopping"
 SHUTTING_DOWN: Final = "shutting_down"
 
-CORE_ARGS: Final[dict[str, dict[str, Arg]]] = {
-    "ping": {"echo": Arg((object,), doc="returned unchanged")},
-    "status": {},
-    "train": {
-        "config": Arg((dict,), doc="config map"),
-        "config_path": Arg((str,), doc="YAML file or preset name"),
-        "run_dir": Arg((str,), doc="run directory under the runs root"),
-        "overrides": Arg((dict,), doc="dotted keys"),
-        "job_id": Arg((str,)),
-    },
-    "checkpoint": {},
-    "resume": {"run_dir": Arg((str,), required=True), "checkpoint": Arg((int, str))},
-    "stop": {"checkpoint": Arg((bool,)), "cancel": Arg((bool,), doc="cloud jobs: stop the remote job too")},
-    "shutdown": {},
-    "bench_events": {"count": Arg((int,), required=True), "payload_bytes": Arg((int,))},
+# What a client should allow a reply beyond the grace periods below: validating a
+# config, importing the planner, starting a process, on a busy machine.
+REPLY_MARGIN_S: Final = 30.0
+# A trainer still running after `stop`'s grace period gets SIGTERM, then SIGKILL this much later.
+KILL_AFTER_TERM_S: Final = 10.0
+# An exit that meets a job still starting waits this long for it, then stops it like any other.
+EXIT_STARTING_WAIT_S: Final = 30.0
+# An exit waits for the stopped job this long beyond its grace (SIGTERM, SIGKILL, the exit itself).
+EXIT_STOP_SLACK_S: Final = KILL_AFTER_TERM_S + 5.0
+
+
+@dataclass(frozen=True)
+class Command:
+    """One row of the command table: how a command is checked and how long it may take."""
+
+    args: dict[str, Arg] | None = None
+    """Argument schema, checked before the handler runs; None: the command checks its own."""
+    long_running: bool = False
+    """The reply comes later, from another thread: it waits on a trainer, a child or a grace period."""
+    beyond_grace_s: float | None = None
+    """The reply comes within the worker's grace period plus this; None: the worker promises no bound."""
+
+    def deadline_s(self, grace_seconds: float) -> float | None:
+        return None if self.beyond_grace_s is None else grace_seconds + self.beyond_grace_s
+
+
+# The command table: dispatch checks `args` and calls `Worker._cmd_<name>`; `hello` lists
+# the names (`commands`) and each one's flag and deadline (`command_info`), from which
+# clients (the Elixir bridge) take their per-request deadlines.
+COMMANDS: Final[dict[str, Command]] = {
+    "ping": Command({"echo": Arg((object,), doc="returned unchanged")}),
+    "status": Command({}),
+    # `train` and `resume` first wait up to the grace period for a trainer orphaned by a
+    # dead worker to commit its final checkpoint (JobLauncher._resolve_checkpoint).
+    "train": Command(
+        {
+            "config": Arg((dict,), doc="config map"),
+            "config_path": Arg((str,), doc="YAML file or preset name"),
+            "run_dir": Arg((str,), doc="run directory under the runs root"),
+            "overrides": Arg((dict,), doc="dotted keys"),
+            "job_id": Arg((str,)),
+        },
+        long_running=True,
+        beyond_grace_s=REPLY_MARGIN_S,
+    ),
+    # Answered `timeout` by the worker itself once the grace period is over.
+    "checkpoint": Command({}, long_running=True, beyond_grace_s=REPLY_MARGIN_S),
+    "resume": Command(
+        {"run_dir": Arg((str,), required=True), "checkpoint": Arg((int, str))},
+        long_running=True,
+        beyond_grace_s=REPLY_MARGIN_S,
+    ),
+    "stop": Command(
+        {"checkpoint": Arg((bool,)), "cancel": Arg((bool,), doc="cloud jobs: stop the remote job too")},
+        long_running=True,
+        beyond_grace_s=KILL_AFTER_TERM_S + REPLY_MARGIN_S,
+    ),
+    "shutdown": Command(
+        {}, long_running=True, beyond_grace_s=EXIT_STARTING_WAIT_S + EXIT_STOP_SLACK_S + REPLY_MARGIN_S
+    ),
+    "bench_events": Command({"count": Arg((int,), required=True), "payload_bytes": Arg((int,))}),
 }
+# Every extension command: a child process that checks its own args and runs unbounded.
+EXTENSION: Final = Command(long_running=True)
 
 
 @dataclass
@@ -141,16 +189,8 @@ class Worker:
         self._stop_ticks = threading.Event()
         self.events: EventStream  # set in serve()/attach()
         self.telemetry = TelemetryCache(interval=max(0.5, opts.heartbeat_interval))
-        self.handlers: dict[str, Handler] = {
-            "ping": self._cmd_ping,
-            "status": self._cmd_status,
-            "train": self._cmd_train,
-            "checkpoint": self._cmd_checkpoint,
-            "resume": self._cmd_resume,
-            "stop": self._cmd_stop,
-            "shutdown": self._cmd_shutdown,
-            "bench_events": self._cmd_bench_events,
-        }
+        # One handler per row of the command table, named after it: a missing one fails here.
+        self.handlers: dict[str, Handler] = {name: getattr(self, f"_cmd_{name}") for name in COMMANDS}
 
     # -- wiring ---------------------------------------------------------------
     def attach(self, write_fd: int) -> None:
@@ -161,7 +201,15 @@ class Worker:
         self.launcher = JobLauncher(self.runs_root, self.opts.python, self._job_event, lambda: self.telemetry.gpus)
 
     def commands(self) -> list[str]:
-        return [*self.handlers, *EXTENSION_COMMANDS]
+        return [*COMMANDS, *EXTENSION_COMMANDS]
+
+    def command_info(self) -> dict[str, dict[str, Any]]:
+        """`hello`'s `command_info`: per command, `long_running` and `deadline_s` (or None)."""
+        table = {**COMMANDS, **dict.fromkeys(EXTENSION_COMMANDS, EXTENSION)}
+        return {
+            name: {"long_running": c.long_running, "deadline_s": c.deadline_s(self.opts.grace_seconds)}
+            for name, c in table.items()
+        }
 
     def serve(self) -> int:
         fds = claim_stdio()
@@ -174,6 +222,7 @@ class Worker:
             version=__version__,
             pid=os.getpid(),
             commands=self.commands(),
+            command_info=self.command_info(),
             devices=self.telemetry.gpus,
             heartbeat_interval=self.opts.heartbeat_interval,
             max_frame_bytes=self.opts.max_frame_bytes,
@@ -237,8 +286,9 @@ class Worker:
                     f"unknown command {request.cmd!r}",
                     {"commands": self.commands()},
                 )
-            if request.cmd in CORE_ARGS:
-                request = Request(request.id, request.cmd, check_args(request.cmd, request.args, CORE_ARGS[request.cmd]))
+            schema = COMMANDS[request.cmd].args if request.cmd in COMMANDS else None
+            if schema is not None:
+                request = Request(request.id, request.cmd, check_args(request.cmd, request.args, schema))
             if self._exiting and request.cmd not in ("ping", "status", "shutdown"):
                 raise CommandError(ErrorCode.SHUTTING_DOWN, f"worker is shutting down ({self._exit_reason})")
             result = handler(request, reply)
@@ -247,6 +297,10 @@ class Worker:
         except CommandError as exc:
             reply.error(exc.code, exc.message, exc.details)
         except Exception as exc:
+            full = disk_full_error(exc, request.cmd) if isinstance(exc, OSError) else None
+            if full is not None:
+                reply.error(full.code, full.message, full.details)
+                return
             traceback.print_exc(file=sys.stderr)
             reply.error(
                 ErrorCode.INTERNAL,
@@ -374,9 +428,13 @@ class Worker:
                 reply.error(exc.code, exc.message, exc.details)
                 return
             except Exception as exc:
-                traceback.print_exc(file=sys.stderr)
                 self._starting = False
                 self.set_state(IDLE)
+                full = disk_full_error(exc, "could not start the job") if isinstance(exc, OSError) else None
+                if full is not None:
+                    reply.error(full.code, full.message, full.details)
+                    return
+                traceback.print_exc(file=sys.stderr)
                 reply.error(ErrorCode.INTERNAL, f"could not start the job: {type(exc).__name__}: {exc}")
                 return
             self.job = job
@@ -458,7 +516,7 @@ class Worker:
             if job.exited.wait(grace):
                 return
             job.kill(signal.SIGTERM)
-            if not job.exited.wait(10):
+            if not job.exited.wait(KILL_AFTER_TERM_S):
                 job.kill(signal.SIGKILL)
 
         threading.Thread(target=escalate, name="stop-escalation", daemon=True).start()
@@ -522,14 +580,14 @@ class Worker:
         stopped: dict[str, Any] = {"reason": reason, "job_id": None, "checkpoint": None}
         try:
             self.set_state(SHUTTING_DOWN, reason=reason)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + EXIT_STARTING_WAIT_S
             while self._starting and time.monotonic() < deadline:
                 time.sleep(0.05)  # a job being started is stopped like any other
             job = self.job
             if job is not None:
                 done = threading.Event()
                 self._stop_job(job, True, lambda _j, _r: done.set())
-                done.wait(self._grace(job) + 15)
+                done.wait(self._grace(job) + EXIT_STOP_SLACK_S)
                 info = job.info
                 stopped.update(job_id=info.job_id, step=info.step, exit_status=info.exit_code)
                 if info.last_checkpoint:

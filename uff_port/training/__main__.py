@@ -251,7 +251,10 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
         return 3 if not started else EXIT_CRASH
     except (ModelError, DataError, TrainError) as exc:
         trainer.settle()
-        resumable = bool(getattr(exc, "resumable", False)) or (started and trainer.last_checkpoint is not None)
+        # A final error (non-finite training) would only repeat after a resume: never resumable.
+        resumable = not getattr(exc, "final", False) and (
+            bool(getattr(exc, "resumable", False)) or (started and trainer.last_checkpoint is not None)
+        )
         report.emit("failed", code=exc.code, message=exc.message, resumable=resumable, step=trainer.step)
         return 3 if not started else EXIT_CRASH
     except Exception as exc:  # noqa: BLE001 - the worker must hear why, whatever it was

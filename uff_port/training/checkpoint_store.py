@@ -33,14 +33,17 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port.fsutil import (
+    OLD_PREFIX,
     UnsafePath,
     atomic_write_text,
     confine_existing,
     find_symlinks,
     fsync_dir,
-    fsync_file,
+    fsync_tree,
     open_confined,
     open_confined_fd,
+    recover_dir,
+    replace_dir,
 )
 from uff_port.hashing import tree_manifest, verify_tree
 
@@ -51,7 +54,6 @@ QUARANTINE: Final = "quarantine"
 WRITER_LOCK: Final = "checkpoints.lock"  # in RUN_DIR, beside checkpoints/
 _STEP_RE: Final = re.compile(r"^step-(\d{8,})$")
 _STAGING_PREFIX: Final = ".staging-"
-_OLD_PREFIX: Final = ".old-"  # a same-step checkpoint being replaced (steps 3a/3b)
 _PRUNED_PREFIX: Final = ".pruned-"  # renamed away before rmtree, so never half-deleted
 _RESERVED: Final = frozenset({"format", "step", "created", "files"})
 KILL_AT_ENV: Final = "UFF_PORT_CHECKPOINT_KILL_AT"
@@ -118,17 +120,6 @@ def step_name(step: int) -> str:
 def parse_step(name: str) -> int | None:
     m = _STEP_RE.match(name)
     return int(m.group(1)) if m else None
-
-
-def _fsync_tree(root: Path) -> None:
-    # Children before parents: a directory entry is only worth syncing once
-    # what it names is on disk.
-    for dirpath, dirs, files in os.walk(root, topdown=False):
-        for name in files:
-            fsync_file(Path(dirpath) / name)
-        for name in dirs:
-            fsync_dir(Path(dirpath) / name)
-    fsync_dir(root)
 
 
 class CheckpointStore:
@@ -286,7 +277,7 @@ class CheckpointStore:
             raise ValueError(f"meta: keys {sorted(clash)} are reserved for the manifest")
         if (staging / MANIFEST).exists():
             raise ValueError(f"{staging}: already holds a {MANIFEST}")
-        _fsync_tree(staging)
+        fsync_tree(staging)
         self._step_done("files_synced")
 
         manifest = {
@@ -304,20 +295,14 @@ class CheckpointStore:
             os.fsync(fh.fileno())
         fsync_dir(staging)
         self._step_done("manifest_written")
+        return self._publish(staging, step)
 
+    def _publish(self, staging: Path, step: int) -> Path:
+        """Rename a complete, fsynced staging dir into place, then move LATEST, then prune."""
         final = self.checkpoints_dir / step_name(step)
-        if final.exists():
-            # rename(2) cannot replace a non-empty directory: move the old one
-            # aside first; `_recover_replaced` puts it back if we die in between.
-            old = self.checkpoints_dir / f"{_OLD_PREFIX}{final.name}-{os.getpid()}-{next(self._counter)}"
-            os.rename(final, old)
-            self._step_done("old_moved_aside")
-            os.rename(staging, final)
-            fsync_dir(self.checkpoints_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, final)
-            fsync_dir(self.checkpoints_dir)
+        # A same-step checkpoint is moved aside first; `_recover_replaced` puts it
+        # back if we die before the new one is in.
+        replace_dir(staging, final, after_move_aside=lambda: self._step_done("old_moved_aside"))
         self._mine.discard(staging)
         self._step_done("renamed")
 
@@ -327,6 +312,27 @@ class CheckpointStore:
         self._prune(keep=final.name)
         self._step_done("pruned")
         return final
+
+    def install(self, src: Path) -> ResumePoint:
+        """Bring a committed checkpoint from elsewhere (a cloud pull, a session bundle) in.
+
+        Verified where it is, copied into staging, fsynced, then published like a
+        commit (rename, LATEST, prune): a crash leaves the old state or the new one.
+        Raises ValueError naming the reason when `src` is not a good checkpoint.
+        """
+        manifest, reason = self.verify(Path(src))
+        if manifest is None:
+            raise ValueError(f"{src}: not a valid checkpoint: {reason}")
+        step = int(manifest["step"])
+        staging = self.begin(step)
+        try:
+            shutil.copytree(src, staging, dirs_exist_ok=True)
+            fsync_tree(staging)
+            final = self._publish(staging, step)
+        except BaseException:
+            self.abort(staging)
+            raise
+        return ResumePoint(step, final, manifest)
 
     def abort(self, staging: Path) -> None:
         """Throw away a staging directory (a failed or abandoned save)."""
@@ -378,14 +384,9 @@ class CheckpointStore:
 
     def _recover_replaced(self) -> None:
         """Put back a same-step checkpoint moved aside by a commit that died mid-replace."""
-        for entry in sorted(self.checkpoints_dir.glob(f"{_OLD_PREFIX}step-*")):
-            original = entry.name[len(_OLD_PREFIX) :].split("-")
-            target = self.checkpoints_dir / f"{original[0]}-{original[1]}"
-            if target.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                os.rename(entry, target)
-            fsync_dir(self.checkpoints_dir)
+        for entry in sorted(self.checkpoints_dir.glob(f"{OLD_PREFIX}step-*")):
+            original = entry.name[len(OLD_PREFIX) :].split("-")
+            recover_dir(self.checkpoints_dir / f"{original[0]}-{original[1]}")
 
     # -- reading ---------------------------------------------------------------
 
@@ -423,6 +424,19 @@ class CheckpointStore:
     def latest_name(self) -> str | None:
         """What LATEST says, or None when there is no readable LATEST."""
         return self._read_latest()[0]
+
+    def latest(self) -> ResumePoint | None:
+        """The newest committed checkpoint (what LATEST names, else the highest step with a
+        manifest), files not re-hashed: what to copy or report. Resuming uses
+        `find_resume_point`, which verifies and quarantines."""
+        name = self.latest_name()
+        step = parse_step(name) if name is not None else None
+        if name is not None and step is not None:
+            manifest = _read_manifest(self.checkpoints_dir / name)
+            if isinstance(manifest, dict):
+                return ResumePoint(step, self.checkpoints_dir / name, manifest)
+        committed = self.list_committed()
+        return committed[-1] if committed else None
 
     def list_committed(self) -> list[ResumePoint]:
         """Checkpoints that have a readable manifest, by step; files are not re-hashed."""

@@ -105,6 +105,9 @@ class TrainingConfig(_Section):
     """Wall-clock budget in seconds (a Kaggle session): stop with a checkpoint before it ends."""
     progress_every_seconds: float = Field(0.5, ge=0)
     """Rate limit of `progress` events at the source."""
+    skip_nonfinite_steps: int = Field(0, ge=0)
+    """Batches whose loss or gradient norm is NaN/Inf that may be skipped (no update) before
+    the run fails with `non_finite`; 0 fails at the first. Counted over the whole run."""
     cpu_threads: int | None = Field(None, gt=0)
     """Torch threads when training on CPU; null = torch's default (every core). 1 is
     fastest on a shared, busy machine, where OpenMP threads wait on each other."""
@@ -161,7 +164,11 @@ class Config(_Section):
 _RESUME_NEUTRAL: Final = {
     "name": None,
     "strategy": None,
-    "training": {"max_steps", "max_runtime", "progress_every_seconds", "device", "cpu_threads"},
+    "training": {
+        "max_steps", "max_runtime", "progress_every_seconds", "device", "cpu_threads",
+        # Raised after a `non_finite` failure to resume past a bad batch.
+        "skip_nonfinite_steps",
+    },
     "checkpoint": None,
     "distributed": None,
     "eval": None,

@@ -37,6 +37,8 @@ class Reporter:
         self.channel_broken = False
         self.file_refused: str | None = None
         """Why events.jsonl is not written (a symlink or non-file planted there); the channel still is."""
+        self.write_errors = 0
+        self.last_write_error: OSError | None = None
         self._lock = threading.Lock()
         self._last_progress = 0.0
         if self.enabled:
@@ -80,6 +82,11 @@ class Reporter:
                     os.fsync(fh.fileno())
         except UnsafePath as exc:
             self.file_refused = str(exc)
+        except OSError as exc:
+            # A full disk must not silence the worker: the event (a `failed` saying
+            # `disk_full`, above all) still goes over the channel.
+            self.write_errors += 1
+            self.last_write_error = exc
 
     def progress(self, min_interval: float, force: bool = False, **fields: Any) -> bool:
         """Rate-limited at the source: at most one per `min_interval` seconds unless forced."""

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from uff_port import __version__
-from uff_port.fsutil import UNSAFE_PATH, UnsafePath, atomic_write_json, fsync_dir
+from uff_port.fsutil import (
+    UNSAFE_PATH,
+    UnsafePath,
+    atomic_write_json,
+    fsync_tree,
+    is_disk_full,
+    recover_dir,
+    replace_dir,
+)
 from uff_port.hashing import tree_manifest
 from uff_port.training import dist, zero
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
@@ -58,8 +66,9 @@ EXIT_RESUMABLE: Final = 75
 EXIT_REFUSED: Final = 3
 EXIT_CRASH: Final = 1
 INJECT_OOM_ENV: Final = "UFF_PORT_INJECT_OOM_AT_STEP"
+INJECT_NONFINITE_ENV: Final = "UFF_PORT_INJECT_NONFINITE_AT_STEP"
 # Control words agreed on by all ranks at a step boundary (max wins).
-_GO, _CKPT, _STOP_NOSAVE, _STOP = 0, 1, 2, 3
+_GO, _CKPT, _STOP_NOSAVE, _STOP, _DISK_FULL = 0, 1, 2, 3, 4
 
 
 class StopTraining(Exception):
@@ -70,9 +79,19 @@ class StopTraining(Exception):
 
 
 class TrainError(Exception):
-    def __init__(self, code: str, message: str, resumable: bool = False) -> None:
+    """A coded failure. `final`: resuming would only repeat it (never resumable)."""
+
+    def __init__(self, code: str, message: str, resumable: bool = False, *, final: bool = False) -> None:
         super().__init__(message)
-        self.code, self.message, self.resumable = code, message, resumable
+        self.code, self.message, self.resumable, self.final = code, message, resumable and not final, final
+
+
+class NonFiniteStep(Exception):
+    """A step's loss or gradient norm was NaN/Inf; raised before the optimizer moved."""
+
+    def __init__(self, loss: float, grad_norm: float | None) -> None:
+        super().__init__(f"loss {loss}, grad norm {grad_norm}")
+        self.loss, self.grad_norm = loss, grad_norm
 
 
 def lr_lambda(cfg: Config):  # noqa: ANN201 - a closure for LambdaLR
@@ -142,6 +161,8 @@ class Trainer:
         self._ckpt_seconds = 0.0
         self._ckpt_step: int | None = None  # the same on every rank, unlike last_checkpoint
         self._inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0") or 0)
+        self._inject_nonfinite = int(os.environ.get(INJECT_NONFINITE_ENV, "0") or 0)
+        self.nonfinite_skipped = 0
 
     # ---- events -------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> None:
@@ -193,6 +214,7 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir, keep_last=cfg.checkpoint.keep_last, emit=self.emit)
         if self.rank == 0:
             self._become_writer()
+            recover_dir(self.run_dir / "final")  # an export that died mid-swap
         self.checkpointer = AsyncCheckpointer(self.store, emit=self._on_checkpoint_event)
         self.meta = {
             "config_hash": config_hash(cfg),
@@ -279,6 +301,12 @@ class Trainer:
         report = check_config(self.cfg, devices)
         if not report.fits:
             raise TrainError("wont_fit", report.message)
+        if self.rank == 0:
+            from uff_port.planner.disk import check_disk
+
+            disk = check_disk(self.cfg, self.run_dir)
+            if not disk.fits:
+                raise TrainError("disk_full", disk.message, resumable=True)
 
     def _stream(self, split: str) -> PackedStream:
         def bad(name: str, line_no: int, reason: str) -> None:
@@ -360,6 +388,7 @@ class Trainer:
         self.step = snap.step
         self.tokens_seen = int(c.get("tokens_seen", 0))
         self.loss = c.get("loss")
+        self.nonfinite_skipped = int(c.get("nonfinite_skipped", 0))
         self.history = list(c.get("history", []))
         # An OOM back-off is kept: the same hardware would fail the same way again.
         if int(c.get("world_size", self.world)) == self.world and c.get("micro_batch_size"):
@@ -386,6 +415,7 @@ class Trainer:
             "grad_accum": self.accum,
             "world_size": self.world,
             "history": self.history[-2000:],
+            "nonfinite_skipped": self.nonfinite_skipped,
             **{"loss_window": self.loss_window.to_counters()},
         }
 
@@ -424,10 +454,31 @@ class Trainer:
             return None
         point = self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
         if point is None:
-            if isinstance(self.checkpointer.last_error, UnsafePath):  # checkpoints/ now leads out of the run
-                raise TrainError(UNSAFE_PATH, str(self.checkpointer.last_error), resumable=True)
-            raise TrainError("checkpoint_failed", f"checkpoint of step {self.step} did not become durable", resumable=True)
+            err = self.checkpointer.last_error
+            if isinstance(err, UnsafePath):  # checkpoints/ now leads out of the run
+                raise TrainError(UNSAFE_PATH, str(err), resumable=True)
+            if err is not None and self._is_disk_full(err):
+                raise TrainError("disk_full", self._disk_full_message(), resumable=True)
+            why = f": {type(err).__name__}: {err}" if err is not None else ""
+            raise TrainError("checkpoint_failed", f"checkpoint of step {self.step} did not become durable{why}",
+                             resumable=True)
         return str(point.path)
+
+    def _checkpoint_hit_full_disk(self) -> bool:
+        """Did the last background checkpoint fail for want of space? (rank 0 writes them)"""
+        err = self.checkpointer.last_error if self.rank == 0 else None
+        return err is not None and self._is_disk_full(err)
+
+    def _is_disk_full(self, err: BaseException) -> bool:
+        """Said by the error, or by the disk itself (some writers fail without saying why)."""
+        from uff_port.planner.disk import checkpoint_bytes, free_bytes
+
+        return is_disk_full(err) or free_bytes(self.run_dir) < (checkpoint_bytes(self.cfg) or 0) + 2**20
+
+    def _disk_full_message(self) -> str:
+        return (f"no space left on the disk of {self.run_dir}: the checkpoint of step {self.step} could not be "
+                f"written; the last durable checkpoint is {self.last_checkpoint}. Free some space and send the "
+                "same train again to resume from it")
 
     def _checkpoint_of_this_step(self) -> str | None:
         """A durable checkpoint of the current step: the one already made (periodic, or the
@@ -506,7 +557,13 @@ class Trainer:
                 self.emit("log", level="warning", message="training.max_runtime nearly spent: checkpointing")
                 want = max(want, _STOP)
             # Clocks and signals are per rank: all ranks do what the most urgent one asks.
+            if self._checkpoint_hit_full_disk():
+                want = _DISK_FULL
             want = dist.agree_max(want, self.device)
+            if want == _DISK_FULL:
+                # Training on would only pile up steps that no checkpoint can keep. The last
+                # durable checkpoint is intact (commits are atomic): resumable once space is freed.
+                raise TrainError("disk_full", self._disk_full_message(), resumable=True)
             if want == _CKPT and not pending:  # periodic: do not block the loop
                 self.save_checkpoint(wait=False)
             else:
@@ -516,7 +573,11 @@ class Trainer:
             seqs = self.data.take(self.micro * self.accum)
             if not seqs:
                 raise TrainError("no_data", "data.path: the training stream ended unexpectedly")
-            loss, n_tokens, grad_norm = self._step(seqs, pending)
+            try:
+                loss, n_tokens, grad_norm = self._step(seqs, pending)
+            except NonFiniteStep as bad:
+                self._skip_or_fail(bad)  # the batch is dropped; the step is tried on the next one
+                continue
             self.step += 1
             self.tokens_seen += n_tokens
             window_tokens += n_tokens
@@ -547,6 +608,30 @@ class Trainer:
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                 self.evaluate()
         return self._finish()
+
+    def _skip_or_fail(self, bad: NonFiniteStep) -> None:
+        """Drop a non-finite batch while `training.skip_nonfinite_steps` allows, else fail.
+
+        The weights never saw the bad gradient (the check runs before the optimizer
+        step), so the last checkpoint stays good. The failure is final: an exact
+        resume would meet the same batch again; raising the budget is the way past it.
+        """
+        budget = self.cfg.training.skip_nonfinite_steps
+        where = f"step {self.step + 1}: loss {bad.loss}, grad norm {bad.grad_norm}"
+        if self.nonfinite_skipped < budget:
+            self.nonfinite_skipped += 1
+            self.emit(
+                "log", level="warning", code="nonfinite_skipped", step=self.step + 1,
+                message=f"non-finite {where}: batch skipped ({self.nonfinite_skipped} of {budget})",
+                skipped=self.nonfinite_skipped,
+            )  # fmt: skip
+            return
+        raise TrainError(
+            "non_finite",
+            f"non-finite {where}; training stopped, the last checkpoint ({self.last_checkpoint}) is the last "
+            "good state. Lower training.learning_rate, check the data, or set training.skip_nonfinite_steps",
+            final=True,
+        )
 
     def _should_checkpoint(self) -> bool:
         c = self.cfg.checkpoint
@@ -618,15 +703,26 @@ class Trainer:
             batch = {k: v.to(self.device) for k, v in collate(chunk, self.data.pad_id).items()}
             with dist.no_sync_unless(model, last=i == len(chunks) - 1):
                 s = token_loss_sum(model, batch, self.autocast)
+                if self._inject_nonfinite and self.step + 1 == self._inject_nonfinite:
+                    self._inject_nonfinite = 0  # once: a skipped batch is followed by good ones
+                    s = s * float("nan")
                 # DDP averages gradients over ranks: scale by world so the sum is over all tokens.
                 scaled = s * (self.world / denom)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += s.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = None
+        # Checked before the optimizer moves, so a bad batch never reaches the weights.
+        # Every rank sees the same reduced loss and gradients, so all decide alike.
+        global_sum = float(dist.all_reduce_sum(loss_sum))
         if self.cfg.training.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        # fp16's scaler skips overflowing steps itself (and lowers its scale): only the loss counts then.
+        if not math.isfinite(global_sum) or (self.scaler is None and not math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteStep(global_sum / denom, grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -634,7 +730,6 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        global_sum = float(dist.all_reduce_sum(loss_sum))
         return global_sum / denom, int(total), grad_norm
 
     def _try_step_deepspeed(
@@ -653,6 +748,10 @@ class Trainer:
             loss_sum += s.detach().float()
         norm = engine.get_global_grad_norm()
         global_sum = float(dist.all_reduce_sum(loss_sum))
+        if not math.isfinite(global_sum):
+            # The engine has stepped already: no skipping here, the run stops (nothing is saved).
+            raise TrainError("non_finite", f"non-finite loss at step {self.step + 1} under DeepSpeed; the last "
+                             f"checkpoint ({self.last_checkpoint}) is the last good state", final=True)
         return global_sum / denom, int(total), float(norm) if norm is not None else None
 
     @torch.no_grad()
@@ -739,14 +838,8 @@ class Trainer:
                 "files": tree_manifest(tmp, exclude=["manifest.json"]),
             },
         )
-        if final.exists():
-            old = self.run_dir / f".final-old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(self.run_dir)
+        fsync_tree(tmp)  # every file of the export, before the rename makes it `final`
+        replace_dir(tmp, final)
         self.emit("log", level="info", message=f"final adapter saved to {final}", path=str(final))
         return final
 

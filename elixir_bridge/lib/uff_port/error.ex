@@ -28,10 +28,14 @@ defmodule UffPort.Error do
 
   @type t :: %__MODULE__{code: atom, message: String.t(), details: term}
 
-  # protocol v1 codes (uff_port/protocol/errors.py); never create atoms from the wire.
+  # protocol v1 codes (uff_port/protocol/errors.py; tests/test_error_codes.py keeps this list
+  # equal to that table); never create atoms from the wire.
   @wire_codes ~w(frame_too_large truncated_frame malformed_frame invalid_request unknown_command
-                 invalid_args invalid_config not_available busy no_job not_found checkpoint_failed
-                 trainer_failed timeout shutting_down wont_fit internal corrupt_checkpoint)
+                 invalid_args invalid_config not_available busy no_job not_found
+                 checkpoint_failed corrupt_checkpoint trainer_failed timeout shutting_down
+                 wont_fit disk_full non_finite invalid_manifest verify_failed gate_failed
+                 alias_conflict inconsistent_release invalid_gates internal
+                 release_held hub_failed reload_failed invalid_slo unsafe_path)
 
   @doc false
   @spec new(atom, String.t(), term) :: t

@@ -12,7 +12,7 @@ defmodule UffPort.JobSupervisor do
   `train`, and the Python side resumes from the run directory's last durable
   checkpoint. A crashed worker is restarted (`:transient`); a worker that keeps
   dying soon after start is restarted with exponential backoff (see
-  `UffPort.WorkerState.begin_attempt/1`) until `max_restarts` in `max_seconds`
+  `UffPort.RestartLedger`) until `max_restarts` in `max_seconds`
   is exceeded, when this supervisor gives up and exits too.
 
   ## Options

@@ -21,6 +21,11 @@ defmodule UffPort.Worker do
   as soon as `hello` arrives, on every start: after a crash the Python side
   resumes from the run directory's last durable checkpoint.
 
+  This module is the API and the message clauses. What the bridge knows and
+  decides is `UffPort.WorkerState` (pure functions on a struct), the OS side
+  (the Port, signals, teardown, the stderr log) is `UffPort.WorkerPort`, and
+  the options are `UffPort.WorkerOptions`.
+
   ## Events
 
   Subscribers receive `{:uff_port, worker, event}` where `worker` is the
@@ -29,6 +34,8 @@ defmodule UffPort.Worker do
   `"finished"`, `"failed"`, ...). The bridge adds two of its own, without `"seq"`:
   `%{"event" => "job_started", "attempt" => n, "os_pid" => p, "result" => reply}`
   and `%{"event" => "worker_down", "attempt" => n, "reason" => term, "stderr" => lines}`.
+  A subscribed pid is monitored and dropped when it dies; a registered name is
+  looked up at each event (so it survives its own restarts).
 
   ## Stop reasons
 
@@ -42,43 +49,33 @@ defmodule UffPort.Worker do
     * `{:heartbeat_timeout, info}`, `{:stalled, info}` from the watchdogs;
     * `{:call_timeout, cmd}`, `{:bad_frame, reason}`, `{:shutdown, {:train_refused, error}}`.
 
+  ## Deadlines
+
+  A call's deadline is its `timeout:` option when given; otherwise the
+  bridge's default for the command (`:call_timeout`; `:long_call_timeout` for
+  `checkpoint`, `stop`, `shutdown`, `resume`), or the `deadline_s` the worker
+  announced for it in `hello`'s `command_info` when that is longer. The worker
+  announces `train` and `resume` at its grace period plus a margin (130 s by
+  default): before replying it may wait that long for a trainer orphaned by a
+  dead worker to commit its final checkpoint, and killing it sooner would only
+  restart it into the same wait. The carried `:job`'s `train` gets at least
+  `:start_timeout`, or the announced deadline when longer.
+
   ## Options
 
-    * `:name` - registered name.
-    * `:python` - interpreter with uff-port installed (default `$UFF_PORT_PYTHON`,
-      else `python3` on `PATH`).
-    * `:worker_args` - extra arguments after `serve` (default `[]`).
-    * `:command` - `{executable, args}` run instead of `python -m uff_port serve ...`
-      (a wrapper such as a container runner; tests use it for fake workers).
-    * `:heartbeat_interval` - seconds, passed to the worker (default #{2.0}).
-    * `:runs_root`, `:max_frame_bytes`, `:grace_seconds` - passed to the worker when set.
-    * `:cd` - working directory of the worker (default: current directory).
-    * `:env` - extra environment `[{name, value}]`.
-    * `:cuda_visible_devices` - string; default: the VM's own value, if any.
-    * `:start_timeout` - ms to wait for `hello` (default 30_000).
-    * `:call_timeout` - default per-call deadline in ms (default 30_000); the long
-      commands (`checkpoint`, `stop`, `shutdown`, `resume`) use `:long_call_timeout`
-      (default 300_000).
-    * `:heartbeat_timeout` - ms without a heartbeat before the worker is killed
-      (default 10_000; keep it several heartbeat intervals).
-    * `:stall_timeout` - ms without the step advancing while training (default 600_000:
-      loading a 6.7B model takes minutes).
-    * `:shutdown_grace`, `:term_grace` - ms allowed for the `shutdown` command and
-      for SIGTERM during teardown (defaults 120_000 and 30_000).
-    * `:stderr_log` - file the worker's stderr is appended to (default: a file
-      in the system temp dir, per registered name or else per start, removed
-      after a `:normal` stop and kept after a crash); `:stderr_lines` kept for
-      crash reports (default 40).
-    * `:subscribers` - pids or registered names that receive events.
-    * `:job` - `train` args to send after every start.
+  Checked at start by `UffPort.WorkerOptions.new!/1` (a bad one raises
+  `ArgumentError` naming it), which lists them all with their defaults: the
+  worker's command line (`:python`, `:runs_root`, `:heartbeat_interval`, ...),
+  the deadlines and watchdog timeouts (`:call_timeout`, `:heartbeat_timeout`,
+  `:stall_timeout`, ...), the teardown graces, the stderr log,
+  `:subscribers` and the carried `:job`.
   """
 
   use GenServer
   require Logger
 
-  alias UffPort.{Error, Msgpack, OsProcess, WorkerState}
+  alias UffPort.{Error, Msgpack, RestartLedger, WorkerOptions, WorkerPort, WorkerState}
 
-  @long_commands ~w(checkpoint stop shutdown resume)
   # How long a worker whose pipe closed gets to finish exiting (and writing stderr).
   @port_closed_grace 2_000
 
@@ -87,25 +84,30 @@ defmodule UffPort.Worker do
 
   # ------------------------------------------------------------------ API
 
-  @doc "Starts the worker and waits for its `hello`; raises `ArgumentError` on bad options."
+  @doc """
+  Starts the worker and waits for its `hello`. Raises `ArgumentError` on bad
+  options; `{:error, {:start_failed, %Error{}}}` (`:start_failed`,
+  `:start_timeout`, `:bad_hello`) when the worker does not come up.
+  """
   @spec start_link(keyword) :: GenServer.on_start()
   def start_link(opts) do
-    config = WorkerState.config!(opts)
-    GenServer.start_link(__MODULE__, config, if(config.name, do: [name: config.name], else: []))
+    opts = WorkerOptions.new!(opts)
+    GenServer.start_link(__MODULE__, opts, if(opts.name, do: [name: opts.name], else: []))
   end
 
   @doc """
   Child spec: `:transient` (a crash restarts it, `shutdown` or exit 0 does not),
   and a shutdown allowance that covers the whole teardown escalation.
   """
+  @spec child_spec(keyword) :: Supervisor.child_spec()
   def child_spec(opts) do
-    config = WorkerState.config!(opts)
+    checked = WorkerOptions.new!(opts)
 
     %{
-      id: Keyword.get(opts, :id, config.name || __MODULE__),
+      id: Keyword.get(opts, :id, checked.name || __MODULE__),
       start: {__MODULE__, :start_link, [opts]},
       restart: :transient,
-      shutdown: config.shutdown_grace + config.term_grace + 5_000
+      shutdown: checked.shutdown_grace + checked.term_grace + 5_000
     }
   end
 
@@ -143,8 +145,9 @@ defmodule UffPort.Worker do
 
   @doc """
   Any command, including the worker's extension commands. `opts[:timeout]` (ms)
-  overrides the worker's default deadline. Never raises or exits: a dead worker
-  is `{:error, %Error{code: :worker_down}}`.
+  overrides the command's deadline (see "Deadlines"). Never raises or exits:
+  a dead worker is `{:error, %Error{code: :worker_down}}`; a missed deadline
+  `:response_timeout`; args that cannot be encoded `:unencodable`.
   """
   @spec request(worker, String.t(), map, keyword) :: result
   def request(worker, cmd, args \\ %{}, opts \\ []) when is_binary(cmd) and is_map(args) do
@@ -155,7 +158,10 @@ defmodule UffPort.Worker do
     :exit, reason -> {:error, Error.new(:worker_down, "worker is not running", reason)}
   end
 
-  @doc "Sends this worker's events to `pid` (until the worker restarts; use `:subscribers` to survive restarts)."
+  @doc """
+  Sends this worker's events to `pid` until it dies or the worker restarts
+  (use `:subscribers` to survive restarts).
+  """
   @spec subscribe(worker, pid | atom) :: :ok
   def subscribe(worker, pid \\ self()), do: GenServer.call(worker, {:subscribe, pid})
 
@@ -170,20 +176,21 @@ defmodule UffPort.Worker do
   # ------------------------------------------------------------------ server
 
   @impl true
-  def init(config) do
+  def init(%WorkerOptions{} = opts) do
     # Trap exits so terminate/2 runs on supervisor shutdown: it is what stops the OS process cleanly.
     Process.flag(:trap_exit, true)
-    state = WorkerState.new(config)
-    attempt = WorkerState.begin_attempt(state)
+    # Sleeps the restart backoff first when the previous start died young.
+    attempt = if opts.ledger, do: RestartLedger.begin_attempt(opts.ledger, opts.backoff), else: 1
+    state = Enum.reduce(opts.subscribers, WorkerState.new(opts, attempt), &subscribe_to/2)
 
-    case WorkerState.open(%{state | attempt: attempt}) do
+    case WorkerPort.open(state, now()) do
       {:ok, state} ->
         notify(state, Map.put(state.hello, "attempt", attempt))
         state = state |> schedule_watchdog() |> send_job()
         {:ok, state}
 
       {:error, %Error{} = err} ->
-        WorkerState.drop_temp_log(state, {:start_failed, err})
+        WorkerPort.drop_temp_log(opts, {:start_failed, err})
         # An error for start_link and a failed restart for a supervisor, so restart
         # intensity (and the ledger's backoff) applies to a worker that cannot start.
         {:stop, {:start_failed, err}}
@@ -192,8 +199,7 @@ defmodule UffPort.Worker do
 
   @impl true
   def handle_call({:request, cmd, args, timeout}, from, state) do
-    timeout =
-      timeout || if(cmd in @long_commands, do: state.long_call_timeout, else: state.call_timeout)
+    timeout = timeout || WorkerState.deadline(state, cmd)
 
     case send_request(state, cmd, args, {:call, from}, timeout) do
       {:ok, state} -> {:noreply, state}
@@ -201,9 +207,7 @@ defmodule UffPort.Worker do
     end
   end
 
-  def handle_call({:subscribe, pid}, _from, state) do
-    {:reply, :ok, %{state | subscribers: Enum.uniq([pid | state.subscribers])}}
-  end
+  def handle_call({:subscribe, sub}, _from, state), do: {:reply, :ok, subscribe_to(sub, state)}
 
   def handle_call(:snapshot, _from, state), do: {:reply, WorkerState.snapshot(state), state}
 
@@ -228,7 +232,7 @@ defmodule UffPort.Worker do
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
     # The OS process is gone: nothing to tear down, and the port closes itself.
     state = %{state | port: nil, exit_status: status}
-    {:stop, WorkerState.exit_reason(status, state), state}
+    {:stop, WorkerState.exit_reason(state, status, WorkerPort.stderr_tail(state)), state}
   end
 
   def handle_info({:EXIT, port, reason}, %{port: port} = state) do
@@ -236,27 +240,34 @@ defmodule UffPort.Worker do
     # had already exited (EPIPE), and no status will follow. Make sure the process is
     # gone (a live one that merely closed stdin is killed), then report a crash with
     # its stderr, so the crash report still says why it died.
-    if OsProcess.wait_gone(state.os_pid, @port_closed_grace) == :timeout, do: kill(state)
+    WorkerPort.ensure_gone(state, @port_closed_grace)
     state = %{state | port: nil}
-    {:stop, WorkerState.port_closed_reason(reason, state), state}
+    {:stop, WorkerState.port_closed_reason(state, reason, WorkerPort.stderr_tail(state)), state}
   end
 
   def handle_info({:EXIT, _other, _reason}, state), do: {:noreply, state}
 
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, state) do
+    # A subscriber died: stop sending to it (a reused pid must not get our events).
+    {:noreply, WorkerState.drop_subscriber(state, ref)}
+  end
+
   def handle_info({:call_timeout, id}, state) do
-    case Map.pop(state.pending, id) do
-      {nil, _} ->
+    case WorkerState.pop_pending(state, id) do
+      {nil, state} ->
         {:noreply, state}
 
-      {%{cmd: cmd, from: from, timeout: t}, pending} ->
+      {%{cmd: cmd, from: from, timeout: t}, state} ->
         err =
           Error.new(:response_timeout, "no reply to #{cmd} within #{t} ms", %{
             cmd: cmd,
             timeout: t
           })
 
-        reply_to(from, {:error, err}, state)
-        {:stop, {:call_timeout, cmd}, %{state | pending: pending}}
+        reply_to(from, {:error, err})
+        # A worker that did not answer in time is in an unknown state: tear it down
+        # and let the supervisor start a fresh one.
+        {:stop, {:call_timeout, cmd}, state}
     end
   end
 
@@ -269,13 +280,13 @@ defmodule UffPort.Worker do
         # Heartbeats flow but the step does not: the trainer is hung (a C-level hang
         # ignores SIGTERM, and would outlive its worker). Kill it first, then the worker,
         # while the trainer is still the worker's child and can be found.
-        kill_tree(state)
+        WorkerPort.kill_tree(state)
         {:stop, reason, state}
 
       {:kill, reason} ->
         # A frozen worker answers nothing, not even SIGTERM: SIGKILL it now. Its trainer
         # gets SIGTERM from the parent-death signal and saves a checkpoint on its own.
-        kill(state)
+        WorkerPort.kill(state)
         {:stop, reason, state}
     end
   end
@@ -287,20 +298,19 @@ defmodule UffPort.Worker do
 
   @impl true
   def terminate(reason, state) do
-    for {_id, %{from: from, cmd: cmd}} <- state.pending do
-      reply_to(
-        from,
-        {:error, Error.new(:worker_down, "worker stopped before replying to #{cmd}", reason)},
-        state
-      )
+    {waiting, state} = WorkerState.take_pending(state)
+
+    for %{from: from, cmd: cmd} <- waiting do
+      err = Error.new(:worker_down, "worker stopped before replying to #{cmd}", reason)
+      reply_to(from, {:error, err})
     end
 
-    status = WorkerState.teardown(state, reason)
-    stderr = WorkerState.stderr_tail(state)
+    status = WorkerPort.teardown(state, reason)
+    stderr = WorkerPort.stderr_tail(state)
 
-    unless reason in [:normal, :shutdown] or match?({:shutdown, _}, reason) do
+    unless WorkerState.clean_stop?(reason) do
       Logger.error(
-        "uff_port worker #{inspect(state.name || self())} (os pid #{state.os_pid}) stopped: " <>
+        "uff_port worker #{inspect(state.opts.name || self())} (os pid #{state.os_pid}) stopped: " <>
           "#{inspect(reason, limit: 20)}\n--- last stderr lines ---\n#{Enum.join(stderr, "\n")}"
       )
     end
@@ -314,38 +324,29 @@ defmodule UffPort.Worker do
       "stderr" => stderr
     })
 
-    WorkerState.drop_temp_log(state, reason)
+    WorkerPort.drop_temp_log(state.opts, reason)
   end
 
   # ------------------------------------------------------------------ internals
 
   defp send_request(state, cmd, args, from, timeout) do
-    id = state.next_id
-    frame = %{"id" => id, "cmd" => cmd, "args" => args}
+    {id, next} = WorkerState.reserve_id(state)
 
-    case Msgpack.encode(frame) do
+    case Msgpack.encode(%{"id" => id, "cmd" => cmd, "args" => args}) do
       {:ok, bin} ->
-        send_frame(state.port, bin)
+        WorkerPort.send_frame(state.port, bin)
         timer = Process.send_after(self(), {:call_timeout, id}, timeout)
         entry = %{from: from, cmd: cmd, timer: timer, timeout: timeout}
-        {:ok, %{state | next_id: id + 1, pending: Map.put(state.pending, id, entry)}}
+        {:ok, WorkerState.put_pending(next, id, entry)}
 
       {:error, reason} ->
         {:error, Error.new(:unencodable, "args of #{cmd} cannot be encoded", reason)}
     end
   end
 
-  defp send_frame(port, bin) do
-    Port.command(port, bin)
-  rescue
-    # The process already exited: its :exit_status (or :EXIT) is on the way and
-    # stops us; the request's deadline covers the caller meanwhile.
-    ArgumentError -> :ok
-  end
-
   defp handle_reply(%{"id" => id, "ok" => ok} = reply, state) do
-    case Map.pop(state.pending, id) do
-      {nil, _} ->
+    case WorkerState.pop_pending(state, id) do
+      {nil, state} ->
         # id nil: the worker could not read a request of ours; nothing waits on it.
         Logger.warning(
           "uff_port worker: reply with no pending request: #{inspect(reply, limit: 10)}"
@@ -353,9 +354,8 @@ defmodule UffPort.Worker do
 
         {:noreply, state}
 
-      {%{from: from, timer: timer}, pending} ->
+      {%{from: from, timer: timer}, state} ->
         Process.cancel_timer(timer)
-        state = %{state | pending: pending}
 
         result =
           if ok,
@@ -391,20 +391,25 @@ defmodule UffPort.Worker do
     {:stop, {:shutdown, {:train_refused, err}}, state}
   end
 
-  defp send_job(%{job: nil} = state), do: state
+  defp send_job(%{opts: %{job: nil}} = state), do: state
 
-  defp send_job(state) do
-    case send_request(state, "train", state.job, :job, state.start_timeout) do
+  defp send_job(%{opts: %{job: job}} = state) do
+    case send_request(state, "train", job, :job, WorkerState.job_deadline(state)) do
       {:ok, state} -> state
       {:error, err} -> raise ArgumentError, "the :job cannot be encoded: #{inspect(err.details)}"
     end
   end
 
   defp handle_event(name, event, state) do
+    was_healthy? = state.healthy?
     state = WorkerState.on_event(state, name, event, now())
+    # This start took its first training step: the next restart needs no backoff.
+    if state.healthy? and not was_healthy? and state.opts.ledger,
+      do: RestartLedger.mark_healthy(state.opts.ledger)
+
     notify(state, event)
 
-    case {name, state.job} do
+    case {name, state.opts.job} do
       {"failed", job} when job != nil ->
         # The carried job died in the trainer (CUDA error, OOM at load, ...). Resumable:
         # crash, so the supervisor restarts us (with backoff) and the job resumes.
@@ -420,13 +425,21 @@ defmodule UffPort.Worker do
     end
   end
 
-  defp reply_to({:call, from}, result, _state), do: GenServer.reply(from, result)
-  defp reply_to(:job, _result, _state), do: :ok
+  defp subscribe_to(sub, state) do
+    cond do
+      WorkerState.subscribed?(state, sub) -> state
+      is_pid(sub) -> WorkerState.add_subscriber(state, sub, Process.monitor(sub))
+      true -> WorkerState.add_subscriber(state, sub, nil)
+    end
+  end
+
+  defp reply_to({:call, from}, result), do: GenServer.reply(from, result)
+  defp reply_to(:job, _result), do: :ok
 
   defp notify(state, event) do
-    me = state.name || self()
+    me = state.opts.name || self()
 
-    for sub <- state.subscribers do
+    for sub <- WorkerState.subscribers(state) do
       # send/2 to an unregistered name raises; a subscriber that went away is not our crash.
       case sub do
         pid when is_pid(pid) ->
@@ -441,16 +454,8 @@ defmodule UffPort.Worker do
   end
 
   defp schedule_watchdog(state) do
-    Process.send_after(self(), :watchdog, state.watchdog_every)
+    Process.send_after(self(), :watchdog, state.opts.watchdog_every)
     state
-  end
-
-  defp kill(%{os_pid: pid}) when is_integer(pid), do: OsProcess.signal(pid, :kill)
-  defp kill(_), do: :ok
-
-  defp kill_tree(%{os_pid: pid} = state) when is_integer(pid) do
-    for child <- Enum.reverse(OsProcess.descendants(pid)), do: OsProcess.signal(child, :kill)
-    kill(state)
   end
 
   defp now, do: System.monotonic_time(:millisecond)

@@ -1,303 +1,211 @@
 defmodule UffPort.WorkerState do
   @moduledoc """
-  The state of `UffPort.Worker` and everything it does that is not message
-  dispatch: option checking, opening the Port and the `hello` handshake,
-  watchdog arithmetic, exit-status mapping, the teardown escalation and the
-  stderr tail (the backoff lives in `UffPort.RestartLedger`). Kept apart so
-  the GenServer reads as a list of message clauses.
+  What `UffPort.Worker` knows about its worker, and every decision it takes
+  from that knowledge, as pure functions: no process, no clock, no file. Time
+  comes in as `now` (monotonic ms), OS facts (monitor references, timers, the
+  stderr tail) as arguments, so each rule is unit-tested on a bare struct
+  (`test/worker_state_test.exs`).
 
-  ## Why stderr goes to a file
+      state = UffPort.WorkerState.new(UffPort.WorkerOptions.new!(command: {"/bin/true", []}))
+      state = UffPort.WorkerState.started(state, %{"event" => "hello", "protocol" => 1}, 0)
+      UffPort.WorkerState.watchdog(state, 20_000)
+      #=> {:kill, {:heartbeat_timeout, %{silent_ms: 20_000, ...}}}
 
-  A Port captures only stdout (which carries frames and nothing else). The
-  worker is started as `/bin/sh -c 'exec "$@" 2>>LOG'`: the shell `exec`s, so
-  the Port's OS pid *is* the Python worker (signals reach it directly), and
-  stderr is appended to `LOG`, whose tail goes into crash reports. A file, not
-  a second pipe: it survives the worker, costs nothing while nobody reads it,
-  and can never fill up and block the worker the way an unread pipe would.
+  It holds:
+
+    * liveness and progress for the watchdogs (`on_event/4`, `watchdog/2`);
+    * the requests in flight, by id (`reserve_id/1`, `put_pending/3`,
+      `pop_pending/2`, `take_pending/1`) and their deadlines (`deadline/2`);
+    * the subscribers and their monitors (`add_subscriber/3`, `drop_subscriber/2`);
+    * the mapping from how the worker ended to a stop reason (`exit_reason/3`,
+      `port_closed_reason/3`) and to a teardown (`teardown_steps/1`).
+
+  The Port itself is opened, spoken to and closed by `UffPort.WorkerPort`.
   """
 
-  alias UffPort.{Error, Msgpack, OsProcess, RestartLedger}
+  alias UffPort.WorkerOptions
 
-  @sh_exec ~S(log="$1"; shift; exec "$@" 2>>"$log")
-  @stderr_tail_bytes 32_768
+  # The bridge's own default goes to the other commands; these wait on a checkpoint.
+  @long_commands ~w(checkpoint stop shutdown resume)
+  # The longest timer the VM can set (ms): a deadline from the wire is held to it.
+  @max_deadline 4_294_967_295
 
-  @defaults [
-    name: nil,
-    python: nil,
-    command: nil,
-    worker_args: [],
-    heartbeat_interval: 2.0,
-    runs_root: nil,
-    max_frame_bytes: nil,
-    grace_seconds: nil,
-    cd: nil,
-    env: [],
-    cuda_visible_devices: nil,
-    start_timeout: 30_000,
-    call_timeout: 30_000,
-    long_call_timeout: 300_000,
-    heartbeat_timeout: 10_000,
-    stall_timeout: 600_000,
-    shutdown_grace: 120_000,
-    term_grace: 30_000,
-    stderr_log: nil,
-    stderr_lines: 40,
-    subscribers: [],
-    job: nil,
-    ledger: nil,
-    backoff: [base: 500, max: 15_000, healthy_after: 30_000]
+  @typedoc "Who waits for a reply: a caller, or the carried job's `train` (nobody waits)."
+  @type waiter :: {:call, GenServer.from()} | :job
+  @type pending :: %{
+          from: waiter,
+          cmd: String.t(),
+          timer: reference,
+          timeout: pos_integer
+        }
+  @type teardown_step :: :shutdown | :sigterm | :sigkill
+
+  @enforce_keys [:opts]
+  defstruct [
+    :opts,
+    :port,
+    :os_pid,
+    :hello,
+    :exit_status,
+    :job_id,
+    :step,
+    :max_steps,
+    :loss,
+    :phase,
+    last_heartbeat_at: 0,
+    step_changed_at: 0,
+    attempt: 1,
+    next_id: 1,
+    pending: %{},
+    subscribers: %{},
+    deadlines: %{},
+    stderr_offset: 0,
+    worker_state: "starting",
+    training?: false,
+    healthy?: false
   ]
 
-  defstruct Keyword.keys(@defaults) ++
-              [
-                :argv,
-                :watchdog_every,
-                :port,
-                :os_pid,
-                :hello,
-                :exit_status,
-                :job_id,
-                :step,
-                :max_steps,
-                :loss,
-                :last_heartbeat_at,
-                :step_changed_at,
-                :phase,
-                attempt: 1,
-                next_id: 1,
-                pending: %{},
-                stderr_offset: 0,
-                worker_state: "starting",
-                training?: false,
-                healthy?: false,
-                temp_log?: false
-              ]
+  @type t :: %__MODULE__{
+          opts: WorkerOptions.t(),
+          port: port | nil,
+          os_pid: pos_integer | nil,
+          hello: map | nil,
+          exit_status: non_neg_integer | nil,
+          job_id: String.t() | nil,
+          step: integer | nil,
+          max_steps: integer | nil,
+          loss: number | atom | nil,
+          phase: String.t() | nil,
+          last_heartbeat_at: integer,
+          step_changed_at: integer,
+          attempt: pos_integer,
+          next_id: pos_integer,
+          pending: %{pos_integer => pending},
+          subscribers: %{WorkerOptions.subscriber() => reference | nil},
+          deadlines: %{String.t() => pos_integer},
+          stderr_offset: non_neg_integer,
+          worker_state: String.t(),
+          training?: boolean,
+          healthy?: boolean
+        }
 
-  @type t :: %__MODULE__{}
-
-  @doc "Checks options and fills defaults; raises `ArgumentError` naming the bad option."
-  @spec config!(keyword) :: t
-  def config!(opts) when is_list(opts) do
-    opts = Keyword.delete(opts, :id)
-
-    case Keyword.keys(opts) -- Keyword.keys(@defaults) do
-      [] ->
-        :ok
-
-      bad ->
-        raise ArgumentError,
-              "unknown UffPort.Worker options #{inspect(bad)}; known: #{inspect(Keyword.keys(@defaults))}"
-    end
-
-    c = struct!(__MODULE__, Keyword.merge(@defaults, opts))
-
-    for key <- [
-          :start_timeout,
-          :call_timeout,
-          :long_call_timeout,
-          :heartbeat_timeout,
-          :stall_timeout,
-          :shutdown_grace,
-          :term_grace,
-          :stderr_lines
-        ] do
-      v = Map.fetch!(c, key)
-
-      unless is_integer(v) and v > 0,
-        do: raise(ArgumentError, "#{key} must be a positive integer (ms), got #{inspect(v)}")
-    end
-
-    unless is_number(c.heartbeat_interval) and c.heartbeat_interval > 0,
-      do:
-        raise(
-          ArgumentError,
-          "heartbeat_interval must be a positive number of seconds, got #{inspect(c.heartbeat_interval)}"
-        )
-
-    unless is_nil(c.job) or is_map(c.job),
-      do: raise(ArgumentError, "job must be a map of train args, got #{inspect(c.job)}")
-
-    unless is_list(c.subscribers),
-      do: raise(ArgumentError, "subscribers must be a list of pids or names")
-
-    {python, argv} =
-      case c.command do
-        nil ->
-          {resolve_python(c.python), argv(c)}
-
-        {exe, args} when is_binary(exe) and is_list(args) ->
-          {exe, Enum.map(args, &to_string/1)}
-
-        other ->
-          raise ArgumentError, "command must be {executable, [args]}, got #{inspect(other)}"
-      end
-
-    %{
-      c
-      | python: python,
-        argv: argv,
-        cd: Path.expand(c.cd || File.cwd!()),
-        stderr_log: Path.expand(c.stderr_log || default_log(c.name)),
-        temp_log?: c.stderr_log == nil,
-        backoff: Keyword.merge(@defaults[:backoff], c.backoff),
-        watchdog_every: max(50, div(min(c.heartbeat_timeout, c.stall_timeout), 5))
-    }
-  end
-
-  defp resolve_python(nil), do: resolve_python(System.get_env("UFF_PORT_PYTHON") || "python3")
-
-  defp resolve_python(python) when is_binary(python) do
-    cond do
-      String.contains?(python, "/") and File.regular?(python) ->
-        Path.expand(python)
-
-      found = System.find_executable(python) ->
-        found
-
-      true ->
-        raise ArgumentError, "python #{inspect(python)} not found; set :python or UFF_PORT_PYTHON"
-    end
-  end
-
-  defp argv(c) do
-    hb = :erlang.float_to_binary(c.heartbeat_interval * 1.0, [:compact, decimals: 3])
-
-    ["-m", "uff_port", "serve", "--heartbeat-interval", hb] ++
-      opt_arg("--runs-root", c.runs_root && Path.expand(c.runs_root)) ++
-      opt_arg("--max-frame-bytes", c.max_frame_bytes) ++
-      opt_arg("--grace-seconds", c.grace_seconds) ++ Enum.map(c.worker_args, &to_string/1)
-  end
-
-  defp opt_arg(_flag, nil), do: []
-  defp opt_arg(flag, value), do: [flag, to_string(value)]
-
-  defp default_log(name) do
-    tag =
-      if name,
-        do: inspect(name) |> String.replace(~r/[^A-Za-z0-9_.-]/, "_"),
-        else: "os#{System.pid()}-#{System.unique_integer([:positive])}"
-
-    Path.join(System.tmp_dir!(), "uff_port-#{tag}.stderr.log")
-  end
-
-  @doc "A fresh runtime state from a checked config."
-  @spec new(t) :: t
-  def new(%__MODULE__{} = config), do: config
+  @doc "A state for a worker not yet started."
+  @spec new(WorkerOptions.t(), pos_integer) :: t
+  def new(%WorkerOptions{} = opts, attempt \\ 1), do: %__MODULE__{opts: opts, attempt: attempt}
 
   # ------------------------------------------------------------------ start
 
-  @doc "Records this start in the restart ledger (sleeping its backoff); the attempt number."
-  @spec begin_attempt(t) :: pos_integer
-  def begin_attempt(%{ledger: nil}), do: 1
-  def begin_attempt(%{ledger: ledger, backoff: b}), do: RestartLedger.begin_attempt(ledger, b)
+  @doc """
+  The Port is open (`port`, `os_pid`; `offset` is where this start's stderr
+  begins in the log).
+  """
+  @spec opened(t, port, pos_integer, non_neg_integer) :: t
+  def opened(state, port, os_pid, offset),
+    do: %{state | port: port, os_pid: os_pid, stderr_offset: offset}
 
-  @doc "Notes once per start that training advanced, so the next restart needs no backoff."
-  @spec mark_healthy(t) :: t
-  def mark_healthy(%{healthy?: true} = state), do: state
-  def mark_healthy(%{ledger: nil} = state), do: %{state | healthy?: true}
+  @doc """
+  `hello` arrived at `now`: the worker is idle, the watchdog clocks start, and
+  the per-command deadlines it announces (`command_info`) are noted.
+  """
+  @spec started(t, map, integer) :: t
+  def started(state, hello, now) do
+    # Prefer the worker's own pid: a python that is a wrapper script would not exec.
+    os_pid = if is_integer(hello["pid"]), do: hello["pid"], else: state.os_pid
 
-  def mark_healthy(%{ledger: ledger} = state) do
-    RestartLedger.mark_healthy(ledger)
-    %{state | healthy?: true}
+    %{
+      state
+      | hello: hello,
+        os_pid: os_pid,
+        deadlines: announced_deadlines(hello["command_info"]),
+        worker_state: "idle",
+        last_heartbeat_at: now,
+        step_changed_at: now
+    }
   end
 
-  @doc "Opens the Port and waits for `hello`; on failure nothing is left running."
-  @spec open(t) :: {:ok, t} | {:error, Error.t()}
-  def open(state) do
-    File.mkdir_p!(Path.dirname(state.stderr_log))
-
-    offset =
-      case File.stat(state.stderr_log),
-        do:
-          (
-            {:ok, %{size: s}} -> s
-            _ -> 0
-          )
-
-    port =
-      Port.open({:spawn_executable, "/bin/sh"}, [
-        :binary,
-        :exit_status,
-        :use_stdio,
-        :hide,
-        {:packet, 4},
-        {:args, ["-c", @sh_exec, "uff-port-worker", state.stderr_log, state.python | state.argv]},
-        {:env, env(state)},
-        {:cd, state.cd}
-      ])
-
-    {:os_pid, os_pid} = Port.info(port, :os_pid)
-    handshake(%{state | port: port, os_pid: os_pid, stderr_offset: offset})
+  # command_info is wire data: anything but a positive number of seconds is no deadline.
+  defp announced_deadlines(info) when is_map(info) do
+    for {cmd, %{"deadline_s" => s}} when is_binary(cmd) and is_number(s) and s > 0 <- info,
+        into: %{},
+        do: {cmd, min(ceil(s * 1000), @max_deadline)}
   end
 
-  defp env(state) do
-    cuda = state.cuda_visible_devices || System.get_env("CUDA_VISIBLE_DEVICES")
+  defp announced_deadlines(_), do: %{}
 
-    base = [
-      {"PYTHONUNBUFFERED", "1"},
-      # A segfault in a C extension still leaves a Python traceback in the stderr log.
-      {"PYTHONFAULTHANDLER", "1"},
-      {"CUDA_VISIBLE_DEVICES", cuda}
-    ]
+  # ------------------------------------------------------------------ requests
 
-    for {k, v} <- base ++ state.env, into: [] do
-      {String.to_charlist(to_string(k)),
-       if(v == nil, do: false, else: String.to_charlist(to_string(v)))}
-    end
+  @doc """
+  The deadline in ms for `cmd`: the bridge's default (`:long_call_timeout` for
+  the commands that wait on a checkpoint, else `:call_timeout`), or the
+  worker's `deadline_s` for it when that is longer. A worker that may take a
+  grace period to answer `train` (it waits for an orphaned trainer's final
+  checkpoint) must not be killed for it: its restart would wait the same way.
+  """
+  @spec deadline(t, String.t()) :: pos_integer
+  def deadline(%{opts: opts} = state, cmd) do
+    default = if cmd in @long_commands, do: opts.long_call_timeout, else: opts.call_timeout
+    max(default, Map.get(state.deadlines, cmd, 0))
   end
 
-  defp handshake(%{port: port} = state) do
-    receive do
-      {^port, {:data, data}} ->
-        case Msgpack.decode(data) do
-          {:ok, %{"event" => "hello", "protocol" => 1} = hello} ->
-            # Prefer the worker's own pid: a python that is a wrapper script would not exec.
-            pid = if is_integer(hello["pid"]), do: hello["pid"], else: state.os_pid
-            now = System.monotonic_time(:millisecond)
+  @doc "The deadline of the carried job's `train`: at least `:start_timeout`."
+  @spec job_deadline(t) :: pos_integer
+  def job_deadline(state),
+    do: max(state.opts.start_timeout, Map.get(state.deadlines, "train", 0))
 
-            {:ok,
-             %{
-               state
-               | hello: hello,
-                 os_pid: pid,
-                 worker_state: "idle",
-                 last_heartbeat_at: now,
-                 step_changed_at: now
-             }}
+  @doc "The id for the next request."
+  @spec reserve_id(t) :: {pos_integer, t}
+  def reserve_id(%{next_id: id} = state), do: {id, %{state | next_id: id + 1}}
 
-          other ->
-            abandon(state)
-            {:error, Error.new(:bad_hello, "first frame was not a protocol-1 hello", other)}
-        end
+  @doc "Notes a request in flight under `id`."
+  @spec put_pending(t, pos_integer, pending) :: t
+  def put_pending(state, id, entry), do: %{state | pending: Map.put(state.pending, id, entry)}
 
-      {^port, {:exit_status, status}} ->
-        state = %{state | port: nil, exit_status: status}
-
-        {:error,
-         Error.new(:start_failed, "worker exited with status #{status} before hello", %{
-           status: status,
-           stderr: stderr_tail(state)
-         })}
-    after
-      state.start_timeout ->
-        abandon(state)
-
-        {:error,
-         Error.new(:start_timeout, "no hello within #{state.start_timeout} ms", %{
-           stderr: stderr_tail(state)
-         })}
-    end
+  @doc "Takes the request `id` out of flight: `{entry, state}`, or `{nil, state}` if unknown."
+  @spec pop_pending(t, term) :: {pending | nil, t}
+  def pop_pending(state, id) do
+    {entry, pending} = Map.pop(state.pending, id)
+    {entry, %{state | pending: pending}}
   end
 
-  defp abandon(state) do
-    OsProcess.signal(state.os_pid, :kill)
-    wait_exit(state.port, 5_000)
-    close(state.port)
+  @doc "Every request still in flight, oldest first, and a state with none."
+  @spec take_pending(t) :: {[pending], t}
+  def take_pending(state) do
+    entries = state.pending |> Enum.sort() |> Enum.map(&elem(&1, 1))
+    {entries, %{state | pending: %{}}}
   end
+
+  # ------------------------------------------------------------------ subscribers
+
+  @doc """
+  Adds a subscriber: a pid with its monitor `ref`, or a registered name with
+  `nil` (a name is looked up at each event, so it survives its process'
+  restarts).
+  """
+  @spec add_subscriber(t, WorkerOptions.subscriber(), reference | nil) :: t
+  def add_subscriber(state, sub, ref),
+    do: %{state | subscribers: Map.put(state.subscribers, sub, ref)}
+
+  @doc "True when `sub` already receives events."
+  @spec subscribed?(t, WorkerOptions.subscriber()) :: boolean
+  def subscribed?(state, sub), do: Map.has_key?(state.subscribers, sub)
+
+  @doc "Drops the subscriber whose monitor `ref` fired (the process died)."
+  @spec drop_subscriber(t, reference) :: t
+  def drop_subscriber(state, ref) do
+    %{state | subscribers: Map.reject(state.subscribers, fn {_sub, r} -> r == ref end)}
+  end
+
+  @doc "The subscribers, pids and names."
+  @spec subscribers(t) :: [WorkerOptions.subscriber()]
+  def subscribers(state), do: Map.keys(state.subscribers)
 
   # ------------------------------------------------------------------ events and watchdogs
 
-  @doc "Folds one worker event into the state (liveness, step, loss, training or not)."
+  @doc """
+  Folds one worker event into the state (liveness, step, loss, training or
+  not). The state becomes `healthy?` at this start's first own training step;
+  the caller records that in the restart ledger.
+  """
   @spec on_event(t, String.t(), map, integer) :: t
   def on_event(state, name, event, now) do
     state = if name == "heartbeat", do: %{state | last_heartbeat_at: now}, else: state
@@ -335,7 +243,7 @@ defmodule UffPort.WorkerState do
           # event already carries the resume step, and a crash right after it must
           # still be backed off.
           if name == "progress" and state.training? and step > 0,
-            do: mark_healthy(state),
+            do: %{state | healthy?: true},
             else: state
 
         _ ->
@@ -359,29 +267,30 @@ defmodule UffPort.WorkerState do
   def job_accepted(state, now), do: %{state | step_changed_at: now}
 
   @doc "`:ok`, or `{:kill, reason}` when heartbeats stopped or the step stopped moving."
-  @spec watchdog(t, integer) :: :ok | {:kill, term}
-  def watchdog(state, now) do
+  @spec watchdog(t, integer) ::
+          :ok | {:kill, {:heartbeat_timeout, map} | {:stalled, map}}
+  def watchdog(%{opts: opts} = state, now) do
     silent = now - state.last_heartbeat_at
     stalled = now - state.step_changed_at
 
     cond do
-      silent > state.heartbeat_timeout ->
+      silent > opts.heartbeat_timeout ->
         {:kill,
          {:heartbeat_timeout,
           %{
             silent_ms: silent,
-            timeout_ms: state.heartbeat_timeout,
+            timeout_ms: opts.heartbeat_timeout,
             os_pid: state.os_pid,
             step: state.step
           }}}
 
-      state.training? and stalled > state.stall_timeout ->
+      state.training? and stalled > opts.stall_timeout ->
         {:kill,
          {:stalled,
           %{
             step: state.step,
             stalled_ms: stalled,
-            timeout_ms: state.stall_timeout,
+            timeout_ms: opts.stall_timeout,
             os_pid: state.os_pid
           }}}
 
@@ -390,132 +299,59 @@ defmodule UffPort.WorkerState do
     end
   end
 
-  # ------------------------------------------------------------------ exit and teardown
-
-  @doc "Exit status -> stop reason (0 normal, 75 resumable, anything else a crash)."
-  @spec exit_reason(non_neg_integer, t) :: term
-  def exit_reason(0, _state), do: :normal
-  def exit_reason(75, _state), do: {:shutdown, :resumable}
-
-  def exit_reason(status, state) do
-    signal = if status > 128, do: status - 128
-
-    {:worker_crashed,
-     %{status: status, signal: signal, os_pid: state.os_pid, stderr: stderr_tail(state)}}
-  end
+  # ------------------------------------------------------------------ exit
 
   @doc """
-  Removes the default stderr log (one the caller did not choose) after a
-  normal stop, or when it is empty: nothing in it is needed, and the temp dir
-  would fill up. A crashed worker's log with something in it stays for the
-  post-mortem.
+  Exit status -> stop reason. 0: `:normal`. 75: `{:shutdown, :resumable}` (the
+  worker stopped a job early with a durable checkpoint because someone sent
+  SIGTERM: a `:transient` child is not restarted against that wish). Anything
+  else: `{:worker_crashed, %{status, signal, os_pid, stderr}}`, `signal` set
+  for a status above 128.
   """
-  @spec drop_temp_log(t, term) :: :ok
-  def drop_temp_log(%{temp_log?: true, stderr_log: log}, reason) do
-    if reason == :normal or match?({:ok, %{size: 0}}, File.stat(log)), do: _ = File.rm(log)
-    :ok
-  end
+  @spec exit_reason(t, non_neg_integer, [String.t()]) ::
+          :normal | {:shutdown, :resumable} | {:worker_crashed, map}
+  def exit_reason(_state, 0, _stderr), do: :normal
+  def exit_reason(_state, 75, _stderr), do: {:shutdown, :resumable}
 
-  def drop_temp_log(_state, _reason), do: :ok
+  def exit_reason(state, status, stderr) do
+    signal = if status > 128, do: status - 128
+
+    {:worker_crashed, %{status: status, signal: signal, os_pid: state.os_pid, stderr: stderr}}
+  end
 
   @doc """
   The stop reason when the Port closed without an exit status (`reason` is the
   Port's, e.g. `:epipe`): a crash with an unknown status, and the stderr tail.
   """
-  @spec port_closed_reason(term, t) :: {:worker_crashed, map}
-  def port_closed_reason(reason, state) do
+  @spec port_closed_reason(t, term, [String.t()]) :: {:worker_crashed, map}
+  def port_closed_reason(state, reason, stderr) do
     {:worker_crashed,
-     %{
-       status: nil,
-       signal: nil,
-       port_closed: reason,
-       os_pid: state.os_pid,
-       stderr: stderr_tail(state)
-     }}
+     %{status: nil, signal: nil, port_closed: reason, os_pid: state.os_pid, stderr: stderr}}
   end
 
   @doc """
-  Makes sure the OS process is gone and returns its exit status (nil if unknown).
-  Escalates `shutdown` (checkpoint, exit 0) -> SIGTERM (checkpoint, exit 75) ->
-  SIGKILL. A frozen worker (watchdog) goes straight to SIGKILL; one that sent a
-  bad frame cannot be spoken to, so it starts at SIGTERM.
+  How to end a worker that is still running, given why: `shutdown` (checkpoint,
+  exit 0) -> SIGTERM (checkpoint, exit 75) -> SIGKILL. A frozen worker
+  (watchdog) answers nothing, not even SIGTERM: straight to SIGKILL. One that
+  sent a bad frame cannot be spoken to: it starts at SIGTERM.
   """
-  @spec teardown(t, term) :: non_neg_integer | nil
-  def teardown(%{port: nil} = state, _reason), do: state.exit_status
+  @spec teardown_steps(term) :: [teardown_step]
+  def teardown_steps({tag, _}) when tag in [:heartbeat_timeout, :stalled], do: [:sigkill]
+  def teardown_steps({:bad_frame, _}), do: [:sigterm, :sigkill]
+  def teardown_steps(_reason), do: [:shutdown, :sigterm, :sigkill]
 
-  def teardown(state, reason) do
-    steps =
-      case reason do
-        {tag, _} when tag in [:heartbeat_timeout, :stalled] -> [:sigkill]
-        {:bad_frame, _} -> [:sigterm, :sigkill]
-        _ -> [:shutdown, :sigterm, :sigkill]
-      end
-
-    status = Enum.find_value(steps, fn step -> escalate(step, state) end)
-    close(state.port)
-    status
-  end
-
-  defp escalate(:shutdown, state) do
-    frame = Msgpack.encode!(%{"id" => state.next_id, "cmd" => "shutdown", "args" => %{}})
-
-    try do
-      Port.command(state.port, frame)
-      wait_exit(state.port, state.shutdown_grace)
-    rescue
-      ArgumentError -> nil
-    end
-  end
-
-  defp escalate(:sigterm, state) do
-    OsProcess.signal(state.os_pid, :term)
-    wait_exit(state.port, state.term_grace)
-  end
-
-  defp escalate(:sigkill, state) do
-    OsProcess.signal(state.os_pid, :kill)
-    wait_exit(state.port, 10_000)
-  end
-
-  defp wait_exit(port, timeout) do
-    receive do
-      {^port, {:exit_status, status}} -> status
-    after
-      timeout -> nil
-    end
-  end
-
-  defp close(port) do
-    Port.close(port)
-  rescue
-    ArgumentError -> :ok
-  end
+  @doc "True for the stop reasons that are not failures (nothing to log as an error)."
+  @spec clean_stop?(term) :: boolean
+  def clean_stop?(reason),
+    do: reason in [:normal, :shutdown] or match?({:shutdown, _}, reason)
 
   # ------------------------------------------------------------------ views
-
-  @doc "The last `stderr_lines` lines the worker wrote to stderr since this start."
-  @spec stderr_tail(t) :: [String.t()]
-  def stderr_tail(state) do
-    with {:ok, %{size: size}} <- File.stat(state.stderr_log),
-         from = max(state.stderr_offset, size - @stderr_tail_bytes),
-         {:ok, fd} <- File.open(state.stderr_log, [:read, :binary]) do
-      data =
-        case :file.pread(fd, from, size - from) do
-          {:ok, d} -> d
-          _ -> ""
-        end
-
-      File.close(fd)
-      data |> String.split("\n", trim: true) |> Enum.take(-state.stderr_lines)
-    else
-      _ -> []
-    end
-  end
 
   @doc "The bridge's view of the worker."
   @spec snapshot(t) :: map
   def snapshot(state) do
-    Map.take(state, [
+    state
+    |> Map.take([
       :os_pid,
       :attempt,
       :worker_state,
@@ -525,8 +361,8 @@ defmodule UffPort.WorkerState do
       :max_steps,
       :loss,
       :hello,
-      :training?,
-      :stderr_log
+      :training?
     ])
+    |> Map.put(:stderr_log, state.opts.stderr_log)
   end
 end

@@ -6,6 +6,10 @@ Usage: python fake_worker.py MODE
   die_after_hello    close stdin, a line on stderr, hello, exit 3 after 0.3 s: the bridge's
                      `train` meets a closed pipe (EPIPE) and no exit status ever arrives
   silent             never say hello
+  slow_train DELAY DEADLINE
+                     hello announcing `train`'s deadline_s DEADLINE (command_info), then answer
+                     `train` after DELAY seconds and anything else at once; exit 0 after `shutdown`
+                     (a worker waiting out an orphaned trainer's grace period before it replies)
   echo               a bare {packet,4} echo (no decoding): the bench's baseline
 """
 
@@ -38,10 +42,29 @@ def write_frame(payload: bytes) -> None:
     os.write(1, struct.pack(">I", len(payload)) + payload)
 
 
-def hello() -> None:
-    write_frame(msgpack.packb({"event": "hello", "seq": 1, "ts": time.time(), "protocol": 1,
-                               "version": "fake", "pid": os.getpid(), "commands": ["ping"],
-                               "devices": []}))
+def hello(command_info: dict[str, dict[str, object]] | None = None) -> None:
+    frame = {"event": "hello", "seq": 1, "ts": time.time(), "protocol": 1, "version": "fake",
+             "pid": os.getpid(), "commands": ["ping", *(command_info or {})], "devices": []}
+    if command_info is not None:
+        frame["command_info"] = command_info
+    write_frame(msgpack.packb(frame))
+
+
+def slow_train(delay: float, deadline: float) -> int:
+    hello({"train": {"long_running": True, "deadline_s": deadline},
+           "shutdown": {"long_running": True, "deadline_s": None}})
+    while (payload := read_frame(0)) is not None:
+        request = msgpack.unpackb(payload)
+        cmd = request.get("cmd")
+        if cmd == "train":
+            time.sleep(delay)
+            result: dict[str, object] = {"job_id": "fake", "run_dir": "fake", "resumed_from": None}
+        else:
+            result = {"pong": True} if cmd == "ping" else {"reason": cmd}
+        write_frame(msgpack.packb({"id": request["id"], "ok": True, "result": result}))
+        if cmd == "shutdown":
+            return 0
+    return 0
 
 
 def main() -> int:
@@ -53,6 +76,8 @@ def main() -> int:
             out.write(head + inp.read(struct.unpack(">I", head)[0]))
             out.flush()
         return 0
+    if mode == "slow_train":
+        return slow_train(float(sys.argv[2]), float(sys.argv[3]))
     if mode == "silent":
         time.sleep(3600)
         return 0

@@ -8,8 +8,9 @@ defmodule UffPort.Test.Helpers do
   @doc "The interpreter with uff-port installed (set by test_helper.exs)."
   def python, do: System.get_env("UFF_PORT_PYTHON") || "python3"
 
-  @doc "Worker options running the fake worker in `mode`."
-  def fake(mode), do: [command: {python(), [@fake, mode]}]
+  @doc "Worker options running the fake worker in `mode` (with `args`)."
+  def fake(mode, args \\ []),
+    do: [command: {python(), [@fake, mode | Enum.map(args, &to_string/1)]}]
 
   @doc "Options every real-worker test uses: fast heartbeats, a private runs root and log."
   def worker_opts(tmp, extra \\ []) do

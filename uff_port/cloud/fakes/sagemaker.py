@@ -249,6 +249,7 @@ class FakeSageMakerClient:
         import yaml
 
         from uff_port.cloud.verify import write_output_manifest
+        from uff_port.training.checkpoint_store import CheckpointStore
 
         bucket, _, ck_prefix = req["CheckpointConfig"]["S3Uri"][5:].partition("/")
         bundle_bucket, _, bundle_prefix = req["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"][5:].partition("/")
@@ -268,10 +269,11 @@ class FakeSageMakerClient:
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "model"
             run = model / "run"
-            (run / "checkpoints" / name).mkdir(parents=True)
-            (run / "checkpoints" / name / "adapter_model.safetensors").write_bytes(f"weights@{step}".encode() * 64)
-            (run / "checkpoints" / name / "manifest.json").write_text(json.dumps({"step": step}))
-            (run / "checkpoints" / "LATEST").write_text(name + "\n")
+            # Committed the way the trainer commits (manifest with format and hashes, LATEST).
+            store = CheckpointStore(run)
+            staging = store.begin(step)
+            (staging / "adapter_model.safetensors").write_bytes(f"weights@{step}".encode() * 64)
+            store.commit(staging, step, {})
             if finished:
                 (run / "final").mkdir()
                 (run / "final" / "adapter_model.safetensors").write_bytes(f"final@{step}".encode() * 64)
