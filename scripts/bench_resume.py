@@ -11,8 +11,12 @@
                 throughput cost of checkpointing vs the same run without checkpoints.
     recovery    kill-to-first-progress: SIGKILL a training process, start it again on
                 the same run directory, time until it reports progress past the checkpoint.
+    verify      choosing and loading a resume point (a LoRA checkpoint of a Llama): the one
+                recovery path (the worker's locked scan with symlink checks, the trainer's
+                re-check of the handed-over choice, load, shape check, apply) vs the previous
+                path (a bare manifest re-hash, then load and apply), in interleaved rounds.
 
-Usage: .venv/bin/python scripts/bench_resume.py [data|blocked|recovery|all] [--lines N]
+Usage: .venv/bin/python scripts/bench_resume.py [data|blocked|recovery|verify|all] [--lines N]
 """
 
 from __future__ import annotations
@@ -276,14 +280,127 @@ def bench_recovery(kills: int) -> dict[str, Any]:
     return out
 
 
+def _lora_training_state(layers: int) -> dict[str, Any]:
+    """Model, optimizer (with Adam moments) and scheduler of a LoRA r=64 Llama of `layers` x 1024."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=64, lora_alpha=128, target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return {"model": model, "optimizer": opt, "scheduler": sched, "scaler": None}
+
+
+def bench_verify(rounds: int, layers: int) -> dict[str, Any]:
+    """Cost of choosing and loading a resume point, one recovery path vs the previous one."""
+    import statistics
+
+    from uff_port.core.checkpoint_store import CheckpointStore
+    from uff_port.hashing import verify_tree
+    from uff_port.training.state import (
+        apply_snapshot,
+        check_snapshot,
+        read_snapshot,
+        snapshot,
+        snapshot_bytes,
+        write_snapshot,
+    )
+
+    kw = _lora_training_state(layers)
+    with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
+        store = CheckpointStore(tmp, keep_last=2)
+        snap = snapshot(**kw, data_cursor={}, counters={}, step=1)
+        staging = store.begin(1)
+        write_snapshot(snap, staging)
+        path = store.commit(staging, 1, {})
+        size = snapshot_bytes(path)
+
+        def load(p: Path) -> Any:
+            s = read_snapshot(p)
+            check_snapshot(s, model=kw["model"], optimizer=kw["optimizer"])
+            return s
+
+        def previous() -> None:
+            # Before: the worker re-hashed against the manifest; the trainer read and applied.
+            manifest = json.loads((path / "manifest.json").read_text())
+            assert verify_tree(path, manifest["files"], exclude=["manifest.json"]).ok
+            apply_snapshot(read_snapshot(path), **kw)
+
+        def one_path(trusted: bool) -> None:
+            # Now: the worker scans under the lock (symlink checks, re-hash) and hands the lock
+            # and its choice over; the trainer re-checks it (no re-hash while it is still the
+            # newest, a full re-hash otherwise), loads, checks shapes, applies.
+            worker = CheckpointStore(tmp)
+            assert worker.acquire_writer(0.0)
+            point = worker.find_resume_point()
+            assert point is not None
+            found = CheckpointStore(tmp).find_resume_point(load=load, trusted=point.path if trusted else None)
+            worker.release_writer()
+            assert found is not None
+            apply_snapshot(found.state, **kw)
+
+        def verify_previous() -> None:
+            manifest = json.loads((path / "manifest.json").read_text())
+            assert verify_tree(path, manifest["files"], exclude=["manifest.json"]).ok
+
+        def verify_now() -> None:
+            assert store.verify(path)[0] is not None
+
+        variants = {
+            "previous": previous,
+            "one_path": lambda: one_path(True),
+            "one_path_rehash": lambda: one_path(False),
+            "verify_previous": verify_previous,
+            "verify_now": verify_now,
+        }
+        for fn in variants.values():  # warm the page cache and the allocator
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else reversed(names):  # interleaved, order alternating
+                t0 = time.perf_counter()
+                variants[name]()
+                times[name].append(time.perf_counter() - t0)
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        return {"median_s": round(statistics.median(xs), 4), "min_s": round(min(xs), 4), "max_s": round(max(xs), 4)}
+
+    def ratio(a: str, b: str) -> dict[str, float]:
+        per_round = [x / y for x, y in zip(times[a], times[b], strict=True)]
+        return {"median": round(statistics.median(times[a]) / statistics.median(times[b]), 3),
+                "per_round_min": round(min(per_round), 3), "per_round_max": round(max(per_round), 3)}
+
+    return {
+        "checkpoint_mb": round(size / 2**20, 1),
+        "trainable_params": sum(p.numel() for p in kw["model"].parameters() if p.requires_grad),
+        "rounds": rounds,
+        **{name: stats(xs) for name, xs in times.items()},
+        "ratio_one_path_vs_previous": ratio("one_path", "previous"),
+        "ratio_one_path_rehash_vs_previous": ratio("one_path_rehash", "previous"),
+        "ratio_verify_now_vs_previous": ratio("verify_now", "verify_previous"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", nargs="?", default="all", choices=("data", "blocked", "recovery", "all"))
+    parser.add_argument("part", nargs="?", default="all", choices=("data", "blocked", "recovery", "verify", "all"))
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--full-cap", type=int, default=0, help="cap on lines re-iterated through the full pipeline (0: all of them)")
     parser.add_argument("--steps", type=int, default=60, help="training steps for `blocked`")
     parser.add_argument("--every", type=int, default=10, help="checkpoint interval (steps) for `blocked`")
     parser.add_argument("--kills", type=int, default=3, help="kills for `recovery`")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for `verify`")
+    parser.add_argument("--layers", type=int, default=4, help="Llama layers (1024 wide, LoRA r=64) for `verify`")
     args = parser.parse_args(argv)
     out: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpus": os.cpu_count()}
     if args.part in ("data", "all"):
@@ -292,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         out["blocked"] = bench_blocked(args.steps, args.every)
     if args.part in ("recovery", "all"):
         out["recovery"] = bench_recovery(args.kills)
+    if args.part in ("verify", "all"):
+        out["verify"] = bench_verify(args.rounds, args.layers)
     print(json.dumps(out, indent=2))
     return 0
 

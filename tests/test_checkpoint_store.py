@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,15 @@ from uff_port.core.checkpoint_store import (
     CHECKPOINT_FORMAT,
     KILL_AT_ENV,
     LATEST,
+    WORKER_PID_ENV,
     CheckpointMismatch,
     CheckpointStore,
+    CheckpointUnloadable,
     parse_step,
     step_name,
 )
 from uff_port.core.config import resume_hash, resume_view, validate_config
+from uff_port.fsutil import UnsafePath
 
 CRASH_POINTS = ("begun", "writing", "files_synced", "manifest_written", "old_moved_aside", "renamed", "latest_written", "pruned")
 
@@ -400,3 +404,106 @@ def test_store_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- one recovery path: a loader, a trusted choice, symlinks, the handed-over lock ---------------
+
+
+def test_a_checkpoint_that_does_not_load_is_quarantined_and_the_next_loaded(tmp_path: Path) -> None:
+    store, rec = two_checkpoints(tmp_path)
+    loaded: list[str] = []
+
+    def load(path: Path) -> str:
+        loaded.append(path.name)
+        if path.name == "step-00000020":
+            raise CheckpointUnloadable("UnpicklingError: refused")
+        return f"state of {path.name}"
+
+    point = store.find_resume_point(load=load)
+    assert point is not None and point.step == 10 and point.state == "state of step-00000010"
+    assert loaded == ["step-00000020", "step-00000010"]
+    (event,) = rec.named("checkpoint_quarantined")
+    assert event["name"] == "step-00000020" and event["reason"] == "does not load: UnpicklingError: refused"
+    assert store.latest_name() == "step-00000010"
+
+
+def test_a_trusted_choice_is_not_rehashed_while_it_is_still_the_newest(tmp_path: Path) -> None:
+    store, rec = two_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoints" / "step-00000020"
+    flip_byte(newest / "optimizer.pt")  # damage only a re-hash would see
+    point = store.find_resume_point(trusted=newest)
+    assert point is not None and point.step == 20 and rec.named("checkpoint_quarantined") == []
+    # A newer checkpoint appeared (the lock was let go in between): everything is re-checked.
+    save(CheckpointStore(tmp_path, keep_last=5), 30)
+    flip_byte(tmp_path / "checkpoints" / "step-00000030" / "optimizer.pt")
+    point = store.find_resume_point(trusted=newest)
+    assert point is not None and point.step == 10
+    assert [e["name"] for e in rec.named("checkpoint_quarantined")] == ["step-00000030", "step-00000020"]
+
+
+def test_symlinked_step_dirs_latest_and_files_are_quarantined_never_followed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    store, rec = two_checkpoints(run)
+    outside = tmp_path / "outside"
+    shutil.copytree(run / "checkpoints" / "step-00000020", outside / "step-00000020")
+    ckpts = run / "checkpoints"
+    (ckpts / "step-00000090").symlink_to(outside / "step-00000020", target_is_directory=True)
+    (ckpts / "step-00000020" / "extra.bin").symlink_to(outside / "step-00000020" / "optimizer.pt")
+    (ckpts / LATEST).unlink()
+    (ckpts / LATEST).symlink_to(outside / "LATEST")
+    (outside / "LATEST").write_text("step-00000090\n")
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    point = store.find_resume_point()
+    assert point is not None and point.step == 10
+    reasons = {e["name"]: e["reason"] for e in rec.named("checkpoint_quarantined")}
+    assert "symlink" in reasons[LATEST] and "is a symlink" in reasons["step-00000090"]
+    assert "holds symlinks" in reasons["step-00000020"] and "extra.bin" in reasons["step-00000020"]
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+    assert not (outside / "quarantine").exists()
+
+
+def test_a_symlinked_checkpoints_dir_is_refused_for_reading_and_writing(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    save(CheckpointStore(outside), 10)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(outside / "checkpoints", target_is_directory=True)
+    store = CheckpointStore(run)
+    for attempt in (store.find_resume_point, lambda: store.begin(20), store.cleanup_staging, store.list_committed):
+        with pytest.raises(UnsafePath, match="leads outside"):
+            attempt()
+    assert sorted(p.name for p in (outside / "checkpoints").iterdir()) == [LATEST, "step-00000010"]
+
+
+def test_the_lock_is_handed_over_with_its_descriptor_never_free_in_between(tmp_path: Path) -> None:
+    worker = CheckpointStore(tmp_path)
+    assert worker.acquire_writer()
+    fd = os.dup(worker.lock_fd or -1)  # what the trainer inherits
+    worker.release_writer()
+    assert not CheckpointStore(tmp_path).acquire_writer(), "the lock was free after the worker let go"
+    trainer = CheckpointStore(tmp_path)
+    assert trainer.adopt_writer(fd) and trainer.writer_pid() == os.getpid()
+    trainer.release_writer()
+    assert CheckpointStore(tmp_path).acquire_writer()
+    stray = os.open(tmp_path / "stray", os.O_RDWR | os.O_CREAT)
+    assert not CheckpointStore(tmp_path).adopt_writer(stray)  # not our lock file: not adopted
+    os.close(stray)
+
+
+def test_the_holder_is_named_only_if_it_holds_the_lock_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, _ = two_checkpoints(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE,
+        env={**os.environ, WORKER_PID_ENV: "999999999"},
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        found = store.writer_holder()
+        assert found is not None and found.pid == holder.pid and found.worker_pid == 999999999
+        assert found.orphaned  # its recorded worker does not exist
+    finally:
+        holder.kill()
+        holder.wait()
+    # A pid written into the lock file by hand is never trusted: it must hold the file open.
+    (tmp_path / "checkpoints.lock").write_text(f"{os.getppid()}\nworker 999999999\n")
+    assert store.writer_holder() is None

@@ -9,14 +9,16 @@ the directory.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -152,3 +154,103 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+# -- confinement of files inside a run -------------------------------------------
+
+UNSAFE_PATH = "unsafe_path"
+"""Error code for a path that would lead outside its root (a symlink, or not a plain file)."""
+
+
+class UnsafePath(Exception):
+    """A path inside a run directory that is a symlink out of it, or not what it claims to be."""
+
+    code = UNSAFE_PATH
+
+    def __init__(self, path: str | os.PathLike[str], root: str | os.PathLike[str], why: str) -> None:
+        self.path = os.fspath(path)
+        self.root = os.fspath(root)
+        self.why = why
+        super().__init__(f"{self.path}: {why}; refusing to follow it out of {self.root}")
+
+
+def is_inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+    """True if the already-resolved `path` is `root` (resolved) or lies below it."""
+    base, p = Path(root).resolve(), Path(path)
+    return p == base or base in p.parents
+
+
+def find_symlinks(root: str | os.PathLike[str]) -> list[str]:
+    """Relative paths of every symlink under `root` (files and directories), sorted."""
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                out.append(os.path.relpath(full, root))
+    return sorted(out)
+
+
+def confine_existing(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """`path` resolved, refusing (UnsafePath) one whose symlinks lead outside `root`.
+
+    A path that does not exist yet is returned as given: its creation is
+    confined by whoever creates it (a mkdir, or `open_confined`).
+    """
+    p = Path(path)
+    if not os.path.lexists(p):
+        return p
+    resolved = p.resolve()
+    if not is_inside(root, resolved):
+        raise UnsafePath(p, root, "is a symlink that leads outside" if p.is_symlink() else "resolves outside")
+    return resolved
+
+
+_MODES = {
+    "r": os.O_RDONLY,
+    "rb": os.O_RDONLY,
+    "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+    "ab": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+    "rb+": os.O_RDWR,
+}
+
+
+def open_confined_fd(root: str | os.PathLike[str], path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> int:
+    """`os.open` of a regular file under `root`, never through a symlink out of it.
+
+    O_NOFOLLOW refuses a symlink as the last component; the path of the file
+    actually opened (read back from /proc/self/fd, so a directory swapped in
+    between cannot fool it) must then lie under `root`. O_NONBLOCK while
+    opening: a FIFO planted in place of a log must not hang the open; it is
+    refused as not a regular file.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(path, root, "is a symlink") from None
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader, opened for writing
+            raise UnsafePath(path, root, "is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePath(path, root, "is not a regular file")
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # no /proc: resolve the name instead
+            real = os.path.realpath(path)
+        if not is_inside(root, real):
+            raise UnsafePath(path, root, "lies outside (through a symlinked directory)")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_confined(root: str | os.PathLike[str], path: str | os.PathLike[str], mode: str = "rb") -> IO[Any]:
+    """`open(path, mode)` for a file under `root` that refuses symlinks out of it (see open_confined_fd)."""
+    fd = open_confined_fd(root, path, _MODES[mode])
+    if "b" in mode:
+        return open(fd, mode)
+    return open(fd, mode, encoding="utf-8")

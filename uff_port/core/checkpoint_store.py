@@ -35,9 +35,14 @@ from typing import Any, Final
 from uff_port.core import layout
 from uff_port.fsutil import (
     OLD_PREFIX,
+    UnsafePath,
     atomic_write_text,
+    confine_existing,
+    find_symlinks,
     fsync_dir,
     fsync_tree,
+    open_confined,
+    open_confined_fd,
     recover_dir,
     replace_dir,
 )
@@ -55,6 +60,9 @@ _RESERVED: Final = frozenset({"format", "step", "created", "files"})
 KILL_AT_ENV: Final = "UFF_PORT_CHECKPOINT_KILL_AT"
 """`STEP:POINT` (e.g. `12:manifest_written`): SIGKILL this process at that commit sub-step.
 Lets crash tests hit the middle of a checkpoint write every time, not by luck."""
+WORKER_PID_ENV: Final = "UFF_PORT_WORKER_PID"
+"""Set for a trainer started by a worker: recorded in the writer lock, so a restarted
+worker can tell a trainer whose worker is gone (an orphan it may reclaim) from a live one."""
 COMMIT_POINTS: Final = (
     "begun", "files_synced", "manifest_written", "old_moved_aside", "renamed", "latest_written", "pruned"
 )
@@ -63,6 +71,10 @@ Emit = Callable[..., None]
 # Test seam: called with the name of each commit sub-step just after it completes,
 # so a test can stop there (by raising) as if the process had been killed.
 FaultHook = Callable[[str], None]
+
+
+class CheckpointUnloadable(Exception):
+    """Raised by a `find_resume_point` loader: the checkpoint verified but its state does not load."""
 
 
 class CheckpointMismatch(Exception):
@@ -83,6 +95,21 @@ class ResumePoint:
     step: int
     path: Path
     manifest: dict[str, Any]
+    state: Any = None
+    """What the `find_resume_point` loader returned for it (the trainer's snapshot)."""
+
+
+@dataclass
+class WriterHolder:
+    """The process holding a run's writer lock, as its lock file and /proc tell."""
+
+    pid: int
+    worker_pid: int | None
+
+    @property
+    def orphaned(self) -> bool:
+        """Started by a worker that is gone: nobody will ever stop it but a new worker."""
+        return self.worker_pid is not None and not _alive(self.worker_pid)
 
 
 def step_name(step: int) -> str:
@@ -147,7 +174,7 @@ class CheckpointStore:
         if self._lock_fd is not None:
             return True
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_confined_fd(self.run_dir, self.lock_path, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -158,10 +185,59 @@ class CheckpointStore:
                     os.close(fd)
                     return False
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        self._record_holder(fd)
         self._lock_fd = fd
         return True
+
+    def _record_holder(self, fd: int) -> None:
+        worker = os.environ.get(WORKER_PID_ENV, "")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"{os.getpid()}\n" + (f"worker {worker}\n" if worker.isdigit() else "")).encode(), 0)
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the lock: a worker hands it to the trainer it starts
+        (flock belongs to the open file, so the lock is never free in between)."""
+        return self._lock_fd
+
+    def adopt_writer(self, fd: int) -> bool:
+        """Take over the lock held by an inherited descriptor of our lock file.
+
+        False if `fd` is not this run's lock file or does not hold the lock (then
+        call `acquire_writer`): a descriptor number alone proves nothing.
+        """
+        if self._lock_fd is not None:
+            return True
+        try:
+            held, ours = os.fstat(fd), os.stat(self.lock_path, follow_symlinks=False)
+            if (held.st_dev, held.st_ino) != (ours.st_dev, ours.st_ino):
+                return False
+            # Succeeds at once on the open file that already holds the lock, fails on any other.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        os.set_inheritable(fd, False)
+        self._record_holder(fd)
+        self._lock_fd = fd
+        return True
+
+    def writer_holder(self) -> WriterHolder | None:
+        """The live process that holds our lock file open and is recorded in it, or None.
+
+        Checked in /proc, not only read from the file: the file is in the run
+        directory, and whoever wrote a pid there must not make us signal it.
+        """
+        try:
+            with open_confined(self.run_dir, self.lock_path, "rb") as fh:
+                lines = fh.read(256).decode("ascii", "replace").split("\n")
+            ours = os.stat(self.lock_path, follow_symlinks=False)
+        except (OSError, UnsafePath):
+            return None
+        pid = int(lines[0]) if lines[0].strip().isdigit() else None
+        if pid is None or pid == os.getpid() or not _holds_open(pid, (ours.st_dev, ours.st_ino)):
+            return None
+        worker = next((int(w[7:]) for w in lines[1:] if w.startswith("worker ") and w[7:].isdigit()), None)
+        return WriterHolder(pid, worker)
 
     def release_writer(self) -> None:
         if self._lock_fd is not None:
@@ -171,8 +247,9 @@ class CheckpointStore:
     def writer_pid(self) -> int | None:
         """Pid recorded by the last writer (it may have exited)."""
         try:
-            text = self.lock_path.read_text().strip()
-        except (FileNotFoundError, UnicodeDecodeError):
+            with open_confined(self.run_dir, self.lock_path, "rb") as fh:
+                text = fh.read(256).decode("ascii", "replace").split("\n")[0].strip()
+        except (OSError, UnsafePath):
             return None
         return int(text) if text.isdigit() else None
 
@@ -180,7 +257,9 @@ class CheckpointStore:
 
     def begin(self, step: int) -> Path:
         """A fresh, empty staging directory for the checkpoint of `step`."""
+        self._confined()
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        self._confined()
         name = f"{_STAGING_PREFIX}{step_name(step)}-{os.getpid()}-{next(self._counter)}"
         path = self.checkpoints_dir / name
         path.mkdir()
@@ -193,6 +272,7 @@ class CheckpointStore:
         """Make `staging` the durable checkpoint of `step`, move LATEST, prune."""
         staging = Path(staging)
         self._step = step
+        self._confined()
         clash = _RESERVED & set(meta)
         if clash:
             raise ValueError(f"meta: keys {sorted(clash)} are reserved for the manifest")
@@ -276,6 +356,7 @@ class CheckpointStore:
 
     def cleanup_staging(self) -> list[str]:
         """Remove what a crash mid-write left behind; call at startup, before writing."""
+        self._confined()
         if not self.checkpoints_dir.is_dir():
             return []
         self._recover_replaced()
@@ -310,18 +391,40 @@ class CheckpointStore:
 
     # -- reading ---------------------------------------------------------------
 
+    def _confined(self) -> None:
+        """Refuse (UnsafePath) a `checkpoints/` or `quarantine/` that leads out of the run directory.
+
+        Checked before every write and every scan: a symlink planted there would
+        make us resume from, and write into, a directory outside the run.
+        """
+        confine_existing(self.run_dir, self.checkpoints_dir)
+        confine_existing(self.run_dir, self.checkpoints_dir / QUARANTINE)
+
     def _step_dirs(self) -> list[Path]:
         if not self.checkpoints_dir.is_dir():
             return []
-        return [p for p in self.checkpoints_dir.iterdir() if p.is_dir() and parse_step(p.name) is not None]
+        # Symlinks are listed too (is_dir follows them), so that a scan quarantines them.
+        return [
+            p for p in self.checkpoints_dir.iterdir()
+            if (p.is_dir() or p.is_symlink()) and parse_step(p.name) is not None
+        ]  # fmt: skip
+
+    def _read_latest(self) -> tuple[str | None, str | None]:
+        """(what LATEST names, None) or (None, why LATEST is unusable); (None, None) if absent."""
+        try:
+            with open_confined(self.checkpoints_dir, self.checkpoints_dir / LATEST, "rb") as fh:
+                text = fh.read(4096).decode("utf-8").strip()
+        except FileNotFoundError:
+            return None, None
+        except UnsafePath as exc:
+            return None, f"LATEST {exc.why}"
+        except (OSError, UnicodeDecodeError):
+            return None, None
+        return text or None, None
 
     def latest_name(self) -> str | None:
         """What LATEST says, or None when there is no readable LATEST."""
-        try:
-            text = (self.checkpoints_dir / LATEST).read_text(encoding="utf-8").strip()
-        except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError):
-            return None
-        return text or None
+        return self._read_latest()[0]
 
     def latest(self) -> ResumePoint | None:
         """The newest committed checkpoint (what LATEST names, else the highest step with a
@@ -338,8 +441,11 @@ class CheckpointStore:
 
     def list_committed(self) -> list[ResumePoint]:
         """Checkpoints that have a readable manifest, by step; files are not re-hashed."""
+        self._confined()
         out = []
         for path in self._step_dirs():
+            if path.is_symlink():
+                continue
             manifest = _read_manifest(path)
             if isinstance(manifest, dict):
                 out.append(ResumePoint(parse_step(path.name) or 0, path, manifest))
@@ -347,6 +453,8 @@ class CheckpointStore:
 
     def verify(self, path: Path) -> tuple[dict[str, Any] | None, str]:
         """(manifest, "verified") or (None, reason) after re-hashing every file."""
+        if path.is_symlink():
+            return None, "is a symlink (never followed out of the run directory)"
         manifest = _read_manifest(path)
         if isinstance(manifest, str):
             return None, manifest
@@ -358,37 +466,61 @@ class CheckpointStore:
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
             return None, "manifest lists no files"
+        links = find_symlinks(path)
+        if links:
+            return None, f"holds symlinks (never followed): {', '.join(links[:5])}"
         report = verify_tree(path, files, exclude=[MANIFEST])
         if not report.ok:
             return None, report.summary()
         return manifest, "verified"
 
-    def find_resume_point(self, expect: dict[str, Any] | None = None) -> ResumePoint | None:
-        """The newest verified checkpoint: LATEST first, then newest to oldest.
+    def find_resume_point(
+        self,
+        expect: dict[str, Any] | None = None,
+        load: Callable[[Path], Any] | None = None,
+        trusted: Path | None = None,
+    ) -> ResumePoint | None:
+        """The newest usable checkpoint: LATEST first, then newest to oldest.
 
-        Damaged ones are quarantined (event `checkpoint_quarantined`) and the
-        next is tried. A verified one of another config/tokenizer raises
-        CheckpointMismatch; it is left in place, since it is not damaged.
+        One recovery path for every kind of damage: a checkpoint that fails
+        verification, or whose state `load(path)` refuses (by raising
+        CheckpointUnloadable: a pickle `weights_only` rejects, a wrong shape, a
+        missing shard), is quarantined (event `checkpoint_quarantined`) and the
+        next is tried; `load`'s result is the point's `state`. A verified one
+        of another config/tokenizer raises CheckpointMismatch and stays put,
+        since it is not damaged.
+
+        `trusted`: a checkpoint verified by whoever handed us the writer lock
+        without ever releasing it; used without re-hashing while it is still
+        the newest, else the scan re-checks everything.
         """
+        self._confined()
         if self.checkpoints_dir.is_dir():
             self._recover_replaced()
         tried: set[str] = set()
         candidates: list[Path] = []
-        latest = self.latest_name()
-        if latest is not None:
+        latest, problem = self._read_latest()
+        if problem is not None:
+            self._quarantine(self.checkpoints_dir / LATEST, problem)
+        elif latest is not None:
             target = self.checkpoints_dir / latest
-            if parse_step(latest) is not None and target.is_dir():
+            if parse_step(latest) is not None and (target.is_dir() or target.is_symlink()):
                 candidates.append(target)
             else:
                 self._quarantine(
                     self.checkpoints_dir / LATEST, f"LATEST points at {latest!r}, which does not exist"
                 )
         candidates += sorted(self._step_dirs(), key=lambda p: parse_step(p.name) or 0, reverse=True)
+        trusted_manifest = self._still_newest(trusted, candidates) if trusted is not None else None
         for path in candidates:
             if path.name in tried:
                 continue
             tried.add(path.name)
-            manifest, reason = self.verify(path)
+            manifest: dict[str, Any] | None
+            if trusted_manifest is not None and path == trusted:
+                manifest, reason = trusted_manifest, "verified"
+            else:
+                manifest, reason = self.verify(path)
             if manifest is None:
                 self._quarantine(path, reason)
                 continue
@@ -396,19 +528,37 @@ class CheckpointStore:
                 differences = _differences(manifest, expect)
                 if differences:
                     raise CheckpointMismatch(path, differences)
+            state = None
+            if load is not None:
+                try:
+                    state = load(path)
+                except CheckpointUnloadable as exc:
+                    self._quarantine(path, f"does not load: {exc}")
+                    continue
             if path.name != latest:
                 # LATEST pointed at something unusable: make it name what we resume.
                 atomic_write_text(self.checkpoints_dir / LATEST, path.name + "\n")
-            return ResumePoint(int(manifest["step"]), path, manifest)
+            return ResumePoint(int(manifest["step"]), path, manifest, state)
         self.emit("log", level="info", message=f"no checkpoint in {self.checkpoints_dir}: starting fresh")
         return None
 
+    def _still_newest(self, trusted: Path, candidates: list[Path]) -> dict[str, Any] | None:
+        """The manifest of `trusted` if it is still a real directory and the first candidate."""
+        if not candidates or candidates[0] != trusted or trusted.is_symlink() or not trusted.is_dir():
+            return None
+        newest = max((parse_step(p.name) or 0 for p in candidates), default=0)
+        manifest = _read_manifest(trusted)
+        if isinstance(manifest, str) or parse_step(trusted.name) != newest or manifest.get("step") != newest:
+            return None
+        return manifest
+
     def _quarantine(self, path: Path, reason: str) -> Path:
         qdir = self.checkpoints_dir / QUARANTINE
+        self._confined()
         qdir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         dest = qdir / f"{path.name}-{stamp}-{os.getpid()}-{next(self._counter)}"
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             os.rename(path, dest)
         else:
             dest.mkdir()
@@ -429,12 +579,46 @@ def _kill_at_from_env() -> tuple[int, str] | None:
     return int(step), point
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes: it holds nothing and will run nothing
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _holds_open(pid: int, file_id: tuple[int, int]) -> bool:
+    """Whether process `pid` has the file (st_dev, st_ino) open (Linux /proc; False if unknown)."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            st = os.stat(f"{fd_dir}/{name}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == file_id:
+            return True
+    return False
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | str:
     """The manifest, or a reason why there is none."""
     try:
-        raw = (path / MANIFEST).read_bytes()
+        with open_confined(path, path / MANIFEST, "rb") as fh:
+            raw = fh.read()
     except FileNotFoundError:
         return f"no {MANIFEST} (the write never completed)"
+    except UnsafePath as exc:
+        return f"{MANIFEST} {exc.why}"
     except OSError as exc:
         return f"{MANIFEST} unreadable: {exc}"
     try:

@@ -144,9 +144,24 @@ class DistributedConfig(_Section):
     master_port: int | None = Field(None, gt=0, lt=65536)
 
 
+class SuiteEvalConfig(_Section):
+    """A code-evaluation suite run during training (uff_port.eval.training, docs/eval.md)."""
+
+    suite: str = Field(min_length=1)
+    every_steps: int | None = Field(None, gt=0)
+    sample: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(8, gt=0)
+    timeout: float = Field(10.0, gt=0)
+
+
 class EvalConfig(_Section):
     every_steps: int | None = Field(50, gt=0)
     max_batches: int = Field(20, gt=0)
+    # left out of the dump when empty, so configs without suites keep their config_hash
+    suites: list[SuiteEvalConfig] = Field(default_factory=list, exclude_if=lambda v: not v)
+    # a fixed held-out file for the loss, shared by runs so their eval_loss compares
+    path: str | None = Field(None, min_length=1, exclude_if=lambda v: v is None)
 
 
 class OutputConfig(_Section):

@@ -32,6 +32,7 @@ class ErrorCode:
     WONT_FIT: Final = "wont_fit"
     DISK_FULL: Final = "disk_full"
     NON_FINITE: Final = "non_finite"
+    UNSAFE_PATH: Final = "unsafe_path"  # a symlink (or non-file) in a run directory that leads out of it
     # Registry and releases (docs/registry.md).
     INVALID_MANIFEST: Final = "invalid_manifest"
     VERIFY_FAILED: Final = "verify_failed"

@@ -34,6 +34,8 @@ RELOAD_FAILED: Final = "reload_failed"
 """The serving directory switched but the reload hook (command or vLLM endpoint) failed."""
 INVALID_SLO: Final = "invalid_slo"
 """The SLO YAML of `watch` failed its schema."""
+UNSAFE_PATH: Final = "unsafe_path"
+"""An artifact or run directory holds a symlink (or non-file): never followed, never copied."""
 
 EXIT_CODES: Final = {
     INVALID_ARGS: 2,
@@ -49,6 +51,7 @@ EXIT_CODES: Final = {
     RELEASE_HELD: 20,
     HUB_FAILED: 21,
     RELOAD_FAILED: 22,
+    UNSAFE_PATH: 10,
 }
 
 

@@ -18,9 +18,10 @@ import yaml
 
 from uff_port import __version__
 from uff_port.core import layout
-from uff_port.fsutil import atomic_write_text
+from uff_port.eval.metrics import suite_metrics
+from uff_port.fsutil import UnsafePath, atomic_write_text, find_symlinks, open_confined
 from uff_port.hashing import list_files, sha256_file, tree_manifest
-from uff_port.registry.errors import NOT_FOUND, RegistryError
+from uff_port.registry.errors import NOT_FOUND, UNSAFE_PATH, RegistryError
 from uff_port.registry.manifest import (
     INTERFACE_CONTRACT,
     MANIFEST_NAME,
@@ -66,11 +67,12 @@ def _read_events(path: Path) -> list[dict[str, Any]]:
     """Events worth reading; progress/heartbeat lines (the bulk) are skipped unparsed."""
     out: list[dict[str, Any]] = []
     try:
-        fh = path.open("r", encoding="utf-8", errors="replace")
-    except OSError:
+        fh = open_confined(path.parent, path, "rb")
+    except (OSError, UnsafePath):  # a symlink planted as events.jsonl is not read through
         return out
     with fh:
-        for line in fh:
+        for raw in fh:
+            line = raw.decode("utf-8", "replace")
             if '"progress"' in line or '"heartbeat"' in line:
                 continue
             try:
@@ -192,6 +194,21 @@ def _default_role(cfg: dict[str, Any]) -> str:
     return managers[0] if len(managers) == 1 else "textgen"
 
 
+def refuse_symlinks(artifact_dir: Path) -> None:
+    """`unsafe_path` if the artifact directory is, or holds, a symlink.
+
+    An artifact is its own bytes: a link would make us hash and copy into the
+    registry whatever file it points at, anywhere on the machine.
+    """
+    links = ["."] if artifact_dir.is_symlink() else (find_symlinks(artifact_dir) if artifact_dir.is_dir() else [])
+    if links:
+        raise RegistryError(
+            UNSAFE_PATH,
+            f"{artifact_dir}: holds symlinks, which are never followed or copied: {', '.join(links[:5])}",
+            {"path": str(artifact_dir), "symlinks": links[:20]},
+        )
+
+
 def build_manifest(
     artifact_dir: Path,
     *,
@@ -204,6 +221,7 @@ def build_manifest(
 ) -> ArtifactManifest:
     """Hash `artifact_dir` and gather its metadata (from `run_dir` when there is one)."""
     run_dir = run_dir or artifact_dir.parent
+    refuse_symlinks(artifact_dir)
     if not artifact_dir.is_dir():
         raise RegistryError(NOT_FOUND, f"run_dir: no adapter directory at {artifact_dir}")
     files = tree_manifest(artifact_dir, exclude=content_excludes(artifact_dir))
@@ -235,7 +253,7 @@ def build_manifest(
             "backend": str(cfg.get("strategy") or "local"),
             "final_step": final_step if final_step is None or final_step >= 0 else None,
         },
-        "metrics": metrics_from_events(events),
+        "metrics": {**metrics_from_events(events), **suite_metrics(run_dir)},
         "interface": interface,
         "created_at": created_at,
     }

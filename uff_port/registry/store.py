@@ -26,17 +26,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from uff_port.fsutil import atomic_write_text, fsync_dir, recover_dir, replace_dir
+from uff_port.fsutil import (
+    UnsafePath,
+    atomic_write_text,
+    fsync_dir,
+    open_confined,
+    recover_dir,
+    replace_dir,
+)
 from uff_port.hashing import VerifyReport, list_files, verify_tree
 from uff_port.registry.errors import (
     ALIAS_CONFLICT,
     INVALID_ARGS,
     NOT_FOUND,
+    UNSAFE_PATH,
     VERIFY_FAILED,
     RegistryError,
 )
 from uff_port.registry.manifest import MANIFEST_NAME, ArtifactManifest, parse_manifest
-from uff_port.registry.runmanifest import content_excludes
+from uff_port.registry.runmanifest import content_excludes, refuse_symlinks
 
 ALIASES: Final = ("candidate", "stable", "previous")
 ENV_VAR: Final = "UFF_PORT_REGISTRY"
@@ -77,11 +85,15 @@ def default_root() -> Path:
     return Path(os.environ.get(ENV_VAR) or DEFAULT_ROOT)
 
 
-def _copy_hashed(src: Path, dst: Path) -> str:
-    """Copy one file, fsync it, and return the sha256 of the bytes actually written."""
+def _copy_hashed(root: Path, src: Path, dst: Path) -> str:
+    """Copy one file from under `root` (never through a symlink), fsync it, return the sha256 written."""
     h = hashlib.sha256()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with src.open("rb") as fin, dst.open("wb") as fout:
+    try:
+        fin = open_confined(root, src, "rb")
+    except UnsafePath as exc:
+        raise RegistryError(UNSAFE_PATH, str(exc), {"path": exc.path}) from None
+    with fin, dst.open("wb") as fout:
         while chunk := fin.read(_CHUNK):
             h.update(chunk)
             fout.write(chunk)
@@ -141,6 +153,7 @@ class Registry:
                     {"artifact_id": manifest.artifact_id, "registered": existing.to_dict()},
                 )
             return existing, False
+        refuse_symlinks(source)
         # Names and sizes first (cheap); the sha256s are checked on the bytes as they are copied,
         # so the source is read once, not once to verify and once to copy.
         report = VerifyReport()
@@ -148,7 +161,7 @@ class Registry:
         for rel, meta in sorted(manifest.files.items()):
             if rel not in present:
                 report.missing.append(rel)
-            elif (source / rel).stat().st_size != meta.size:
+            elif (source / rel).lstat().st_size != meta.size:
                 report.size_mismatch.append(rel)
         report.extra = sorted(present - set(manifest.files))
         if report.ok:
@@ -177,7 +190,7 @@ class Registry:
         tmp = self.artifacts_dir / f".tmp-{uuid.uuid4().hex}"
         try:
             for rel, meta in sorted(manifest.files.items()):
-                if _copy_hashed(source / rel, tmp / rel) != meta.sha256:
+                if _copy_hashed(source, source / rel, tmp / rel) != meta.sha256:
                     report.hash_mismatch.append(rel)
             if report.hash_mismatch:
                 return

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from uff_port.fsutil import UnsafePath, open_confined
 from uff_port.protocol.framing import FrameError, FrameReader, FrameWriter, decode_payload
 
 STDERR_TAIL_LINES: Final = 40
@@ -34,6 +35,7 @@ class Child:
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
         name: str = "child",
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.name = name
@@ -46,7 +48,7 @@ class Child:
         try:
             self.proc = subprocess.Popen(
                 argv,
-                pass_fds=(child_fd,),
+                pass_fds=(child_fd, *pass_fds),
                 start_new_session=True,  # own process group: killpg reaches all it starts
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -67,7 +69,12 @@ class Child:
     def _copy_output(self) -> None:
         """Copy the child's output to our stderr and its log; keep the tail."""
         assert self.proc.stdout is not None
-        log = open(self._log_path, "ab") if self._log_path else None
+        log = None
+        if self._log_path:
+            try:  # the run's own log: never appended through a symlink out of the run directory
+                log = open_confined(self._log_path.parent, self._log_path, "ab")
+            except (OSError, UnsafePath) as exc:
+                print(f"{self.name}: not writing {self._log_path}: {exc}", file=sys.stderr, flush=True)
         try:
             for line in iter(self.proc.stdout.readline, b""):
                 try:

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from uff_port.core import layout
 from uff_port.core.exits import ExitCode
+from uff_port.fsutil import UnsafePath, open_confined
 from uff_port.protocol.errors import ErrorCode
 from uff_port.protocol.messages import failed_fields, finished_fields
 from uff_port.server.children import Child
@@ -65,6 +66,7 @@ class Job:
         events: EventStream,
         on_exit: Callable[[Job], None],
         extra_argv: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.info = info
         self._events = events
@@ -81,6 +83,7 @@ class Job:
             extra_argv=extra_argv,
             log_path=info.run_dir / layout.TRAINER_LOG,
             name=f"trainer[{info.job_id}]",
+            pass_fds=pass_fds,
         )
         self._thread = threading.Thread(target=self._run, name=f"job-{info.job_id}", daemon=True)
         self._thread.start()
@@ -170,6 +173,9 @@ class Job:
             info.phase = "training"
         elif name == "state" and isinstance(fields.get("state"), str):
             info.phase = fields["state"]
+            if fields["state"] == "training" and "resumed_from" in fields:
+                # The trainer's word on where it resumed: it may have fallen back past the worker's choice.
+                info.resumed_from = fields["resumed_from"]
         elif name == "checkpoint":
             info.last_checkpoint = {"step": fields.get("step"), "path": fields.get("path")}
         elif name in ("finished", "failed"):
@@ -179,10 +185,10 @@ class Job:
 
     def _log_event(self, name: str, fields: dict[str, Any]) -> None:
         """Worker-made events about the job also go to the run's events.jsonl."""
-        try:
-            with open(self._events_log, "a", encoding="utf-8") as fh:
+        try:  # never appended through a symlink out of the run directory
+            with open_confined(self.info.run_dir, self._events_log, "a") as fh:
                 fh.write(json.dumps({"event": name, "ts": time.time(), "source": "worker", **fields}) + "\n")
-        except OSError:
+        except (OSError, UnsafePath):
             pass
 
     def _finish(self, code: int, broken: str | None) -> None:

@@ -9,8 +9,10 @@ request loop.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from uff_port.core import layout
-from uff_port.fsutil import atomic_write_text, confine
+from uff_port.fsutil import UnsafePath, atomic_write_text, confine, confine_existing
 from uff_port.protocol.errors import CommandError, ErrorCode
 from uff_port.server.events import EventStream
 from uff_port.server.jobs import Job, JobInfo, cloud_argv, trainer_argv
@@ -28,10 +30,33 @@ if TYPE_CHECKING:  # pydantic is imported on the first train request, not at sta
 
 _JOB_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 AUTO: Final = "auto"
+_RUN_FILES: Final = (layout.EVENTS, layout.TRAINER_LOG, layout.CHECKPOINTS_LOCK, layout.CONFIG)
+_RUN_DIRS: Final = (layout.CHECKPOINTS, f"{layout.CHECKPOINTS}/quarantine", layout.FINAL)
+_KILL_WAIT_S: Final = 10.0
 MAX_RUN_DIR_BYTES: Final = 1024
 """A run_dir argument longer than this is refused (its files' paths must stay under PATH_MAX)."""
 _NAME_MAX: Final = 255
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse (`unsafe_path`) a run directory whose files or subdirectories lead out of it.
+
+    The files we append to must not be symlinks at all (they are opened with
+    O_NOFOLLOW anyway); directories must resolve inside the run directory. Checked
+    before a job starts so the client gets a coded refusal, not a trainer crash.
+    """
+    try:
+        for name in _RUN_FILES:
+            path = run_dir / name
+            if path.is_symlink():
+                raise UnsafePath(path, run_dir, "is a symlink")
+        for name in _RUN_DIRS:
+            confine_existing(run_dir, run_dir / name)
+    except UnsafePath as exc:
+        raise CommandError(
+            ErrorCode.UNSAFE_PATH, str(exc), {"path": exc.path, "run_dir": str(run_dir)}
+        ) from None
 
 
 @dataclass
@@ -175,20 +200,54 @@ class JobLauncher:
             raise CommandError(ErrorCode.DISK_FULL, report.message, {"needed": report.needed, "free": report.free})
 
     # -- start (job-start thread) ----------------------------------------
-    def _resolve_checkpoint(self, plan: LaunchPlan) -> tuple[Path | None, int | None]:
-        from uff_port.core.checkpoint_store import CheckpointMismatch, CheckpointStore
+    def _claim_run(self, plan: LaunchPlan, store: Any) -> None:
+        """Take the run's writer lock, or refuse with `busy`.
+
+        A trainer whose worker is gone (this worker's predecessor was killed) is
+        reclaimed at once: SIGCONT (a stopped trainer can neither checkpoint nor
+        exit), SIGTERM (the usual stop: checkpoint, exit 75), and SIGKILL if it
+        has not let go of the lock within its grace period. A live worker's
+        trainer is waited for up to the grace period, then refused.
+        """
+        grace = plan.config.checkpoint.grace_seconds
+        if store.acquire_writer(0.0):
+            return
+        holder = store.writer_holder()
+        if holder is not None and holder.orphaned:
+            self.emit("log", job_id=plan.job_id, level="warning", code="orphan_reclaimed", pid=holder.pid,
+                      message=f"trainer pid {holder.pid} of a dead worker holds {plan.run_dir}: "
+                              "stopping it with a checkpoint")  # fmt: skip
+            try:
+                pgid = os.getpgid(holder.pid)
+                os.killpg(pgid, signal.SIGCONT)
+                os.killpg(pgid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pgid = None
+            if store.acquire_writer(grace):
+                return
+            if pgid is not None:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if store.acquire_writer(_KILL_WAIT_S):
+                return
+        elif store.acquire_writer(grace):
+            return
+        pid = store.writer_pid()
+        raise CommandError(
+            ErrorCode.BUSY,
+            f"another process (pid {pid}) still holds {plan.run_dir} after {grace:g} s "
+            "(checkpoint.grace_seconds); stop it or use another run_dir",
+            {"writer_pid": pid, "run_dir": str(plan.run_dir)},
+        )
+
+    def _resolve_checkpoint(self, plan: LaunchPlan, store: Any) -> tuple[Path | None, int | None]:
+        """The checkpoint to resume, chosen while we hold the writer lock (passed on to the trainer)."""
+        from uff_port.core.checkpoint_store import CheckpointMismatch
         from uff_port.core.config import resume_hash, resume_view
 
         cfg = plan.config
-        store = CheckpointStore(
-            plan.run_dir,
-            keep_last=cfg.checkpoint.keep_last,
-            emit=lambda event, **f: self.emit(event, job_id=plan.job_id, **f),
-        )
-        # A trainer orphaned by a dead worker may still be writing its final checkpoint:
-        # wait (up to the grace period) until no one holds the run's writer lock.
-        if store.acquire_writer(cfg.checkpoint.grace_seconds):
-            store.release_writer()
         if plan.resume_from == AUTO:
             try:
                 point = store.find_resume_point({"resume_hash": resume_hash(cfg), "resume_view": resume_view(cfg)})
@@ -198,6 +257,8 @@ class JobLauncher:
                     f"{plan.run_dir} holds checkpoints of a different config: {exc}",
                     {"differences": exc.differences},
                 ) from None
+            except UnsafePath as exc:
+                raise CommandError(ErrorCode.UNSAFE_PATH, str(exc), {"path": exc.path}) from None
             return (point.path, point.step) if point else (None, None)
         path = Path(plan.resume_from)  # type: ignore[arg-type]
         return self._verify_explicit(path)
@@ -222,36 +283,55 @@ class JobLauncher:
         return path, step
 
     def start(self, plan: LaunchPlan, events: EventStream, on_exit: Callable[[Job], None]) -> Job:
+        from uff_port.core.checkpoint_store import CheckpointStore
         from uff_port.core.config import config_hash, dump_yaml, resume_hash
 
         cfg = plan.config
         plan.run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_dir(plan.run_dir)
         local = cfg.strategy == "local"
-        resume_path, step = self._resolve_checkpoint(plan) if local else (None, None)
-        cfg_path = plan.run_dir / layout.CONFIG
-        atomic_write_text(
-            cfg_path,
-            f"# config_hash: {config_hash(cfg)}\n# resume_hash: {resume_hash(cfg)}\n" + dump_yaml(cfg),
+        store = CheckpointStore(
+            plan.run_dir,
+            keep_last=cfg.checkpoint.keep_last,
+            emit=lambda event, /, **f: self.emit(event, job_id=plan.job_id, **f),
         )
         if local:
-            argv = trainer_argv(self.python)
+            self._claim_run(plan, store)
+        try:
+            resume_path, step = self._resolve_checkpoint(plan, store) if local else (None, None)
+            cfg_path = plan.run_dir / layout.CONFIG
+            atomic_write_text(
+                cfg_path,
+                f"# config_hash: {config_hash(cfg)}\n# resume_hash: {resume_hash(cfg)}\n" + dump_yaml(cfg),
+            )
             extra = ["--run-dir", str(plan.run_dir), "--config", str(cfg_path), "--job-id", plan.job_id]
-            extra += ["--resume-from", str(resume_path)] if resume_path else ["--fresh"]
-        else:
-            argv = cloud_argv(self.python)
-            extra = ["--run-dir", str(plan.run_dir), "--config", str(cfg_path), "--job-id", plan.job_id]
-        info = JobInfo(
-            job_id=plan.job_id,
-            run_dir=plan.run_dir,
-            kind="trainer" if local else f"cloud:{cfg.strategy}",
-            resumed_from=step,
-            grace_seconds=cfg.checkpoint.grace_seconds,
-            max_steps=cfg.training.max_steps,
-            step=step,
-        )
-        if step is not None:
-            info.last_checkpoint = {"step": step, "path": str(resume_path)}
-        return Job(info, argv, events, on_exit, extra_argv=extra)
+            fds: tuple[int, ...] = ()
+            if local:
+                argv = trainer_argv(self.python)
+                if resume_path is not None:
+                    # AUTO: the trainer re-checks our pick and may fall back; explicit: exactly this one.
+                    extra += ["--resume-hint" if plan.resume_from == AUTO else "--resume-from", str(resume_path)]
+                # The lock goes to the trainer with the descriptor that holds it, so no other
+                # writer can prune or replace the checkpoint we chose before the trainer runs.
+                assert store.lock_fd is not None  # _claim_run took it or raised
+                fds = (store.lock_fd,)
+                extra += ["--writer-lock-fd", str(store.lock_fd)]
+            else:
+                argv = cloud_argv(self.python)
+            info = JobInfo(
+                job_id=plan.job_id,
+                run_dir=plan.run_dir,
+                kind="trainer" if local else f"cloud:{cfg.strategy}",
+                resumed_from=step,
+                grace_seconds=cfg.checkpoint.grace_seconds,
+                max_steps=cfg.training.max_steps,
+                step=step,
+            )
+            if step is not None:
+                info.last_checkpoint = {"step": step, "path": str(resume_path)}
+            return Job(info, argv, events, on_exit, extra_argv=extra, pass_fds=fds)
+        finally:
+            store.release_writer()  # ours only: the trainer's inherited copy keeps the lock
 
     def after_finish(self, info: JobInfo) -> None:
         """Write the run's artifact manifest (final/artifact.json); a failure is a warning.

@@ -422,8 +422,12 @@ class Worker:
 
         threading.Thread(target=run, name="job-start", daemon=True).start()
 
-    def _job_event(self, name: str, **fields: Any) -> None:
-        """Events the launcher raises before the trainer exists (quarantine, fresh start)."""
+    def _job_event(self, name: str, /, **fields: Any) -> None:
+        """Events the launcher raises before the trainer exists (quarantine, fresh start).
+
+        Positional-only: event fields may themselves be called `name`
+        (`checkpoint_quarantined` carries the checkpoint's name).
+        """
         self.events.emit(name, **fields)
 
     def _job_exited(self, job: Job) -> None:

@@ -1,7 +1,8 @@
 """`python -m uff_port.training`: the trainer process (docs/internals.md section 1).
 
     python -m uff_port.training --run-dir RUN_DIR --config CONFIG \
-        [--control-fd N] [--job-id ID] [--resume-from DIR | --fresh] [--set k=v ...]
+        [--control-fd N] [--job-id ID] [--resume-from DIR | --resume-hint DIR | --fresh]
+        [--writer-lock-fd N] [--set k=v ...]
 
 Exit codes: 0 finished, 75 stopped early with a durable checkpoint, 3 refused
 before training (bad config, missing model, won't fit), other: crashed.
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume-from", type=Path, default=None, help="a verified checkpoint directory")
     g.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    g.add_argument("--resume-hint", type=Path, default=None,
+                   help="the newest checkpoint as the worker verified it under the lock it hands over; "
+                        "re-checked, and any checkpoint that fails is quarantined and the next one used")
+    p.add_argument("--writer-lock-fd", type=int, default=None,
+                   help="an inherited descriptor holding the run's writer lock (flock)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
@@ -85,12 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Hear of a dead worker even if our channel were somehow kept open.
     set_parent_death_signal(signal.SIGTERM)
+    if args.control_fd is not None:
+        from uff_port.core.checkpoint_store import WORKER_PID_ENV
+
+        # Our parent is the worker: recorded with the writer lock (ranks inherit it), so a
+        # restarted worker can tell an orphan of a dead worker from a live worker's trainer.
+        os.environ.setdefault(WORKER_PID_ENV, str(os.getppid()))
     run_dir: Path = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     is_launcher = False
     fd, sock = _channel_fd(args)
     report = Reporter(run_dir, channel_fd=fd, rank=int(os.environ.get("RANK", "0")), job_id=args.job_id)
+    if report.file_refused is not None:
+        return _refuse(report, "unsafe_path", report.file_refused)
     config_path = args.config or run_dir / layout.CONFIG
+    if Path(config_path).absolute().parent == run_dir and Path(config_path).is_symlink():
+        # The run's own config.yaml is the worker's file: a link planted there is not read through.
+        return _refuse(report, "unsafe_path", f"{config_path}: is a symlink; refusing to read through it")
     try:
         cfg = load_config(config_path, parse_overrides(args.overrides))
     except ConfigError as exc:
@@ -105,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     if is_launcher:
         from uff_port.training.launcher import launch
 
+        if args.writer_lock_fd is not None:
+            # torchrun passes no descriptors on: rank 0 takes the lock itself, and
+            # because the lock was let go it re-verifies everything it resumes from.
+            os.close(args.writer_lock_fd)
+
         # Ranks re-read the resolved config; the overrides are already in it.
-        child_argv = _strip(argv, {"--control-fd", "--config", "--set"}) + ["--config", str(run_dir / layout.CONFIG)]
+        child_argv = _strip(argv, {"--control-fd", "--config", "--set", "--writer-lock-fd"}) + ["--config", str(run_dir / layout.CONFIG)]
         return launch(child_argv, cfg, fd, report)
     code = run(cfg, run_dir, args, report, fd)
     _write_exit(code)
@@ -178,6 +200,7 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
     """Set up and train; every way out is an exit code and, on failure, a `failed` event."""
     # Heavy imports only now: a refused config above never loads torch.
     from uff_port.core.checkpoint_store import CheckpointMismatch
+    from uff_port.fsutil import UnsafePath
     from uff_port.training import dist
     from uff_port.training.channel import Inbox
     from uff_port.training.data import DataError
@@ -199,7 +222,10 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
         except ValueError as exc:
             return _refuse(report, "model_not_found", f"model.name_or_path: {exc}")
     dist.init_from_env()
-    trainer = Trainer(cfg, run_dir, reporter=report, inbox=inbox, resume_from=args.resume_from, fresh=args.fresh)
+    trainer = Trainer(
+        cfg, run_dir, reporter=report, inbox=inbox, resume_from=args.resume_from, fresh=args.fresh,
+        resume_hint=args.resume_hint, writer_lock_fd=args.writer_lock_fd,
+    )  # fmt: skip
     started = False
     watcher = LoadingWatcher(inbox, report, exit_hook=_write_exit)
     try:
@@ -214,6 +240,10 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
         return stop.code
     except CheckpointMismatch as exc:
         return _refuse(report, "checkpoint_mismatch", str(exc), exc.differences)
+    except UnsafePath as exc:  # a symlink out of the run directory, found by the checkpoint store
+        trainer.settle()
+        report.emit("failed", **failed_fields(exc.code, str(exc), resumable=False, step=trainer.step))
+        return ExitCode.REFUSED if not started else ExitCode.CRASH
     except (ModelError, DataError, TrainError) as exc:
         trainer.settle()
         # A final error (non-finite training) would only repeat after a resume: never resumable.

@@ -168,6 +168,7 @@ def _line(ev: dict[str, Any]) -> str:
 def run_status(run_dir: Path) -> dict[str, Any]:
     """Summary of a run directory from events.jsonl and its committed checkpoints."""
     from uff_port.core.checkpoint_store import CheckpointStore
+    from uff_port.fsutil import UnsafePath
     from uff_port.training.events import read_events
 
     events = read_events(run_dir)
@@ -175,7 +176,10 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     for ev in events:
         if ev.get("event") in last:
             last[ev["event"]] = ev
-    points = CheckpointStore(run_dir).list_committed()
+    try:
+        points = CheckpointStore(run_dir).list_committed()
+    except UnsafePath:  # checkpoints/ leads out of the run: not ours to list
+        points = []
     prog: dict[str, Any] = last["progress"] or {}
     state = (last["state"] or {}).get("state")
     fin, fail = last["finished"], last["failed"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port.core import layout
+from uff_port.fsutil import UnsafePath, open_confined
 from uff_port.protocol import FrameWriter, sanitize
 
 EVENTS_FILE: Final = layout.EVENTS
@@ -35,6 +36,8 @@ class Reporter:
         self.job_id = job_id
         self.listeners: list[Listener] = []
         self.channel_broken = False
+        self.file_refused: str | None = None
+        """Why events.jsonl is not written (a symlink or non-file planted there); the channel still is."""
         self.write_errors = 0
         self.last_write_error: OSError | None = None
         self._lock = threading.Lock()
@@ -46,11 +49,13 @@ class Reporter:
     def _seal_torn_line(self) -> None:
         """End a line a killed predecessor left half-written, so ours starts on a fresh one."""
         try:
-            with open(self.path, "rb+") as fh:
+            with open_confined(self.path.parent, self.path, "rb+") as fh:
                 if fh.seek(0, os.SEEK_END) and (fh.seek(-1, os.SEEK_END), fh.read(1))[1] != b"\n":
                     fh.write(b"\n")
         except FileNotFoundError:
             pass
+        except UnsafePath as exc:
+            self.file_refused = str(exc)
 
     def emit(self, event: str, **fields: Any) -> None:
         if not self.enabled:
@@ -60,20 +65,29 @@ class Reporter:
             rec.setdefault("job_id", self.job_id)
         line = json.dumps(rec, separators=(",", ":"), default=str) + "\n"
         with self._lock:  # the checkpoint thread emits too
-            try:
-                with open(self.path, "a", encoding="utf-8") as fh:
-                    fh.write(line)
-                    if event in _DURABLE:
-                        fh.flush()
-                        os.fsync(fh.fileno())
-            except OSError as exc:
-                # A full disk must not silence the worker: the event (a `failed` saying
-                # `disk_full`, above all) still goes over the channel.
-                self.write_errors += 1
-                self.last_write_error = exc
+            self._append(line, durable=event in _DURABLE)
             self._send(rec)
         for listener in self.listeners:
             listener(rec)
+
+    def _append(self, line: str, durable: bool) -> None:
+        if self.file_refused is not None:
+            return
+        try:
+            # Opened afresh each time, never through a symlink: one planted mid-run
+            # must not turn our appends into writes to a file outside the run.
+            with open_confined(self.path.parent, self.path, "a") as fh:
+                fh.write(line)
+                if durable:  # fsync: a post-mortem must find the checkpoint/finished/failed line
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except UnsafePath as exc:
+            self.file_refused = str(exc)
+        except OSError as exc:
+            # A full disk must not silence the worker: the event (a `failed` saying
+            # `disk_full`, above all) still goes over the channel.
+            self.write_errors += 1
+            self.last_write_error = exc
 
     def progress(self, min_interval: float, force: bool = False, **fields: Any) -> bool:
         """Rate-limited at the source: at most one per `min_interval` seconds unless forced."""
@@ -108,9 +122,11 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """All events of a run; a torn last line (crash mid-write) is skipped."""
     out: list[dict[str, Any]] = []
     path = Path(run_dir) / EVENTS_FILE
-    if not path.exists():
+    try:
+        fh = open_confined(path.parent, path, "rb")
+    except (OSError, UnsafePath):  # absent, or a planted link: nothing of ours to read
         return out
-    with open(path, encoding="utf-8") as fh:
+    with fh:
         for line in fh:
             try:
                 out.append(json.loads(line))

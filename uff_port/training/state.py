@@ -271,6 +271,45 @@ def read_snapshot(path: str | Path, rank: int = 0, seed: int = 0) -> TrainingSna
     )
 
 
+def check_snapshot(snap: TrainingSnapshot, *, model: Any, optimizer: Any) -> None:
+    """Raise ValueError if `snap` cannot be applied to this model and optimizer; changes nothing.
+
+    Run before `apply_snapshot`, so a checkpoint that would fail half-way
+    (a wrong shape, a state for other parameters) is refused while the model
+    is still untouched and the previous checkpoint can be used instead.
+    """
+    inner = _unwrap(model)
+    if _is_peft(inner):
+        from peft import get_peft_model_state_dict
+
+        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(inner).items()}
+    else:
+        expected = {n: tuple(p.shape) for n, p in inner.named_parameters() if p.requires_grad}
+    got = {k: tuple(v.shape) for k, v in snap.adapter.items()}
+    if set(got) != set(expected):
+        extra, missing = sorted(set(got) - set(expected)), sorted(set(expected) - set(got))
+        raise ValueError(f"adapter: weights the model lacks {extra[:3]}, weights missing {missing[:3]}")
+    wrong = [f"{k} {got[k]} != {expected[k]}" for k in sorted(got) if got[k] != expected[k]]
+    if wrong:
+        raise ValueError(f"adapter: wrong shapes: {wrong[:3]}")
+    if optimizer is None:
+        return
+    if snap.optimizer is None:
+        raise ValueError("optimizer: no optimizer.pt in this torch-layout checkpoint")
+    state, groups = snap.optimizer.get("state"), snap.optimizer.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise ValueError("optimizer: the saved state does not have this optimizer's parameter groups")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_ids = [i for g in groups for i in (g.get("params") or [])]
+    if len(saved_ids) != len(params):
+        raise ValueError(f"optimizer: state for {len(saved_ids)} parameters, the model trains {len(params)}")
+    for index, param in zip(saved_ids, params, strict=True):
+        for key, value in (state.get(index) or {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"optimizer: {key} of parameter {index} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(param.shape)}")
+
+
 def apply_snapshot(snap: TrainingSnapshot, *, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> None:
     """Restore weights, optimizer, scheduler, scaler and RNG (cursor and counters are the caller's)."""
     inner = _unwrap(model)

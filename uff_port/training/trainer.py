@@ -26,13 +26,22 @@ import torch.nn.functional as F
 
 from uff_port import __version__
 from uff_port.core import layout
-from uff_port.core.checkpoint_store import CheckpointStore, ResumePoint
+from uff_port.core.checkpoint_store import CheckpointStore, CheckpointUnloadable, ResumePoint
 from uff_port.core.config import Config, config_hash, resume_hash, resume_view
 from uff_port.core.exits import ExitCode
-from uff_port.fsutil import atomic_write_json, fsync_tree, is_disk_full, recover_dir, replace_dir
+from uff_port.fsutil import (
+    UNSAFE_PATH,
+    UnsafePath,
+    atomic_write_json,
+    fsync_tree,
+    is_disk_full,
+    recover_dir,
+    replace_dir,
+)
 from uff_port.hashing import tree_manifest
 from uff_port.protocol import finished_fields
 from uff_port.training import dist, zero
+from uff_port.training.builtin import resolve_data_path
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
 from uff_port.training.continuity import ContinuityGuard, LossWindow
 from uff_port.training.data import IGNORE, PackedStream, Sequence_, collate
@@ -47,8 +56,10 @@ from uff_port.training.model import (
 )
 from uff_port.training.state import (
     AsyncCheckpointer,
+    TrainingSnapshot,
     apply_snapshot,
     capture_rng,
+    check_snapshot,
     read_snapshot,
     restore_rng,
     snapshot,
@@ -121,13 +132,18 @@ class Trainer:
         inbox: Inbox,
         resume_from: Path | None = None,
         fresh: bool = False,
+        resume_hint: Path | None = None,
+        writer_lock_fd: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.report = reporter
         self.inbox = inbox
-        self.resume_from = resume_from
+        self.resume_from = resume_from  # explicit: exactly this checkpoint, or refuse
         self.fresh = fresh
+        self.resume_hint = resume_hint  # the worker's pick, verified under the lock it hands us
+        self.writer_lock_fd = writer_lock_fd
+        self._lock_handed_over = False
         self.rank, self.world = dist.rank(), dist.world_size()
         self.step = 0
         self.tokens_seen = 0
@@ -178,6 +194,7 @@ class Trainer:
         self.accum = t.grad_accum_steps // self.world
         torch.manual_seed(t.seed)  # identical LoRA init on every rank
         self.tokenizer = load_tokenizer(cfg)
+        self._code_eval_step = -1  # the step eval.suites last ran at
         self.tok_hash = tokenizer_hash(self.tokenizer)
         self.model = load_model(cfg, self.device, self.precision)
         self.params = trainable_parameters(self.model)
@@ -257,6 +274,10 @@ class Trainer:
         resume from that checkpoint instead of an older one. Two live trainers
         on one run directory would overwrite each other: the second is refused.
         """
+        if self.writer_lock_fd is not None and self.store.adopt_writer(self.writer_lock_fd):
+            # The worker held the lock from its checkpoint scan until now: its pick still stands.
+            self._lock_handed_over = True
+            return
         grace = self.cfg.checkpoint.grace_seconds
         if not self.store.acquire_writer(timeout=grace):
             raise TrainError(
@@ -289,10 +310,13 @@ class Trainer:
         def bad(name: str, line_no: int, reason: str) -> None:
             self.emit("log", level="warning", code="bad_line", file=name, line=line_no, message=f"{name}:{line_no}: {reason}")
 
+        shared = self.cfg.eval.path if split == "eval" else None  # eval.path: every line is held out
+        if shared and not resolve_data_path(shared).is_file():
+            raise TrainError("data_not_found", f"eval.path: no such file {shared!r}")
         return PackedStream(
-            self.cfg.data.path,
+            shared or self.cfg.data.path,
             self.tokenizer,
-            self.cfg.data,
+            self.cfg.data.model_copy(update={"eval_fraction": 1.0}) if shared else self.cfg.data,
             split=split,  # type: ignore[arg-type]
             seed=self.cfg.training.seed,
             rank=self.rank,
@@ -300,25 +324,58 @@ class Trainer:
             on_bad_line=bad if (split == "train" and self.rank == 0) else None,
         )
 
-    def _maybe_resume(self) -> None:
-        point: Path | None = self.resume_from
-        if point is None and not self.fresh:
-            found: ResumePoint | None = None
-            if self.rank == 0:
-                expect = {k: self.meta[k] for k in ("resume_hash", "resume_view", "tokenizer_hash")}
-                found = self.store.find_resume_point(expect)  # raises CheckpointMismatch
-            path = dist.broadcast_object(str(found.path) if found else None)
-            point = Path(path) if path else None
-        if point is None:
-            return
-        snap = read_snapshot(point, rank=self.rank, seed=self.cfg.training.seed)
+    def _load_checkpoint(self, path: Path) -> TrainingSnapshot:
+        """Read a verified checkpoint and check it fits this model, touching nothing.
+
+        Any failure other than a layout of other distributed settings means the
+        checkpoint is unusable (CheckpointUnloadable): the store quarantines it
+        and offers the next one.
+        """
+        try:
+            snap = read_snapshot(path, rank=self.rank, seed=self.cfg.training.seed)
+        except MemoryError:
+            raise
+        except Exception as exc:  # unpickling refused, a missing shard, bad JSON: all "does not load"
+            raise CheckpointUnloadable(f"{type(exc).__name__}: {exc}") from exc
         if snap.layout != self.layout:
             raise TrainError(
                 "checkpoint_mismatch",
-                f"{point}: optimizer state saved as {snap.layout}, this run needs {self.layout} "
+                f"{path}: optimizer state saved as {snap.layout}, this run needs {self.layout} "
                 "(DeepSpeed shards resume only with the same ZeRO stage and number of processes); "
                 "start fresh or use the original distributed settings",
             )
+        if self.engine is None:
+            try:
+                check_snapshot(snap, model=self.model, optimizer=self.optimizer)
+            except ValueError as exc:
+                raise CheckpointUnloadable(str(exc)) from exc
+        return snap
+
+    def _maybe_resume(self) -> None:
+        point: Path | None = self.resume_from
+        snap: TrainingSnapshot | None = None
+        if point is not None:
+            try:
+                snap = self._load_checkpoint(point)
+            except CheckpointUnloadable as exc:
+                raise TrainError("corrupt_checkpoint", f"{point}: does not load: {exc}") from None
+        elif not self.fresh:
+            found: ResumePoint | None = None
+            if self.rank == 0:
+                expect = {k: self.meta[k] for k in ("resume_hash", "resume_view", "tokenizer_hash")}
+                # Under the writer lock: verified, loaded, or quarantined and the next one tried.
+                found = self.store.find_resume_point(  # raises CheckpointMismatch
+                    expect,
+                    load=self._load_checkpoint,
+                    trusted=self.resume_hint if self._lock_handed_over else None,
+                )
+            path = dist.broadcast_object(str(found.path) if found else None)
+            point = Path(path) if path else None
+            snap = found.state if found else None
+        if point is None:
+            return
+        if snap is None:  # ranks other than 0 read their own RNG file
+            snap = read_snapshot(point, rank=self.rank, seed=self.cfg.training.seed)
         if self.engine is not None:
             try:
                 zero.load(self.engine, point)  # weights, optimizer shards, LR schedule
@@ -399,6 +456,8 @@ class Trainer:
         point = self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
         if point is None:
             err = self.checkpointer.last_error
+            if isinstance(err, UnsafePath):  # checkpoints/ now leads out of the run
+                raise TrainError(UNSAFE_PATH, str(err), resumable=True)
             if err is not None and self._is_disk_full(err):
                 raise TrainError("disk_full", self._disk_full_message(), resumable=True)
             why = f": {type(err).__name__}: {err}" if err is not None else ""
@@ -549,6 +608,7 @@ class Trainer:
                 window_t0, window_tokens = now, 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                 self.evaluate()
+            self._code_eval(pending, final=False)
         return self._finish()
 
     def _skip_or_fail(self, bad: NonFiniteStep) -> None:
@@ -699,7 +759,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean token loss on the held-out split (loss sums accumulate, never logits)."""
-        if self.cfg.data.eval_fraction <= 0:
+        if self.cfg.data.eval_fraction <= 0 and not self.cfg.eval.path:
             return None
         self.set_state("evaluating")
         model = self.model
@@ -725,10 +785,30 @@ class Trainer:
         self.set_state("training")
         return value
 
+    def _code_eval(self, pending: list[Command], final: bool) -> None:
+        """eval.suites (uff_port.eval.training): a stop abandons it, then stops as usual."""
+        if not self.cfg.eval.suites or self.rank != 0 or (final and self._code_eval_step == self.step):
+            return
+        from uff_port.eval.training import due, run_suites
+
+        if not any(due(s, self.step, self.cfg.eval.every_steps, final) for s in self.cfg.eval.suites):
+            return
+        if self.zero_stage == 3:  # sharded parameters: generation would need them gathered
+            self.emit("log", level="warning", message="eval.suites skipped: not supported with zero_stage 3")
+            return
+        self._code_eval_step = self.step
+        self.set_state("evaluating")
+        want = run_suites(self.cfg.eval.suites, self.run_dir, self.model, self.tokenizer, self.device,
+                          self.step, self.cfg.eval.every_steps, final, self.emit,
+                          lambda: self._poll(pending), _STOP_NOSAVE, self.eval_loss)
+        self._act(want, pending)
+        self.set_state("training")
+
     # ---- the end ------------------------------------------------------------
     def _finish(self) -> int:
         if self.cfg.eval.every_steps is None or self.step % (self.cfg.eval.every_steps or 1):
             self.evaluate()
+        self._code_eval([], final=True)
         self.set_state("saving")
         if self._ckpt_step != self.step:  # a collective: every rank decides alike
             self.save_checkpoint(wait=True)
@@ -757,6 +837,8 @@ class Trainer:
         """Adapter (and optional merged model) to RUN_DIR/final, committed by one rename."""
         final = self.run_dir / layout.FINAL
         tmp = self.run_dir / f".final-{os.getpid()}"
+        if tmp.is_symlink():  # planted: rmtree refuses links, and we must not write through it
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         peft_cfg = getattr(self.model, "peft_config", {}).get("default")
         if peft_cfg is not None:
