@@ -10,41 +10,38 @@ and the data cursor saved with a checkpoint is always a step boundary.
 Loss: every micro-batch contributes sum(token CE) / N, where N is the number of
 target tokens of the whole step on all ranks, so the gradient is that of the
 mean token loss of the global batch however it is split.
+
+The recipe keeps the spine and the policy (when to checkpoint, evaluate, stop);
+what it shares with any other recipe lives beside it: the control words
+(`control`), the step engines, plain torch/DDP or DeepSpeed (`engines`), the
+checkpoint snapshot (`state`, over `core.checkpoint_store`) and the final
+export (`export`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from uff_port import __version__
 from uff_port.core import layout
 from uff_port.core.checkpoint_store import CheckpointStore, CheckpointUnloadable, ResumePoint
 from uff_port.core.config import Config, config_hash, resume_hash, resume_view
 from uff_port.core.exits import ExitCode
-from uff_port.fsutil import (
-    UNSAFE_PATH,
-    UnsafePath,
-    atomic_write_json,
-    fsync_tree,
-    is_disk_full,
-    recover_dir,
-    replace_dir,
-)
-from uff_port.hashing import tree_manifest
+from uff_port.fsutil import UNSAFE_PATH, UnsafePath, is_disk_full, recover_dir
 from uff_port.protocol import finished_fields
-from uff_port.training import dist, zero
+from uff_port.training import dist, export, zero
 from uff_port.training.builtin import resolve_data_path
-from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
+from uff_port.training.channel import Command, Inbox
 from uff_port.training.continuity import ContinuityGuard, LossWindow
-from uff_port.training.data import IGNORE, PackedStream, Sequence_, collate
+from uff_port.training.control import CKPT, DISK_FULL, GO, STOP, STOP_NOSAVE, Control, StopTraining
+from uff_port.training.data import PackedStream, Sequence_, collate
+from uff_port.training.engines import StepEngine, make_engine, token_loss_sum
+from uff_port.training.errors import NonFiniteStep, TrainError
 from uff_port.training.events import Reporter
 from uff_port.training.model import (
     load_model,
@@ -57,68 +54,13 @@ from uff_port.training.model import (
 from uff_port.training.state import (
     AsyncCheckpointer,
     TrainingSnapshot,
-    apply_snapshot,
     capture_rng,
-    check_snapshot,
     read_snapshot,
     restore_rng,
     snapshot,
 )
 
-INJECT_OOM_ENV: Final = "UFF_PORT_INJECT_OOM_AT_STEP"
-INJECT_NONFINITE_ENV: Final = "UFF_PORT_INJECT_NONFINITE_AT_STEP"
-# Control words agreed on by all ranks at a step boundary (max wins).
-_GO, _CKPT, _STOP_NOSAVE, _STOP, _DISK_FULL = 0, 1, 2, 3, 4
-
-
-class StopTraining(Exception):
-    """Leave the loop: `code` is the exit code, after any checkpoint was made durable."""
-
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
-class TrainError(Exception):
-    """A coded failure. `final`: resuming would only repeat it (never resumable)."""
-
-    def __init__(self, code: str, message: str, resumable: bool = False, *, final: bool = False) -> None:
-        super().__init__(message)
-        self.code, self.message, self.resumable, self.final = code, message, resumable and not final, final
-
-
-class NonFiniteStep(Exception):
-    """A step's loss or gradient norm was NaN/Inf; raised before the optimizer moved."""
-
-    def __init__(self, loss: float, grad_norm: float | None) -> None:
-        super().__init__(f"loss {loss}, grad norm {grad_norm}")
-        self.loss, self.grad_norm = loss, grad_norm
-
-
-def lr_lambda(cfg: Config):  # noqa: ANN201 - a closure for LambdaLR
-    warm, total, kind = cfg.training.warmup_steps, cfg.training.max_steps, cfg.training.lr_scheduler
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return f
-
-
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target tokens (labels != -100)."""
-    labels = batch.pop("labels")
-    device_type = labels.device.type
-    with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        logits = model(**batch, use_cache=False).logits
-    # fp32 for the softmax: bf16 logits lose the small probabilities.
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-
+__all__ = ["StopTraining", "TrainError", "Trainer"]
 
 class Trainer:
     """One training job: built from a validated Config, driven by `run()`."""
@@ -160,9 +102,8 @@ class Trainer:
         self._step_seconds = 0.0
         self._ckpt_seconds = 0.0
         self._ckpt_step: int | None = None  # the same on every rank, unlike last_checkpoint
-        self._inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0") or 0)
-        self._inject_nonfinite = int(os.environ.get(INJECT_NONFINITE_ENV, "0") or 0)
         self.nonfinite_skipped = 0
+        self.control = Control(inbox, reporter, self.emit)
 
     # ---- events -------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> None:
@@ -200,19 +141,9 @@ class Trainer:
         self.params = trainable_parameters(self.model)
         if not self.params:  # validation refuses lora off with nf4; this is what the model says
             raise TrainError("invalid_config", "lora.enabled: false leaves no trainable parameters; enable LoRA")
-        self.engine: Any = None  # a DeepSpeed engine, or None for plain torch / DDP
-        self.zero_stage = 0  # the ZeRO stage under DeepSpeed; 3 shards the weights too
-        self.layout = "torch"
-        self.autocast = self.precision.autocast
-        if cfg.distributed.backend == "deepspeed":
-            self._setup_deepspeed()
-        else:
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                self.params, lr=t.learning_rate, weight_decay=t.weight_decay
-            )
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-            self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.use_scaler else None
-            self.ddp_model = dist.wrap(self.model, self.device)
+        self.engine: StepEngine = make_engine(
+            cfg, self.model, self.params, self.device, self.precision, self.world, micro=self.micro, accum=self.accum
+        )
         self.data = self._stream("train")
         self.store = CheckpointStore(self.run_dir, keep_last=cfg.checkpoint.keep_last, emit=self.emit)
         if self.rank == 0:
@@ -226,7 +157,7 @@ class Trainer:
             "tokenizer_hash": self.tok_hash,
             "versions": _versions(),
             "world_size": self.world,
-            "optimizer_layout": self.layout,
+            "optimizer_layout": self.engine.layout,
         }
         # Dropout differs per rank. Seeded before the resume: a restored checkpoint's RNG
         # state must be the last word, or resumed runs drift from uninterrupted ones.
@@ -242,29 +173,6 @@ class Trainer:
                 f"{sum(p.numel() for p in self.params)} trainable parameters, world size {self.world}"
             ),
         )
-
-    def _setup_deepspeed(self) -> None:
-        """ZeRO-2/3 engine over the LoRA model: it owns the optimizer step, clipping and precision."""
-        cfg, t = self.cfg, self.cfg.training
-        try:
-            deepspeed = zero.import_deepspeed(self.device)
-            ds = zero.load_config(
-                cfg.distributed.deepspeed_config, micro=self.micro, accum=self.accum, world=self.world,
-                max_grad_norm=t.max_grad_norm, precision=self.precision.name,
-            )  # fmt: skip
-        except zero.ZeroError as exc:
-            raise TrainError(exc.code, exc.message) from None
-        # ZeRO-3 with output.merge or 4-bit weights is refused by the config's validation.
-        self.zero_stage = zero.stage_of(ds)
-        dist.init_single()  # a group of one when not under torchrun; no-op otherwise
-        self.optimizer = zero.make_optimizer(deepspeed, ds, self.params, t.learning_rate, t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.engine = zero.initialize(deepspeed, self.model, self.optimizer, self.scheduler, ds)
-        self.ddp_model = self.engine
-        # bf16/fp16 in the JSON cast the model itself: no autocast on top.
-        self.autocast = None
-        self.layout = zero.layout(ds, self.world)
 
     def _become_writer(self) -> None:
         """Hold the run's writer lock for our whole life, before choosing where to resume.
@@ -337,18 +245,17 @@ class Trainer:
             raise
         except Exception as exc:  # unpickling refused, a missing shard, bad JSON: all "does not load"
             raise CheckpointUnloadable(f"{type(exc).__name__}: {exc}") from exc
-        if snap.layout != self.layout:
+        if snap.layout != self.engine.layout:
             raise TrainError(
                 "checkpoint_mismatch",
-                f"{path}: optimizer state saved as {snap.layout}, this run needs {self.layout} "
+                f"{path}: optimizer state saved as {snap.layout}, this run needs {self.engine.layout} "
                 "(DeepSpeed shards resume only with the same ZeRO stage and number of processes); "
                 "start fresh or use the original distributed settings",
             )
-        if self.engine is None:
-            try:
-                check_snapshot(snap, model=self.model, optimizer=self.optimizer)
-            except ValueError as exc:
-                raise CheckpointUnloadable(str(exc)) from exc
+        try:
+            self.engine.check(snap)
+        except ValueError as exc:
+            raise CheckpointUnloadable(str(exc)) from exc
         return snap
 
     def _maybe_resume(self) -> None:
@@ -376,14 +283,7 @@ class Trainer:
             return
         if snap is None:  # ranks other than 0 read their own RNG file
             snap = read_snapshot(point, rank=self.rank, seed=self.cfg.training.seed)
-        if self.engine is not None:
-            try:
-                zero.load(self.engine, point)  # weights, optimizer shards, LR schedule
-            except zero.ZeroError as exc:
-                raise TrainError(exc.code, exc.message) from None
-            restore_rng(snap.rng)
-        else:
-            apply_snapshot(snap, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        self.engine.restore(point, snap)
         self.data.load_state_dict(snap.data_cursor)
         c = snap.counters
         self.step = snap.step
@@ -427,25 +327,23 @@ class Trainer:
         staging directory rank 0 opened; the commit then covers all of them.
         """
         staging: Path | None = None
-        if self.engine is not None:
+        if self.engine.writes_shards:
             if self.rank == 0:
                 self.checkpointer.wait()  # one save at a time, and the sweep done before we stage
                 staging = self.store.begin(self.step)
             staging = Path(dist.broadcast_object(str(staging) if staging else None))
-            zero.save(self.engine, staging)
-        with zero.gathered(self.params, self.zero_stage):
+            self.engine.save_shards(staging)
+        with zero.gathered(self.params, self.engine.zero_stage):
             snap = snapshot(
                 model=self.model,
-                optimizer=None if self.engine is not None else self.optimizer,
-                scheduler=None if self.engine is not None else self.scheduler,
-                scaler=self.scaler,
+                **self.engine.snapshot_parts(),
                 data_cursor=self.data.state_dict(),
                 counters=self._counters(),
                 step=self.step,
                 rank=self.rank,
                 world_size=self.world,
             )
-        snap.layout, snap.staging = self.layout, staging
+        snap.layout, snap.staging = self.engine.layout, staging
         self._last_ckpt_time = time.monotonic()
         self._ckpt_step = self.step
         if self.rank != 0:
@@ -505,39 +403,18 @@ class Trainer:
 
     def _poll(self, pending: list[Command]) -> int:
         """Answer status at once; return the strongest control word asked for."""
-        want = _CKPT if pending else _GO  # a checkpoint asked for mid-step is still owed
-        for c in self.inbox.poll():
-            if c.cmd == "status":
-                self.report.reply(c.id, self._status())
-            elif c.cmd == "checkpoint":
-                pending.append(c)
-                want = max(want, _CKPT)
-            elif c.cmd == "stop":
-                pending.append(c)
-                want = max(want, _STOP if c.args.get("checkpoint", True) else _STOP_NOSAVE)
-            elif c.cmd in (EOF, SIGNAL):
-                why = "channel closed" if c.cmd == EOF else f"signal {c.args.get('signum')}"
-                self.emit("log", level="warning", message=f"{why}: checkpointing and stopping")
-                want = max(want, _STOP)
-            else:
-                self.report.reply(c.id, error={"code": "unknown_command", "message": f"trainer does not know {c.cmd!r}"})
-        return want
+        return self.control.poll(pending, self._status)
 
     def _act(self, want: int, pending: list[Command]) -> None:
         """Carry out an agreed control word at a step boundary."""
-        if want == _GO:
+        if want == GO:
             return
         path: str | None = None
-        if want in (_CKPT, _STOP):
+        if want in (CKPT, STOP):
             self.set_state("checkpointing")
             path = self._checkpoint_of_this_step()
-        for c in pending:
-            if c.cmd == "checkpoint":
-                self.report.reply(c.id, {"step": self.step, "path": path})
-            elif c.cmd == "stop":
-                self.report.reply(c.id, {"step": self.step, "checkpoint": path})
-        pending.clear()
-        if want in (_STOP, _STOP_NOSAVE):
+        self.control.answer(pending, self.step, path)
+        if want in (STOP, STOP_NOSAVE):
             self.set_state("stopped", checkpoint=path)
             raise StopTraining(ExitCode.RESUMABLE)
         self.set_state("training")
@@ -553,19 +430,19 @@ class Trainer:
         while self.step < t.max_steps:
             want = self._poll(pending)
             if self._should_checkpoint():
-                want = max(want, _CKPT)
+                want = max(want, CKPT)
             if self._near_deadline():
                 self.emit("log", level="warning", message="training.max_runtime nearly spent: checkpointing")
-                want = max(want, _STOP)
+                want = max(want, STOP)
             # Clocks and signals are per rank: all ranks do what the most urgent one asks.
             if self._checkpoint_hit_full_disk():
-                want = _DISK_FULL
+                want = DISK_FULL
             want = dist.agree_max(want, self.device)
-            if want == _DISK_FULL:
+            if want == DISK_FULL:
                 # Training on would only pile up steps that no checkpoint can keep. The last
                 # durable checkpoint is intact (commits are atomic): resumable once space is freed.
                 raise TrainError("disk_full", self._disk_full_message(), resumable=True)
-            if want == _CKPT and not pending:  # periodic: do not block the loop
+            if want == CKPT and not pending:  # periodic: do not block the loop
                 self.save_checkpoint(wait=False)
             else:
                 self._act(want, pending)
@@ -596,7 +473,7 @@ class Trainer:
                 step=self.step,
                 max_steps=t.max_steps,
                 loss=loss,
-                lr=self.scheduler.get_last_lr()[0],
+                lr=self.engine.lr(),
                 tokens_per_s=tps,
                 grad_norm=grad_norm,
                 tokens_seen=self.tokens_seen,
@@ -618,6 +495,9 @@ class Trainer:
         step), so the last checkpoint stays good. The failure is final: an exact
         resume would meet the same batch again; raising the budget is the way past it.
         """
+        if bad.stepped:  # the engine has stepped already: no skipping, the run stops (nothing is saved)
+            raise TrainError("non_finite", f"non-finite loss at step {self.step + 1} under DeepSpeed; the last "
+                             f"checkpoint ({self.last_checkpoint}) is the last good state", final=True)
         budget = self.cfg.training.skip_nonfinite_steps
         where = f"step {self.step + 1}: loss {bad.loss}, grad norm {bad.grad_norm}"
         if self.nonfinite_skipped < budget:
@@ -657,10 +537,10 @@ class Trainer:
             try:
                 return self._try_step(seqs, pending, rng)
             except torch.OutOfMemoryError as exc:
-                self.optimizer.zero_grad(set_to_none=True)
+                self.engine.zero_grad()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                if self.micro <= 1 or self.world > 1 or self.engine is not None:
+                if self.micro <= 1 or self.world > 1 or not self.engine.can_back_off:
                     raise TrainError(
                         "out_of_memory",
                         f"out of memory at step {self.step + 1} with micro_batch_size {self.micro}: {exc}. "
@@ -680,81 +560,25 @@ class Trainer:
                 )
 
     def _try_step(self, seqs: list[Sequence_], pending: list[Command], rng: dict[str, Any]) -> tuple[float, int, float | None]:
-        model = self.ddp_model
-        model.train()
+        self.engine.module.train()
         local_tokens = sum(s.n_targets for s in seqs)
         total = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=self.device))
         denom = max(float(total), 1.0)
         chunks = [seqs[i : i + self.micro] for i in range(0, len(seqs), self.micro)]
-        if self.engine is not None:
-            return self._try_step_deepspeed(chunks, denom, total)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, chunk in enumerate(chunks):
-            if self.world == 1 and i > 0:
-                want = self._poll(pending)
-                if want in (_STOP, _STOP_NOSAVE):
-                    # Abandon the half-done step: the checkpoint is the last boundary,
-                    # with the RNG as it was there, so resume replays this step exactly.
-                    self.optimizer.zero_grad(set_to_none=True)
-                    restore_rng(rng)
-                    self.data.load_state_dict(self._step_cursor)
-                    self._act(want, pending)
-            if self._inject_oom and self.step + 1 == self._inject_oom:
-                self._inject_oom = 0  # once: the retry must succeed
-                raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={self._inject_oom}")
-            batch = {k: v.to(self.device) for k, v in collate(chunk, self.data.pad_id).items()}
-            with dist.no_sync_unless(model, last=i == len(chunks) - 1):
-                s = token_loss_sum(model, batch, self.autocast)
-                if self._inject_nonfinite and self.step + 1 == self._inject_nonfinite:
-                    self._inject_nonfinite = 0  # once: a skipped batch is followed by good ones
-                    s = s * float("nan")
-                # DDP averages gradients over ranks: scale by world so the sum is over all tokens.
-                scaled = s * (self.world / denom)
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += s.detach()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        # Checked before the optimizer moves, so a bad batch never reaches the weights.
-        # Every rank sees the same reduced loss and gradients, so all decide alike.
-        global_sum = float(dist.all_reduce_sum(loss_sum))
-        if self.cfg.training.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
-        # fp16's scaler skips overflowing steps itself (and lowers its scale): only the loss counts then.
-        if not math.isfinite(global_sum) or (self.scaler is None and not math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteStep(global_sum / denom, grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return global_sum / denom, int(total), grad_norm
 
-    def _try_step_deepspeed(
-        self, chunks: list[list[Sequence_]], denom: float, total: torch.Tensor
-    ) -> tuple[float, int, float | None]:
-        """The engine reduces (and averages over ranks) at the last micro-batch, then steps."""
-        engine = self.engine
-        loss_sum = torch.zeros((), device=self.device)
-        for i, chunk in enumerate(chunks):
-            engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-            batch = {k: v.to(self.device) for k, v in collate(chunk, self.data.pad_id).items()}
-            s = token_loss_sum(engine, batch, self.autocast)
-            # Ranks are averaged like DDP; our own token count does the accumulation scaling.
-            engine.backward(s * (self.world / denom), scale_wrt_gas=False)
-            engine.step()
-            loss_sum += s.detach().float()
-        norm = engine.get_global_grad_norm()
-        global_sum = float(dist.all_reduce_sum(loss_sum))
-        if not math.isfinite(global_sum):
-            # The engine has stepped already: no skipping here, the run stops (nothing is saved).
-            raise TrainError("non_finite", f"non-finite loss at step {self.step + 1} under DeepSpeed; the last "
-                             f"checkpoint ({self.last_checkpoint}) is the last good state", final=True)
-        return global_sum / denom, int(total), float(norm) if norm is not None else None
+        def between(_i: int) -> None:
+            if self.world != 1:  # ranks poll only at step boundaries, where they agree
+                return
+            want = self._poll(pending)
+            if want in (STOP, STOP_NOSAVE):
+                # Abandon the half-done step: the checkpoint is the last boundary,
+                # with the RNG as it was there, so resume replays this step exactly.
+                self.engine.zero_grad()
+                restore_rng(rng)
+                self.data.load_state_dict(self._step_cursor)
+                self._act(want, pending)
+
+        return self.engine.step(chunks, denom, total, pad_id=self.data.pad_id, step_no=self.step + 1, between=between)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -773,7 +597,7 @@ class Trainer:
                 break
             batch = {k: v.to(self.device) for k, v in collate(seqs, stream.pad_id).items()}
             count += sum(s.n_targets for s in seqs)
-            loss_sum += token_loss_sum(model, batch, self.autocast).float()
+            loss_sum += token_loss_sum(model, batch, self.engine.autocast).float()
         stream.close()
         total = float(dist.all_reduce_sum(count))
         value = float(dist.all_reduce_sum(loss_sum)) / total if total else None
@@ -793,14 +617,14 @@ class Trainer:
 
         if not any(due(s, self.step, self.cfg.eval.every_steps, final) for s in self.cfg.eval.suites):
             return
-        if self.zero_stage == 3:  # sharded parameters: generation would need them gathered
+        if self.engine.zero_stage == 3:  # sharded parameters: generation would need them gathered
             self.emit("log", level="warning", message="eval.suites skipped: not supported with zero_stage 3")
             return
         self._code_eval_step = self.step
         self.set_state("evaluating")
         want = run_suites(self.cfg.eval.suites, self.run_dir, self.model, self.tokenizer, self.device,
                           self.step, self.cfg.eval.every_steps, final, self.emit,
-                          lambda: self._poll(pending), _STOP_NOSAVE, self.eval_loss)
+                          lambda: self._poll(pending), STOP_NOSAVE, self.eval_loss)
         self._act(want, pending)
         self.set_state("training")
 
@@ -816,7 +640,7 @@ class Trainer:
             self.checkpointer.wait(self.cfg.checkpoint.grace_seconds)
         final = None
         if self.cfg.output.save_final:
-            with zero.gathered(self.params, self.zero_stage):  # every rank, under ZeRO-3
+            with zero.gathered(self.params, self.engine.zero_stage):  # every rank, under ZeRO-3
                 final = self.save_final() if self.rank == 0 else None
         self.emit(
             "finished",
@@ -835,37 +659,8 @@ class Trainer:
 
     def save_final(self) -> Path:
         """Adapter (and optional merged model) to RUN_DIR/final, committed by one rename."""
-        final = self.run_dir / layout.FINAL
-        tmp = self.run_dir / f".final-{os.getpid()}"
-        if tmp.is_symlink():  # planted: rmtree refuses links, and we must not write through it
-            tmp.unlink()
-        shutil.rmtree(tmp, ignore_errors=True)
-        peft_cfg = getattr(self.model, "peft_config", {}).get("default")
-        if peft_cfg is not None:
-            # Record the configured id, not this machine's cache path: the same training on
-            # two sites must give the same adapter files (and so the same artifact id).
-            peft_cfg.base_model_name_or_path = self.cfg.model.name_or_path
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if self.cfg.output.merge and hasattr(self.model, "merge_and_unload"):
-            import copy
-
-            merged = copy.deepcopy(self.model).merge_and_unload()
-            merged.save_pretrained(tmp / "merged", safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp / "merged")
-        atomic_write_json(
-            tmp / layout.MANIFEST,
-            {
-                "step": self.step,
-                "base_model": self.cfg.model.name_or_path,
-                **{k: self.meta[k] for k in ("config_hash", "tokenizer_hash", "versions")},
-                "files": tree_manifest(tmp, exclude=[layout.MANIFEST]),
-            },
-        )
-        fsync_tree(tmp)  # every file of the export, before the rename makes it `final`
-        replace_dir(tmp, final)
-        self.emit("log", level="info", message=f"final adapter saved to {final}", path=str(final))
-        return final
+        return export.save_final(self.run_dir, self.model, self.tokenizer, self.cfg, step=self.step, meta=self.meta,
+                                 emit=self.emit)
 
     def settle(self) -> None:
         """Let a checkpoint in flight become durable (before a `failed` says what is resumable)."""

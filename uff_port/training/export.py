@@ -1,0 +1,50 @@
+"""The final export: the adapter (and, if asked, the merged model) to RUN_DIR/final."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from uff_port.core import layout
+from uff_port.core.config import Config
+from uff_port.fsutil import atomic_write_json, fsync_tree, replace_dir
+from uff_port.hashing import tree_manifest
+
+
+def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: Config, *, step: int, meta: dict[str, Any],
+               emit: Callable[..., None]) -> Path:
+    """Write the export beside `final/` and commit it by one rename; `meta` goes into its manifest."""
+    final = run_dir / layout.FINAL
+    tmp = run_dir / f".final-{os.getpid()}"
+    if tmp.is_symlink():  # planted: rmtree refuses links, and we must not write through it
+        tmp.unlink()
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_cfg = getattr(model, "peft_config", {}).get("default")
+    if peft_cfg is not None:
+        # Record the configured id, not this machine's cache path: the same training on
+        # two sites must give the same adapter files (and so the same artifact id).
+        peft_cfg.base_model_name_or_path = cfg.model.name_or_path
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if cfg.output.merge and hasattr(model, "merge_and_unload"):
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
+    atomic_write_json(
+        tmp / layout.MANIFEST,
+        {
+            "step": step,
+            "base_model": cfg.model.name_or_path,
+            **{k: meta[k] for k in ("config_hash", "tokenizer_hash", "versions")},
+            "files": tree_manifest(tmp, exclude=[layout.MANIFEST]),
+        },
+    )
+    fsync_tree(tmp)  # every file of the export, before the rename makes it `final`
+    replace_dir(tmp, final)
+    emit("log", level="info", message=f"final adapter saved to {final}", path=str(final))
+    return final
