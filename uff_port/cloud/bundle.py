@@ -89,6 +89,7 @@ def build_bundle(
     wheel: Path | None,
     resume_from: Path | None = None,
     data_base: Path | None = None,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a bundle into `dest` (emptied first); returns its uff-bundle.json."""
     if dest.exists():
@@ -121,6 +122,8 @@ def build_bundle(
         "config": "config.yaml",
         "wheel": wheel_name,
         "resume": (dest / "resume").is_dir(),
+        # Where the job finds the base weights (uff_port.cloud.weights); never a local path.
+        "model": model,
     }
     atomic_write_json(dest / BUNDLE_MARKER, meta)
     scan_for_secrets(dest)

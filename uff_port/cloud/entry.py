@@ -33,8 +33,17 @@ from typing import Any, Final
 
 import yaml
 
-from uff_port.cloud.environment import BUNDLE_MARKER, Platform, PlatformError, detect
+from uff_port.cloud.environment import (
+    BUNDLE_MARKER,
+    KAGGLE_ROOT_ENV,
+    SM_MODEL_CHANNEL,
+    Platform,
+    PlatformError,
+    detect,
+    sm_channel,
+)
 from uff_port.cloud.verify import write_output_manifest
+from uff_port.cloud.weights import MODEL_NOT_FOUND, resolve_in_job, what_to_attach
 from uff_port.fsutil import atomic_write_json
 from uff_port.training.checkpoint_store import CheckpointStore
 
@@ -85,7 +94,65 @@ def _session_config(platform: Platform, budget: float | None, margin: float) -> 
     if budget is not None:
         left = budget - margin - (time.monotonic() - _STARTED)
         cfg.setdefault("training", {})["max_runtime"] = max(1.0, left)
+    # Inside the job the trainer *is* the local run of the cloud strategy.
+    cfg["strategy"] = "local"
     return meta, cfg
+
+
+def _input_roots(platform: Platform) -> list[Path]:
+    """Where the provider mounts the session's inputs (the base weights among them)."""
+    if platform.kind == "kaggle":
+        return [Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle")) / "input"]
+    if platform.kind == "sagemaker":
+        return [sm_channel(SM_MODEL_CHANNEL)]
+    return [platform.bundle_dir]
+
+
+def _map_model(platform: Platform, meta: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    """Point model.name_or_path at the weights the provider brought; the reason when it brought none."""
+    model_meta = meta.get("model")
+    if not model_meta:
+        return None
+    found = resolve_in_job(model_meta, platform.kind, _input_roots(platform))
+    if found is None:
+        return what_to_attach(model_meta, platform.kind)
+    model = cfg.setdefault("model", {})
+    model["name_or_path"], model["local_files_only"] = found
+    return None
+
+
+def _events_offset(run_dir: Path, session: str | None) -> int:
+    """Where this session's events start in events.jsonl, fixed at its first start.
+
+    SageMaker restores the run directory (events included) at every start, so a
+    spot restart of the same session must not move the mark.
+    """
+    marks_path = run_dir / ".uff-session-offsets.json"
+    marks = json.loads(marks_path.read_text(encoding="utf-8")) if marks_path.is_file() else {}
+    key = session or "?"
+    if key not in marks:
+        events = run_dir / "events.jsonl"
+        marks[key] = events.stat().st_size if events.is_file() else 0
+        atomic_write_json(marks_path, marks)
+    return int(marks[key])
+
+
+def _refuse_session(platform: Platform, meta: dict[str, Any], session: str | None, code: str, message: str) -> int:
+    """A session that cannot start: the reason goes home in events.jsonl and session.json."""
+    from uff_port.training.events import Reporter
+
+    Reporter(platform.run_dir).emit("failed", code=code, message=message, resumable=False)
+    step = _latest_step(platform.run_dir)
+    info = {"session": session or meta.get("session"), "run_id": meta.get("run_id"), "platform": platform.kind,
+            "rc": 3, "start_step": step, "step": step, "finished": False,
+            "events_offset": _events_offset(platform.run_dir, session or meta.get("session")),
+            "error": {"code": code, "message": message, "final": True}}
+    atomic_write_json(platform.run_dir / SESSION_FILE, info)
+    if platform.kind == "sagemaker":
+        _copy_run_to_model_dir(platform)
+    write_output_manifest(platform.output_dir, session=info["session"], step=step, finished=False, rc=3)
+    print(f"uff-port entry: {code}: {message}", file=sys.stderr, flush=True)
+    return 3
 
 
 def _restore_resume(platform: Platform) -> None:
@@ -130,6 +197,10 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     budget = platform.budget_seconds
     meta, cfg = _session_config(platform, budget, margin)
     _restore_resume(platform)
+    offset = _events_offset(platform.run_dir, session or meta.get("session"))
+    missing = _map_model(platform, meta, cfg)
+    if missing is not None:
+        return _refuse_session(platform, meta, session, MODEL_NOT_FOUND, missing)
     start_step = _latest_step(platform.run_dir)
     tmp = Path(tempfile.mkdtemp(prefix="uff-session-"))
     cfg_path = tmp / "config.yaml"
@@ -203,6 +274,7 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         # max_runtime (exit 75 with nobody having signalled it).
         "budget_stop": self_stopped or (rc == EXIT_RESUMABLE and not term_at),
         "restarts": restarts,
+        "events_offset": offset,
         "seconds": round(time.monotonic() - _STARTED, 3),
     }
     atomic_write_json(platform.run_dir / SESSION_FILE, info)

@@ -61,7 +61,12 @@ SESSION = {session!r}
 BUDGET_SECONDS = {budget!r}
 MARGIN_SECONDS = {margin!r}
 ROOT = os.environ.get("UFF_PORT_KAGGLE_ROOT", "/kaggle")
+HF_SECRET = {hf_secret!r}
 os.environ.setdefault("UFF_PORT_SESSION_T0", repr(time.time()))
+if HF_SECRET:
+    # The token lives in the notebook's secrets, never in the bundle or the events.
+    from kaggle_secrets import UserSecretsClient
+    os.environ["HF_TOKEN"] = UserSecretsClient().get_secret(HF_SECRET)
 
 
 def bundle_dir():
@@ -126,7 +131,18 @@ def run_hash(run_id: str) -> str:
     return hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:8]
 
 
-def kernel_metadata(kernel_ref: str, dataset_ref: str) -> dict[str, Any]:
+def kernel_metadata(
+    kernel_ref: str,
+    dataset_ref: str,
+    settings: KaggleSettings | None = None,
+    *,
+    weights: dict[str, Any] | None = None,
+    weights_dataset: str | None = None,
+) -> dict[str, Any]:
+    """kernel-metadata.json as `kernels_push` reads it: inputs the session needs, offline unless asked."""
+    st = settings or KaggleSettings.model_validate({})
+    datasets = [dataset_ref, *([weights_dataset] if weights_dataset else []), *st.extra_dataset_sources]
+    models = [str(weights["source"])] if weights and weights.get("kind") == "kaggle_model" else []
     return {
         "id": kernel_ref,
         "title": kernel_ref.split("/", 1)[1],
@@ -136,13 +152,21 @@ def kernel_metadata(kernel_ref: str, dataset_ref: str) -> dict[str, Any]:
         "is_private": True,
         "enable_gpu": True,
         "enable_tpu": False,
-        "enable_internet": False,
-        "dataset_sources": [dataset_ref],
+        "enable_internet": bool(st.internet),
+        "machine_shape": st.accelerator,
+        "dataset_sources": datasets,
         "kernel_sources": [],
         "competition_sources": [],
-        "model_sources": [],
+        "model_sources": models,
         "keywords": [],
     }
+
+
+def weights_dataset_ref(owner: str, weights: dict[str, Any] | None) -> str | None:
+    """A local copy of the base model becomes one private dataset per content hash, shared by every run."""
+    if not weights or weights.get("kind") != "kaggle_dataset":
+        return None
+    return f"{owner}/uff-port-weights-{str(weights['content_hash'])[:16]}"
 
 
 class KaggleBackend:
@@ -167,6 +191,7 @@ class KaggleBackend:
         if not owner:
             raise ProviderError("cloud.kaggle.username: not set and no username in kaggle.json")
         suffix = run_hash(run_id)
+        self.owner = owner
         self.dataset_ref = f"{owner}/{settings.dataset_slug}-{suffix}"
         self.kernel_ref = f"{owner}/{settings.kernel_slug}-{suffix}"
 
@@ -198,6 +223,7 @@ class KaggleBackend:
             version=__version__,
             budget=float(spec.budget_seconds),
             margin=float(spec.margin_seconds),
+            hf_secret=self.settings.hf_token_secret if self.settings.internet else None,
         )
 
     def _dataset_folder(self, spec: SessionSpec) -> Path:
@@ -235,27 +261,72 @@ class KaggleBackend:
             self._retrying(
                 self.api.dataset_create_new, folder, public=False, quiet=True, convert_to_csv=False, dir_mode="skip"
             )
+        self._wait_ready(self.dataset_ref)
+
+    def _dataset_exists(self, ref: str) -> bool:
+        try:
+            status = str(self._call(self.api.dataset_status, ref) or "").lower()
+        except ProviderError:
+            return False
+        return not status.endswith("error")
+
+    def _wait_ready(self, ref: str) -> None:
         for _ in range(120):
-            status = str(self._retrying(self.api.dataset_status, self.dataset_ref) or "").lower()
+            status = str(self._retrying(self.api.dataset_status, ref) or "").lower()
             if status.endswith("ready"):
                 return
             if status.endswith("error"):
-                raise ProviderError(f"dataset {self.dataset_ref} failed to process")
+                raise ProviderError(f"dataset {ref} failed to process")
             self.sleep(5.0)
-        raise ProviderUnavailable(f"dataset {self.dataset_ref} still processing")
+        raise ProviderUnavailable(f"dataset {ref} still processing")
+
+    def _upload_weights(self, weights: dict[str, Any], ref: str) -> None:
+        """Once per content hash: a later session or run finds the dataset and uploads nothing."""
+        if self._dataset_exists(ref):
+            return
+        local = Path(str(weights["local_dir"]))
+        folder = self.workdir / "kaggle-weights"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for item in sorted(local.iterdir()):
+            if item.is_dir():
+                raise ProviderError(f"model.name_or_path: {local} has a subfolder {item.name}; upload flat model files")
+            (folder / item.name).symlink_to(item.resolve())  # no 13 GB copy: the client reads through links
+        from uff_port.cloud.weights import WeightsPlan, write_marker
+
+        write_marker(folder, WeightsPlan("kaggle_dataset", str(weights["name"]), content_hash=str(weights["content_hash"])))
+        atomic_write_json(folder / "dataset-metadata.json",
+                          {"title": ref.split("/", 1)[1], "id": ref, "licenses": [{"name": "other"}]})
+        self._retrying(self.api.dataset_create_new, str(folder), public=False, quiet=True, convert_to_csv=False,
+                       dir_mode="skip")
+        self._wait_ready(ref)
+
+    def push_kwargs(self, spec: SessionSpec) -> dict[str, Any]:
+        """kaggle 2.x takes the accelerator as `acc` (it overrides the metadata's machine_shape)."""
+        kwargs: dict[str, Any] = {"timeout": str(int(spec.budget_seconds))}
+        params = inspect.signature(self.api.kernels_push).parameters
+        for name in ("acc", "accelerator"):
+            if name in params:
+                kwargs[name] = self.settings.accelerator
+                break
+        return kwargs
 
     def submit(self, spec: SessionSpec) -> str:
+        weights = spec.extra.get("weights")
+        weights_ref = weights_dataset_ref(self.owner, weights)
+        if weights_ref is not None and weights is not None:
+            self._upload_weights(weights, weights_ref)
         self._upload_dataset(spec)
         folder = self.workdir / "kaggle-kernel"
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         atomic_write_text(folder / SCRIPT_NAME, self.script(spec))
-        atomic_write_json(folder / "kernel-metadata.json", kernel_metadata(self.kernel_ref, self.dataset_ref))
-        kwargs: dict[str, Any] = {"timeout": str(int(spec.budget_seconds))}
-        params = inspect.signature(self.api.kernels_push).parameters
-        if "accelerator" in params:
-            kwargs["accelerator"] = self.settings.accelerator
+        meta = kernel_metadata(self.kernel_ref, self.dataset_ref, self.settings, weights=weights,
+                               weights_dataset=weights_ref)
+        atomic_write_json(folder / "kernel-metadata.json", meta)
+        kwargs = self.push_kwargs(spec)
         result = self._call(self.api.kernels_push, str(folder), **kwargs)
         error = getattr(result, "error", None) if not isinstance(result, dict) else result.get("error")
         if error:
