@@ -150,6 +150,7 @@ def _exec_local(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "uff_port.training", "--run-dir", str(args.run_dir)]
     if args.config:
         argv += ["--config", str(args.config)]
+    argv += ["--set", "strategy=local"]  # routed here: this run trains on the local GPU
     if args.control_fd is not None:
         os.set_inheritable(args.control_fd, True)
         argv += ["--control-fd", str(args.control_fd)]

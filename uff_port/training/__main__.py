@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, parse_overrides(args.overrides))
     except ConfigError as exc:
         return _refuse(report, "invalid_config", str(exc), exc.problems)
+    if cfg.strategy != "local":
+        # Never a silent local run of a cloud config: that path is `python -m uff_port.cloud run`.
+        return _refuse(report, "invalid_config", f"strategy: {cfg.strategy} runs in the cloud (uff-port train, or "
+                       "python -m uff_port.cloud run); the trainer runs strategy: local only")
     if "LOCAL_RANK" not in os.environ:
         resolved = run_dir / "config.yaml"
         if not resolved.exists() or Path(config_path).resolve() != resolved or args.overrides:
