@@ -33,6 +33,8 @@ from typing import Any, Final
 
 import yaml
 
+from uff_port.cloud.corpus import CORPUS_PREFIX, CorpusError, find_piece, open_piece
+from uff_port.cloud.credentials import CORPUS_KEY_ENV
 from uff_port.cloud.environment import (
     BUNDLE_MARKER,
     KAGGLE_ROOT_ENV,
@@ -89,7 +91,8 @@ def _session_config(platform: Platform, budget: float | None, margin: float) -> 
     data = cfg.setdefault("data", {})
     paths = data.get("path", "builtin:sample-corpus")
     items = [paths] if isinstance(paths, str) else list(paths)
-    resolved = [p if p.startswith("builtin:") or Path(p).is_absolute() else str(platform.bundle_dir / p) for p in items]
+    resolved = [p if p.startswith(("builtin:", CORPUS_PREFIX)) or Path(p).is_absolute() else str(platform.bundle_dir / p)
+                for p in items]
     data["path"] = resolved[0] if isinstance(paths, str) else resolved
     if budget is not None:
         left = budget - margin - (time.monotonic() - _STARTED)
@@ -118,6 +121,47 @@ def _map_model(platform: Platform, meta: dict[str, Any], cfg: dict[str, Any]) ->
         return what_to_attach(model_meta, platform.kind)
     model = cfg.setdefault("model", {})
     model["name_or_path"], model["local_files_only"] = found
+    return None
+
+
+def _corpus_key(platform: Platform) -> bytes | None:
+    """The corpus key as the job gets it: the environment (set from a Kaggle secret), else Secrets Manager."""
+    import base64
+
+    raw = os.environ.get(CORPUS_KEY_ENV)
+    secret_id = platform.hyperparameters.get("uff_corpus_secret")
+    if not raw and secret_id:
+        import boto3
+
+        raw = boto3.client("secretsmanager").get_secret_value(SecretId=secret_id)["SecretString"]
+    return base64.b64decode(raw) if raw else None
+
+
+def _map_corpus(platform: Platform, meta: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    """Point `corpus:` data paths at the mounted corpus piece (opened on private disk); the reason when it cannot."""
+    corpus = meta.get("corpus")
+    if not corpus:
+        return None
+    if platform.kind == "kaggle":
+        roots = [Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle")) / "input"]
+    elif platform.kind == "sagemaker":
+        roots = [sm_channel("corpus")]
+    else:
+        roots = [platform.bundle_dir]
+    piece = find_piece(roots, str(corpus["address"]))
+    if piece is None:
+        return f"the corpus {corpus['address']} is not attached (Kaggle: dataset uff-port-corpus-{corpus['address']}; SageMaker: channel corpus)"
+    try:
+        # Not under the output tree: the plain corpus never becomes a session output.
+        opened = open_piece(piece, corpus, _corpus_key(platform) if corpus.get("encrypted") else None,
+                            Path(tempfile.mkdtemp(prefix="uff-corpus-")))
+    except CorpusError as exc:
+        return str(exc)
+    data = cfg.setdefault("data", {})
+    paths = data.get("path")
+    items = [paths] if isinstance(paths, str) else list(paths or [])
+    mapped = [opened[p[len(CORPUS_PREFIX):]] if p.startswith(CORPUS_PREFIX) else p for p in items]
+    data["path"] = mapped[0] if isinstance(paths, str) else mapped
     return None
 
 
@@ -201,6 +245,9 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     missing = _map_model(platform, meta, cfg)
     if missing is not None:
         return _refuse_session(platform, meta, session, MODEL_NOT_FOUND, missing)
+    unreadable = _map_corpus(platform, meta, cfg)
+    if unreadable is not None:
+        return _refuse_session(platform, meta, session, "invalid_config", unreadable)
     start_step = _latest_step(platform.run_dir)
     tmp = Path(tempfile.mkdtemp(prefix="uff-session-"))
     cfg_path = tmp / "config.yaml"

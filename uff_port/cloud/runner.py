@@ -15,6 +15,7 @@ restarting the worker cannot install it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,7 +31,8 @@ from uff_port.cloud.backends.base import (
     SessionSpec,
 )
 from uff_port.cloud.backends.sagemaker import job_name
-from uff_port.cloud.bundle import BundleError, build_bundle, build_wheel
+from uff_port.cloud.bundle import BundleError, build_bundle, build_wheel, data_files
+from uff_port.cloud.corpus import CorpusError, load_key, stage_corpus
 from uff_port.cloud.events_merge import merge_events
 from uff_port.cloud.journal import REMOTE_DONE, SETTLED, Journal, crash_point
 from uff_port.cloud.ledger import QuotaLedger
@@ -134,8 +136,11 @@ class CloudRun:
         }
 
     def _spec(self, index: int, name: str, budget: float) -> SessionSpec:
-        weights = self.run_dir / "cloud" / "weights.json"
-        extra = {"weights": json.loads(weights.read_text(encoding="utf-8"))} if weights.is_file() else {}
+        extra = {}
+        for key in ("weights", "corpus"):
+            path = self.run_dir / "cloud" / f"{key}.json"
+            if path.is_file():
+                extra[key] = json.loads(path.read_text(encoding="utf-8"))
         return SessionSpec(
             run_id=self.run_id,
             name=name,
@@ -145,6 +150,21 @@ class CloudRun:
             margin_seconds=self.settings.safety_margin_seconds,
             extra=extra,
         )
+
+    def _stage_corpus(self) -> dict[str, Any] | None:
+        """The corpus as one content-addressed piece (sealed when encryption is on), staged once."""
+        record = self.run_dir / "cloud" / "corpus.json"
+        files = data_files(self.cfg.to_dict(), Path.cwd())
+        if not files:
+            record.unlink(missing_ok=True)
+            return None
+        enc = self.settings.encryption
+        key = load_key(enc.key_env) if enc.enabled else None
+        corpus = stage_corpus(files, self.run_dir.parent / ".cloud-cache" / "corpus", key)
+        info = {**corpus.meta(), "path": str(corpus.path), "kaggle_secret": enc.kaggle_secret if key else None,
+                "sagemaker_secret_id": enc.sagemaker_secret_id if key else None}
+        atomic_write_json(record, info)
+        return corpus.meta()
 
     def _plan_weights(self, backend: str) -> WeightsPlan:
         """Where the job gets the base model; the plan (with the local copy to upload) stays home."""
@@ -185,6 +205,10 @@ class CloudRun:
             except WeightsError as exc:
                 # Nothing uploaded or reserved yet: the user must attach the model first.
                 self._fail(MODEL_NOT_FOUND, str(exc), resumable=False)
+                return EXIT_REFUSED
+            except CorpusError as exc:
+                # Encryption asked for and no usable key (or no cryptography): nothing left this machine.
+                self._fail(ErrorCode.INVALID_CONFIG, str(exc), resumable=False)
                 return EXIT_REFUSED
             except (ProviderError, BundleError) as exc:
                 # The provider refused (credentials, a bad request) or the bundle is invalid:
@@ -269,6 +293,7 @@ class CloudRun:
         # is built, a bundle written or an hour of quota reserved.
         self.backend(route.backend)
         weights = self._plan_weights(route.backend)
+        corpus = self._stage_corpus()
         index = len(sessions)
         name = self._session_name(route.backend, index)
         ck = self.local_checkpoint()
@@ -283,6 +308,8 @@ class CloudRun:
             wheel=wheel,
             resume_from=self._resume_tree(ck),
             model=weights.to_meta(),
+            corpus=corpus,
+            secrets=[v for v in [os.environ.get(self.settings.encryption.key_env)] if v],
         )
         self.journal.begin_session(route.backend, name, now=now, budget_seconds=route.session_seconds)
         self.ledger.reserve(f"{self.run_id}:{name}", route.backend, now, route.session_seconds)

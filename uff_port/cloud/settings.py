@@ -79,6 +79,17 @@ class SageMakerSettings(_Section):
     """VpcConfig: both or neither."""
 
 
+class EncryptionSettings(_Section):
+    enabled: bool = False
+    """Seal the corpus with AES-256-GCM before it leaves this machine (needs `cryptography`)."""
+    key_env: str = "UFF_PORT_CORPUS_KEY"
+    """Environment variable holding the key here: 32 bytes, base64 (never in the config)."""
+    kaggle_secret: str = "uff-port-corpus-key"
+    """Kaggle secret (Add-ons > Secrets) holding the same key, read inside the kernel."""
+    sagemaker_secret_id: str | None = None
+    """Secrets Manager secret (id or ARN) holding the same key, read inside the job (not under network isolation)."""
+
+
 class PollSettings(_Section):
     interval_seconds: float = Field(30.0, gt=0)
     max_backoff_seconds: float = Field(600.0, gt=0)
@@ -90,6 +101,7 @@ class CloudSettings(_Section):
     kaggle: KaggleSettings = Field(default_factory=lambda: KaggleSettings.model_validate({}))
     sagemaker: SageMakerSettings = Field(default_factory=lambda: SageMakerSettings.model_validate({}))
     poll: PollSettings = Field(default_factory=lambda: PollSettings.model_validate({}))
+    encryption: EncryptionSettings = Field(default_factory=lambda: EncryptionSettings.model_validate({}))
     safety_margin_seconds: float = Field(600.0, ge=0)
     """Stop training this long before a session's budget ends (pull + upload time)."""
     estimate_hours: float | None = Field(None, gt=0)

@@ -62,11 +62,15 @@ BUDGET_SECONDS = {budget!r}
 MARGIN_SECONDS = {margin!r}
 ROOT = os.environ.get("UFF_PORT_KAGGLE_ROOT", "/kaggle")
 HF_SECRET = {hf_secret!r}
+CORPUS_SECRET = {corpus_secret!r}
 os.environ.setdefault("UFF_PORT_SESSION_T0", repr(time.time()))
+# Secrets live in the notebook's secrets (Add-ons > Secrets), never in the bundle or the events.
 if HF_SECRET:
-    # The token lives in the notebook's secrets, never in the bundle or the events.
     from kaggle_secrets import UserSecretsClient
     os.environ["HF_TOKEN"] = UserSecretsClient().get_secret(HF_SECRET)
+if CORPUS_SECRET and not os.environ.get("UFF_PORT_CORPUS_KEY"):
+    from kaggle_secrets import UserSecretsClient
+    os.environ["UFF_PORT_CORPUS_KEY"] = UserSecretsClient().get_secret(CORPUS_SECRET)
 
 
 def bundle_dir():
@@ -224,6 +228,7 @@ class KaggleBackend:
             budget=float(spec.budget_seconds),
             margin=float(spec.margin_seconds),
             hf_secret=self.settings.hf_token_secret if self.settings.internet else None,
+            corpus_secret=(spec.extra.get("corpus") or {}).get("kaggle_secret"),
         )
 
     def _dataset_folder(self, spec: SessionSpec) -> Path:
@@ -280,27 +285,39 @@ class KaggleBackend:
             self.sleep(5.0)
         raise ProviderUnavailable(f"dataset {ref} still processing")
 
-    def _upload_weights(self, weights: dict[str, Any], ref: str) -> None:
-        """Once per content hash: a later session or run finds the dataset and uploads nothing."""
+    def _upload_once(self, ref: str, source: Path, name: str, marker: Callable[[Path], None] | None = None) -> None:
+        """A content-addressed private dataset: created once, found (and not uploaded) by every later session."""
         if self._dataset_exists(ref):
             return
-        local = Path(str(weights["local_dir"]))
-        folder = self.workdir / "kaggle-weights"
+        folder = self.workdir / name
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        for item in sorted(local.iterdir()):
+        for item in sorted(source.iterdir()):
             if item.is_dir():
-                raise ProviderError(f"model.name_or_path: {local} has a subfolder {item.name}; upload flat model files")
+                raise ProviderError(f"{source} has a subfolder {item.name}; only flat folders are uploaded")
             (folder / item.name).symlink_to(item.resolve())  # no 13 GB copy: the client reads through links
-        from uff_port.cloud.weights import WeightsPlan, write_marker
-
-        write_marker(folder, WeightsPlan("kaggle_dataset", str(weights["name"]), content_hash=str(weights["content_hash"])))
+        if marker is not None:
+            marker(folder)
         atomic_write_json(folder / "dataset-metadata.json",
                           {"title": ref.split("/", 1)[1], "id": ref, "licenses": [{"name": "other"}]})
         self._retrying(self.api.dataset_create_new, str(folder), public=False, quiet=True, convert_to_csv=False,
                        dir_mode="skip")
         self._wait_ready(ref)
+
+    def _upload_weights(self, weights: dict[str, Any], ref: str) -> None:
+        from uff_port.cloud.weights import WEIGHTS_MARKER, WeightsPlan, write_marker
+
+        plan = WeightsPlan("kaggle_dataset", str(weights["name"]), content_hash=str(weights["content_hash"]))
+
+        def mark(folder: Path) -> None:
+            (folder / WEIGHTS_MARKER).unlink(missing_ok=True)
+            write_marker(folder, plan)
+
+        self._upload_once(ref, Path(str(weights["local_dir"])), "kaggle-weights", mark)
+
+    def corpus_ref(self, corpus: dict[str, Any] | None) -> str | None:
+        return f"{self.owner}/uff-port-corpus-{corpus['address']}" if corpus else None
 
     def push_kwargs(self, spec: SessionSpec) -> dict[str, Any]:
         """kaggle 2.x takes the accelerator as `acc` (it overrides the metadata's machine_shape)."""
@@ -317,6 +334,10 @@ class KaggleBackend:
         weights_ref = weights_dataset_ref(self.owner, weights)
         if weights_ref is not None and weights is not None:
             self._upload_weights(weights, weights_ref)
+        corpus = spec.extra.get("corpus")
+        corpus_ref = self.corpus_ref(corpus)
+        if corpus_ref is not None and corpus is not None:
+            self._upload_once(corpus_ref, Path(str(corpus["path"])), "kaggle-corpus")
         self._upload_dataset(spec)
         folder = self.workdir / "kaggle-kernel"
         if folder.exists():
@@ -325,6 +346,8 @@ class KaggleBackend:
         atomic_write_text(folder / SCRIPT_NAME, self.script(spec))
         meta = kernel_metadata(self.kernel_ref, self.dataset_ref, self.settings, weights=weights,
                                weights_dataset=weights_ref)
+        if corpus_ref is not None:
+            meta["dataset_sources"].append(corpus_ref)
         atomic_write_json(folder / "kernel-metadata.json", meta)
         kwargs = self.push_kwargs(spec)
         result = self._call(self.api.kernels_push, str(folder), **kwargs)

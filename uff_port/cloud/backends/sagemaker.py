@@ -188,6 +188,25 @@ class SageMakerBackend:
             return str(weights["source"])
         return f"s3://{self.settings.bucket}/{self.settings.prefix.strip('/')}/weights/{weights['content_hash']}/"
 
+    def corpus_uri(self, corpus: dict[str, Any] | None) -> str | None:
+        """Content-addressed: every job of every run training on the same bytes (and key) shares it."""
+        if not corpus:
+            return None
+        return f"s3://{self.settings.bucket}/{self.settings.prefix.strip('/')}/corpus/{corpus['address']}/"
+
+    def _upload_corpus(self, corpus: dict[str, Any]) -> None:
+        from uff_port.cloud.corpus import CORPUS_MARKER
+
+        uri = self.corpus_uri(corpus)
+        assert uri is not None
+        _bucket, prefix = _split_s3(uri)
+        if self._exists(prefix + CORPUS_MARKER):
+            return
+        piece = Path(str(corpus["path"]))
+        for name in corpus["files"]:
+            self._put(piece / name, prefix + name)
+        self._put(piece / CORPUS_MARKER, prefix + CORPUS_MARKER)  # last: its presence means complete
+
     def _upload_weights(self, weights: dict[str, Any]) -> None:
         """Once per content hash: the marker is written last, so its presence means a complete copy."""
         from uff_port.cloud.weights import WEIGHTS_MARKER, WeightsPlan, write_marker
@@ -216,6 +235,13 @@ class SageMakerBackend:
         model_uri = self.weights_uri(weights)
         if model_uri is not None:
             req["InputDataConfig"].append(_channel("model", model_uri))
+        corpus = spec.extra.get("corpus")
+        corpus_uri = self.corpus_uri(corpus)
+        if corpus_uri is not None:
+            req["InputDataConfig"].append(_channel("corpus", corpus_uri))
+        if corpus and corpus.get("sagemaker_secret_id"):
+            # The job reads the key from Secrets Manager itself: only its name travels.
+            req["HyperParameters"]["uff_corpus_secret"] = str(corpus["sagemaker_secret_id"])
         elif st.network_isolation and weights and weights.get("kind") == "hub":
             raise ProviderError("cloud.sagemaker.network_isolation: the job cannot reach the Hub; set cloud.sagemaker.model_s3_uri")
         if st.network_isolation:
@@ -265,6 +291,8 @@ class SageMakerBackend:
         weights = spec.extra.get("weights")
         if weights:
             self._upload_weights(weights)
+        if spec.extra.get("corpus"):
+            self._upload_corpus(spec.extra["corpus"])
         bundle_uri = self._upload(spec)
         try:
             self.sm.create_training_job(**self.request(spec, bundle_uri))
