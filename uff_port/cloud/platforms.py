@@ -63,7 +63,9 @@ def hours_per_epoch(preset: PlatformPreset, n_params: int, tokens: int, method: 
     return tokens * per_token / rate / 3600.0
 
 
-def platform_advice(preset: PlatformPreset, result: dict[str, Any], corpus_tokens: int | None) -> dict[str, Any]:
+def platform_advice(
+    preset: PlatformPreset, result: dict[str, Any], corpus_tokens: int | None, attn: str = "sdpa"
+) -> dict[str, Any]:
     """What the plan adds for a platform: overrides that select it and an epoch estimate."""
     best = result.get("recommended")
     out: dict[str, Any] = {"platform": preset.name, "offer": preset.offer, "gpu": preset.gpu, "bf16": preset.bf16,
@@ -74,7 +76,8 @@ def platform_advice(preset: PlatformPreset, result: dict[str, Any], corpus_token
         "strategy": preset.backend,
         "training.precision": "bf16" if preset.bf16 else "fp16",
         "training.learning_rate": LEARNING_RATES.get(best["method"], 2e-4),
-        "model.attn_implementation": "flash_attention_2" if preset.flash_attention else "sdpa",
+        # FlashAttention only where the GPU has it and it was asked for (the image must ship flash-attn).
+        "model.attn_implementation": "flash_attention_2" if preset.flash_attention and attn == "flash_attention_2" else "sdpa",
     }
     for section, values in preset.cloud.items():
         for key, value in values.items():

@@ -153,7 +153,7 @@ def run(ns: argparse.Namespace) -> int:
         from uff_port.cloud.platforms import platform_advice
 
         tokens = ns.corpus_tokens or (int(Path(ns.data).stat().st_size / 3.5) if ns.data else None)
-        result["platform"] = platform_advice(preset, result, tokens)
+        result["platform"] = platform_advice(preset, result, tokens, ns.attn)
     if ns.json:
         print(json.dumps(public(result), indent=1))
     else:
