@@ -181,6 +181,11 @@ def test_kaggle_model_source_trains_the_real_path_and_the_artifact_passes_the_ga
     results = run_gates(load_gates(DEFAULT_GATES), parse_manifest(manifest), None, None, optional_evidence=True)
     assert all(r.status != "fail" for r in results), [r.to_dict() for r in results]
     assert [r.status for r in results if r.gate == "quality"] == ["pass"]
+    # `uff-port status` reads the merged events as it reads a local run's.
+    from uff_port.training.cli import run_status
+
+    status = run_status(run.run_dir)
+    assert status["state"] == "finished" and status["step"] == 4 and status["eval_loss"] is not None
     # Merging again (a re-pull, a crash after the merge) adds nothing.
     pulled = run.run_dir / "cloud" / "pulls" / run.journal.data.sessions[0].name / "run"
     assert merge_events(run.run_dir, pulled, run.journal.data.sessions[0].name, "ds") == 0
