@@ -102,6 +102,35 @@ def _session_config(platform: Platform, budget: float | None, margin: float) -> 
     return meta, cfg
 
 
+def sm_hosts() -> tuple[list[str], str] | None:
+    """SageMaker's hosts of this job and which one we are (SM_HOSTS/SM_CURRENT_HOST or resourceconfig.json)."""
+    if os.environ.get("SM_HOSTS") and os.environ.get("SM_CURRENT_HOST"):
+        return list(json.loads(os.environ["SM_HOSTS"])), os.environ["SM_CURRENT_HOST"]
+    path = Path(os.environ.get("UFF_PORT_SM_ROOT", "/opt/ml")) / "input" / "config" / "resourceconfig.json"
+    if path.is_file():
+        rc = json.loads(path.read_text(encoding="utf-8"))
+        return list(rc["hosts"]), str(rc["current_host"])
+    return None
+
+
+def _map_hosts(platform: Platform, cfg: dict[str, Any]) -> bool:
+    """InstanceCount > 1: torchrun across the hosts, node 0 = the first host. True on the primary host.
+
+    The node's rank and the address travel in the environment, so every host's
+    config.yaml is the same file (CheckpointConfig syncs the run from each host).
+    """
+    hosts = sm_hosts() if platform.kind == "sagemaker" else None
+    if not hosts or len(hosts[0]) <= 1:
+        return True
+    names, current = sorted(hosts[0]), hosts[1]
+    dist = cfg.setdefault("distributed", {})
+    dist["nnodes"] = len(names)
+    dist.setdefault("master_port", 29500)
+    os.environ["UFF_PORT_NODE_RANK"] = str(names.index(current))
+    os.environ["UFF_PORT_MASTER_ADDR"] = names[0]
+    return names.index(current) == 0
+
+
 def _input_roots(platform: Platform) -> list[Path]:
     """Where the provider mounts the session's inputs (the base weights among them)."""
     if platform.kind == "kaggle":
@@ -231,6 +260,21 @@ def _copy_run_to_model_dir(platform: Platform) -> None:
         CheckpointStore(out).install(latest.path)
 
 
+def _secondary_node(platform: Platform, cfg: dict[str, Any]) -> int:
+    """Another host of a multi-instance job: run its ranks, write nothing the primary host writes."""
+    meta = json.loads((platform.bundle_dir / BUNDLE_MARKER).read_text(encoding="utf-8"))
+    missing = _map_model(platform, meta, cfg) or _map_corpus(platform, meta, cfg)
+    if missing is not None:
+        print(f"uff-port entry: {missing}", file=sys.stderr)
+        return 3
+    tmp = Path(tempfile.mkdtemp(prefix="uff-node-"))
+    cfg_path = tmp / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    rc = subprocess.call([sys.executable, "-m", "uff_port.training", "--run-dir", str(platform.run_dir),
+                          "--config", str(cfg_path)])
+    return 0 if rc in (0, EXIT_RESUMABLE) else rc
+
+
 def _latest_step(run_dir: Path) -> int:
     point = CheckpointStore(run_dir).latest()
     return point.step if point else 0
@@ -240,6 +284,9 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     platform = _materialize(platform)
     budget = platform.budget_seconds
     meta, cfg = _session_config(platform, budget, margin)
+    primary = _map_hosts(platform, cfg)
+    if not primary:
+        return _secondary_node(platform, cfg)
     _restore_resume(platform)
     offset = _events_offset(platform.run_dir, session or meta.get("session"))
     missing = _map_model(platform, meta, cfg)

@@ -68,6 +68,8 @@ class SageMakerSettings(_Section):
     max_wait_seconds: int | None = Field(None, gt=0)
     """Spot only: must be >= max_runtime_seconds; default 2x max_runtime_seconds."""
     max_sessions: int = Field(20, gt=0)
+    instance_count: int = Field(1, gt=0, le=64)
+    """ResourceConfig.InstanceCount: > 1 runs the trainer under torchrun across the instances."""
     model_s3_uri: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
     """Base weights already on S3 (an `s3://` prefix), handed to the job as the `model` channel."""
     network_isolation: bool = False

@@ -102,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             from uff_port.fsutil import atomic_write_text
 
             atomic_write_text(resolved, dump_yaml(cfg))
-        is_launcher = cfg.distributed.nproc > 1
+        is_launcher = cfg.distributed.nproc > 1 or cfg.distributed.nnodes > 1
     if is_launcher:
-        if cfg.training.grad_accum_steps % cfg.distributed.nproc:
+        world = cfg.distributed.nproc * cfg.distributed.nnodes
+        if cfg.training.grad_accum_steps % world:
             return _refuse(
                 report,
                 "invalid_config",
                 f"training.grad_accum_steps: {cfg.training.grad_accum_steps} must be divisible by "
-                f"distributed.nproc ({cfg.distributed.nproc}): the global batch is "
+                f"distributed.nproc x distributed.nnodes ({world}): the global batch is "
                 "micro_batch_size * grad_accum_steps whatever the number of processes",
             )
         from uff_port.training.launcher import launch

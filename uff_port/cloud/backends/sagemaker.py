@@ -265,7 +265,7 @@ class SageMakerBackend:
             "RoleArn": st.role_arn,
             "InputDataConfig": [_channel("bundle", bundle_uri)],
             "OutputDataConfig": {"S3OutputPath": f"s3://{st.bucket}/{self.prefix}/output"},
-            "ResourceConfig": {"InstanceType": st.instance_type, "InstanceCount": 1, "VolumeSizeInGB": 50},
+            "ResourceConfig": {"InstanceType": st.instance_type, "InstanceCount": st.instance_count, "VolumeSizeInGB": 50},
             "StoppingCondition": stopping,
             "EnableManagedSpotTraining": st.use_spot,
             "CheckpointConfig": {"S3Uri": self.checkpoint_uri, "LocalPath": CHECKPOINT_LOCAL},
