@@ -3,7 +3,7 @@
 #   - a virtualenv in .venv (override with UFF_PORT_VENV)
 #   - torch==2.13.0 first (the CPU wheel here; on a GPU box install your CUDA build first),
 #     so no later requirement can pull a different torch
-#   - the package, editable, with the train, cloud, dev and deepspeed extras
+#   - the package, editable, with the train, cloud, dev, deepspeed and eval extras
 #   - a C++ compiler (DeepSpeed builds its CPU communication op on first use)
 #   - Elixir/Erlang from apt for the bridge (skip with UFF_PORT_NO_ELIXIR=1)
 set -euo pipefail
@@ -21,7 +21,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 stamp="$VENV/.uff-port-installed"
-EXTRAS="train,cloud,dev,deepspeed"
+EXTRAS="train,cloud,dev,deepspeed,eval"
 want=$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   echo "bootstrap: installing uff-port[$EXTRAS]" >&2

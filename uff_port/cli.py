@@ -21,6 +21,7 @@ COMMAND_MODULES: Final = (
     "uff_port.planner.cli",  # plan
     "uff_port.cloud.cli",  # plan-week, cloud
     "uff_port.registry.cli",  # register, promote, rollback, federate, ...
+    "uff_port.eval.cli",  # eval, compare
 )
 
 

@@ -44,6 +44,7 @@ class WorkerClient:
         python: str | None = None,
         hello_timeout: float = 30.0,
         argv: Sequence[str] | None = None,
+        preexec_fn: Callable[[], Any] | None = None,
     ) -> None:
         cmd = list(argv) if argv else [python or sys.executable, "-m", "uff_port", "serve"]
         if runs_root is not None:
@@ -52,7 +53,8 @@ class WorkerClient:
             cmd += ["--heartbeat-interval", str(heartbeat_interval)]
         cmd += list(extra_args)
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd,
+            preexec_fn=preexec_fn,  # e.g. resource limits for a test that attacks the worker
         )
         self.pid = self.proc.pid
         self.events: list[dict[str, Any]] = []

@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -42,12 +43,23 @@ def _show(frame: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(frame, indent=2, default=repr), flush=True)
 
 
+def _job_ended(job_id: str) -> Callable[[dict[str, Any]], bool]:
+    """The worker's return to idle after `job_id`: it carries the outcome, whatever it was."""
+    return lambda e: e.get("event") == "state" and e.get("job_id") == job_id and "outcome" in e
+
+
 def run_client(args: argparse.Namespace) -> int:
+    """Send the requests in order; exit 1 if any was refused, timed out or (waited for) did not finish.
+
+    `--wait-finished` waits only for a job a `train`/`resume` started: after a
+    refusal there is nothing to wait for, so it returns at once.
+    """
     client = WorkerClient(runs_root=args.runs_root, heartbeat_interval=args.heartbeat_interval)
     if not args.quiet:
         _show(client.hello, args.json)
         client.on_event(lambda e: _show(e, args.json))
     failures = 0
+    job_id: str | None = None
     lines = args.requests or (line.strip() for line in sys.stdin)
     for line in lines:
         if not line:
@@ -59,15 +71,29 @@ def run_client(args: argparse.Namespace) -> int:
             failures += 1
             continue
         try:
-            _show(client.call(cmd, req_args or None, timeout=args.timeout), args.json)
+            reply = client.call(cmd, req_args or None, timeout=args.timeout)
         except (TimeoutError, EOFError) as exc:
             print(f"{cmd}: {exc}", file=sys.stderr)
             failures += 1
-    if args.wait_finished:
-        try:
-            client.wait_event(lambda e: e.get("event") in ("finished", "failed"), timeout=24 * 3600)
-        except TimeoutError:
+            continue
+        _show(reply, args.json)
+        if not reply.get("ok"):
             failures += 1
+        elif cmd in ("train", "resume"):
+            job_id = (reply.get("result") or {}).get("job_id")
+    if args.wait_finished:
+        if job_id is None:
+            print("--wait-finished: no job was started, nothing to wait for", file=sys.stderr)
+        else:
+            try:
+                ended = client.wait_event(_job_ended(job_id), timeout=24 * 3600)
+                if ended.get("outcome") != "finished":
+                    print(f"job {job_id} ended {ended.get('outcome')} (exit status {ended.get('exit_status')})",
+                          file=sys.stderr)
+                    failures += 1
+            except TimeoutError as exc:
+                print(f"--wait-finished: {exc}", file=sys.stderr)
+                failures += 1
     try:
         client.request("shutdown", timeout=max(args.timeout, 120))
     except (WorkerError, TimeoutError, EOFError):

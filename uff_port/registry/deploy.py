@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from uff_port.fsutil import atomic_write_json, atomic_write_text, fsync_dir
+from uff_port.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+    recover_dir,
+    replace_dir,
+)
 from uff_port.hashing import sha256_file, verify_tree
 from uff_port.registry.errors import (
     ALIAS_CONFLICT,
@@ -137,6 +144,7 @@ class ServingDir:
     def install(self, role: str, manifest: ArtifactManifest, source: Path) -> Path:
         """Copy an artifact into versions/<id> (temp dir, hash check, fsync, rename); idempotent."""
         final = self.version_dir(role, manifest.artifact_id)
+        recover_dir(final)  # a replacement (below) that died mid-swap
         if final.is_dir():
             report = verify_tree(final, manifest.files_dict(), exclude=(MANIFEST_NAME,))
             if report.ok:
@@ -152,17 +160,8 @@ class ServingDir:
             if not report.ok:
                 raise RegistryError(VERIFY_FAILED, f"{role}: copy of {manifest.short_id} differs: "
                                     f"{report.summary()}", {"verify": report.to_dict()})
-            for rel in manifest.files:
-                with (tmp / rel).open("rb") as fh:
-                    os.fsync(fh.fileno())
-            for d in sorted({(tmp / rel).parent for rel in manifest.files}, reverse=True):
-                fsync_dir(d)
-            damaged = final.parent / f".trash-{uuid.uuid4().hex}"
-            if final.is_dir():  # damaged on the host: swapped for the good copy, two renames apart
-                os.rename(final, damaged)
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-            shutil.rmtree(damaged, ignore_errors=True)
+            fsync_tree(tmp)
+            replace_dir(tmp, final)  # a copy damaged on the host is swapped for the good one
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

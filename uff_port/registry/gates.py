@@ -78,12 +78,24 @@ class CompatibilityGate(_Section):
     contract: str = INTERFACE_CONTRACT
 
 
+class CodeEvalGate(_Section):
+    """pass@k on a suite (uff_port.eval.metrics), paired against stable on the same tasks."""
+
+    enabled: bool = False
+    suite: str = "humaneval"
+    metric: str = "pass@1"
+    threshold: float | None = Field(None, ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    require_significant: bool = False
+
+
 class GatesConfig(_Section):
     schema_version: Literal[1] = 1
     quality: QualityGate = Field(default_factory=lambda: QualityGate.model_validate({}))
     latency: LatencyGate = Field(default_factory=lambda: LatencyGate.model_validate({}))
     safety: SafetyGate = Field(default_factory=lambda: SafetyGate.model_validate({}))
     compatibility: CompatibilityGate = Field(default_factory=lambda: CompatibilityGate.model_validate({}))
+    code_eval: CodeEvalGate = Field(default_factory=lambda: CodeEvalGate.model_validate({}))
 
 
 @dataclass(frozen=True)
@@ -249,13 +261,22 @@ def run_gates(
     evidence: Evidence | None,
     optional_evidence: bool = False,
 ) -> list[GateResult]:
-    """All four gates in table order. `optional_evidence`: missing measurements skip, not fail."""
-    return [
+    """The gates in table order (code_eval last, when enabled). `optional_evidence`: missing
+    measurements skip, not fail."""
+    results = [
         quality_gate(cfg.quality, cand, base),
         latency_gate(cfg.latency, evidence, optional_evidence),
         safety_gate(cfg.safety, evidence, optional_evidence),
         compatibility_gate(cfg.compatibility, cand, base),
     ]
+    if cfg.code_eval.enabled:
+        from uff_port.eval.metrics import gate
+
+        c = cfg.code_eval
+        status, measured, bound, detail = gate(cand.metrics, base.metrics if base else None, c.suite,
+                                                c.metric, c.threshold, c.alpha, c.require_significant)
+        results.append(GateResult("code_eval", status, measured, bound, detail))  # type: ignore[arg-type]
+    return results
 
 
 def needs_measurement(cfg: GatesConfig) -> bool:

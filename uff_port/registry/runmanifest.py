@@ -17,6 +17,7 @@ from typing import Any, Final
 import yaml
 
 from uff_port import __version__
+from uff_port.eval.metrics import suite_metrics
 from uff_port.fsutil import atomic_write_text
 from uff_port.hashing import list_files, sha256_file, tree_manifest
 from uff_port.registry.errors import NOT_FOUND, RegistryError
@@ -234,7 +235,7 @@ def build_manifest(
             "backend": str(cfg.get("strategy") or "local"),
             "final_step": final_step if final_step is None or final_step >= 0 else None,
         },
-        "metrics": metrics_from_events(events),
+        "metrics": {**metrics_from_events(events), **suite_metrics(run_dir)},
         "interface": interface,
         "created_at": created_at,
     }

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--heartbeat-interval", type=_positive_float, default=2.0, metavar="SECONDS")
     client.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S", help="per-request timeout")
     client.add_argument("--wait-finished", action="store_true",
-                        help="after the requests, wait for the job's finished/failed event")
+                        help="after the requests, wait until the job they started ends; exit 1 unless it finished")
     client.add_argument("--quiet", action="store_true", help="print replies only, not events")
     client.add_argument("--json", action="store_true", help="print frames as JSON lines")
     client.set_defaults(func=_client)

@@ -19,4 +19,5 @@ EXTENSION_COMMANDS: Final[dict[str, str]] = {
     "deploy_rollback": "uff_port.registry.deploy_commands:deploy_rollback",
     "plan_week": "uff_port.cloud.commands:plan_week",
     "cloud_status": "uff_port.cloud.commands:cloud_status",
+    "eval": "uff_port.eval.commands:eval_command",
 }

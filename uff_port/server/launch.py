@@ -22,8 +22,12 @@ from uff_port.protocol.errors import CommandError, ErrorCode
 from uff_port.server.events import EventStream
 from uff_port.server.jobs import Job, JobInfo, cloud_argv, trainer_argv
 
-_JOB_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_JOB_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 AUTO: Final = "auto"
+MAX_RUN_DIR_BYTES: Final = 1024
+"""A run_dir argument longer than this is refused (its files' paths must stay under PATH_MAX)."""
+_NAME_MAX: Final = 255
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -61,6 +65,18 @@ def _validate(raw: Any, overrides: dict[str, Any] | None) -> Any:
         ) from None
 
 
+def _check_run_dir(run_dir: str) -> None:
+    """Refuse names the file system or a log line would choke on, before any path is made."""
+    expected = f"a path under the runs root: at most {MAX_RUN_DIR_BYTES} bytes, no control characters"
+    if _CONTROL.search(run_dir):
+        raise _invalid("args.run_dir", "contains a control character (newline, tab, ...)", expected)
+    size = len(run_dir.encode("utf-8", "surrogatepass"))
+    if size > MAX_RUN_DIR_BYTES:
+        raise _invalid("args.run_dir", f"is {size} bytes long, over the {MAX_RUN_DIR_BYTES}-byte limit", expected)
+    if any(len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX for part in Path(run_dir).parts):
+        raise _invalid("args.run_dir", f"has a path component over {_NAME_MAX} bytes", expected)
+
+
 class JobLauncher:
     def __init__(
         self,
@@ -76,15 +92,17 @@ class JobLauncher:
 
     # -- validation (request loop) ----------------------------------------
     def _run_dir(self, run_dir: str | None, job_id: str | None, name: str) -> tuple[Path, str]:
-        if job_id is not None and not _JOB_ID.match(job_id):
+        if job_id is not None and not _JOB_ID.fullmatch(job_id):
             raise _invalid("args.job_id", "must be 1-128 of [A-Za-z0-9._-], starting alphanumeric")
+        if run_dir is not None:
+            _check_run_dir(run_dir)
         if run_dir is None:
             slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
             job_id = job_id or f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
             run_dir = job_id
         try:
             path = confine(self.runs_root, run_dir)
-        except ValueError:
+        except (ValueError, OSError):
             raise _invalid(
                 "args.run_dir", f"{run_dir!r} is outside the runs root {str(self.runs_root)!r}", "a path under the runs root"
             ) from None

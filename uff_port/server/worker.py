@@ -581,6 +581,8 @@ class Worker:
                 time.sleep(0.05)  # a job being started is stopped like any other
             job = self.job
             if job is not None:
+                # A job that already sent `failed` ended on its own: stopping it loses nothing.
+                ended_before = job.info.terminal_event is not None
                 done = threading.Event()
                 self._stop_job(job, True, lambda _j, _r: done.set())
                 done.wait(self._grace(job) + EXIT_STOP_SLACK_S)
@@ -588,7 +590,7 @@ class Worker:
                 stopped.update(job_id=info.job_id, step=info.step, exit_status=info.exit_code)
                 if info.last_checkpoint:
                     stopped["checkpoint"] = info.last_checkpoint.get("path")
-                if info.exit_code == 0:
+                if info.exit_code == 0 or ended_before:
                     code = EXIT_OK
                 elif info.exit_code == 75:
                     code = EXIT_OK if reason == "shutdown" else EXIT_RESUMABLE

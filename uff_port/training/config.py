@@ -10,11 +10,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from uff_port.training.config_io import (
+    ConfigLimitError,
+    check_tree,
+    dotted,
+    parse_config_text,
+    read_config_bytes,
+)
 
 CONFIGS_DIR: Final = Path(__file__).resolve().parents[2] / "configs"
 MANAGER_DOMAINS: Final = ("ufm", "ucm", "urm", "ulm", "uim", "uam")
@@ -29,7 +39,16 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Strict: `max_steps: true` is not 1 and `learning_rate: "1e-3"` is not a number
+    # (an int is still a float). Non-finite numbers are refused where a float is read.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+
+def _manager_domain(value: str) -> str:
+    low = value.lower()
+    if low not in MANAGER_DOMAINS:
+        raise ValueError(f"unknown manager domain; expected one of {list(MANAGER_DOMAINS)}")
+    return low
 
 
 class ModelConfig(_Section):
@@ -48,7 +67,7 @@ class DataConfig(_Section):
     path: str | list[str] = "builtin:sample-corpus"
     """One JSONL file or a list of them (contract key)."""
     format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
-    managers: list[str] | None = None
+    managers: list[Annotated[str, AfterValidator(_manager_domain)]] | None = None
     """Keep only records whose `manager` is one of these (lower-case domain names)."""
     stages: list[str] | None = None
     seq_len: int = Field(512, gt=0)
@@ -57,17 +76,8 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     max_bad_lines: int = Field(100, ge=0)
     shuffle_buffer: int = Field(0, ge=0)
-
-    @field_validator("managers")
-    @classmethod
-    def _known_managers(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        low = [m.lower() for m in v]
-        bad = [m for m in low if m not in MANAGER_DOMAINS]
-        if bad:
-            raise ValueError(f"unknown manager domain(s) {bad}; expected some of {list(MANAGER_DOMAINS)}")
-        return low
+    max_line_bytes: int = Field(4 << 20, gt=0)
+    """A longer JSONL line is a bad line: skipped unread and untokenised, never held in memory."""
 
 
 class LoraConfig(_Section):
@@ -135,9 +145,24 @@ class DistributedConfig(_Section):
     """Address of node 0 (rendezvous); default $UFF_PORT_MASTER_ADDR, else 127.0.0.1."""
 
 
+class SuiteEvalConfig(_Section):
+    """A code-evaluation suite run during training (uff_port.eval.training, docs/eval.md)."""
+
+    suite: str = Field(min_length=1)
+    every_steps: int | None = Field(None, gt=0)
+    sample: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(8, gt=0)
+    timeout: float = Field(10.0, gt=0)
+
+
 class EvalConfig(_Section):
     every_steps: int | None = Field(50, gt=0)
     max_batches: int = Field(20, gt=0)
+    # left out of the dump when empty, so configs without suites keep their config_hash
+    suites: list[SuiteEvalConfig] = Field(default_factory=list, exclude_if=lambda v: not v)
+    # a fixed held-out file for the loss, shared by runs so their eval_loss compares
+    path: str | None = Field(None, min_length=1, exclude_if=lambda v: v is None)
 
 
 class OutputConfig(_Section):
@@ -170,6 +195,9 @@ class Config(_Section):
 _RESUME_NEUTRAL: Final = {
     "name": None,
     "strategy": None,
+    # The limit only decides which oversized lines are skipped from here on; binding
+    # checkpoints to it would strand every run started before the key existed.
+    "data": {"max_line_bytes"},
     "training": {
         "max_steps", "max_runtime", "progress_every_seconds", "device", "cpu_threads",
         # Raised after a `non_finite` failure to resume past a bad batch.
@@ -184,7 +212,21 @@ _RESUME_NEUTRAL: Final = {
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<root>"
+    return dotted(loc)
+
+
+_TYPE_NAMES: Final = {
+    bool: "boolean", int: "integer", float: "number", str: "string", dict: "map", list: "list", type(None): "null",
+}  # fmt: skip
+_EXPECTED: Final = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a map",
+    "model_type": "a map",
+}
 
 
 def friendly_error(err: Any) -> str:
@@ -203,23 +245,30 @@ def friendly_error(err: Any) -> str:
         return f"must match {ctx.get('pattern')}"
     if kind == "extra_forbidden":
         return "unknown key"
+    if kind == "finite_number":
+        return "must be a finite number"
+    if kind in _EXPECTED:  # the type of what came, never the value (it may come from any file)
+        got = err.get("input")
+        return f"expected {_EXPECTED[kind]}, got {_TYPE_NAMES.get(type(got), type(got).__name__)}"
+    if kind == "literal_error":
+        return f"expected {ctx.get('expected')}"
     if kind == "missing":
         return "required"
     msg = str(err.get("msg", "invalid"))
     return msg.removeprefix("Value error, ")
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
     if not all(parts):
-        raise ConfigError([f"{dotted}: override key must be dotted names like 'training.max_steps'"])
+        raise ConfigError([f"{key}: override key must be dotted names like 'training.max_steps'"])
     node = tree
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError([f"{dotted}: '{part}' is not a section"])
+            raise ConfigError([f"{key}: '{part}' is not a section"])
         node = child
     node[parts[-1]] = value
 
@@ -238,27 +287,45 @@ def validate_config(raw: Any, overrides: dict[str, Any] | None = None) -> Config
     """Validate a config map (plus overrides); raise ConfigError listing every problem."""
     if not isinstance(raw, dict):
         raise ConfigError([f"<root>: config must be a map, got {type(raw).__name__}"])
-    merged = apply_overrides(raw, overrides)
+    # Bounded walks first: a 900-deep or alias-expanded tree is refused by name
+    # before deepcopy, pydantic or json recurse into it; overrides can deepen it.
+    try:
+        check_tree(raw)
+        merged = apply_overrides(raw, overrides)
+        check_tree(merged)
+    except ConfigLimitError as exc:
+        raise ConfigError([exc.problem]) from None
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError([f"{_format_loc(e['loc'])}: {friendly_error(e)}" for e in exc.errors()]) from None
 
 
+def _exists(p: Path, *, regular: bool = False) -> bool:
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):  # ValueError: a NUL in the name; OSError: too long, no access
+        return False
+    return not regular or stat.S_ISREG(st.st_mode)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML/JSON config; `tiny` or `tiny.yaml` also finds a preset in configs/."""
+    """Read a YAML/JSON config within the limits of config_io; `tiny` or `tiny.yaml` also finds a preset.
+
+    Errors name the file, a line and key paths, never its contents.
+    """
     p = Path(path)
-    if not p.exists():
+    if not _exists(p):
         # Preset names may contain dots (`deepseek-coder-6.7b-...`): try the name as given, then + .yaml.
-        found = [c for c in (CONFIGS_DIR / p.name, CONFIGS_DIR / f"{p.name}.yaml") if c.is_file()]
+        found = [c for c in (CONFIGS_DIR / p.name, CONFIGS_DIR / f"{p.name}.yaml") if _exists(c, regular=True)]
         if not found:
             presets = sorted(c.stem for c in CONFIGS_DIR.glob("*.yaml"))
             raise ConfigError([f"config_path: no such file {str(path)!r} (presets: {', '.join(presets)})"])
         p = found[0]
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"config_path: {p} is not valid YAML: {exc}"]) from None
+        data = parse_config_text(read_config_bytes(p), name=str(p), as_json=p.suffix.lower() == ".json")
+    except ConfigLimitError as exc:
+        raise ConfigError([exc.problem]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -31,6 +31,7 @@ from uff_port.training.builtin import resolve_data_path
 from uff_port.training.config import DataConfig
 
 IGNORE: Final = -100
+_SKIP_CHUNK: Final = 1 << 20  # bytes read at a time while skipping an oversized line
 Split = Literal["train", "eval"]
 BadLineHook = Callable[[str, int, str], None]  # (file, line_no, reason)
 
@@ -165,6 +166,8 @@ class PackedStream:
         raw = [paths] if isinstance(paths, str) else list(paths)
         self.files: list[Path] = [resolve_data_path(p) for p in raw]
         for f in self.files:
+            if f.is_dir():
+                raise DataError("data_not_found", f"data.path: {str(f)!r} is a directory, expected a JSONL file")
             if not f.is_file():
                 raise DataError("data_not_found", f"data.path: no such file {str(f)!r}")
         self.cfg = cfg
@@ -236,19 +239,31 @@ class PackedStream:
     def close(self) -> None:
         self._close()
 
-    def _next_line(self) -> tuple[bytes, int] | None:
-        """Next raw line and its number, advancing the cursor; None at the end of an epoch."""
+    def _next_line(self) -> tuple[bytes | None, int, int] | None:
+        """Next raw line, its number and size, advancing the cursor; None at the end of an epoch.
+
+        A line over `data.max_line_bytes` comes back as None (with its size): it is
+        skipped in bounded chunks, so one giant line never sits in memory.
+        """
+        limit = self.cfg.max_line_bytes
         while self.file_index < len(self.files):
             if self._fh_index != self.file_index:
                 self._close()
                 self._fh = open(self.files[self.file_index], "rb")  # noqa: SIM115 - kept open across calls
                 self._fh_index = self.file_index
                 self._fh.seek(self.byte_offset)
-            line = self._fh.readline()
+            line = self._fh.readline(limit + 1)
             if line:
-                self.byte_offset += len(line)
+                size = len(line)
+                oversized = size > limit and not line.endswith(b"\n")
+                while oversized and not line.endswith(b"\n"):
+                    line = self._fh.readline(_SKIP_CHUNK)
+                    if not line:
+                        break
+                    size += len(line)
+                self.byte_offset += size
                 self.line_no += 1
-                return line, self.line_no
+                return (None if oversized else line), self.line_no, size
             self._close()
             self.file_index += 1
             self.byte_offset = 0
@@ -288,9 +303,12 @@ class PackedStream:
                 self.epoch += 1
                 self.file_index, self.byte_offset, self.line_no, self.samples_in_epoch = 0, 0, 0, 0
                 continue
-            raw, line_no = item
+            raw, line_no, size = item
             name = self.files[self.file_index].name
             if (self.split == "eval") != in_eval_split(name, line_no, self.cfg.eval_fraction):
+                continue
+            if raw is None:
+                self._bad(line_no, f"line of {size} bytes is longer than data.max_line_bytes ({self.cfg.max_line_bytes})")
                 continue
             if not raw.strip():
                 continue

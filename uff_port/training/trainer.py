@@ -28,6 +28,7 @@ from uff_port import __version__
 from uff_port.fsutil import atomic_write_json, fsync_tree, is_disk_full, recover_dir, replace_dir
 from uff_port.hashing import tree_manifest
 from uff_port.training import dist, zero
+from uff_port.training.builtin import resolve_data_path
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
 from uff_port.training.checkpoint_store import CheckpointStore, ResumePoint
 from uff_port.training.config import Config, config_hash, resume_hash, resume_view
@@ -177,6 +178,7 @@ class Trainer:
         self.accum = t.grad_accum_steps // self.world
         torch.manual_seed(t.seed)  # identical LoRA init on every rank
         self.tokenizer = load_tokenizer(cfg)
+        self._code_eval_step = -1  # the step eval.suites last ran at
         self.tok_hash = tokenizer_hash(self.tokenizer)
         self.model = load_model(cfg, self.device, self.precision)
         self.params = trainable_parameters(self.model)
@@ -293,10 +295,13 @@ class Trainer:
         def bad(name: str, line_no: int, reason: str) -> None:
             self.emit("log", level="warning", code="bad_line", file=name, line=line_no, message=f"{name}:{line_no}: {reason}")
 
+        shared = self.cfg.eval.path if split == "eval" else None  # eval.path: every line is held out
+        if shared and not resolve_data_path(shared).is_file():
+            raise TrainError("data_not_found", f"eval.path: no such file {shared!r}")
         return PackedStream(
-            self.cfg.data.path,
+            shared or self.cfg.data.path,
             self.tokenizer,
-            self.cfg.data,
+            self.cfg.data.model_copy(update={"eval_fraction": 1.0}) if shared else self.cfg.data,
             split=split,  # type: ignore[arg-type]
             seed=self.cfg.training.seed,
             rank=self.rank,
@@ -553,6 +558,7 @@ class Trainer:
                 window_t0, window_tokens = now, 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                 self.evaluate()
+            self._code_eval(pending, final=False)
         return self._finish()
 
     def _skip_or_fail(self, bad: NonFiniteStep) -> None:
@@ -703,7 +709,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean token loss on the held-out split (loss sums accumulate, never logits)."""
-        if self.cfg.data.eval_fraction <= 0:
+        if self.cfg.data.eval_fraction <= 0 and not self.cfg.eval.path:
             return None
         self.set_state("evaluating")
         model = self.model
@@ -729,10 +735,30 @@ class Trainer:
         self.set_state("training")
         return value
 
+    def _code_eval(self, pending: list[Command], final: bool) -> None:
+        """eval.suites (uff_port.eval.training): a stop abandons it, then stops as usual."""
+        if not self.cfg.eval.suites or self.rank != 0 or (final and self._code_eval_step == self.step):
+            return
+        from uff_port.eval.training import due, run_suites
+
+        if not any(due(s, self.step, self.cfg.eval.every_steps, final) for s in self.cfg.eval.suites):
+            return
+        if self.zero_stage == 3:  # sharded parameters: generation would need them gathered
+            self.emit("log", level="warning", message="eval.suites skipped: not supported with zero_stage 3")
+            return
+        self._code_eval_step = self.step
+        self.set_state("evaluating")
+        want = run_suites(self.cfg.eval.suites, self.run_dir, self.model, self.tokenizer, self.device,
+                          self.step, self.cfg.eval.every_steps, final, self.emit,
+                          lambda: self._poll(pending), _STOP_NOSAVE, self.eval_loss)
+        self._act(want, pending)
+        self.set_state("training")
+
     # ---- the end ------------------------------------------------------------
     def _finish(self) -> int:
         if self.cfg.eval.every_steps is None or self.step % (self.cfg.eval.every_steps or 1):
             self.evaluate()
+        self._code_eval([], final=True)
         self.set_state("saving")
         if self._ckpt_step != self.step:  # a collective: every rank decides alike
             self.save_checkpoint(wait=True)
