@@ -253,8 +253,9 @@ def _copy_run_to_model_dir(platform: Platform) -> None:
     for name in ("config.yaml", "events.jsonl", SESSION_FILE):
         if (platform.run_dir / name).is_file():
             shutil.copyfile(platform.run_dir / name, out / name)
-    if (platform.run_dir / "final").is_dir():
-        shutil.copytree(platform.run_dir / "final", out / "final")
+    for name in ("final", "eval"):  # eval/<suite>.json: the code-evaluation results
+        if (platform.run_dir / name).is_dir():
+            shutil.copytree(platform.run_dir / name, out / name)
     latest = CheckpointStore(platform.run_dir).latest()
     if latest is not None:
         CheckpointStore(out).install(latest.path)

@@ -421,6 +421,9 @@ class CloudRun:
             self.emit("checkpoint", step=point.step, path=str(point.path), source="cloud")
         if info.get("finished") and (run / "final").is_dir():
             self._install_final(run / "final", self.run_dir / "final")
+        if (run / "eval").is_dir():
+            # Code-evaluation results (eval/<suite>.json), as a local run keeps them.
+            self._install_final(run / "eval", self.run_dir / "eval")
         return info
 
     @staticmethod
