@@ -114,6 +114,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         channel.emit("failed", code=ErrorCode.INVALID_CONFIG, message=str(exc), resumable=False)
         return EXIT_REFUSED
+    key = os.environ.get(settings.encryption.key_env)
+    if key:
+        channel.secrets.append(key)  # the corpus key never leaves in an event either
     run_id = args.job_id or run_dir.name
     ledger = QuotaLedger(settings.ledger_path or run_dir.parent / ".cloud-ledger.jsonl", settings.budgets)
     control = Control()
@@ -150,6 +153,7 @@ def _exec_local(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "uff_port.training", "--run-dir", str(args.run_dir)]
     if args.config:
         argv += ["--config", str(args.config)]
+    argv += ["--set", "strategy=local"]  # routed here: this run trains on the local GPU
     if args.control_fd is not None:
         os.set_inheritable(args.control_fd, True)
         argv += ["--control-fd", str(args.control_fd)]

@@ -109,20 +109,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, parse_overrides(args.overrides))
     except ConfigError as exc:
         return _refuse(report, "invalid_config", str(exc), exc.problems)
+    if cfg.strategy != "local":
+        # Never a silent local run of a cloud config: that path is `python -m uff_port.cloud run`.
+        return _refuse(report, "invalid_config", f"strategy: {cfg.strategy} runs in the cloud (uff-port train, or "
+                       "python -m uff_port.cloud run); the trainer runs strategy: local only")
     if "LOCAL_RANK" not in os.environ:
         resolved = run_dir / "config.yaml"
         if not resolved.exists() or Path(config_path).resolve() != resolved or args.overrides:
             from uff_port.fsutil import atomic_write_text
 
             atomic_write_text(resolved, dump_yaml(cfg))
-        is_launcher = cfg.distributed.nproc > 1
+        is_launcher = cfg.distributed.nproc > 1 or cfg.distributed.nnodes > 1
     if is_launcher:
-        if cfg.training.grad_accum_steps % cfg.distributed.nproc:
+        world = cfg.distributed.nproc * cfg.distributed.nnodes
+        if cfg.training.grad_accum_steps % world:
             return _refuse(
                 report,
                 "invalid_config",
                 f"training.grad_accum_steps: {cfg.training.grad_accum_steps} must be divisible by "
-                f"distributed.nproc ({cfg.distributed.nproc}): the global batch is "
+                f"distributed.nproc x distributed.nnodes ({world}): the global batch is "
                 "micro_batch_size * grad_accum_steps whatever the number of processes",
             )
         from uff_port.training.launcher import launch

@@ -137,6 +137,12 @@ class DistributedConfig(_Section):
     backend: Literal["auto", "ddp", "deepspeed"] = "auto"
     deepspeed_config: str | None = None
     master_port: int | None = Field(None, gt=0, lt=65536)
+    nnodes: int = Field(1, gt=0)
+    """Machines of one run (torchrun multi-node); each runs `nproc` processes."""
+    node_rank: int | None = Field(None, ge=0)
+    """This machine's index; default $UFF_PORT_NODE_RANK, else 0."""
+    master_addr: str | None = None
+    """Address of node 0 (rendezvous); default $UFF_PORT_MASTER_ADDR, else 127.0.0.1."""
 
 
 class SuiteEvalConfig(_Section):
