@@ -10,6 +10,8 @@ export UFF_PORT_PYTHON="$PY"
 # Models are built locally; never reach for a hub during tests.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export UFF_PORT_CACHE="${UFF_PORT_CACHE:-$PWD/.cache/uff-port}"
+# Two test processes on two cores: one OpenMP thread each (see tests/conftest.py).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 status=0
 # Style is part of the suite: ruff (lint) and mypy (types) over the package.

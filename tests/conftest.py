@@ -12,6 +12,11 @@ import pytest
 
 from uff_port.client import WorkerClient
 
+# One OpenMP thread per process: the suite runs two test processes on two cores, and
+# torch's default (a thread per core) makes every trainer it starts spin-wait on the
+# other's threads: a 40-step tiny run took 61 s that way against 24 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 

@@ -15,7 +15,7 @@ from uff_port.cloud.fakes import FakeKaggleApi, FakeS3, FakeSageMakerClient
 
 pytestmark = pytest.mark.slow
 
-SM = {"bucket": "uff-test", "role_arn": "arn:aws:iam::000000000000:role/uff", "image_uri": "img:1"}
+SM = {"bucket": "uff-test", "role_arn": "arn:aws:iam::000000000000:role/uff", "image_uri": "img:1", "region": "us-east-1"}
 CONFIG = {
     "name": "cw",
     "strategy": "sagemaker",

@@ -123,6 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         channel.emit("failed", **failed_fields(ErrorCode.INVALID_CONFIG, str(exc), resumable=False))
         return ExitCode.REFUSED
+    key = os.environ.get(settings.encryption.key_env)
+    if key:
+        channel.secrets.append(key)  # the corpus key never leaves in an event either
     run_id = args.job_id or run_dir.name
     ledger = QuotaLedger(settings.ledger_path or run_dir.parent / ".cloud-ledger.jsonl", settings.budgets)
     control = Control()
@@ -159,6 +162,7 @@ def _exec_local(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "uff_port.training", "--run-dir", str(args.run_dir)]
     if args.config:
         argv += ["--config", str(args.config)]
+    argv += ["--set", "strategy=local"]  # routed here: this run trains on the local GPU
     if args.control_fd is not None:
         os.set_inheritable(args.control_fd, True)
         argv += ["--control-fd", str(args.control_fd)]

@@ -25,6 +25,7 @@ from typing import Any, Final
 import yaml
 
 from uff_port import __version__
+from uff_port.cloud.corpus import CORPUS_PREFIX
 from uff_port.cloud.credentials import is_secret_file, known_secrets
 from uff_port.cloud.environment import BUNDLE_MARKER
 from uff_port.fsutil import atomic_write_json, atomic_write_text
@@ -64,6 +65,11 @@ def build_wheel(cache_dir: Path) -> Path:
     return built[-1]
 
 
+def data_files(cfg: dict[str, Any], base: Path) -> list[Path]:
+    """The corpus files on this machine (builtin corpora are built inside the job)."""
+    return [Path(p) for p in _data_files(cfg, base) if not p.startswith("builtin:")]
+
+
 def _data_files(cfg: dict[str, Any], base: Path) -> list[str]:
     paths = cfg.get("data", {}).get("path", "builtin:sample-corpus")
     items = [paths] if isinstance(paths, str) else list(paths)
@@ -89,16 +95,25 @@ def build_bundle(
     wheel: Path | None,
     resume_from: Path | None = None,
     data_base: Path | None = None,
+    model: dict[str, Any] | None = None,
+    corpus: dict[str, Any] | None = None,
+    secrets: list[str] | None = None,
 ) -> dict[str, Any]:
+    """`corpus`: the staged corpus piece's meta (uff_port.cloud.corpus): its files are named, not copied."""
     """Write a bundle into `dest` (emptied first); returns its uff-bundle.json."""
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "data").mkdir(parents=True)
     cfg = json.loads(json.dumps(cfg))
     remote_paths = []
+    local_files = 0
     for i, src in enumerate(_data_files(cfg, data_base or Path.cwd())):
         if src.startswith("builtin:"):
             remote_paths.append(src)
+            continue
+        if corpus is not None:
+            remote_paths.append(CORPUS_PREFIX + corpus["files"][local_files])
+            local_files += 1
             continue
         name = f"data/{i:02d}-{Path(src).name}"
         if is_secret_file(Path(src).name):
@@ -121,9 +136,12 @@ def build_bundle(
         "config": "config.yaml",
         "wheel": wheel_name,
         "resume": (dest / "resume").is_dir(),
+        # Where the job finds the base weights (uff_port.cloud.weights); never a local path.
+        "model": model,
+        "corpus": corpus,
     }
     atomic_write_json(dest / BUNDLE_MARKER, meta)
-    scan_for_secrets(dest)
+    scan_for_secrets(dest, None if secrets is None else [*known_secrets(), *secrets])
     return meta
 
 

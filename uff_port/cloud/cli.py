@@ -22,11 +22,37 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan_week)
 
+    n = sub.add_parser("notebook", help="write a notebook that runs a config by hand (Colab: no job API)")
+    n.add_argument("config", help="YAML file or preset name in configs/")
+    n.add_argument("--platform", required=True, choices=["colab"])
+    n.add_argument("-o", "--output", default=None, help="default: <config name>.ipynb")
+    n.add_argument("--drive-folder", default="uff-port", help="folder under MyDrive for the wheel, data and runs")
+    n.set_defaults(func=cmd_notebook)
+
     c = sub.add_parser("cloud", help="inspect or act on a run's cloud job")
     c.add_argument("action", choices=["status", "pull", "stop"])
     c.add_argument("run_dir")
     c.add_argument("--config", default=None, help="default: RUN_DIR/config.yaml")
     c.set_defaults(func=cmd_cloud)
+
+
+def cmd_notebook(args: argparse.Namespace) -> int:
+    from uff_port.cloud.notebook import write_notebook
+    from uff_port.core.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"notebook: {exc}", file=sys.stderr)
+        return 2
+    name = Path(args.config).stem or "run"
+    out = Path(args.output or f"{name}.ipynb")
+    info = write_notebook(cfg.to_dict(), out, name=name, folder=args.drive_folder)
+    print(f"wrote {out}: open it in Colab (a GPU runtime) and run all cells; copy {info['wheel']}"
+          + (f" and {', '.join(Path(p).name for p in info['data'])} (into data/)" if info["data"] else "")
+          + f" to {info['drive_folder']} first. Colab has no job API: uff-port does not schedule or watch it.",
+          file=sys.stderr)
+    return 0
 
 
 def _cloud_map(config: str | None) -> dict[str, Any]:

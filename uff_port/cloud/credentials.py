@@ -65,13 +65,23 @@ def _aws_file_secrets() -> list[str]:
     return out
 
 
+CORPUS_KEY_ENV = "UFF_PORT_CORPUS_KEY"
+"""Where the corpus encryption key is read (default `cloud.encryption.key_env`, and inside the job)."""
+
+
+def _extra_secret_envs() -> list[str]:
+    """`UFF_PORT_SECRET_ENVS=A,B`: more variables whose values are secrets (e.g. another key_env)."""
+    return [n for n in os.environ.get("UFF_PORT_SECRET_ENVS", "").split(",") if n]
+
+
 def known_secrets() -> list[str]:
     """Every credential value this process can see (long enough to match safely)."""
     found: list[str] = []
     creds = kaggle_credentials()
     if creds:
         found.append(creds[1])
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "KAGGLE_KEY"):
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "KAGGLE_KEY", CORPUS_KEY_ENV,
+                 *_extra_secret_envs()):
         if os.environ.get(name):
             found.append(os.environ[name])
     found.extend(_aws_file_secrets())

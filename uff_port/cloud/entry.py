@@ -33,12 +33,24 @@ from typing import Any, Final
 
 import yaml
 
-from uff_port.cloud.environment import BUNDLE_MARKER, Platform, PlatformError, detect
+from uff_port.cloud.corpus import CORPUS_PREFIX, CorpusError, find_piece, open_piece
+from uff_port.cloud.credentials import CORPUS_KEY_ENV
+from uff_port.cloud.environment import (
+    BUNDLE_MARKER,
+    KAGGLE_ROOT_ENV,
+    SM_MODEL_CHANNEL,
+    Platform,
+    PlatformError,
+    detect,
+    sm_channel,
+)
 from uff_port.cloud.verify import write_output_manifest
+from uff_port.cloud.weights import MODEL_NOT_FOUND, resolve_in_job, what_to_attach
 from uff_port.core import layout
 from uff_port.core.checkpoint_store import CheckpointStore
 from uff_port.core.exits import ExitCode
 from uff_port.fsutil import atomic_write_json
+from uff_port.protocol import failed_fields
 
 DEFAULT_MARGIN: Final = 60.0
 SM_KILL_AFTER: Final = 120.0
@@ -80,12 +92,142 @@ def _session_config(platform: Platform, budget: float | None, margin: float) -> 
     data = cfg.setdefault("data", {})
     paths = data.get("path", "builtin:sample-corpus")
     items = [paths] if isinstance(paths, str) else list(paths)
-    resolved = [p if p.startswith("builtin:") or Path(p).is_absolute() else str(platform.bundle_dir / p) for p in items]
+    resolved = [p if p.startswith(("builtin:", CORPUS_PREFIX)) or Path(p).is_absolute() else str(platform.bundle_dir / p)
+                for p in items]
     data["path"] = resolved[0] if isinstance(paths, str) else resolved
     if budget is not None:
         left = budget - margin - (time.monotonic() - _STARTED)
         cfg.setdefault("training", {})["max_runtime"] = max(1.0, left)
+    # Inside the job the trainer *is* the local run of the cloud strategy.
+    cfg["strategy"] = "local"
     return meta, cfg
+
+
+def sm_hosts() -> tuple[list[str], str] | None:
+    """SageMaker's hosts of this job and which one we are (SM_HOSTS/SM_CURRENT_HOST or resourceconfig.json)."""
+    if os.environ.get("SM_HOSTS") and os.environ.get("SM_CURRENT_HOST"):
+        return list(json.loads(os.environ["SM_HOSTS"])), os.environ["SM_CURRENT_HOST"]
+    path = Path(os.environ.get("UFF_PORT_SM_ROOT", "/opt/ml")) / "input" / "config" / "resourceconfig.json"
+    if path.is_file():
+        rc = json.loads(path.read_text(encoding="utf-8"))
+        return list(rc["hosts"]), str(rc["current_host"])
+    return None
+
+
+def _map_hosts(platform: Platform, cfg: dict[str, Any]) -> bool:
+    """InstanceCount > 1: torchrun across the hosts, node 0 = the first host. True on the primary host.
+
+    The node's rank and the address travel in the environment, so every host's
+    config.yaml is the same file (CheckpointConfig syncs the run from each host).
+    """
+    hosts = sm_hosts() if platform.kind == "sagemaker" else None
+    if not hosts or len(hosts[0]) <= 1:
+        return True
+    names, current = sorted(hosts[0]), hosts[1]
+    dist = cfg.setdefault("distributed", {})
+    dist["nnodes"] = len(names)
+    dist.setdefault("master_port", 29500)
+    os.environ["UFF_PORT_NODE_RANK"] = str(names.index(current))
+    os.environ["UFF_PORT_MASTER_ADDR"] = names[0]
+    return names.index(current) == 0
+
+
+def _input_roots(platform: Platform) -> list[Path]:
+    """Where the provider mounts the session's inputs (the base weights among them)."""
+    if platform.kind == "kaggle":
+        return [Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle")) / "input"]
+    if platform.kind == "sagemaker":
+        return [sm_channel(SM_MODEL_CHANNEL)]
+    return [platform.bundle_dir]
+
+
+def _map_model(platform: Platform, meta: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    """Point model.name_or_path at the weights the provider brought; the reason when it brought none."""
+    model_meta = meta.get("model")
+    if not model_meta:
+        return None
+    found = resolve_in_job(model_meta, platform.kind, _input_roots(platform))
+    if found is None:
+        return what_to_attach(model_meta, platform.kind)
+    model = cfg.setdefault("model", {})
+    model["name_or_path"], model["local_files_only"] = found
+    return None
+
+
+def _corpus_key(platform: Platform) -> bytes | None:
+    """The corpus key as the job gets it: the environment (set from a Kaggle secret), else Secrets Manager."""
+    import base64
+
+    raw = os.environ.get(CORPUS_KEY_ENV)
+    secret_id = platform.hyperparameters.get("uff_corpus_secret")
+    if not raw and secret_id:
+        import boto3
+
+        raw = boto3.client("secretsmanager").get_secret_value(SecretId=secret_id)["SecretString"]
+    return base64.b64decode(raw) if raw else None
+
+
+def _map_corpus(platform: Platform, meta: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    """Point `corpus:` data paths at the mounted corpus piece (opened on private disk); the reason when it cannot."""
+    corpus = meta.get("corpus")
+    if not corpus:
+        return None
+    if platform.kind == "kaggle":
+        roots = [Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle")) / "input"]
+    elif platform.kind == "sagemaker":
+        roots = [sm_channel("corpus")]
+    else:
+        roots = [platform.bundle_dir]
+    piece = find_piece(roots, str(corpus["address"]))
+    if piece is None:
+        return f"the corpus {corpus['address']} is not attached (Kaggle: dataset uff-port-corpus-{corpus['address']}; SageMaker: channel corpus)"
+    try:
+        # Not under the output tree: the plain corpus never becomes a session output.
+        opened = open_piece(piece, corpus, _corpus_key(platform) if corpus.get("encrypted") else None,
+                            Path(tempfile.mkdtemp(prefix="uff-corpus-")))
+    except CorpusError as exc:
+        return str(exc)
+    data = cfg.setdefault("data", {})
+    paths = data.get("path")
+    items = [paths] if isinstance(paths, str) else list(paths or [])
+    mapped = [opened[p[len(CORPUS_PREFIX):]] if p.startswith(CORPUS_PREFIX) else p for p in items]
+    data["path"] = mapped[0] if isinstance(paths, str) else mapped
+    return None
+
+
+def _events_offset(run_dir: Path, session: str | None) -> int:
+    """Where this session's events start in events.jsonl, fixed at its first start.
+
+    SageMaker restores the run directory (events included) at every start, so a
+    spot restart of the same session must not move the mark.
+    """
+    marks_path = run_dir / ".uff-session-offsets.json"
+    marks = json.loads(marks_path.read_text(encoding="utf-8")) if marks_path.is_file() else {}
+    key = session or "?"
+    if key not in marks:
+        events = run_dir / "events.jsonl"
+        marks[key] = events.stat().st_size if events.is_file() else 0
+        atomic_write_json(marks_path, marks)
+    return int(marks[key])
+
+
+def _refuse_session(platform: Platform, meta: dict[str, Any], session: str | None, code: str, message: str) -> int:
+    """A session that cannot start: the reason goes home in events.jsonl and session.json."""
+    from uff_port.training.events import Reporter
+
+    Reporter(platform.run_dir).emit("failed", **failed_fields(code, message, resumable=False))
+    step = _latest_step(platform.run_dir)
+    info = {"session": session or meta.get("session"), "run_id": meta.get("run_id"), "platform": platform.kind,
+            "rc": int(ExitCode.REFUSED), "start_step": step, "step": step, "finished": False,
+            "events_offset": _events_offset(platform.run_dir, session or meta.get("session")),
+            "error": {"code": code, "message": message, "final": True}}
+    atomic_write_json(platform.run_dir / layout.SESSION, info)
+    if platform.kind == "sagemaker":
+        _copy_run_to_model_dir(platform)
+    write_output_manifest(platform.output_dir, session=info["session"], step=step, finished=False,
+                          rc=ExitCode.REFUSED)
+    print(f"uff-port entry: {code}: {message}", file=sys.stderr, flush=True)
+    return ExitCode.REFUSED
 
 
 def _restore_resume(platform: Platform) -> None:
@@ -113,11 +255,27 @@ def _copy_run_to_model_dir(platform: Platform) -> None:
     for name in (layout.CONFIG, layout.EVENTS, layout.SESSION):
         if (platform.run_dir / name).is_file():
             shutil.copyfile(platform.run_dir / name, out / name)
-    if (platform.run_dir / layout.FINAL).is_dir():
-        shutil.copytree(platform.run_dir / layout.FINAL, out / layout.FINAL)
+    for name in (layout.FINAL, layout.EVAL):  # eval/<suite>.json: the code-evaluation results
+        if (platform.run_dir / name).is_dir():
+            shutil.copytree(platform.run_dir / name, out / name)
     latest = CheckpointStore(platform.run_dir).latest()
     if latest is not None:
         CheckpointStore(out).install(latest.path)
+
+
+def _secondary_node(platform: Platform, cfg: dict[str, Any]) -> int:
+    """Another host of a multi-instance job: run its ranks, write nothing the primary host writes."""
+    meta = json.loads((platform.bundle_dir / BUNDLE_MARKER).read_text(encoding="utf-8"))
+    missing = _map_model(platform, meta, cfg) or _map_corpus(platform, meta, cfg)
+    if missing is not None:
+        print(f"uff-port entry: {missing}", file=sys.stderr)
+        return ExitCode.REFUSED
+    tmp = Path(tempfile.mkdtemp(prefix="uff-node-"))
+    cfg_path = tmp / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    rc = subprocess.call([sys.executable, "-m", "uff_port.training", "--run-dir", str(platform.run_dir),
+                          "--config", str(cfg_path)])
+    return ExitCode.OK if rc in (ExitCode.OK, ExitCode.RESUMABLE) else rc
 
 
 def _latest_step(run_dir: Path) -> int:
@@ -129,7 +287,17 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     platform = _materialize(platform)
     budget = platform.budget_seconds
     meta, cfg = _session_config(platform, budget, margin)
+    primary = _map_hosts(platform, cfg)
+    if not primary:
+        return _secondary_node(platform, cfg)
     _restore_resume(platform)
+    offset = _events_offset(platform.run_dir, session or meta.get("session"))
+    missing = _map_model(platform, meta, cfg)
+    if missing is not None:
+        return _refuse_session(platform, meta, session, MODEL_NOT_FOUND, missing)
+    unreadable = _map_corpus(platform, meta, cfg)
+    if unreadable is not None:
+        return _refuse_session(platform, meta, session, "invalid_config", unreadable)
     start_step = _latest_step(platform.run_dir)
     tmp = Path(tempfile.mkdtemp(prefix="uff-session-"))
     cfg_path = tmp / "config.yaml"
@@ -203,6 +371,7 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         # max_runtime (exit 75 with nobody having signalled it).
         "budget_stop": self_stopped or (rc == ExitCode.RESUMABLE and not term_at),
         "restarts": restarts,
+        "events_offset": offset,
         "seconds": round(time.monotonic() - _STARTED, 3),
     }
     atomic_write_json(platform.run_dir / layout.SESSION, info)

@@ -18,6 +18,8 @@ KAGGLE_ROOT_ENV: Final = "UFF_PORT_KAGGLE_ROOT"
 SM_ROOT_ENV: Final = "UFF_PORT_SM_ROOT"
 BUNDLE_MARKER: Final = "uff-bundle.json"
 SM_BUNDLE_CHANNEL: Final = "bundle"
+SM_MODEL_CHANNEL: Final = "model"
+"""The base weights from S3 (cloud.sagemaker.model_s3_uri or an uploaded local copy)."""
 
 
 class PlatformError(Exception):
@@ -89,7 +91,7 @@ def sagemaker_hyperparameters() -> dict[str, str]:
     return out
 
 
-def _sm_channel(name: str) -> Path:
+def sm_channel(name: str) -> Path:
     env = os.environ.get(f"SM_CHANNEL_{name.upper()}")
     return Path(env) if env else _sm_root() / "input" / "data" / name
 
@@ -99,7 +101,7 @@ def detect(budget_seconds: float | None = None, run_dir: str | None = None) -> P
     if is_sagemaker():
         hps = sagemaker_hyperparameters()
         root = _sm_root()
-        bundle = _sm_channel(SM_BUNDLE_CHANNEL)
+        bundle = sm_channel(SM_BUNDLE_CHANNEL)
         if not (bundle / BUNDLE_MARKER).is_file():
             bundle = find_bundle(root / "input" / "data")
         model_dir = Path(os.environ.get("SM_MODEL_DIR", str(root / "model")))

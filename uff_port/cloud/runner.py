@@ -15,6 +15,7 @@ restarting the worker cannot install it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,17 +31,20 @@ from uff_port.cloud.backends.base import (
     SessionSpec,
 )
 from uff_port.cloud.backends.sagemaker import job_name
-from uff_port.cloud.bundle import BundleError, build_bundle, build_wheel
+from uff_port.cloud.bundle import BundleError, build_bundle, build_wheel, data_files
+from uff_port.cloud.corpus import CorpusError, load_key, stage_corpus
+from uff_port.cloud.events_merge import merge_events
 from uff_port.cloud.journal import REMOTE_DONE, SETTLED, Journal, crash_point
 from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.routing import choose_backend
 from uff_port.cloud.settings import CloudSettings
 from uff_port.cloud.verify import check_pull
+from uff_port.cloud.weights import MODEL_NOT_FOUND, WeightsError, WeightsPlan, plan_weights
 from uff_port.core import layout
 from uff_port.core.checkpoint_store import CheckpointStore
-from uff_port.core.config import Config
+from uff_port.core.config import Config, dump_yaml
 from uff_port.core.exits import ExitCode
-from uff_port.fsutil import fsync_tree, replace_dir
+from uff_port.fsutil import atomic_write_json, atomic_write_text, fsync_tree, replace_dir
 from uff_port.procutil import SignalSafeEvent
 from uff_port.protocol import ErrorCode, failed_fields, finished_fields
 
@@ -129,6 +133,11 @@ class CloudRun:
         }
 
     def _spec(self, index: int, name: str, budget: float) -> SessionSpec:
+        extra = {}
+        for key in ("weights", "corpus"):
+            path = self.run_dir / layout.CLOUD / f"{key}.json"
+            if path.is_file():
+                extra[key] = json.loads(path.read_text(encoding="utf-8"))
         return SessionSpec(
             run_id=self.run_id,
             name=name,
@@ -136,7 +145,29 @@ class CloudRun:
             bundle_dir=self.run_dir / layout.CLOUD / "bundle",
             budget_seconds=budget,
             margin_seconds=self.settings.safety_margin_seconds,
+            extra=extra,
         )
+
+    def _stage_corpus(self) -> dict[str, Any] | None:
+        """The corpus as one content-addressed piece (sealed when encryption is on), staged once."""
+        record = self.run_dir / layout.CLOUD / "corpus.json"
+        files = data_files(self.cfg.to_dict(), Path.cwd())
+        if not files:
+            record.unlink(missing_ok=True)
+            return None
+        enc = self.settings.encryption
+        key = load_key(enc.key_env) if enc.enabled else None
+        corpus = stage_corpus(files, self.run_dir.parent / ".cloud-cache" / "corpus", key)
+        info = {**corpus.meta(), "path": str(corpus.path), "kaggle_secret": enc.kaggle_secret if key else None,
+                "sagemaker_secret_id": enc.sagemaker_secret_id if key else None}
+        atomic_write_json(record, info)
+        return corpus.meta()
+
+    def _plan_weights(self, backend: str) -> WeightsPlan:
+        """Where the job gets the base model; the plan (with the local copy to upload) stays home."""
+        plan = plan_weights(self.cfg.to_dict(), self.settings, backend, cache=self.run_dir.parent / ".cloud-cache" / "weights-hashes.json")
+        atomic_write_json(self.run_dir / layout.CLOUD / "weights.json", {**plan.to_meta(), "local_dir": plan.local_dir})
+        return plan
 
     def _session_name(self, backend: str, index: int) -> str:
         return job_name(self.run_id, index)
@@ -168,6 +199,14 @@ class CloudRun:
             except ProviderNotAvailable as exc:
                 self._fail(ErrorCode.NOT_AVAILABLE, str(exc), resumable=False)
                 # Nothing was started and a restart would end the same way (bad config, missing SDK).
+                return ExitCode.REFUSED
+            except WeightsError as exc:
+                # Nothing uploaded or reserved yet: the user must attach the model first.
+                self._fail(MODEL_NOT_FOUND, str(exc), resumable=False)
+                return ExitCode.REFUSED
+            except CorpusError as exc:
+                # Encryption asked for and no usable key (or no cryptography): nothing left this machine.
+                self._fail(ErrorCode.INVALID_CONFIG, str(exc), resumable=False)
                 return ExitCode.REFUSED
             except (ProviderError, BundleError) as exc:
                 # The provider refused (credentials, a bad request) or the bundle is invalid:
@@ -251,6 +290,8 @@ class CloudRun:
         # The provider's client first: a missing SDK fails here, before a wheel
         # is built, a bundle written or an hour of quota reserved.
         self.backend(route.backend)
+        weights = self._plan_weights(route.backend)
+        corpus = self._stage_corpus()
         index = len(sessions)
         name = self._session_name(route.backend, index)
         ck = self.local_checkpoint()
@@ -264,6 +305,9 @@ class CloudRun:
             session=name,
             wheel=wheel,
             resume_from=self._resume_tree(ck),
+            model=weights.to_meta(),
+            corpus=corpus,
+            secrets=[v for v in [os.environ.get(self.settings.encryption.key_env)] if v],
         )
         self.journal.begin_session(route.backend, name, now=now, budget_seconds=route.session_seconds)
         self.ledger.reserve(f"{self.run_id}:{name}", route.backend, now, route.session_seconds)
@@ -348,19 +392,25 @@ class CloudRun:
             self.journal.transition("refused", now=self.clock(), detail=check.reason, pull_attempts=attempts)
             self.emit("cloud_refused", session=cur.name, attempt=cur.pull_attempts, **check.to_event())
             return None
-        info = self._install(dest)
+        info = self._install(dest, cur.name)
         self.journal.transition("verified", now=self.clock(), step=info.get("step"), finished=bool(info.get("finished")))
         self.emit("cloud_verified", session=cur.name, step=info.get("step"), finished=bool(info.get("finished")))
+        error = info.get("error")
+        if isinstance(error, dict) and error.get("final"):
+            # The session could not start (no base weights attached): the next one would not either.
+            return self._fail(str(error.get("code") or ErrorCode.TRAINER_FAILED), str(error.get("message")), resumable=False)
         if info.get("finished"):
             self.journal.mark_finished(info.get("step"))
         return None
 
-    def _install(self, pulled: Path) -> dict[str, Any]:
-        """Move a verified session's checkpoint (and final adapter) into the run directory."""
+    def _install(self, pulled: Path, session: str) -> dict[str, Any]:
+        """Merge a verified session's events; move its checkpoint (and final adapter) into the run directory."""
         run = pulled / "run"
         info: dict[str, Any] = {}
         if (run / layout.SESSION).is_file():
             info = json.loads((run / layout.SESSION).read_text(encoding="utf-8"))
+        # Events first: a crash after them re-merges nothing twice (session, seq).
+        merge_events(self.run_dir, run, session, self.run_id, int(info.get("events_offset") or 0))
         remote = CheckpointStore(run).latest()
         local = self.local_checkpoint()
         if remote is not None and (local is None or remote.step > local[0]):
@@ -369,6 +419,9 @@ class CloudRun:
             self.emit("checkpoint", step=point.step, path=str(point.path), source="cloud")
         if info.get("finished") and (run / layout.FINAL).is_dir():
             self._install_final(run / layout.FINAL, self.run_dir / layout.FINAL)
+        if (run / layout.EVAL).is_dir():
+            # Code-evaluation results (eval/<suite>.json), as a local run keeps them.
+            self._install_final(run / layout.EVAL, self.run_dir / layout.EVAL)
         return info
 
     @staticmethod
@@ -381,6 +434,9 @@ class CloudRun:
         replace_dir(tmp, dst)
 
     def _finish(self) -> int:
+        if not (self.run_dir / layout.CONFIG).is_file():
+            # The artifact manifest reads the strategy (lineage.backend) and base model from it.
+            atomic_write_text(self.run_dir / layout.CONFIG, dump_yaml(self.cfg))
         ck = self.local_checkpoint()
         step = self.journal.data.final_step or (ck[0] if ck else None)
         final = self.run_dir / layout.FINAL

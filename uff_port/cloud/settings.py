@@ -18,6 +18,11 @@ HOUR: Final = 3600.0
 KAGGLE_MAX_SESSION_HOURS: Final = 12.0
 SAGEMAKER_GRACE_SECONDS: Final = 120.0
 """SageMaker sends SIGTERM, then kills 120 s later."""
+RETIRED_ACCELERATORS: Final = {
+    "nvidiateslap100": "Kaggle runs such sessions on NvidiaTeslaT4 instead",
+    "tpuv38": "Kaggle runs such sessions on TpuV5E8 instead",
+}
+"""Shapes the kaggle 2.x client warns are retired: the session would silently run on another."""
 
 
 class _Section(BaseModel):
@@ -40,7 +45,15 @@ class KaggleSettings(_Section):
     kernel_slug: str = Field("uff-port-train", pattern=r"^[a-z0-9][a-z0-9-]{2,49}$")
     session_hours: float = Field(9.0, gt=0, le=KAGGLE_MAX_SESSION_HOURS)
     accelerator: str = "NvidiaTeslaT4"
+    """Kaggle's machine shape, passed as `kernels_push(acc=...)` and `machine_shape` (T4 sessions get two T4s)."""
     max_sessions: int = Field(20, gt=0)
+    internet: bool = False
+    """Sessions run offline unless asked: the base weights come from `model_source` or a weights dataset."""
+    model_source: str | None = Field(None, pattern=r"^[^/\s]+/[^/\s]+/[^/\s]+/[^/\s]+/[0-9]+$")
+    """Kaggle Model instance version holding the base weights: owner/model/framework/variation/version."""
+    hf_token_secret: str | None = None
+    """Name of a Kaggle secret holding a Hugging Face token (only with `internet: true`)."""
+    extra_dataset_sources: list[str] = Field(default_factory=list)
 
 
 class SageMakerSettings(_Section):
@@ -55,6 +68,28 @@ class SageMakerSettings(_Section):
     max_wait_seconds: int | None = Field(None, gt=0)
     """Spot only: must be >= max_runtime_seconds; default 2x max_runtime_seconds."""
     max_sessions: int = Field(20, gt=0)
+    instance_count: int = Field(1, gt=0, le=64)
+    """ResourceConfig.InstanceCount: > 1 runs the trainer under torchrun across the instances."""
+    model_s3_uri: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+    """Base weights already on S3 (an `s3://` prefix), handed to the job as the `model` channel."""
+    network_isolation: bool = False
+    """EnableNetworkIsolation: the container reaches nothing; the weights must come from S3."""
+    kms_key_id: str | None = None
+    """KMS key for S3 uploads (SSE-KMS), the output (KmsKeyId) and the instance volume (VolumeKmsKeyId)."""
+    subnets: list[str] = Field(default_factory=list)
+    security_group_ids: list[str] = Field(default_factory=list)
+    """VpcConfig: both or neither."""
+
+
+class EncryptionSettings(_Section):
+    enabled: bool = False
+    """Seal the corpus with AES-256-GCM before it leaves this machine (needs `cryptography`)."""
+    key_env: str = "UFF_PORT_CORPUS_KEY"
+    """Environment variable holding the key here: 32 bytes, base64 (never in the config)."""
+    kaggle_secret: str = "uff-port-corpus-key"
+    """Kaggle secret (Add-ons > Secrets) holding the same key, read inside the kernel."""
+    sagemaker_secret_id: str | None = None
+    """Secrets Manager secret (id or ARN) holding the same key, read inside the job (not under network isolation)."""
 
 
 class PollSettings(_Section):
@@ -68,6 +103,7 @@ class CloudSettings(_Section):
     kaggle: KaggleSettings = Field(default_factory=lambda: KaggleSettings.model_validate({}))
     sagemaker: SageMakerSettings = Field(default_factory=lambda: SageMakerSettings.model_validate({}))
     poll: PollSettings = Field(default_factory=lambda: PollSettings.model_validate({}))
+    encryption: EncryptionSettings = Field(default_factory=lambda: EncryptionSettings.model_validate({}))
     safety_margin_seconds: float = Field(600.0, ge=0)
     """Stop training this long before a session's budget ends (pull + upload time)."""
     estimate_hours: float | None = Field(None, gt=0)
@@ -96,7 +132,39 @@ def validate_cloud(raw: Any) -> CloudSettings:
         raise ConfigError(
             ["cloud.sagemaker.max_wait_seconds: must be >= cloud.sagemaker.max_runtime_seconds"]
         )
+    problems = []
+    if settings.kaggle.accelerator.lower() in RETIRED_ACCELERATORS:
+        problems.append(
+            f"cloud.kaggle.accelerator: {settings.kaggle.accelerator} is retired "
+            f"({RETIRED_ACCELERATORS[settings.kaggle.accelerator.lower()]}); use NvidiaTeslaT4"
+        )
+    if settings.kaggle.hf_token_secret and not settings.kaggle.internet:
+        problems.append("cloud.kaggle.hf_token_secret: only used with cloud.kaggle.internet: true")
+    if bool(sm.subnets) != bool(sm.security_group_ids):
+        problems.append("cloud.sagemaker.subnets: VpcConfig needs both subnets and security_group_ids")
+    if problems:
+        raise ConfigError(problems)
     return settings
+
+
+def aws_region(settings: SageMakerSettings) -> str | None:
+    """The region boto3 would use: the config's, else AWS_REGION / AWS_DEFAULT_REGION."""
+    import os
+
+    return settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def check_for_strategy(settings: CloudSettings, strategy: str) -> None:
+    """What a backend needs, checked when `train` is received (before anything is accepted)."""
+    if strategy not in ("sagemaker", "hybrid"):
+        return
+    sm = settings.sagemaker
+    problems = [f"cloud.sagemaker.{k}: required for the sagemaker backend" for k in ("bucket", "role_arn", "image_uri")
+                if not getattr(sm, k)]
+    if aws_region(sm) is None:
+        problems.append("cloud.sagemaker.region: required for the sagemaker backend (or set AWS_REGION)")
+    if problems and strategy == "sagemaker":
+        raise ConfigError(problems)
 
 
 def session_budget_seconds(settings: CloudSettings, backend: str) -> float:

@@ -142,6 +142,12 @@ class DistributedConfig(_Section):
     backend: Literal["auto", "ddp", "deepspeed"] = "auto"
     deepspeed_config: str | None = None
     master_port: int | None = Field(None, gt=0, lt=65536)
+    nnodes: int = Field(1, gt=0)
+    """Machines of one run (torchrun multi-node); each runs `nproc` processes."""
+    node_rank: int | None = Field(None, ge=0)
+    """This machine's index; default $UFF_PORT_NODE_RANK, else 0."""
+    master_addr: str | None = None
+    """Address of node 0 (rendezvous); default $UFF_PORT_MASTER_ADDR, else 127.0.0.1."""
 
 
 class SuiteEvalConfig(_Section):
@@ -213,10 +219,11 @@ def cross_section_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
     if not cfg.lora.enabled and cfg.quantization.mode == "nf4":
         problems.append((("lora", "enabled"), "false with quantization.mode nf4 leaves no trainable parameters "
                          "(4-bit weights are frozen); enable LoRA (QLoRA) or set quantization.mode: none"))
-    if t.grad_accum_steps % d.nproc:
+    world = d.nproc * d.nnodes
+    if t.grad_accum_steps % world:
         problems.append((("training", "grad_accum_steps"), f"{t.grad_accum_steps} must be divisible by "
-                         f"distributed.nproc ({d.nproc}): the global batch is micro_batch_size * "
-                         "grad_accum_steps whatever the number of processes"))
+                         f"distributed.nproc x distributed.nnodes ({world}): the global batch is "
+                         "micro_batch_size * grad_accum_steps whatever the number of processes"))
     if d.backend == "deepspeed" and deepspeed_zero_stage(d.deepspeed_config) == 3:
         if cfg.output.merge:
             problems.append((("output", "merge"), "not with ZeRO-3 (weights are sharded); merge the saved "

@@ -44,6 +44,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--all", action="store_true", help="list every candidate, not one row per shape")
     p.add_argument("--write-config", metavar="PATH", default=None,
                    help="write the recommended configuration as a ready YAML config")
+    p.add_argument("--platform", default=None,
+                   help="plan for a cloud platform: kaggle-t4x2, sagemaker-g5.xlarge, sagemaker-g4dn.xlarge, "
+                        "sagemaker-p3.2xlarge (sets --gpus; adds precision, strategy and an epoch estimate)")
+    p.add_argument("--corpus-tokens", type=int, default=None, help="corpus size in tokens, for --platform's estimate")
+    p.add_argument("--data", default=None, help="corpus JSONL file; its size / 3.5 bytes per token stands in for --corpus-tokens")
     p.add_argument("--probe", action="store_true",
                    help="GPU only: run 3 real steps of the top candidates and compare with the estimate")
     p.set_defaults(func=run)
@@ -100,10 +105,32 @@ def _table(result: dict[str, Any], show_all: bool) -> None:
         console.print("[red]nothing fits[/red]: try a shorter --seq-len, more GPUs, or --methods qlora")
 
 
+def _platform_lines(adv: dict[str, Any]) -> None:
+    print(f"platform {adv['platform']}: {adv['offer']}; {adv['gpu']}, "
+          f"{'bf16' if adv['bf16'] else 'fp16 (no bf16)'}, {'FlashAttention' if adv['flash_attention'] else 'no FlashAttention'}")
+    if adv.get("note"):
+        print(f"  {adv['note']}")
+    if adv.get("overrides"):
+        print(f"  platform overrides: {json.dumps(adv['overrides'])}")
+    if adv.get("hours_per_epoch") is not None:
+        print(f"  estimated {adv['hours_per_epoch']} h per epoch of {adv['corpus_tokens']:,} tokens")
+
+
 def run(ns: argparse.Namespace) -> int:
     from uff_port.planner.arch import ArchError
     from uff_port.planner.commands import PlanArgs, compute, public
 
+    preset = None
+    if ns.platform is not None:
+        from uff_port.cloud.platforms import PLATFORMS
+
+        preset = PLATFORMS.get(ns.platform)
+        if preset is None:
+            print(f"uff-port plan: --platform: unknown {ns.platform!r}; expected one of {sorted(PLATFORMS)}", file=sys.stderr)
+            return EXIT_BAD_ARGS
+        ns.gpus = preset.gpus
+        if not preset.flash_attention and ns.attn == "flash_attention_2":
+            ns.attn = "sdpa"
     a = PlanArgs(_args_map(ns))
     if a.problems:
         for problem in a.problems:
@@ -122,14 +149,21 @@ def run(ns: argparse.Namespace) -> int:
     except ArchError as exc:
         print(f"uff-port plan: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
+    if preset is not None:
+        from uff_port.cloud.platforms import platform_advice
+
+        tokens = ns.corpus_tokens or (int(Path(ns.data).stat().st_size / 3.5) if ns.data else None)
+        result["platform"] = platform_advice(preset, result, tokens, ns.attn)
     if ns.json:
         print(json.dumps(public(result), indent=1))
     else:
         _table(result, ns.all)
+        if preset is not None:
+            _platform_lines(result["platform"])
     if ns.write_config and result["_best"] is not None:
         from uff_port.planner.commands import write_config
 
-        write_config(result, Path(ns.write_config), a.global_batch)
+        write_config(result, Path(ns.write_config), a.global_batch, (result.get("platform") or {}).get("overrides"))
         print(f"wrote {ns.write_config}", file=sys.stderr)
     if ns.probe:
         from uff_port.planner.probe import probe_top

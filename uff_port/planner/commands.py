@@ -119,8 +119,12 @@ def compute(a: PlanArgs) -> dict[str, Any]:
     }
 
 
-def write_config(result: dict[str, Any], out: Path, global_batch: int) -> dict[str, str]:
-    """Write the recommended candidate as a ready config (validated before it is written)."""
+def write_config(
+    result: dict[str, Any], out: Path, global_batch: int, extra: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """Write the recommended candidate as a ready config (validated before it is written).
+
+    `extra`: dotted overrides on top (a platform's precision, strategy and cloud keys)."""
     import json
 
     from uff_port.core.config import dump_yaml, validate_config
@@ -135,7 +139,7 @@ def write_config(result: dict[str, Any], out: Path, global_batch: int) -> dict[s
         atomic_write_text(ds_path, json.dumps(ds, indent=2) + "\n")
         raw["distributed"]["deepspeed_config"] = str(ds_path)
         written["deepspeed_config"] = str(ds_path)
-    cfg = validate_config(raw)
+    cfg = validate_config(raw, extra)
     atomic_write_text(out, f"# written by `uff-port plan`: {best.est.candidate.label}\n" + dump_yaml(cfg))
     return written
 

@@ -78,7 +78,13 @@ def _validate(raw: Any, overrides: dict[str, Any] | None) -> Config:
     from uff_port.core.config import ConfigError, validate_config
 
     try:
-        return validate_config(raw, overrides)
+        cfg = validate_config(raw, overrides)
+        if cfg.strategy != "local":
+            # Cloud settings (SageMaker bucket, role, image, region) are checked before the job is accepted.
+            from uff_port.cloud.settings import check_for_strategy, validate_cloud
+
+            check_for_strategy(validate_cloud(cfg.cloud), cfg.strategy)
+        return cfg
     except ConfigError as exc:
         raise CommandError(
             ErrorCode.INVALID_CONFIG,

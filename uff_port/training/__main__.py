@@ -112,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, parse_overrides(args.overrides))
     except ConfigError as exc:
         return _refuse(report, "invalid_config", str(exc), exc.problems)
+    if cfg.strategy != "local":
+        # Never a silent local run of a cloud config: that path is `python -m uff_port.cloud run`.
+        return _refuse(report, "invalid_config", f"strategy: {cfg.strategy} runs in the cloud (uff-port train, or "
+                       "python -m uff_port.cloud run); the trainer runs strategy: local only")
     if "LOCAL_RANK" not in os.environ:
         resolved = run_dir / layout.CONFIG
         if not resolved.exists() or Path(config_path).resolve() != resolved or args.overrides:
             from uff_port.fsutil import atomic_write_text
 
             atomic_write_text(resolved, dump_yaml(cfg))
-        is_launcher = cfg.distributed.nproc > 1
+        is_launcher = cfg.distributed.nproc > 1 or cfg.distributed.nnodes > 1
     if is_launcher:
         from uff_port.training.launcher import launch
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port.core import layout
+from uff_port.core.exits import ExitCode
 
 DEFAULT_CONFIG: Final = "tiny"
 
@@ -28,6 +29,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints already in the run dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--strategy", choices=("local", "kaggle", "sagemaker", "hybrid"), default=None,
+                   help="where to train (the config's `strategy`); cloud strategies run the cloud job")
     p.set_defaults(func=cmd_train)
 
     r = subparsers.add_parser("resume", help="continue a run from its newest verified checkpoint")
@@ -49,8 +52,38 @@ def _default_run_dir(config: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or _default_run_dir(args.config)
+    overrides = list(args.overrides) + ([f"strategy={args.strategy}"] if args.strategy else [])
+    cloud = _cloud_command(run_dir, args.config, overrides)
+    if isinstance(cloud, int):
+        return cloud
+    if cloud is not None:
+        # A cloud strategy runs the cloud job, never a silent local run.
+        return _run_trainer(run_dir, [], [], args.quiet, cmd=cloud)
     extra = ["--config", str(args.config)] + (["--fresh"] if args.fresh else [])
-    return _run_trainer(run_dir, extra, args.overrides, args.quiet)
+    return _run_trainer(run_dir, extra, overrides, args.quiet)
+
+
+def _cloud_command(run_dir: Path, config: str, overrides: list[str]) -> list[str] | int | None:
+    """The cloud job's command line when the effective strategy is not local; an exit code when refused."""
+    from uff_port.core.config import ConfigError, dump_yaml, load_config
+    from uff_port.training.__main__ import parse_overrides
+
+    try:
+        cfg = load_config(config, parse_overrides(overrides))
+        if cfg.strategy == "local":
+            return None
+        from uff_port.cloud.settings import check_for_strategy, validate_cloud
+
+        check_for_strategy(validate_cloud(cfg.cloud), cfg.strategy)
+    except ConfigError as exc:
+        print(f"failed (invalid_config): {exc}", file=sys.stderr)
+        return ExitCode.REFUSED
+    from uff_port.fsutil import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    return [sys.executable, "-m", "uff_port.cloud", "run", "--run-dir", str(run_dir),
+            "--config", str(run_dir / "config.yaml"), "--job-id", run_dir.name]
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -60,12 +93,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _run_trainer(args.run_dir, [], args.overrides, args.quiet)
 
 
-def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: bool) -> int:
+def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: bool, cmd: list[str] | None = None) -> int:
     from uff_port.protocol import FrameReader, decode_payload
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ours, theirs = socket.socketpair()
-    cmd = [sys.executable, "-m", "uff_port.training", "--run-dir", str(run_dir), "--control-fd", str(theirs.fileno())]
+    if cmd is None:
+        cmd = [sys.executable, "-m", "uff_port.training", "--run-dir", str(run_dir)]
+    cmd = cmd + ["--control-fd", str(theirs.fileno())]
     cmd += extra + [a for o in overrides for a in ("--set", o)]
     proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
     theirs.close()
@@ -145,7 +180,11 @@ class _Bar:
             self.p.update(self.task, description="training", completed=ev["step"], total=ev["max_steps"], info=info)
         elif kind == "state":
             self.p.update(self.task, description=str(ev.get("state")))
-        elif kind in ("eval", "checkpoint", "log", "failed", "finished"):
+        elif kind == "cloud_verified" and isinstance(ev.get("step"), int):
+            # Remote sessions report progress when they come home verified.
+            self.p.update(self.task, description="cloud", completed=ev["step"])
+            self.p.console.print(_line(ev))
+        elif kind in ("eval", "checkpoint", "log", "failed", "finished", "cloud_submitted", "cloud_status", "quota"):
             self.p.console.print(_line(ev))
 
     def close(self) -> None:
@@ -162,6 +201,9 @@ def _line(ev: dict[str, Any]) -> str:
         return f"finished at step {ev.get('step')}: loss {ev.get('loss')}, adapter {ev.get('final')}"
     if kind == "failed":
         return f"[red]failed[/red] {ev.get('code')}: {ev.get('message')}"
+    if kind and kind.startswith("cloud_") or kind == "quota":
+        fields = {k: v for k, v in ev.items() if k not in ("event", "ts", "budgets") and v is not None}
+        return f"{kind} " + " ".join(f"{k}={v}" for k, v in fields.items())
     return f"{ev.get('level', 'info')}: {ev.get('message')}"
 
 

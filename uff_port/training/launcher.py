@@ -120,6 +120,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _node_args(cfg: Config) -> list[str]:
+    """torchrun's static multi-node rendezvous: node 0's address and port, this node's rank."""
+    d = cfg.distributed
+    if d.nnodes <= 1:
+        return []
+    node_rank = d.node_rank if d.node_rank is not None else int(os.environ.get("UFF_PORT_NODE_RANK", "0"))
+    addr = d.master_addr or os.environ.get("UFF_PORT_MASTER_ADDR", "127.0.0.1")
+    return ["--nnodes", str(d.nnodes), "--node-rank", str(node_rank), "--master-addr", addr]
+
+
 def launch(argv: list[str], cfg: Config, control_fd: int | None, report: Reporter) -> int:
     """Run torchrun with our own entry on every rank; return rank 0's exit code."""
     nproc = cfg.distributed.nproc
@@ -134,10 +144,17 @@ def launch(argv: list[str], cfg: Config, control_fd: int | None, report: Reporte
     env.update({"UFF_PORT_CHANNEL_SOCKET": str(sock_path), "UFF_PORT_EXIT_FILE": str(exit_file)})
     if cfg.training.device != "cuda":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    nodes = _node_args(cfg)
+    node0 = not nodes or nodes[nodes.index("--node-rank") + 1] == "0"
+    if nodes and cfg.distributed.master_port is None and not os.environ.get("UFF_PORT_MASTER_PORT"):
+        report.emit("log", level="warning", message="distributed.nnodes > 1 without distributed.master_port: "
+                    "every node must be given the same port")
+    if nodes:
+        port = cfg.distributed.master_port or int(os.environ.get("UFF_PORT_MASTER_PORT", "29500"))
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1",
+        *(nodes or ["--master-addr", "127.0.0.1"]),
         "--master-port", str(port),
         "--max-restarts", "0",
         "-m", "uff_port.training", *argv,
@@ -167,7 +184,8 @@ def launch(argv: list[str], cfg: Config, control_fd: int | None, report: Reporte
     try:
         code = int(exit_file.read_text().strip())
     except (OSError, ValueError):
-        code = rc if rc != 0 else 1
+        # Only node 0 holds rank 0 (and its exit file); another node's torchrun status is its answer.
+        code = rc if rc != 0 or not node0 else 1
     if rc == 0:
         code = 0 if code == 0 else code
     for p in (sock_path, exit_file):

@@ -61,7 +61,16 @@ SESSION = {session!r}
 BUDGET_SECONDS = {budget!r}
 MARGIN_SECONDS = {margin!r}
 ROOT = os.environ.get("UFF_PORT_KAGGLE_ROOT", "/kaggle")
+HF_SECRET = {hf_secret!r}
+CORPUS_SECRET = {corpus_secret!r}
 os.environ.setdefault("UFF_PORT_SESSION_T0", repr(time.time()))
+# Secrets live in the notebook's secrets (Add-ons > Secrets), never in the bundle or the events.
+if HF_SECRET:
+    from kaggle_secrets import UserSecretsClient
+    os.environ["HF_TOKEN"] = UserSecretsClient().get_secret(HF_SECRET)
+if CORPUS_SECRET and not os.environ.get("UFF_PORT_CORPUS_KEY"):
+    from kaggle_secrets import UserSecretsClient
+    os.environ["UFF_PORT_CORPUS_KEY"] = UserSecretsClient().get_secret(CORPUS_SECRET)
 
 
 def bundle_dir():
@@ -126,7 +135,18 @@ def run_hash(run_id: str) -> str:
     return hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:8]
 
 
-def kernel_metadata(kernel_ref: str, dataset_ref: str) -> dict[str, Any]:
+def kernel_metadata(
+    kernel_ref: str,
+    dataset_ref: str,
+    settings: KaggleSettings | None = None,
+    *,
+    weights: dict[str, Any] | None = None,
+    weights_dataset: str | None = None,
+) -> dict[str, Any]:
+    """kernel-metadata.json as `kernels_push` reads it: inputs the session needs, offline unless asked."""
+    st = settings or KaggleSettings.model_validate({})
+    datasets = [dataset_ref, *([weights_dataset] if weights_dataset else []), *st.extra_dataset_sources]
+    models = [str(weights["source"])] if weights and weights.get("kind") == "kaggle_model" else []
     return {
         "id": kernel_ref,
         "title": kernel_ref.split("/", 1)[1],
@@ -136,13 +156,21 @@ def kernel_metadata(kernel_ref: str, dataset_ref: str) -> dict[str, Any]:
         "is_private": True,
         "enable_gpu": True,
         "enable_tpu": False,
-        "enable_internet": False,
-        "dataset_sources": [dataset_ref],
+        "enable_internet": bool(st.internet),
+        "machine_shape": st.accelerator,
+        "dataset_sources": datasets,
         "kernel_sources": [],
         "competition_sources": [],
-        "model_sources": [],
+        "model_sources": models,
         "keywords": [],
     }
+
+
+def weights_dataset_ref(owner: str, weights: dict[str, Any] | None) -> str | None:
+    """A local copy of the base model becomes one private dataset per content hash, shared by every run."""
+    if not weights or weights.get("kind") != "kaggle_dataset":
+        return None
+    return f"{owner}/uff-port-weights-{str(weights['content_hash'])[:16]}"
 
 
 class KaggleBackend:
@@ -167,6 +195,7 @@ class KaggleBackend:
         if not owner:
             raise ProviderError("cloud.kaggle.username: not set and no username in kaggle.json")
         suffix = run_hash(run_id)
+        self.owner = owner
         self.dataset_ref = f"{owner}/{settings.dataset_slug}-{suffix}"
         self.kernel_ref = f"{owner}/{settings.kernel_slug}-{suffix}"
 
@@ -198,6 +227,8 @@ class KaggleBackend:
             version=__version__,
             budget=float(spec.budget_seconds),
             margin=float(spec.margin_seconds),
+            hf_secret=self.settings.hf_token_secret if self.settings.internet else None,
+            corpus_secret=(spec.extra.get("corpus") or {}).get("kaggle_secret"),
         )
 
     def _dataset_folder(self, spec: SessionSpec) -> Path:
@@ -235,27 +266,90 @@ class KaggleBackend:
             self._retrying(
                 self.api.dataset_create_new, folder, public=False, quiet=True, convert_to_csv=False, dir_mode="skip"
             )
+        self._wait_ready(self.dataset_ref)
+
+    def _dataset_exists(self, ref: str) -> bool:
+        try:
+            status = str(self._call(self.api.dataset_status, ref) or "").lower()
+        except ProviderError:
+            return False
+        return not status.endswith("error")
+
+    def _wait_ready(self, ref: str) -> None:
         for _ in range(120):
-            status = str(self._retrying(self.api.dataset_status, self.dataset_ref) or "").lower()
+            status = str(self._retrying(self.api.dataset_status, ref) or "").lower()
             if status.endswith("ready"):
                 return
             if status.endswith("error"):
-                raise ProviderError(f"dataset {self.dataset_ref} failed to process")
+                raise ProviderError(f"dataset {ref} failed to process")
             self.sleep(5.0)
-        raise ProviderUnavailable(f"dataset {self.dataset_ref} still processing")
+        raise ProviderUnavailable(f"dataset {ref} still processing")
+
+    def _upload_once(self, ref: str, source: Path, name: str, marker: Callable[[Path], None] | None = None) -> None:
+        """A content-addressed private dataset: created once, found (and not uploaded) by every later session."""
+        if self._dataset_exists(ref):
+            return
+        folder = self.workdir / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for item in sorted(source.iterdir()):
+            if item.is_dir():
+                raise ProviderError(f"{source} has a subfolder {item.name}; only flat folders are uploaded")
+            (folder / item.name).symlink_to(item.resolve())  # no 13 GB copy: the client reads through links
+        if marker is not None:
+            marker(folder)
+        atomic_write_json(folder / "dataset-metadata.json",
+                          {"title": ref.split("/", 1)[1], "id": ref, "licenses": [{"name": "other"}]})
+        self._retrying(self.api.dataset_create_new, str(folder), public=False, quiet=True, convert_to_csv=False,
+                       dir_mode="skip")
+        self._wait_ready(ref)
+
+    def _upload_weights(self, weights: dict[str, Any], ref: str) -> None:
+        from uff_port.cloud.weights import WEIGHTS_MARKER, WeightsPlan, write_marker
+
+        plan = WeightsPlan("kaggle_dataset", str(weights["name"]), content_hash=str(weights["content_hash"]))
+
+        def mark(folder: Path) -> None:
+            (folder / WEIGHTS_MARKER).unlink(missing_ok=True)
+            write_marker(folder, plan)
+
+        self._upload_once(ref, Path(str(weights["local_dir"])), "kaggle-weights", mark)
+
+    def corpus_ref(self, corpus: dict[str, Any] | None) -> str | None:
+        return f"{self.owner}/uff-port-corpus-{corpus['address']}" if corpus else None
+
+    def push_kwargs(self, spec: SessionSpec) -> dict[str, Any]:
+        """kaggle 2.x takes the accelerator as `acc` (it overrides the metadata's machine_shape)."""
+        kwargs: dict[str, Any] = {"timeout": str(int(spec.budget_seconds))}
+        params = inspect.signature(self.api.kernels_push).parameters
+        for name in ("acc", "accelerator"):
+            if name in params:
+                kwargs[name] = self.settings.accelerator
+                break
+        return kwargs
 
     def submit(self, spec: SessionSpec) -> str:
+        weights = spec.extra.get("weights")
+        weights_ref = weights_dataset_ref(self.owner, weights)
+        if weights_ref is not None and weights is not None:
+            self._upload_weights(weights, weights_ref)
+        corpus = spec.extra.get("corpus")
+        corpus_ref = self.corpus_ref(corpus)
+        if corpus_ref is not None and corpus is not None:
+            self._upload_once(corpus_ref, Path(str(corpus["path"])), "kaggle-corpus")
         self._upload_dataset(spec)
         folder = self.workdir / "kaggle-kernel"
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         atomic_write_text(folder / SCRIPT_NAME, self.script(spec))
-        atomic_write_json(folder / "kernel-metadata.json", kernel_metadata(self.kernel_ref, self.dataset_ref))
-        kwargs: dict[str, Any] = {"timeout": str(int(spec.budget_seconds))}
-        params = inspect.signature(self.api.kernels_push).parameters
-        if "accelerator" in params:
-            kwargs["accelerator"] = self.settings.accelerator
+        meta = kernel_metadata(self.kernel_ref, self.dataset_ref, self.settings, weights=weights,
+                               weights_dataset=weights_ref)
+        if corpus_ref is not None:
+            meta["dataset_sources"].append(corpus_ref)
+        atomic_write_json(folder / "kernel-metadata.json", meta)
+        kwargs = self.push_kwargs(spec)
         result = self._call(self.api.kernels_push, str(folder), **kwargs)
         error = getattr(result, "error", None) if not isinstance(result, dict) else result.get("error")
         if error:

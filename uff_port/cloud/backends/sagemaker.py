@@ -104,6 +104,16 @@ def map_status(desc: dict[str, Any]) -> RemoteStatus:
     raise ProviderError(f"unknown TrainingJobStatus {primary!r}")
 
 
+def _channel(name: str, uri: str) -> dict[str, Any]:
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
+        },
+        "InputMode": "File",
+    }
+
+
 def _split_s3(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ProviderError(f"not an s3:// uri: {uri!r}")
@@ -139,21 +149,112 @@ class SageMakerBackend:
         except Exception as exc:
             raise classify(exc) from None
 
+    @property
+    def upload_args(self) -> dict[str, str] | None:
+        """SSE-KMS for every object we write when a key is configured."""
+        if not self.settings.kms_key_id:
+            return None
+        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_id}
+
+    def _put(self, path: Path, key: str) -> None:
+        try:
+            if self.upload_args:
+                self.s3.upload_file(str(path), self.settings.bucket, key, ExtraArgs=self.upload_args)
+            else:
+                self.s3.upload_file(str(path), self.settings.bucket, key)
+        except Exception as exc:
+            raise classify(exc) from None
+
+    def _exists(self, key: str) -> bool:
+        try:
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.settings.bucket, Prefix=key):
+                if any(obj["Key"] == key for obj in page.get("Contents", [])):
+                    return True
+        except Exception as exc:
+            raise classify(exc) from None
+        return False
+
     def _upload(self, spec: SessionSpec) -> str:
         key_prefix = f"{self.prefix}/sessions/{spec.name}/bundle"
         for path in sorted(p for p in spec.bundle_dir.rglob("*") if p.is_file()):
-            key = f"{key_prefix}/{path.relative_to(spec.bundle_dir).as_posix()}"
-            try:
-                self.s3.upload_file(str(path), self.settings.bucket, key)
-            except Exception as exc:
-                raise classify(exc) from None
+            self._put(path, f"{key_prefix}/{path.relative_to(spec.bundle_dir).as_posix()}")
         return f"s3://{self.settings.bucket}/{key_prefix}/"
+
+    def weights_uri(self, weights: dict[str, Any] | None) -> str | None:
+        """The `model` channel: model_s3_uri, or the local copy's content-addressed prefix (any run reuses it)."""
+        if not weights or weights.get("kind") != "s3":
+            return None
+        if weights.get("source"):
+            return str(weights["source"])
+        return f"s3://{self.settings.bucket}/{self.settings.prefix.strip('/')}/weights/{weights['content_hash']}/"
+
+    def corpus_uri(self, corpus: dict[str, Any] | None) -> str | None:
+        """Content-addressed: every job of every run training on the same bytes (and key) shares it."""
+        if not corpus:
+            return None
+        return f"s3://{self.settings.bucket}/{self.settings.prefix.strip('/')}/corpus/{corpus['address']}/"
+
+    def _upload_corpus(self, corpus: dict[str, Any]) -> None:
+        from uff_port.cloud.corpus import CORPUS_MARKER
+
+        uri = self.corpus_uri(corpus)
+        assert uri is not None
+        _bucket, prefix = _split_s3(uri)
+        if self._exists(prefix + CORPUS_MARKER):
+            return
+        piece = Path(str(corpus["path"]))
+        for name in corpus["files"]:
+            self._put(piece / name, prefix + name)
+        self._put(piece / CORPUS_MARKER, prefix + CORPUS_MARKER)  # last: its presence means complete
+
+    def _upload_weights(self, weights: dict[str, Any]) -> None:
+        """Once per content hash: the marker is written last, so its presence means a complete copy."""
+        from uff_port.cloud.weights import WEIGHTS_MARKER, WeightsPlan, write_marker
+
+        if weights.get("source") or not weights.get("local_dir"):
+            return
+        uri = self.weights_uri(weights)
+        assert uri is not None
+        _bucket, prefix = _split_s3(uri)
+        if self._exists(prefix + WEIGHTS_MARKER):
+            return
+        local = Path(str(weights["local_dir"]))
+        for path in sorted(p for p in local.rglob("*") if p.is_file() and p.name != WEIGHTS_MARKER):
+            self._put(path, prefix + path.relative_to(local).as_posix())
+        with tempfile.TemporaryDirectory() as tmp:
+            write_marker(Path(tmp), WeightsPlan("s3", str(weights["name"]), content_hash=str(weights["content_hash"])))
+            self._put(Path(tmp) / WEIGHTS_MARKER, prefix + WEIGHTS_MARKER)
 
     def request(self, spec: SessionSpec, bundle_uri: str) -> dict[str, Any]:
         st = self.settings
         stopping: dict[str, int] = {"MaxRuntimeInSeconds": int(spec.budget_seconds)}
         if st.use_spot:
             stopping["MaxWaitTimeInSeconds"] = int(st.max_wait_seconds or 2 * spec.budget_seconds)
+        req = self._request(spec, bundle_uri, stopping)
+        weights = spec.extra.get("weights")
+        model_uri = self.weights_uri(weights)
+        if model_uri is not None:
+            req["InputDataConfig"].append(_channel("model", model_uri))
+        corpus = spec.extra.get("corpus")
+        corpus_uri = self.corpus_uri(corpus)
+        if corpus_uri is not None:
+            req["InputDataConfig"].append(_channel("corpus", corpus_uri))
+        if corpus and corpus.get("sagemaker_secret_id"):
+            # The job reads the key from Secrets Manager itself: only its name travels.
+            req["HyperParameters"]["uff_corpus_secret"] = str(corpus["sagemaker_secret_id"])
+        elif st.network_isolation and weights and weights.get("kind") == "hub":
+            raise ProviderError("cloud.sagemaker.network_isolation: the job cannot reach the Hub; set cloud.sagemaker.model_s3_uri")
+        if st.network_isolation:
+            req["EnableNetworkIsolation"] = True
+        if st.kms_key_id:
+            req["OutputDataConfig"]["KmsKeyId"] = st.kms_key_id
+            req["ResourceConfig"]["VolumeKmsKeyId"] = st.kms_key_id
+        if st.subnets:
+            req["VpcConfig"] = {"Subnets": list(st.subnets), "SecurityGroupIds": list(st.security_group_ids)}
+        return req
+
+    def _request(self, spec: SessionSpec, bundle_uri: str, stopping: dict[str, int]) -> dict[str, Any]:
+        st = self.settings
         return {
             "TrainingJobName": spec.name,
             "AlgorithmSpecification": {
@@ -162,21 +263,9 @@ class SageMakerBackend:
                 "ContainerEntrypoint": ["/bin/sh", "-c", ENTRYPOINT],
             },
             "RoleArn": st.role_arn,
-            "InputDataConfig": [
-                {
-                    "ChannelName": "bundle",
-                    "DataSource": {
-                        "S3DataSource": {
-                            "S3DataType": "S3Prefix",
-                            "S3Uri": bundle_uri,
-                            "S3DataDistributionType": "FullyReplicated",
-                        }
-                    },
-                    "InputMode": "File",
-                }
-            ],
+            "InputDataConfig": [_channel("bundle", bundle_uri)],
             "OutputDataConfig": {"S3OutputPath": f"s3://{st.bucket}/{self.prefix}/output"},
-            "ResourceConfig": {"InstanceType": st.instance_type, "InstanceCount": 1, "VolumeSizeInGB": 50},
+            "ResourceConfig": {"InstanceType": st.instance_type, "InstanceCount": st.instance_count, "VolumeSizeInGB": 50},
             "StoppingCondition": stopping,
             "EnableManagedSpotTraining": st.use_spot,
             "CheckpointConfig": {"S3Uri": self.checkpoint_uri, "LocalPath": CHECKPOINT_LOCAL},
@@ -199,6 +288,11 @@ class SageMakerBackend:
         return spec.name
 
     def submit(self, spec: SessionSpec) -> str:
+        weights = spec.extra.get("weights")
+        if weights:
+            self._upload_weights(weights)
+        if spec.extra.get("corpus"):
+            self._upload_corpus(spec.extra["corpus"])
         bundle_uri = self._upload(spec)
         try:
             self.sm.create_training_job(**self.request(spec, bundle_uri))
@@ -258,5 +352,10 @@ def load_clients(settings: SageMakerSettings) -> tuple[Any, Any]:
         import boto3
     except ImportError as exc:
         raise ProviderNotAvailable("boto3 is not installed: pip install 'uff-port[cloud]'") from exc
-    session = boto3.session.Session(region_name=settings.region)
+    from uff_port.cloud.settings import aws_region
+
+    region = aws_region(settings)
+    if region is None:
+        raise ProviderError("cloud.sagemaker.region: required for the sagemaker backend (or set AWS_REGION)")
+    session = boto3.session.Session(region_name=region)
     return session.client("sagemaker"), session.client("s3")

@@ -140,9 +140,32 @@ class FakeKaggleApi:
             # dir_mode='skip': subdirectories are not uploaded, as with the real client.
             if item.is_file() and item.name != "dataset-metadata.json":
                 shutil.copyfile(item, dest / item.name)
+        uploads = self.root / "uploads.log"
+        with open(uploads, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"dataset": meta["id"], "files": sorted(p.name for p in dest.iterdir()),
+                                 "bytes": sum(p.stat().st_size for p in dest.iterdir())}) + "\n")
+
+    def uploads(self) -> list[dict[str, Any]]:
+        """Every dataset version uploaded (test helper): what travelled, file names and bytes."""
+        path = self.root / "uploads.log"
+        return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+
+    # ---- models ---------------------------------------------------------------
+    def publish_model(self, handle: str, source: str | Path) -> None:
+        """Test helper: a Kaggle Model instance version `owner/model/framework/variation/version` exists."""
+        dest = self.root / "models" / handle
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(source, dest)
 
     def dataset_create_new(
-        self, folder: str, public: bool = False, quiet: bool = False, convert_to_csv: bool = True, dir_mode: str = "skip"
+        self,
+        folder: str,
+        public: bool = False,
+        quiet: bool = False,
+        convert_to_csv: bool = True,
+        dir_mode: str = "skip",
+        ignore_patterns: list[str] | None = None,
     ) -> SimpleNamespace:
         self._enter("dataset_create_new")
         if public:
@@ -158,12 +181,13 @@ class FakeKaggleApi:
         convert_to_csv: bool = True,
         delete_old_versions: bool = False,
         dir_mode: str = "skip",
+        ignore_patterns: list[str] | None = None,
     ) -> SimpleNamespace:
         self._enter("dataset_create_version")
         self._store_dataset(folder, new=False)
         return SimpleNamespace(error=None, status="ok")
 
-    def dataset_status(self, dataset: str) -> str:
+    def dataset_status(self, dataset: str, format: str | None = None) -> str:  # noqa: A002 - the client's name
         self._enter("dataset_status")
         if not self._dataset_dir(dataset).exists():
             raise FakeHttpError(404, "dataset not found")
@@ -190,12 +214,32 @@ class FakeKaggleApi:
             raise FakeHttpError(404, f"kernel {ref} not found")
         return kdir / f"v{versions[-1]}"
 
-    def kernels_push(self, folder: str, timeout: str | None = None) -> SimpleNamespace:
+    def kernels_push(
+        self, folder: str, timeout: str | None = None, acc: str | None = None, no_run: bool = False
+    ) -> SimpleNamespace:
+        """Checks what the client checks (ValueError) and what the service refuses (an `error` answer)."""
         faults = self._enter("kernels_push")
         meta = json.loads((Path(folder) / "kernel-metadata.json").read_text(encoding="utf-8"))
-        for key, want in (("is_private", True), ("enable_gpu", True), ("enable_internet", False)):
-            if meta.get(key) is not want:
-                return SimpleNamespace(error=f"{key} must be {want}", version_number=None)
+        for source in meta.get("dataset_sources", []):
+            if source.count("/") != 1 or not all(source.split("/")):
+                raise ValueError("Dataset must be specified in the form of '{username}/{dataset-slug}'")
+        for source in meta.get("model_sources", []):
+            parts = source.split("/")
+            if len(parts) != 5 or not all(parts):
+                raise ValueError(
+                    "Model instance version must be specified in the form of "
+                    "'{owner}/{model-slug}/{framework}/{instance-slug}/{version-number}'"
+                )
+            if not parts[4].isdigit():
+                raise ValueError("Model instance version's version-number must be an integer")
+        if meta.get("is_private") is not True or meta.get("enable_gpu") is not True:
+            return SimpleNamespace(error="uff-port kernels must be private GPU kernels", version_number=None)
+        missing = [ref for ref in meta.get("dataset_sources", []) if not self._has_dataset(ref)]
+        missing += [ref for ref in meta.get("model_sources", []) if not (self.root / "models" / ref).is_dir()]
+        if missing:
+            # The service refuses a kernel whose data sources do not exist (or are not ours).
+            return SimpleNamespace(error=f"Data source(s) not found or not accessible: {', '.join(missing)}",
+                                   version_number=None)
         kdir = self._kernel_dir(meta["id"])
         versions = sorted(int(p.name[1:]) for p in kdir.glob("v*")) if kdir.exists() else []
         number = (versions[-1] + 1) if versions else 1
@@ -204,10 +248,16 @@ class FakeKaggleApi:
         (sandbox / "working").mkdir(parents=True)
         for ref in meta.get("dataset_sources", []):
             shutil.copytree(self._latest_dataset(ref), sandbox / "input" / ref.split("/", 1)[1])
+        for ref in meta.get("model_sources", []):
+            # Mounted as Kaggle does: input/<model>/<framework>/<variation>/<version>.
+            _owner, model, framework, variation, version = ref.split("/")
+            shutil.copytree(self.root / "models" / ref, sandbox / "input" / model / framework / variation / version)
         source = vdir / meta["code_file"]
         shutil.copyfile(Path(folder) / meta["code_file"], source)
         env = {k: v for k, v in os.environ.items() if k != FAKE_ENV}
         env.update({"UFF_PORT_KAGGLE_ROOT": str(sandbox), "KAGGLE_KERNEL_RUN_TYPE": "Batch"})
+        if not meta.get("enable_internet", True):
+            env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         with open(vdir / "log.txt", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _WRAPPER, str(source), str(vdir / "rc")],
@@ -218,11 +268,23 @@ class FakeKaggleApi:
                 start_new_session=True,
             )
         limit = faults.get("kill_after") or (float(timeout) if timeout else None)
-        atomic_write_json(vdir / "state.json", {"pid": proc.pid, "pushed": time.time(), "limit": limit})
+        shape = acc or meta.get("machine_shape")
+        atomic_write_json(vdir / "state.json", {"pid": proc.pid, "pushed": time.time(), "limit": limit,
+                                                 "machine_shape": shape, "metadata": meta})
         ref = meta["id"]
         return SimpleNamespace(error=None, version_number=number, versionNumber=number, ref=ref, url=f"fake://{ref}")
 
-    def kernels_pull(self, kernel: str, path: str | None = None, metadata: bool = False, quiet: bool = True) -> str:
+    def _has_dataset(self, ref: str) -> bool:
+        try:
+            return any(self._dataset_dir(ref).glob("v*"))
+        except FakeHttpError:
+            return False
+
+    def pushed(self, kernel: str) -> dict[str, Any]:
+        """Test helper: the latest push's metadata and the machine shape it asked for."""
+        return dict(json.loads((self._latest_version(kernel) / "state.json").read_text(encoding="utf-8")))
+
+    def kernels_pull(self, kernel: str, path: str, metadata: bool = False, quiet: bool = True) -> str:
         self._enter("kernels_pull")
         vdir = self._latest_version(kernel)
         out = Path(path or ".")
@@ -271,7 +333,14 @@ class FakeKaggleApi:
         return SimpleNamespace(status=status, failure_message=message)
 
     def kernels_output(
-        self, kernel: str, path: str, force: bool = False, quiet: bool = True, page_token: str | None = None
+        self,
+        kernel: str,
+        path: str,
+        file_pattern: str | None = None,
+        force: bool = False,
+        quiet: bool = True,
+        page_token: str | None = None,
+        page_size: int = 20,
     ) -> tuple[list[str], str | None]:
         faults = self._enter("kernels_output")
         vdir = self._latest_version(kernel)

@@ -27,6 +27,13 @@ class FakeS3:
         return self.root / bucket / key
 
     def upload_file(self, Filename: str, Bucket: str, Key: str, ExtraArgs: Any = None) -> None:  # noqa: N803
+        from boto3.s3.transfer import S3Transfer
+
+        bad = sorted(set(ExtraArgs or {}) - set(S3Transfer.ALLOWED_UPLOAD_ARGS))
+        if bad:
+            raise ValueError(f"Invalid extra_args key {bad[0]!r}, must be one of: {S3Transfer.ALLOWED_UPLOAD_ARGS}")
+        if ExtraArgs and ExtraArgs.get("ServerSideEncryption") not in (None, "AES256", "aws:kms", "aws:kms:dsse"):
+            raise _client_error("InvalidArgument", "The encryption method specified is not supported", "PutObject")
         dest = self._path(Bucket, Key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Filename, dest)
@@ -95,6 +102,7 @@ class FakeSageMakerClient:
 
     def create_training_job(self, **req: Any) -> dict[str, Any]:
         self._faults()
+        validate_request("CreateTrainingJob", req)
         path = self._job(req["TrainingJobName"])
         if path.exists():
             raise _client_error("ResourceInUse", "Training job names must be unique within an AWS account and region", "CreateTrainingJob")
@@ -157,14 +165,18 @@ class FakeSageMakerClient:
         """Run the real entry point as the training container would (sm_real mode)."""
         name = req["TrainingJobName"]
         jobroot = self.root / "containers" / name
-        bundle = jobroot / "input" / "data" / "bundle"
-        bundle.mkdir(parents=True)
-        b_bucket, _, b_prefix = req["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"][5:].partition("/")
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=b_bucket, Prefix=b_prefix):
-            for obj in page.get("Contents", []):
-                target = bundle / obj["Key"][len(b_prefix) :].lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.s3.download_file(b_bucket, obj["Key"], str(target))
+        channels: dict[str, str] = {}
+        for channel in req["InputDataConfig"]:
+            # Each channel's S3 prefix lands in /opt/ml/input/data/<name> (File mode).
+            local = jobroot / "input" / "data" / channel["ChannelName"]
+            local.mkdir(parents=True)
+            channels[f"SM_CHANNEL_{channel['ChannelName'].upper()}"] = str(local)
+            c_bucket, _, c_prefix = channel["DataSource"]["S3DataSource"]["S3Uri"][5:].partition("/")
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=c_bucket, Prefix=c_prefix):
+                for obj in page.get("Contents", []):
+                    target = local / obj["Key"][len(c_prefix) :].lstrip("/")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self.s3.download_file(c_bucket, obj["Key"], str(target))
         # CheckpointConfig: one directory per S3 prefix stands in for the sync.
         shared = self.root / "checkpoint-sync" / hashlib_hex(req["CheckpointConfig"]["S3Uri"])
         shared.mkdir(parents=True, exist_ok=True)
@@ -175,7 +187,7 @@ class FakeSageMakerClient:
             {
                 "UFF_PORT_SM_ROOT": str(jobroot),
                 "SM_MODEL_DIR": str(jobroot / "model"),
-                "SM_CHANNEL_BUNDLE": str(bundle),
+                **channels,
                 "SM_HPS": json.dumps(req.get("HyperParameters", {})),
                 "UFF_PORT_KILL_AFTER": str(self.grace),
             }
@@ -302,6 +314,18 @@ _SM_WRAPPER: Final = (
     "open(sys.argv[1] + '.tmp', 'w').write(str(rc))\n"
     "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
 )
+
+
+def validate_request(operation: str, params: dict[str, Any]) -> None:
+    """botocore's own parameter validation against the SageMaker service model, as the real client does."""
+    import botocore.session
+    from botocore.exceptions import ParamValidationError
+    from botocore.validate import ParamValidator
+
+    model = botocore.session.get_session().get_service_model("sagemaker").operation_model(operation)
+    report = ParamValidator().validate(params, model.input_shape)
+    if report.has_errors():
+        raise ParamValidationError(report=report.generate_report())
 
 
 def hashlib_hex(text: str) -> str:
