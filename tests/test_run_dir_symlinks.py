@@ -10,19 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from worker_jobs import BUSY
 
 from uff_port.client import WorkerClient, WorkerError
 
 pytestmark = pytest.mark.slow
-BUSY = {
-    "training.max_steps": 400,
-    "data.seq_len": 64,
-    "training.micro_batch_size": 2,
-    "training.grad_accum_steps": 1,
-    "checkpoint.every_steps": None,
-    "eval.every_steps": None,
-    "training.progress_every_seconds": 0.0,
-}
 
 
 def tree(root: Path) -> dict[str, bytes]:

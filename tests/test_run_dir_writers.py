@@ -11,21 +11,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from worker_jobs import BUSY, gone
 
 from uff_port.client import WorkerClient, WorkerError
 
 pytestmark = pytest.mark.slow
 # A checkpoint every step and only the newest kept: any stale resume point is pruned at once.
-PRUNING = {
-    "training.max_steps": 400,
-    "data.seq_len": 64,
-    "training.micro_batch_size": 2,
-    "training.grad_accum_steps": 1,
-    "checkpoint.every_steps": 1,
-    "checkpoint.keep_last": 1,
-    "eval.every_steps": None,
-    "training.progress_every_seconds": 0.0,
-}
+PRUNING = {**BUSY, "checkpoint.every_steps": 1, "checkpoint.keep_last": 1}
 
 
 def _train(w: WorkerClient, timeout: float = 30, **extra: object) -> dict:
@@ -36,16 +28,6 @@ def _train(w: WorkerClient, timeout: float = 30, **extra: object) -> dict:
 
 def _wait_step(w: WorkerClient, step: int, since: int = 0) -> dict:
     return w.wait_event(lambda e: e.get("event") == "progress" and e.get("step", 0) >= step, 180, since)
-
-
-def _gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_a_second_worker_waits_for_the_first_and_resumes_from_its_last_checkpoint(runs_root: Path) -> None:
@@ -94,9 +76,9 @@ def test_a_restarted_worker_reclaims_a_run_from_a_stopped_orphan(runs_root: Path
         assert reclaimed["pid"] == trainer.pid
         # The orphan was woken and stopped the usual way: with a checkpoint, which is resumed.
         assert started["resumed_from"] is not None and started["resumed_from"] >= 2
-        assert _gone([trainer.pid], 10)
+        assert gone([trainer.pid], 10)
         _wait_step(second, started["resumed_from"] + 1, len(second.events) - 1)
         kids = [p.pid for p in psutil.Process(second.pid).children(recursive=True)]
         second.request("stop", {"checkpoint": False}, timeout=120)
         assert second.shutdown() == 0
-    assert _gone([trainer.pid, *kids], 10), "a process was left behind"
+    assert gone([trainer.pid, *kids], 10), "a process was left behind"

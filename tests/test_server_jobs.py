@@ -12,21 +12,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from worker_jobs import BUSY, gone
 
 from uff_port.client import WorkerClient, WorkerError
 
 pytestmark = pytest.mark.slow
 HELPERS = Path(__file__).parent / "helpers"
-# Steps of a fraction of a second, checkpoints only when asked: the job stays busy.
-BUSY = {
-    "training.max_steps": 400,
-    "data.seq_len": 64,
-    "training.micro_batch_size": 2,
-    "training.grad_accum_steps": 1,
-    "checkpoint.every_steps": None,
-    "eval.every_steps": None,
-    "training.progress_every_seconds": 0.0,
-}
 
 
 def _train(w: WorkerClient, run_dir: str = "job", **extra: object) -> dict:
@@ -35,16 +26,6 @@ def _train(w: WorkerClient, run_dir: str = "job", **extra: object) -> dict:
 
 def _wait_step(w: WorkerClient, step: int, timeout: float = 180) -> dict:
     return w.wait_event(lambda e: e.get("event") == "progress" and e.get("step", 0) >= step, timeout)
-
-
-def _gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _training_tree(w: WorkerClient) -> list[int]:
@@ -121,7 +102,7 @@ def test_eof_while_training_checkpoints_and_exits_75(worker: WorkerClient, runs_
     kids = _training_tree(worker)
     worker.close_stdin()
     assert worker.wait(120) == 75
-    assert _gone(kids, 10)
+    assert gone(kids, 10)
     _latest(runs_root / "job")
 
 
@@ -131,7 +112,7 @@ def test_sigterm_while_training_checkpoints_and_exits_75(worker: WorkerClient, r
     os.kill(worker.pid, signal.SIGTERM)
     assert worker.wait(120) == 75
     assert time.monotonic() - t0 < 100  # inside the default grace period
-    assert _gone(kids, 10)
+    assert gone(kids, 10)
     ckpt = _latest(runs_root / "job")
     assert json.loads((ckpt / "manifest.json").read_text())["step"] >= 2
 
@@ -141,7 +122,7 @@ def test_a_burst_of_sigterms_still_checkpoints_and_exits_75(worker: WorkerClient
     for _ in range(300):  # the handler runs inside itself: it must take no lock
         os.kill(worker.pid, signal.SIGTERM)
     assert worker.wait(120) == 75
-    assert _gone(kids, 10)
+    assert gone(kids, 10)
     _latest(runs_root / "job")
 
 
@@ -151,7 +132,7 @@ def test_sigkill_of_the_worker_leaves_no_trainer_behind(worker: WorkerClient, ru
     assert kids
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(30)
-    assert _gone(kids, 90), "the trainer outlived its worker"
+    assert gone(kids, 90), "the trainer outlived its worker"
     ckpt = _latest(runs_root / "job")
     assert json.loads((ckpt / "manifest.json").read_text())["step"] >= 2
 
@@ -192,7 +173,7 @@ def test_a_dead_stdout_reader_does_not_stall_the_shutdown(runs_root: Path) -> No
         time.sleep(0.5)
         proc.stdin.close()  # then EOF: checkpoint and exit
         assert proc.wait(60) == 75
-        assert _gone(kids, 10)
+        assert gone(kids, 10)
         _latest(runs_root / "job")
     finally:
         if proc.poll() is None:
@@ -212,7 +193,7 @@ def test_no_orphans_when_the_parent_is_killed_9(runs_root: Path) -> None:
         assert pids["children"], "worker should have a trainer child while busy"
         parent.kill()  # SIGKILL: the VM dies without a word
         parent.wait()
-        assert _gone(tree, 110), f"orphans left: {[p for p in tree if psutil.pid_exists(p)]}"
+        assert gone(tree, 110), f"orphans left: {[p for p in tree if psutil.pid_exists(p)]}"
         _latest(runs_root / "job")  # the trainer saved on its way out
     finally:
         if parent.poll() is None:

