@@ -31,7 +31,7 @@ def write_jsonl(path: Path, rows: list[object]) -> Path:
         ({**GOOD, "manager": "ux"}, "manager: expected one of"),
         ({**GOOD, "entry_point": "not an id"}, "entry_point: expected a Python identifier"),
         ({**GOOD, "colour": "red"}, "colour: unknown field"),
-        ({**GOOD, "language": "elixir"}, "language: only 'python'"),
+        ({**GOOD, "language": "rust"}, "language: expected one of"),
         ("{not json", "not valid JSON"),
         ([1, 2], "expected a JSON object"),
     ],

@@ -389,8 +389,11 @@ class Sandbox:
             hidden = _hidden_dirs()
             for d in hidden:
                 cmd += ["--tmpfs", d]
+            # The private /tmp hides a checkout (and its venv) that lives under /tmp too:
+            # what the interpreter needs is bound back on top, like from a hidden home.
+            covered = [*hidden, "/tmp"]
             for p in _needed_paths(self.python):
-                under = [d for d in hidden if p == d or p.startswith(d + "/")]
+                under = [d for d in covered if p == d or p.startswith(d + "/")]
                 if under and os.path.exists(p):
                     # bwrap makes missing parents 0700: the dropped uid could not pass them
                     parents = [str(q) for q in reversed(Path(p).parents) if str(q).startswith(under[0] + "/")]
