@@ -46,7 +46,7 @@ def _gates_table(rows: list[dict[str, Any]], title: str) -> Any:
     return table
 
 
-def _run(fn: Any) -> Any:
+def run_reporting(fn: Any) -> Any:
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return int(fn(args) or 0)
@@ -59,7 +59,7 @@ def _run(fn: Any) -> Any:
     return wrapper
 
 
-def _print_json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
@@ -75,7 +75,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             reg.move_aliases(manifest.role, {"candidate": manifest.artifact_id}, {}, "candidate")
     out = {**summary(manifest), "created": created}
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         verb = "registered" if created else "already registered"
         print(f"{verb} {manifest.role} {manifest.name} v{manifest.version}: {manifest.artifact_id}")
@@ -89,7 +89,7 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
         if args.action == "list":
             rows = reg.artifacts(args.role)
             if args.json:
-                _print_json(rows)
+                print_json(rows)
                 return 0
             table = Table(title=f"artifacts in {reg.root}")
             for col in ("id", "role", "name", "version", "aliases"):
@@ -102,11 +102,11 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
             raise RegistryError("invalid_args", f"artifact: `artifacts {args.action}` needs an id or alias")
         manifest = reg.resolve(args.ref, args.role)
         if args.action == "show":
-            _print_json(manifest.to_dict())
+            print_json(manifest.to_dict())
             return 0
         report = reg.verify(manifest.artifact_id)
         if args.json:
-            _print_json({"artifact_id": manifest.artifact_id, "ok": report.ok, **report.to_dict()})
+            print_json({"artifact_id": manifest.artifact_id, "ok": report.ok, **report.to_dict()})
         else:
             print(f"{manifest.artifact_id}: {report.summary()}")
         return 0 if report.ok else RegistryError(VERIFY_FAILED, "").exit_code
@@ -128,7 +128,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
                          base_model=args.base_model, device=args.device)
     rows = [g.to_dict() for g in result.gates]
     if args.json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
     else:
         a = result.artifact
         verdict = "promoted" if result.moved else ("unchanged" if result.passed else "REFUSED")
@@ -144,7 +144,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     with _open(args) as reg:
         out = rollback(reg, args.role)
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(f"{out['role']}:stable -> {out['stable']} (v{out['version']}); previous -> {out['previous']}")
     return 0
@@ -160,7 +160,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
         if args.audit:
             view["audit"] = reg.audit(args.role)
     if args.json:
-        _print_json(view)
+        print_json(view)
         return 0
     table = Table(title="aliases")
     for col in ("role", "candidate", "stable", "previous"):
@@ -221,14 +221,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--name")
     p.add_argument("--candidate", dest="alias_candidate", action="store_true",
                    help="also point the role's `candidate` alias at it")
-    p.set_defaults(func=_run(cmd_register))
+    p.set_defaults(func=run_reporting(cmd_register))
 
     p = subparsers.add_parser("artifacts", parents=[common], help="list, show or verify registered artifacts")
     p.add_argument("action", choices=("list", "show", "verify"),
                    help="list: table of artifacts; show: the manifest; verify: re-hash the stored files")
     p.add_argument("ref", nargs="?", help="id, unique id prefix, alias (stable) or role:alias (ufm:stable)")
     p.add_argument("--role", help="list only this role; the role of a bare alias (default textgen)")
-    p.set_defaults(func=_run(cmd_artifacts))
+    p.set_defaults(func=run_reporting(cmd_artifacts))
 
     p = subparsers.add_parser("promote", parents=[common], help="run the gates and move an alias",
                               description="Verify the artifact, run the gates of --gates against the "
@@ -240,16 +240,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--base-model", help="local directory of the base model for the benchmark")
     p.add_argument("--device", default="cpu")
     p.add_argument("--expect", help="move only if the alias still points at this id ('none' = unset)")
-    p.set_defaults(func=_run(cmd_promote))
+    p.set_defaults(func=run_reporting(cmd_promote))
 
     p = subparsers.add_parser("rollback", parents=[common], help="restore the previous stable release")
     p.add_argument("--role", default="textgen")
-    p.set_defaults(func=_run(cmd_rollback))
+    p.set_defaults(func=run_reporting(cmd_rollback))
 
     p = subparsers.add_parser("releases", parents=[common], help="aliases and stable release history")
     p.add_argument("--role")
     p.add_argument("--audit", action="store_true", help="include every alias move (with --json)")
-    p.set_defaults(func=_run(cmd_releases))
+    p.set_defaults(func=run_reporting(cmd_releases))
 
     p = subparsers.add_parser("federate", help="fuse provider manifests into one release descriptor",
                               description="Merge manifests from several sites into "
@@ -263,7 +263,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-gates", action="store_true")
     p.add_argument("--baseline", help="the current release descriptor: quality is judged against it")
     p.add_argument("--created-at", help="timestamp to record (omitted by default: output is deterministic)")
-    p.set_defaults(func=_run(cmd_federate))
+    p.set_defaults(func=run_reporting(cmd_federate))
 
     from uff_port.registry import release_cli  # deploy, watch, publish, pull
 

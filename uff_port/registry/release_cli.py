@@ -8,27 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
+from uff_port.registry.cli import print_json, run_reporting
 from uff_port.registry.errors import RegistryError
 
 _REGISTRY_HELP = "registry directory (default: $UFF_PORT_REGISTRY or ./registry)"
-
-
-def _run(fn: Any) -> Any:
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args) or 0)
-        except RegistryError as exc:
-            print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
-            return exc.exit_code
-
-    return wrapper
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _hooks(args: argparse.Namespace) -> Any:
@@ -44,7 +29,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from uff_port.registry.store import Registry
 
     if args.status:
-        _print_json(dp.status(args.target))
+        print_json(dp.status(args.target))
         return 0
     with Registry(args.registry) as reg:
         if args.rollback:
@@ -53,7 +38,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             outs = [dp.rollback_role(reg, args.target, spec.partition("=")[0], hooks=_hooks(args))
                     for spec in args.role]
             if args.json:
-                _print_json({"rollbacks": outs})
+                print_json({"rollbacks": outs})
             for o in outs if not args.json else []:
                 print(f"{o['role']}: rolled back {o['rolled_back'][:12]} -> {str(o['restored'])[:12]} "
                       f"(v{o['version']}); registry moved: {o['registry']['moved']}")
@@ -64,7 +49,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         result = dp.deploy(reg, args.target, plan, keep=args.keep, unhold=args.unhold,
                            hooks=_hooks(args), port=args.port)
     if args.json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return 0
     for s in result.switches:
         verb = "switched" if s.changed else "unchanged"
@@ -106,7 +91,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         out = hub.publish(reg, args.ref, args.repo, api=_api(), private=args.private,
                           revision=args.revision, license=args.license, role=args.role)
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         verb = "published" if out["created"] else "already published"
         print(f"{verb} {out['role']} {out['version']} {out['artifact_id'][:12]} to "
@@ -123,7 +108,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         manifest, created, rev = hub.pull(reg, args.source, api=_api())
     out = {**summary(manifest), "created": created, "source": args.source, "revision": rev}
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         verb = "registered" if created else "already registered"
         print(f"verified and {verb} {manifest.role} {manifest.name} {manifest.version}: {manifest.artifact_id}")
@@ -153,7 +138,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rollback", action="store_true", help="roll each --role back to its previous version")
     p.add_argument("--status", action="store_true", help="print what the serving directory holds")
     p.add_argument("--port", type=int, default=8000, help="port written into the launch command")
-    p.set_defaults(func=_run(cmd_deploy))
+    p.set_defaults(func=run_reporting(cmd_deploy))
 
     p = subparsers.add_parser(
         "watch", parents=[hooks], help="roll a role back when its SLO stays breached",
@@ -166,7 +151,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-registry", action="store_true", help="roll back the serving directory only")
     p.add_argument("--once", action="store_true", help="poll once and exit")
     p.add_argument("--max-polls", type=int, default=None, help="stop after this many polls")
-    p.set_defaults(func=_run(cmd_watch))
+    p.set_defaults(func=run_reporting(cmd_watch))
 
     p = subparsers.add_parser(
         "publish", parents=[common], help="push a registered artifact to a Hugging Face Hub repo",
@@ -178,9 +163,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--revision", help="branch to commit to (default main; created if missing)")
     p.add_argument("--license", default="other", help="license in the card's front matter (default other)")
     p.add_argument("--role", help="the role of a bare alias such as stable")
-    p.set_defaults(func=_run(cmd_publish))
+    p.set_defaults(func=run_reporting(cmd_publish))
 
     p = subparsers.add_parser(
         "pull", parents=[common], help="fetch hf://ORG/NAME@REV, verify it against its manifest, register it")
     p.add_argument("source", help="hf://ORG/NAME[@REVISION] (a branch, a commit or a tag artifact-<id>)")
-    p.set_defaults(func=_run(cmd_pull))
+    p.set_defaults(func=run_reporting(cmd_pull))
