@@ -212,10 +212,9 @@ def test_two_concurrent_promotions_exactly_one_wins(variants: dict[str, Path], t
         if expect is None:  # second round: both start from the winner of the first
             with Registry(reg_dir) as reg:
                 expect = reg.aliases("textgen")["stable"]
-            c = load_manifest(variants["othertok"] / "final")
-            contenders = [a if expect == b else b, c.artifact_id]
-            with Registry(reg_dir) as reg:
-                _stored(reg, variants["othertok"])
+            with Registry(reg_dir) as reg:  # registering writes its artifact.json if no test did yet
+                c_id = _stored(reg, variants["othertok"])
+            contenders = [a if expect == b else b, c_id]
             gates = str(gates_file(tmp_path / "gates.yaml", quality={"max_regression": 1.0},
                                    compatibility={"enabled": False}))
         else:
