@@ -190,7 +190,7 @@ def test_card_front_matter_names_a_hub_base_model(published_world: tuple[Path, l
     raw["base_model"] = {"id": "deepseek-ai/deepseek-coder-1.3b-base", "revision": "abc123"}
     text = hub.model_card(parse_manifest(raw), None)
     card = huggingface_hub.ModelCard(text)
-    assert card.data.base_model == "deepseek-ai/deepseek-coder-1.3b-base" and card.data.library_name == "peft"
+    assert card.data.base_model == "deepseek-ai/deepseek-coder-1.3b-base" and card.data.to_dict()["library_name"] == "peft"
     assert "Not promoted to stable" in card.text
 
 
