@@ -99,7 +99,7 @@ def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str
 
     from uff_port.core.config import load_config
     from uff_port.training.channel import Inbox
-    from uff_port.training.events import Reporter
+    from uff_port.training.reporting import Reporter
     from uff_port.training.trainer import Trainer
 
     case = CASES[name]

@@ -53,7 +53,7 @@ def _peak_rss_mb() -> float:
 def run_ours(cfg_raw: dict[str, Any]) -> dict[str, Any]:
     from uff_port.core.config import validate_config
     from uff_port.training.channel import Inbox
-    from uff_port.training.events import Reporter
+    from uff_port.training.reporting import Reporter
     from uff_port.training.trainer import Trainer
 
     cfg = validate_config(cfg_raw)

@@ -311,7 +311,7 @@ def test_writer_leaves_a_live_predecessors_staging_alone(tmp_path: Path) -> None
 
 
 def test_a_torn_event_line_from_a_killed_run_does_not_swallow_the_next_runs_first_event(tmp_path: Path) -> None:
-    from uff_port.training.events import Reporter, read_events
+    from uff_port.training.reporting import Reporter, read_events
 
     (tmp_path / "events.jsonl").write_text('{"event":"progress","step":1}\n{"event":"progress","st')
     Reporter(tmp_path).emit("state", state="starting")

@@ -99,7 +99,7 @@ def test_sagemaker_hosts_become_torchrun_nodes(tmp_path: Path, monkeypatch: pyte
     from uff_port.cloud.environment import Platform
     from uff_port.cloud.settings import validate_cloud
     from uff_port.core.config import validate_config
-    from uff_port.training.launcher import _node_args
+    from uff_port.training.torchrun_launcher import _node_args
 
     monkeypatch.setenv("SM_HOSTS", json.dumps(["algo-2", "algo-1"]))
     monkeypatch.setenv("SM_CURRENT_HOST", "algo-2")

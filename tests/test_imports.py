@@ -117,7 +117,7 @@ def test_the_scan_sees_the_package() -> None:
     assert "uff_port.core.config" in MODULES and "uff_port.server.worker" in MODULES
     assert "uff_port.core.layout" in IMPORTS["uff_port.server.jobs"]
     # A function-level import is not an import-time edge.
-    assert "uff_port.planner.guard" not in IMPORTS["uff_port.server.launch"]
+    assert "uff_port.planner.guard" not in IMPORTS["uff_port.server.job_start"]
 
 
 def test_torch_free_packages_never_import_torch_at_import_time() -> None:

@@ -199,7 +199,7 @@ def test_cli_deploys_stable_and_a_release(world, tmp_path: Path) -> None:  # typ
 
 def test_worker_commands_deploy_and_roll_back(world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from uff_port.registry import deploy_commands
-    from uff_port.server.task import TaskContext
+    from uff_port.server.extension_child import TaskContext
 
     reg_dir, arts = world
     runs = tmp_path / "runs"

@@ -27,7 +27,7 @@ from uff_port.registry.promotion import promote, rollback
 from uff_port.registry.runmanifest import write_run_manifest
 from uff_port.registry.service import register_path
 from uff_port.registry.store import Registry
-from uff_port.server.task import TaskContext
+from uff_port.server.extension_child import TaskContext
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import time
 import types
 
 from uff_port.protocol.framing import FrameReader, FrameWriter, decode_payload
-from uff_port.server.events import EventStream
+from uff_port.server.outbox import EventStream
 from uff_port.telemetry import gpu as gpu_mod
 from uff_port.telemetry import sample_gpus, sample_host
 

@@ -158,7 +158,7 @@ def test_stdout_carries_frames_only(runs_root: Path) -> None:
 def test_worker_never_imports_torch_and_starts_fast(runs_root: Path) -> None:
     code = (
         "import sys, time; t=time.perf_counter();"
-        "import uff_port.cli, uff_port.server.worker, uff_port.core.config, uff_port.server.launch;"
+        "import uff_port.cli, uff_port.server.worker, uff_port.core.config, uff_port.server.job_start;"
         "uff_port.cli.build_parser();"
         "print(time.perf_counter()-t); assert 'torch' not in sys.modules, 'torch imported'"
     )

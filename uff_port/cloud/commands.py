@@ -68,7 +68,7 @@ def plan_week(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     start = float(args.get("start") or time.time())
     ledger = QuotaLedger(settings.ledger_path or Path(ctx.runs_root) / ".cloud-ledger.jsonl", settings.budgets)
     plan = _plan_week(parse_jobs(args.get("jobs")), settings, start, strategy=strategy, ledger=ledger)
-    return {**plan.to_dict(), "text": plan.render(), "budgets": ledger.snapshot(start)}
+    return {**plan.to_dict(), "text": plan.render(), "budgets": ledger.budget_view(start)}
 
 
 def cloud_status(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -84,4 +84,4 @@ def cloud_status(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
         raise CommandError(ErrorCode.NOT_FOUND, f"run_dir: {args['run_dir']} has no cloud journal")
     settings = _settings(args)
     ledger = QuotaLedger(settings.ledger_path or Path(ctx.runs_root) / ".cloud-ledger.jsonl", settings.budgets)
-    return {"journal": journal.summary(), "budgets": ledger.snapshot(time.time())}
+    return {"journal": journal.summary(), "budgets": ledger.budget_view(time.time())}

@@ -213,7 +213,7 @@ def _events_offset(run_dir: Path, session: str | None) -> int:
 
 def _refuse_session(platform: Platform, meta: dict[str, Any], session: str | None, code: str, message: str) -> int:
     """A session that cannot start: the reason goes home in events.jsonl and session.json."""
-    from uff_port.training.events import Reporter
+    from uff_port.training.reporting import Reporter
 
     Reporter(platform.run_dir).emit("failed", **failed_fields(code, message, resumable=False))
     step = _latest_step(platform.run_dir)

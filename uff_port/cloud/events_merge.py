@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from uff_port.training.events import EVENTS_FILE
+from uff_port.training.reporting import EVENTS_FILE
 
 
 def session_events(pulled_run: Path, offset: int = 0) -> list[dict[str, Any]]:

@@ -143,7 +143,7 @@ class QuotaLedger:
     def next_reset(self, backend: str, now: float) -> float:
         return self.window(backend, now)[1]
 
-    def snapshot(self, now: float) -> dict[str, dict[str, float]]:
+    def budget_view(self, now: float) -> dict[str, dict[str, float]]:
         """Per backend: budget, used and remaining hours in the current window."""
         return {
             b: {

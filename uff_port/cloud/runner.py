@@ -279,7 +279,7 @@ class CloudRun:
         if route.backend == "local":
             return -1  # the caller hands the run to the local trainer
         if route.backend is None:
-            self.emit("quota", waiting=True, wait_until=route.wait_until, reason=route.reason, budgets=self.ledger.snapshot(now))
+            self.emit("quota", waiting=True, wait_until=route.wait_until, reason=route.reason, budgets=self.ledger.budget_view(now))
             assert route.wait_until is not None
             self.wait(max(1.0, min(route.wait_until - now, self.settings.poll.max_backoff_seconds)))
             return None
@@ -311,7 +311,7 @@ class CloudRun:
         )
         self.journal.begin_session(route.backend, name, now=now, budget_seconds=route.session_seconds)
         self.ledger.reserve(f"{self.run_id}:{name}", route.backend, now, route.session_seconds)
-        self.emit("quota", backend=route.backend, reserved_hours=round(route.session_seconds / 3600, 3), reason=route.reason, budgets=self.ledger.snapshot(now))
+        self.emit("quota", backend=route.backend, reserved_hours=round(route.session_seconds / 3600, 3), reason=route.reason, budgets=self.ledger.budget_view(now))
         return None
 
     def _resume_tree(self, ck: tuple[int, Path] | None) -> Path | None:
@@ -353,7 +353,7 @@ class CloudRun:
             self.ledger.record(f"{self.run_id}:{cur.name}", cur.backend, st.started_ts or cur.created_ts, seconds)
             crash_point("after_record")
             self.journal.transition(st.state, now=now, remote_state=st.state, detail=st.detail, billed_seconds=seconds, ended_ts=now)
-            self.emit("quota", backend=cur.backend, used_hours=round(seconds / 3600, 4), budgets=self.ledger.snapshot(now))
+            self.emit("quota", backend=cur.backend, used_hours=round(seconds / 3600, 4), budgets=self.ledger.budget_view(now))
             return None
         state = "running" if st.state == "running" else cur.state
         self.journal.transition(state, now=now, remote_state=st.state, detail=st.detail)

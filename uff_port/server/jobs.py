@@ -28,7 +28,7 @@ from uff_port.fsutil import UnsafePath, open_confined
 from uff_port.protocol.errors import ErrorCode
 from uff_port.protocol.messages import failed_fields, finished_fields
 from uff_port.server.children import Child
-from uff_port.server.events import EventStream
+from uff_port.server.outbox import EventStream
 
 # Events the trainer sends that pass through the rate limiter.
 _LIMITED: Final = frozenset({"progress", "log"})

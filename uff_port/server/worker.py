@@ -43,13 +43,13 @@ from uff_port.protocol.messages import (
     request_id_of,
 )
 from uff_port.server import lifetime
-from uff_port.server.events import DEFAULT_PROGRESS_PER_S, EventStream
+from uff_port.server.extension_runner import TaskRunner
 from uff_port.server.extensions import EXTENSION_COMMANDS
 from uff_port.server.job_slot import JobSlot
+from uff_port.server.job_start import JobLauncher, LaunchPlan
 from uff_port.server.jobs import Job
-from uff_port.server.launch import JobLauncher, LaunchPlan
+from uff_port.server.outbox import DEFAULT_PROGRESS_PER_S, EventStream
 from uff_port.server.stdio import claim_stdio
-from uff_port.server.tasks import TaskRunner
 from uff_port.server.telemetry_loop import TelemetryCache
 
 # A finished job's `outcome` (status's last_job, the idle `state` event) by its exit status.
@@ -300,7 +300,7 @@ class Worker:
             )
 
     # -- state ----------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def status_view(self) -> dict[str, Any]:
         state, job, last_job = self.slot.view()
         info = job.info if job else None
         last = last_job or {}
@@ -334,7 +334,7 @@ class Worker:
             try:
                 self.events.flush_limited()
                 if now >= next_beat:
-                    snap = self.snapshot()
+                    snap = self.status_view()
                     self.events.emit(
                         "heartbeat",
                         state=snap["state"],
@@ -357,7 +357,7 @@ class Worker:
         return out
 
     def _cmd_status(self, _req: Request, _reply: Reply) -> dict[str, Any]:
-        status = self.snapshot()
+        status = self.status_view()
         status.update(
             gpus=self.telemetry.gpus,
             host=self.telemetry.host,

@@ -7,7 +7,7 @@
 Exit codes: 0 finished, 75 stopped early with a durable checkpoint, 3 refused
 before training (bad config, missing model, won't fit), other: crashed.
 With `distributed.nproc > 1` (and not yet under torchrun) this process is
-only a launcher for torchrun; see launcher.py.
+only a launcher for torchrun; see torchrun_launcher.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from uff_port.core.config import Config, ConfigError, dump_yaml, load_config
 from uff_port.core.exits import ExitCode
 from uff_port.procutil import set_parent_death_signal
 from uff_port.protocol import ErrorCode, failed_fields
-from uff_port.training.events import Reporter
+from uff_port.training.reporting import Reporter
 
 CHANNEL_SOCKET_ENV: Final = "UFF_PORT_CHANNEL_SOCKET"
 EXIT_FILE_ENV: Final = "UFF_PORT_EXIT_FILE"
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(resolved, dump_yaml(cfg))
         is_launcher = cfg.distributed.nproc > 1 or cfg.distributed.nnodes > 1
     if is_launcher:
-        from uff_port.training.launcher import launch
+        from uff_port.training.torchrun_launcher import launch
 
         if args.writer_lock_fd is not None:
             # torchrun passes no descriptors on: rank 0 takes the lock itself, and

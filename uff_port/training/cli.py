@@ -211,7 +211,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     """Summary of a run directory from events.jsonl and its committed checkpoints."""
     from uff_port.core.checkpoint_store import CheckpointStore
     from uff_port.fsutil import UnsafePath
-    from uff_port.training.events import read_events
+    from uff_port.training.reporting import read_events
 
     events = read_events(run_dir)
     last: dict[str, dict[str, Any] | None] = {name: None for name in ("progress", "eval", "state", "finished", "failed")}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
-from uff_port.training.events import Reporter
+from uff_port.training.reporting import Reporter
 
 # Agreed on by all ranks at a step boundary: max wins.
 GO: Final = 0

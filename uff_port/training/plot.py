@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from uff_port.training.events import read_events
+from uff_port.training.reporting import read_events
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path | None:

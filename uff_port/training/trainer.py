@@ -42,7 +42,6 @@ from uff_port.training.control import CKPT, DISK_FULL, GO, STOP, STOP_NOSAVE, Co
 from uff_port.training.data import PackedStream, Sequence_, collate
 from uff_port.training.engines import StepEngine, make_engine, token_loss_sum
 from uff_port.training.errors import NonFiniteStep, TrainError
-from uff_port.training.events import Reporter
 from uff_port.training.model import (
     load_model,
     load_tokenizer,
@@ -51,6 +50,7 @@ from uff_port.training.model import (
     tokenizer_hash,
     trainable_parameters,
 )
+from uff_port.training.reporting import Reporter
 from uff_port.training.state import (
     AsyncCheckpointer,
     TrainingSnapshot,

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Final
 from uff_port.core import layout
 from uff_port.fsutil import UnsafePath, atomic_write_text, confine, confine_existing
 from uff_port.protocol.errors import CommandError, ErrorCode
-from uff_port.server.events import EventStream
 from uff_port.server.jobs import Job, JobInfo, cloud_argv, trainer_argv
+from uff_port.server.outbox import EventStream
 
 if TYPE_CHECKING:  # pydantic is imported on the first train request, not at start-up
     from uff_port.core.config import Config

@@ -1,4 +1,4 @@
-"""Child side of an extension command: `python -m uff_port.server.task --control-fd N TARGET`.
+"""Child side of an extension command: `python -m uff_port.server.extension_child --control-fd N TARGET`.
 
 Reads one frame `{"args": {...}, "runs_root": str}`, runs `module:function`,
 sends events as they happen and then exactly one `{"result": ...}` or
@@ -45,7 +45,7 @@ def resolve(target: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uff_port.server.task")
+    parser = argparse.ArgumentParser(prog="python -m uff_port.server.extension_child")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("target")
     opts = parser.parse_args(argv)

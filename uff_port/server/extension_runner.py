@@ -10,7 +10,7 @@ from typing import Any
 
 from uff_port.protocol.errors import ErrorCode
 from uff_port.server.children import Child
-from uff_port.server.events import EventStream
+from uff_port.server.outbox import EventStream
 
 
 class TaskRunner:
@@ -26,7 +26,7 @@ class TaskRunner:
     ) -> None:
         """Run `target(args)`; `on_done(result, error)` is called exactly once."""
         child = Child(
-            [self._python, "-m", "uff_port.server.task"],
+            [self._python, "-m", "uff_port.server.extension_child"],
             extra_argv=[target],
             name=f"task[{target}]",
         )

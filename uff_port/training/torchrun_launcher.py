@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from uff_port.core.config import Config
 from uff_port.procutil import SignalSafeEvent, set_parent_death_signal
-from uff_port.training.events import Reporter
+from uff_port.training.reporting import Reporter
 
 _CHUNK: Final = 1 << 16
 
