@@ -28,3 +28,16 @@ def test_docs_protocol_documents_every_wire_code() -> None:
     doc = (ROOT / "docs" / "protocol.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", doc, re.M))
     assert _python_codes() <= documented, sorted(_python_codes() - documented)
+
+
+def test_no_error_is_raised_with_a_code_outside_the_table() -> None:
+    # A string literal code at a raise site is how a code drifts out of the table (and
+    # reaches Elixir as :remote_error): every raise site names an ErrorCode member.
+    coded = "TrainError|DataError|ZeroError|ModelError|RegistryError|CommandError|_refuse"
+    literal = re.compile(rf"\b({coded})\(\s*(?:report,\s*)?\"([a-z_]+)\"")
+    found = {
+        f"{path.relative_to(ROOT)}: {m.group(1)}({m.group(2)!r})"
+        for path in (ROOT / "uff_port").rglob("*.py")
+        for m in literal.finditer(path.read_text())
+    }
+    assert not found, sorted(found)

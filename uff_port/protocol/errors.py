@@ -33,6 +33,14 @@ class ErrorCode:
     DISK_FULL: Final = "disk_full"
     NON_FINITE: Final = "non_finite"
     UNSAFE_PATH: Final = "unsafe_path"  # a symlink (or non-file) in a run directory that leads out of it
+    # Sent only as `failed.code` by the trainer (docs/protocol.md section 6).
+    MODEL_NOT_FOUND: Final = "model_not_found"
+    CHECKPOINT_MISMATCH: Final = "checkpoint_mismatch"
+    OUT_OF_MEMORY: Final = "out_of_memory"
+    TOO_MANY_BAD_LINES: Final = "too_many_bad_lines"
+    NO_DATA: Final = "no_data"
+    DATA_NOT_FOUND: Final = "data_not_found"
+    DATA_CURSOR_MISMATCH: Final = "data_cursor_mismatch"
     # Registry and releases (docs/registry.md).
     INVALID_MANIFEST: Final = "invalid_manifest"
     VERIFY_FAILED: Final = "verify_failed"

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from uff_port.protocol.errors import ErrorCode
 from uff_port.registry.errors import VERIFY_FAILED, RegistryError
 
 _REGISTRY_HELP = "registry directory (default: $UFF_PORT_REGISTRY or ./registry)"
@@ -99,7 +100,7 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
             _console().print(table)
             return 0
         if not args.ref:
-            raise RegistryError("invalid_args", f"artifact: `artifacts {args.action}` needs an id or alias")
+            raise RegistryError(ErrorCode.INVALID_ARGS, f"artifact: `artifacts {args.action}` needs an id or alias")
         manifest = reg.resolve(args.ref, args.role)
         if args.action == "show":
             print_json(manifest.to_dict())
@@ -134,7 +135,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         verdict = "promoted" if result.moved else ("unchanged" if result.passed else "REFUSED")
         _console().print(_gates_table(rows, f"{a.role}:{args.to} <- {a.short_id} v{a.version}: {verdict}"))
     if not result.passed:
-        return RegistryError("gate_failed", "").exit_code
+        return RegistryError(ErrorCode.GATE_FAILED, "").exit_code
     return 0
 
 
@@ -190,7 +191,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
         try:
             baseline = json.loads(Path(args.baseline).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise RegistryError("invalid_args", f"baseline: cannot read {args.baseline}: {exc}") from None
+            raise RegistryError(ErrorCode.INVALID_ARGS, f"baseline: cannot read {args.baseline}: {exc}") from None
     try:
         with tempfile.TemporaryDirectory(prefix="uff-federate-") as tmp:  # manifests read from the Hub
             inputs = resolve_hub_inputs(parse_manifest_flags(args.manifest), Path(tmp))

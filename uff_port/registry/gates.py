@@ -20,6 +20,7 @@ from typing import Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from uff_port.protocol.errors import ErrorCode
 from uff_port.registry.errors import INVALID_GATES, RegistryError
 from uff_port.registry.manifest import INTERFACE_CONTRACT, ArtifactManifest
 
@@ -143,15 +144,15 @@ def load_evidence(path: str | Path) -> Evidence:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise RegistryError("invalid_args", f"bench_results: cannot read {path}: {exc}") from None
+        raise RegistryError(ErrorCode.INVALID_ARGS, f"bench_results: cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
-        raise RegistryError("invalid_args", "bench_results: expected a JSON object")
+        raise RegistryError(ErrorCode.INVALID_ARGS, "bench_results: expected a JSON object")
     outputs = raw.get("outputs")
     if outputs is not None and not (
         isinstance(outputs, list)
         and all(isinstance(o, dict) and isinstance(o.get("output"), str) for o in outputs)
     ):
-        raise RegistryError("invalid_args", "bench_results.outputs: expected a list of {prompt, output}")
+        raise RegistryError(ErrorCode.INVALID_ARGS, "bench_results.outputs: expected a list of {prompt, output}")
 
     def num(key: str) -> float | None:
         v = raw.get(key)
@@ -162,7 +163,7 @@ def load_evidence(path: str | Path) -> Evidence:
         except OverflowError:  # an int beyond float range
             value = math.inf
         if not math.isfinite(value):
-            raise RegistryError("invalid_args", f"bench_results.{key}: expected a finite number")
+            raise RegistryError(ErrorCode.INVALID_ARGS, f"bench_results.{key}: expected a finite number")
         return value
 
     return Evidence(num("latency_p95_ms"), num("tokens_per_s"), outputs, source=str(path))

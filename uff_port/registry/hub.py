@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port.hashing import verify_tree
+from uff_port.protocol.errors import ErrorCode
 from uff_port.registry.errors import (
     HUB_FAILED,
     INVALID_ARGS,
@@ -53,7 +54,7 @@ def _hub() -> Any:
     try:
         import huggingface_hub
     except ModuleNotFoundError:
-        raise RegistryError("not_available", "huggingface_hub is not installed: pip install 'uff-port[hub]'") from None
+        raise RegistryError(ErrorCode.NOT_AVAILABLE, "huggingface_hub is not installed: pip install 'uff-port[hub]'") from None
     return huggingface_hub
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from uff_port.protocol.errors import ErrorCode
 from uff_port.registry.errors import INVALID_MANIFEST, RegistryError
 
 SCHEMA_VERSION: Final = 1
@@ -198,7 +199,7 @@ def load_manifest(path: str | Path) -> ArtifactManifest:
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RegistryError("not_found", f"manifest: no such file {str(p)!r}") from None
+        raise RegistryError(ErrorCode.NOT_FOUND, f"manifest: no such file {str(p)!r}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         problem = f"<root>: {p} is not valid JSON ({exc})"
         raise RegistryError(INVALID_MANIFEST, problem, {"problems": [problem]}) from None

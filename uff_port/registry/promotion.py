@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from uff_port.registry.errors import INVALID_ARGS, NOT_FOUND, VERIFY_FAILED, RegistryError
+from uff_port.registry.errors import (
+    ALIAS_CONFLICT,
+    INVALID_ARGS,
+    NOT_FOUND,
+    VERIFY_FAILED,
+    RegistryError,
+)
 from uff_port.registry.gates import Evidence, GateResult, GatesConfig, needs_measurement, run_gates
 from uff_port.registry.manifest import ArtifactManifest
 from uff_port.registry.store import Registry
@@ -92,7 +98,7 @@ def promote(
     baseline_id = current.get(target) if expect is UNSET else expect
     if expect is not UNSET and current.get(target) != expect:
         raise RegistryError(
-            "alias_conflict",
+            ALIAS_CONFLICT,
             f"{role}:{target} is {current.get(target)}, not the expected {expect}",
             {"role": role, "alias": target, "expected": expect, "actual": current.get(target)},
         )

@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from uff_port.protocol.errors import ErrorCode
 from uff_port.registry.cli import print_json, run_reporting
 from uff_port.registry.errors import RegistryError
 
@@ -34,7 +35,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     with Registry(args.registry) as reg:
         if args.rollback:
             if not args.role:
-                raise RegistryError("invalid_args", "role: --rollback needs --role ROLE")
+                raise RegistryError(ErrorCode.INVALID_ARGS, "role: --rollback needs --role ROLE")
             outs = [dp.rollback_role(reg, args.target, spec.partition("=")[0], hooks=_hooks(args))
                     for spec in args.role]
             if args.json:
@@ -44,7 +45,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                       f"(v{o['version']}); registry moved: {o['registry']['moved']}")
             return 0
         if bool(args.role) == bool(args.release):
-            raise RegistryError("invalid_args", "role/release: give --role ROLE[=REF] ... or --release FUSED.json")
+            raise RegistryError(ErrorCode.INVALID_ARGS, "role/release: give --role ROLE[=REF] ... or --release FUSED.json")
         plan = dp.plan_from_release(reg, args.release) if args.release else dp.plan_from_roles(reg, args.role)
         result = dp.deploy(reg, args.target, plan, keep=args.keep, unhold=args.unhold,
                            hooks=_hooks(args), port=args.port)

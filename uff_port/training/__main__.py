@@ -103,18 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     fd, sock = _channel_fd(args)
     report = Reporter(run_dir, channel_fd=fd, rank=int(os.environ.get("RANK", "0")), job_id=args.job_id)
     if report.file_refused is not None:
-        return _refuse(report, "unsafe_path", report.file_refused)
+        return _refuse(report, ErrorCode.UNSAFE_PATH, report.file_refused)
     config_path = args.config or run_dir / layout.CONFIG
     if Path(config_path).absolute().parent == run_dir and Path(config_path).is_symlink():
         # The run's own config.yaml is the worker's file: a link planted there is not read through.
-        return _refuse(report, "unsafe_path", f"{config_path}: is a symlink; refusing to read through it")
+        return _refuse(report, ErrorCode.UNSAFE_PATH, f"{config_path}: is a symlink; refusing to read through it")
     try:
         cfg = load_config(config_path, parse_overrides(args.overrides))
     except ConfigError as exc:
-        return _refuse(report, "invalid_config", str(exc), exc.problems)
+        return _refuse(report, ErrorCode.INVALID_CONFIG, str(exc), exc.problems)
     if cfg.strategy != "local":
         # Never a silent local run of a cloud config: that path is `python -m uff_port.cloud run`.
-        return _refuse(report, "invalid_config", f"strategy: {cfg.strategy} runs in the cloud (uff-port train, or "
+        return _refuse(report, ErrorCode.INVALID_CONFIG, f"strategy: {cfg.strategy} runs in the cloud (uff-port train, or "
                        "python -m uff_port.cloud run); the trainer runs strategy: local only")
     if "LOCAL_RANK" not in os.environ:
         resolved = run_dir / layout.CONFIG
@@ -174,7 +174,7 @@ class LoadingWatcher:
                 elif c.cmd == "status":
                     self.report.reply(c.id, {"step": None, "max_steps": None, "loss": None, "last_checkpoint": None, "state": "loading"})
                 elif c.cmd == "checkpoint":
-                    self.report.reply(c.id, error={"code": "busy", "message": "the model is still loading: no step to checkpoint yet"})
+                    self.report.reply(c.id, error={"code": ErrorCode.BUSY, "message": "the model is still loading: no step to checkpoint yet"})
                 elif c.cmd in ("stop", EOF, SIGNAL):
                     if c.cmd == "stop":
                         self.report.reply(c.id, {"step": None, "checkpoint": None})
@@ -182,7 +182,7 @@ class LoadingWatcher:
                     self.exit_hook(ExitCode.RESUMABLE)
                     os._exit(ExitCode.RESUMABLE)
                 else:
-                    self.report.reply(c.id, error={"code": "unknown_command", "message": f"trainer does not know {c.cmd!r}"})
+                    self.report.reply(c.id, error={"code": ErrorCode.UNKNOWN_COMMAND, "message": f"trainer does not know {c.cmd!r}"})
 
 
 def _strip(argv: list[str], flags: set[str]) -> list[str]:
@@ -224,7 +224,7 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
         try:
             resolve_model_path(cfg.model.name_or_path)
         except ValueError as exc:
-            return _refuse(report, "model_not_found", f"model.name_or_path: {exc}")
+            return _refuse(report, ErrorCode.MODEL_NOT_FOUND, f"model.name_or_path: {exc}")
     dist.init_from_env()
     trainer = Trainer(
         cfg, run_dir, reporter=report, inbox=inbox, resume_from=args.resume_from, fresh=args.fresh,
@@ -243,7 +243,7 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
     except StopTraining as stop:
         return stop.code
     except CheckpointMismatch as exc:
-        return _refuse(report, "checkpoint_mismatch", str(exc), exc.differences)
+        return _refuse(report, ErrorCode.CHECKPOINT_MISMATCH, str(exc), exc.differences)
     except UnsafePath as exc:  # a symlink out of the run directory, found by the checkpoint store
         trainer.settle()
         report.emit("failed", **failed_fields(exc.code, str(exc), resumable=False, step=trainer.step))

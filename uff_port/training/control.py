@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+from uff_port.protocol.errors import ErrorCode
 from uff_port.training.channel import EOF, SIGNAL, Command, Inbox
 from uff_port.training.reporting import Reporter
 
@@ -54,7 +55,7 @@ class Control:
                 self.emit("log", level="warning", message=f"{why}: checkpointing and stopping")
                 want = max(want, STOP)
             else:
-                self.report.reply(c.id, error={"code": "unknown_command", "message": f"trainer does not know {c.cmd!r}"})
+                self.report.reply(c.id, error={"code": ErrorCode.UNKNOWN_COMMAND, "message": f"trainer does not know {c.cmd!r}"})
         return want
 
     def answer(self, pending: list[Command], step: int, path: str | None) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from uff_port.core.config import DataConfig
+from uff_port.protocol.errors import ErrorCode
 from uff_port.training.builtin import resolve_data_path
 
 IGNORE: Final = -100
@@ -167,9 +168,9 @@ class PackedStream:
         self.files: list[Path] = [resolve_data_path(p) for p in raw]
         for f in self.files:
             if f.is_dir():
-                raise DataError("data_not_found", f"data.path: {str(f)!r} is a directory, expected a JSONL file")
+                raise DataError(ErrorCode.DATA_NOT_FOUND, f"data.path: {str(f)!r} is a directory, expected a JSONL file")
             if not f.is_file():
-                raise DataError("data_not_found", f"data.path: no such file {str(f)!r}")
+                raise DataError(ErrorCode.DATA_NOT_FOUND, f"data.path: no such file {str(f)!r}")
         self.cfg = cfg
         self.split = split
         self.seed = seed
@@ -214,7 +215,7 @@ class PackedStream:
         """Seek straight to the saved byte offset; nothing before it is read again."""
         if state.get("files") != [f.name for f in self.files]:
             raise DataError(
-                "data_cursor_mismatch",
+                ErrorCode.DATA_CURSOR_MISMATCH,
                 f"data.path: the checkpoint's cursor is for files {state.get('files')}, not {[f.name for f in self.files]}",
             )
         self.file_index = int(state["file_index"])
@@ -277,7 +278,7 @@ class PackedStream:
             self.on_bad_line(name, line_no, reason)
         if self.bad_lines > self.cfg.max_bad_lines:
             raise DataError(
-                "too_many_bad_lines",
+                ErrorCode.TOO_MANY_BAD_LINES,
                 f"data.max_bad_lines: {self.bad_lines} bad lines (last: {name} line {line_no}: {reason}); "
                 f"fix the corpus or raise data.max_bad_lines (now {self.cfg.max_bad_lines})",
             )
@@ -296,7 +297,7 @@ class PackedStream:
                     return None
                 if self.samples_in_epoch == 0:
                     raise DataError(
-                        "no_data",
+                        ErrorCode.NO_DATA,
                         f"data.path: no usable {self.split} records in {[str(f) for f in self.files]} "
                         "(check data.managers, data.stages, data.eval_fraction and the record format)",
                     )

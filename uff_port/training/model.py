@@ -16,9 +16,10 @@ from typing import Any, Final
 import torch
 
 from uff_port.core.config import Config
+from uff_port.protocol.errors import ErrorCode
 from uff_port.training.builtin import resolve_model_path
 
-MODEL_NOT_FOUND: Final = "model_not_found"
+MODEL_NOT_FOUND: Final = ErrorCode.MODEL_NOT_FOUND
 WEIGHT_FILES: Final = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -41,7 +42,7 @@ class Precision:
 def pick_device(cfg: Config) -> torch.device:
     want = cfg.training.device
     if want == "cuda" and not torch.cuda.is_available():
-        raise ModelError("wont_fit", "training.device: 'cuda' was asked for but no CUDA device is visible")
+        raise ModelError(ErrorCode.WONT_FIT, "training.device: 'cuda' was asked for but no CUDA device is visible")
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,13 +53,13 @@ def pick_precision(cfg: Config, device: torch.device) -> Precision:
     want = cfg.training.precision
     if device.type != "cuda":
         if want == "fp16":
-            raise ModelError("invalid_config", "training.precision: fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+            raise ModelError(ErrorCode.INVALID_CONFIG, "training.precision: fp16 needs a CUDA device; use fp32 or bf16 on CPU")
         if want == "bf16":
             return Precision(torch.bfloat16, False, "bf16")
         return Precision(None, False, "fp32")
     bf16_ok = torch.cuda.is_bf16_supported()
     if want == "bf16" and not bf16_ok:
-        raise ModelError("invalid_config", "training.precision: this GPU has no bf16; use fp16 (with loss scaling) or auto")
+        raise ModelError(ErrorCode.INVALID_CONFIG, "training.precision: this GPU has no bf16; use fp16 (with loss scaling) or auto")
     if want == "fp32":
         return Precision(None, False, "fp32")
     if want == "bf16" or (want == "auto" and bf16_ok):
@@ -127,7 +128,7 @@ def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
     kwargs["dtype"] = dtype
     if cfg.quantization.mode == "nf4":
         if device.type != "cuda":
-            raise ModelError("invalid_config", "quantization.mode: nf4 (QLoRA) needs a CUDA device; use 'none' on CPU")
+            raise ModelError(ErrorCode.INVALID_CONFIG, "quantization.mode: nf4 (QLoRA) needs a CUDA device; use 'none' on CPU")
         from transformers import BitsAndBytesConfig  # bitsandbytes is imported by this path only
 
         kwargs["quantization_config"] = BitsAndBytesConfig(

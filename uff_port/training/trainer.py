@@ -34,6 +34,7 @@ from uff_port.core.config import Config, config_hash, resume_hash, resume_view
 from uff_port.core.exits import ExitCode
 from uff_port.fsutil import UNSAFE_PATH, UnsafePath, is_disk_full, recover_dir
 from uff_port.protocol import finished_fields
+from uff_port.protocol.errors import ErrorCode
 from uff_port.training import dist, export, zero
 from uff_port.training.builtin import resolve_data_path
 from uff_port.training.channel import Command, Inbox
@@ -121,7 +122,7 @@ class Trainer:
         # (torchrun or a cloud launcher started by hand).
         if t.grad_accum_steps % self.world:
             raise TrainError(
-                "invalid_config",
+                ErrorCode.INVALID_CONFIG,
                 f"training.grad_accum_steps: {t.grad_accum_steps} must be divisible by the number of "
                 f"processes ({self.world}) so the global batch stays micro_batch_size * grad_accum_steps",
             )
@@ -140,7 +141,7 @@ class Trainer:
         self.model = load_model(cfg, self.device, self.precision)
         self.params = trainable_parameters(self.model)
         if not self.params:  # validation refuses lora off with nf4; this is what the model says
-            raise TrainError("invalid_config", "lora.enabled: false leaves no trainable parameters; enable LoRA")
+            raise TrainError(ErrorCode.INVALID_CONFIG, "lora.enabled: false leaves no trainable parameters; enable LoRA")
         self.engine: StepEngine = make_engine(
             cfg, self.model, self.params, self.device, self.precision, self.world, micro=self.micro, accum=self.accum
         )
@@ -189,7 +190,7 @@ class Trainer:
         grace = self.cfg.checkpoint.grace_seconds
         if not self.store.acquire_writer(timeout=grace):
             raise TrainError(
-                "busy",
+                ErrorCode.BUSY,
                 f"another process (pid {self.store.writer_pid()}) is still writing checkpoints to "
                 f"{self.run_dir} after {grace:g} s (checkpoint.grace_seconds); stop it or use another run_dir",
                 resumable=True,
@@ -206,13 +207,13 @@ class Trainer:
                 devices.append({"index": i, "name": props.name, "memory_total": props.total_memory})
         report = check_config(self.cfg, devices)
         if not report.fits:
-            raise TrainError("wont_fit", report.message)
+            raise TrainError(ErrorCode.WONT_FIT, report.message)
         if self.rank == 0:
             from uff_port.planner.disk import check_disk
 
             disk = check_disk(self.cfg, self.run_dir)
             if not disk.fits:
-                raise TrainError("disk_full", disk.message, resumable=True)
+                raise TrainError(ErrorCode.DISK_FULL, disk.message, resumable=True)
 
     def _stream(self, split: str) -> PackedStream:
         def bad(name: str, line_no: int, reason: str) -> None:
@@ -220,7 +221,7 @@ class Trainer:
 
         shared = self.cfg.eval.path if split == "eval" else None  # eval.path: every line is held out
         if shared and not resolve_data_path(shared).is_file():
-            raise TrainError("data_not_found", f"eval.path: no such file {shared!r}")
+            raise TrainError(ErrorCode.DATA_NOT_FOUND, f"eval.path: no such file {shared!r}")
         return PackedStream(
             shared or self.cfg.data.path,
             self.tokenizer,
@@ -247,7 +248,7 @@ class Trainer:
             raise CheckpointUnloadable(f"{type(exc).__name__}: {exc}") from exc
         if snap.layout != self.engine.layout:
             raise TrainError(
-                "checkpoint_mismatch",
+                ErrorCode.CHECKPOINT_MISMATCH,
                 f"{path}: optimizer state saved as {snap.layout}, this run needs {self.engine.layout} "
                 "(DeepSpeed shards resume only with the same ZeRO stage and number of processes); "
                 "start fresh or use the original distributed settings",
@@ -265,7 +266,7 @@ class Trainer:
             try:
                 snap = self._load_checkpoint(point)
             except CheckpointUnloadable as exc:
-                raise TrainError("corrupt_checkpoint", f"{point}: does not load: {exc}") from None
+                raise TrainError(ErrorCode.CORRUPT_CHECKPOINT, f"{point}: does not load: {exc}") from None
         elif not self.fresh:
             found: ResumePoint | None = None
             if self.rank == 0:
@@ -357,9 +358,9 @@ class Trainer:
             if isinstance(err, UnsafePath):  # checkpoints/ now leads out of the run
                 raise TrainError(UNSAFE_PATH, str(err), resumable=True)
             if err is not None and self._is_disk_full(err):
-                raise TrainError("disk_full", self._disk_full_message(), resumable=True)
+                raise TrainError(ErrorCode.DISK_FULL, self._disk_full_message(), resumable=True)
             why = f": {type(err).__name__}: {err}" if err is not None else ""
-            raise TrainError("checkpoint_failed", f"checkpoint of step {self.step} did not become durable{why}",
+            raise TrainError(ErrorCode.CHECKPOINT_FAILED, f"checkpoint of step {self.step} did not become durable{why}",
                              resumable=True)
         return str(point.path)
 
@@ -441,7 +442,7 @@ class Trainer:
             if want == DISK_FULL:
                 # Training on would only pile up steps that no checkpoint can keep. The last
                 # durable checkpoint is intact (commits are atomic): resumable once space is freed.
-                raise TrainError("disk_full", self._disk_full_message(), resumable=True)
+                raise TrainError(ErrorCode.DISK_FULL, self._disk_full_message(), resumable=True)
             if want == CKPT and not pending:  # periodic: do not block the loop
                 self.save_checkpoint(wait=False)
             else:
@@ -450,7 +451,7 @@ class Trainer:
             self._step_cursor = self.data.state_dict()
             seqs = self.data.take(self.micro * self.accum)
             if not seqs:
-                raise TrainError("no_data", "data.path: the training stream ended unexpectedly")
+                raise TrainError(ErrorCode.NO_DATA, "data.path: the training stream ended unexpectedly")
             try:
                 loss, n_tokens, grad_norm = self._step(seqs, pending)
             except NonFiniteStep as bad:
@@ -496,7 +497,7 @@ class Trainer:
         resume would meet the same batch again; raising the budget is the way past it.
         """
         if bad.stepped:  # the engine has stepped already: no skipping, the run stops (nothing is saved)
-            raise TrainError("non_finite", f"non-finite loss at step {self.step + 1} under DeepSpeed; the last "
+            raise TrainError(ErrorCode.NON_FINITE, f"non-finite loss at step {self.step + 1} under DeepSpeed; the last "
                              f"checkpoint ({self.last_checkpoint}) is the last good state", final=True)
         budget = self.cfg.training.skip_nonfinite_steps
         where = f"step {self.step + 1}: loss {bad.loss}, grad norm {bad.grad_norm}"
@@ -509,7 +510,7 @@ class Trainer:
             )  # fmt: skip
             return
         raise TrainError(
-            "non_finite",
+            ErrorCode.NON_FINITE,
             f"non-finite {where}; training stopped, the last checkpoint ({self.last_checkpoint}) is the last "
             "good state. Lower training.learning_rate, check the data, or set training.skip_nonfinite_steps",
             final=True,
@@ -542,7 +543,7 @@ class Trainer:
                     torch.cuda.empty_cache()
                 if self.micro <= 1 or self.world > 1 or not self.engine.can_back_off:
                     raise TrainError(
-                        "out_of_memory",
+                        ErrorCode.OUT_OF_MEMORY,
                         f"out of memory at step {self.step + 1} with micro_batch_size {self.micro}: {exc}. "
                         "Lower data.seq_len, enable model.gradient_checkpointing or quantization.mode: nf4",
                     ) from None

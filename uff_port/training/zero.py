@@ -30,6 +30,7 @@ from typing import Any, Final
 import torch
 
 from uff_port.core.config import resolve_deepspeed_config
+from uff_port.protocol.errors import ErrorCode
 
 DS_TAG: Final = "deepspeed"
 PACKAGE_HINT: Final = "pip install 'uff-port[deepspeed]'"
@@ -57,7 +58,7 @@ def import_deepspeed(device: torch.device) -> Any:
         import deepspeed
     except ImportError as exc:
         raise ZeroError(
-            "not_available", f"distributed.backend: deepspeed needs the deepspeed package ({PACKAGE_HINT}): {exc}"
+            ErrorCode.NOT_AVAILABLE, f"distributed.backend: deepspeed needs the deepspeed package ({PACKAGE_HINT}): {exc}"
         ) from None
     return deepspeed
 
@@ -68,7 +69,7 @@ def resolve_config_path(name: str) -> Path:
     if found is not None:
         return found
     raise ZeroError(
-        "invalid_config",
+        ErrorCode.INVALID_CONFIG,
         f"distributed.deepspeed_config: no file at {name!r} (tried {', '.join(str(t) for t in tried)})",
     )
 
@@ -110,7 +111,7 @@ def build_config(
     ds["zero_optimization"] = zero
     ds.setdefault("steps_per_print", 10**9)  # our progress events say it; keep DeepSpeed quiet
     if problems:
-        raise ZeroError("invalid_config", "distributed.deepspeed_config: " + "; ".join(problems))
+        raise ZeroError(ErrorCode.INVALID_CONFIG, "distributed.deepspeed_config: " + "; ".join(problems))
     return ds
 
 
@@ -121,9 +122,9 @@ def load_config(path: str | None, **fill: Any) -> dict[str, Any]:
         try:
             raw = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ZeroError("invalid_config", f"distributed.deepspeed_config: {file} is not valid JSON: {exc}") from None
+            raise ZeroError(ErrorCode.INVALID_CONFIG, f"distributed.deepspeed_config: {file} is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
-            raise ZeroError("invalid_config", f"distributed.deepspeed_config: {file} must hold a JSON object")
+            raise ZeroError(ErrorCode.INVALID_CONFIG, f"distributed.deepspeed_config: {file} must hold a JSON object")
     return build_config(raw, **fill)
 
 
@@ -180,7 +181,7 @@ def _safe_checkpoint_engine(inner: Any) -> Any:
 def safe_load(path: str | Path, allowed: list[Any], map_location: Any = None) -> Any:
     unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - set(_SAFE_GLOBALS)
     if unsafe:
-        raise ZeroError("corrupt_checkpoint", f"{path}: refusing to load objects {sorted(unsafe)} (not plain data)")
+        raise ZeroError(ErrorCode.CORRUPT_CHECKPOINT, f"{path}: refusing to load objects {sorted(unsafe)} (not plain data)")
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
@@ -196,7 +197,7 @@ def load(engine: Any, directory: Path) -> None:
     path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise ZeroError("corrupt_checkpoint", f"{directory}: no DeepSpeed state under {DS_TAG}/")
+        raise ZeroError(ErrorCode.CORRUPT_CHECKPOINT, f"{directory}: no DeepSpeed state under {DS_TAG}/")
 
 
 @contextlib.contextmanager

@@ -35,7 +35,9 @@ defmodule UffPort.Error do
                  checkpoint_failed corrupt_checkpoint trainer_failed timeout shutting_down
                  wont_fit disk_full non_finite invalid_manifest verify_failed gate_failed
                  alias_conflict inconsistent_release invalid_gates internal
-                 release_held hub_failed reload_failed invalid_slo unsafe_path)
+                 release_held hub_failed reload_failed invalid_slo unsafe_path
+                 model_not_found checkpoint_mismatch out_of_memory too_many_bad_lines
+                 no_data data_not_found data_cursor_mismatch)
 
   @doc false
   @spec new(atom, String.t(), term) :: t
