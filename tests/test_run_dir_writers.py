@@ -56,6 +56,22 @@ def test_a_second_worker_waits_for_the_first_and_resumes_from_its_last_checkpoin
         second.request("stop", {"checkpoint": False}, timeout=120)
 
 
+def test_the_wait_for_a_live_writer_is_capped_at_the_workers_grace(runs_root: Path) -> None:
+    # hello's command_info promises `train` a reply within --grace-seconds plus a margin; a
+    # config asking for a longer grace must not break that promise.
+    with WorkerClient(runs_root=runs_root, heartbeat_interval=0.5) as first, \
+            WorkerClient(runs_root=runs_root, heartbeat_interval=0.5, extra_args=["--grace-seconds", "3"]) as second:  # fmt: skip
+        _train(first)
+        _wait_step(first, 2)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError) as busy:
+            _train(second, timeout=60, **{"checkpoint.grace_seconds": 600})
+        waited = time.monotonic() - t0
+        assert busy.value.code == "busy" and 3 <= waited < 20, waited
+        assert second.hello["command_info"]["train"]["deadline_s"] < 60
+        first.request("stop", {"checkpoint": False}, timeout=120)
+
+
 def test_a_restarted_worker_reclaims_a_run_from_a_stopped_orphan(runs_root: Path) -> None:
     first = WorkerClient(runs_root=runs_root, heartbeat_interval=0.5)
     try:

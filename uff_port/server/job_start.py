@@ -113,11 +113,15 @@ class JobLauncher:
         python: str,
         emit: Callable[..., None],
         devices: Callable[[], list[dict[str, Any]]] = list,
+        max_grace_seconds: float = float("inf"),
     ) -> None:
         self.runs_root = runs_root
         self.python = python
         self.emit = emit
         self.devices = devices
+        # The worker's --grace-seconds: `train`'s advertised deadline (hello's command_info)
+        # assumes no wait for a predecessor lasts longer, whatever the job's config says.
+        self.max_grace_seconds = max_grace_seconds
 
     # -- validation (request loop) ----------------------------------------
     def _run_dir(self, run_dir: str | None, job_id: str | None, name: str) -> tuple[Path, str]:
@@ -215,7 +219,7 @@ class JobLauncher:
         has not let go of the lock within its grace period. A live worker's
         trainer is waited for up to the grace period, then refused.
         """
-        grace = plan.config.checkpoint.grace_seconds
+        grace = min(plan.config.checkpoint.grace_seconds, self.max_grace_seconds)
         if store.acquire_writer(0.0):
             return
         holder = store.writer_holder()
@@ -244,7 +248,7 @@ class JobLauncher:
         raise CommandError(
             ErrorCode.BUSY,
             f"another process (pid {pid}) still holds {plan.run_dir} after {grace:g} s "
-            "(checkpoint.grace_seconds); stop it or use another run_dir",
+            "(checkpoint.grace_seconds, at most the worker's --grace-seconds); stop it or use another run_dir",
             {"writer_pid": pid, "run_dir": str(plan.run_dir)},
         )
 

@@ -188,7 +188,9 @@ class Worker:
         self.events = EventStream(FrameWriter(write_fd), progress_per_s=self.opts.progress_per_s)
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self.tasks = TaskRunner(self.events, self.runs_root, self.opts.python)
-        self.launcher = JobLauncher(self.runs_root, self.opts.python, self._job_event, lambda: self.telemetry.gpus)
+        self.launcher = JobLauncher(
+            self.runs_root, self.opts.python, self._job_event, lambda: self.telemetry.gpus, self.opts.grace_seconds
+        )
 
     def commands(self) -> list[str]:
         return [*COMMANDS, *EXTENSION_COMMANDS]
