@@ -207,3 +207,12 @@ def test_unknown_preset_lists_the_presets(worker: WorkerClient) -> None:
     with pytest.raises(WorkerError) as exc:
         worker.request("train", {"config_path": "no-such-preset"})
     assert exc.value.code == "invalid_config" and "tiny" in exc.value.message
+
+
+def test_the_client_waits_as_long_as_hello_promises_per_command(runs_root: Path) -> None:
+    with WorkerClient(runs_root=runs_root, extra_args=["--grace-seconds", "7"]) as w:
+        info = w.hello["command_info"]
+        assert w.deadline("train") == info["train"]["deadline_s"] and w.deadline("train") > 7
+        assert w.deadline("ping") == 30.0 and w.deadline("no_such_command") == 30.0
+        assert w.deadline("eval") == 3600.0  # long-running with no promised bound
+        w.request("ping")  # the default applies to real calls too

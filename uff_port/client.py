@@ -20,6 +20,9 @@ from typing import IO, Any
 
 from uff_port.protocol.framing import FrameReader, decode_payload, encode_frame
 
+DEFAULT_TIMEOUT_S = 30.0
+UNBOUNDED_TIMEOUT_S = 3600.0
+
 
 class WorkerError(Exception):
     """An error reply: `code`, `message`, `details` exactly as the worker sent them."""
@@ -122,8 +125,24 @@ class WorkerClient:
     def send_frame(self, frame: dict[str, Any]) -> None:
         self.send_raw(encode_frame(frame))
 
-    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
-        """Send a request and return the raw reply frame."""
+    def deadline(self, cmd: str) -> float:
+        """How long to wait for `cmd`'s reply: the deadline hello's `command_info` promises for it.
+
+        A fixed 30 s would cut off a `train` that waits out a predecessor's grace period (up
+        to 130 s by default); a long-running command with no promised bound (`eval`) gets an
+        hour, a command the worker did not describe 30 s.
+        """
+        info = (getattr(self, "hello", None) or {}).get("command_info", {}).get(cmd)
+        if not isinstance(info, dict):
+            return DEFAULT_TIMEOUT_S
+        deadline = info.get("deadline_s")
+        if isinstance(deadline, (int, float)):
+            return float(deadline)
+        return UNBOUNDED_TIMEOUT_S if info.get("long_running") else DEFAULT_TIMEOUT_S
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Send a request and return the raw reply frame (timeout: default `deadline(cmd)`)."""
+        timeout = self.deadline(cmd) if timeout is None else timeout
         rid = next(self._ids)
         fut: Future[dict[str, Any]] = Future()
         with self._cond:
@@ -139,7 +158,7 @@ class WorkerClient:
                 self._pending.pop(rid, None)
             raise TimeoutError(f"no reply to {cmd!r} (id {rid}) within {timeout}s") from None
 
-    def request(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    def request(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         """Send a request; return `result` or raise WorkerError."""
         reply = self.call(cmd, args, timeout)
         if reply.get("ok"):

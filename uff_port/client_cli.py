@@ -95,7 +95,7 @@ def run_client(args: argparse.Namespace) -> int:
                 print(f"--wait-finished: {exc}", file=sys.stderr)
                 failures += 1
     try:
-        client.request("shutdown", timeout=max(args.timeout, 120))
+        client.request("shutdown", timeout=None if args.timeout is None else max(args.timeout, 120))
     except (WorkerError, TimeoutError, EOFError):
         pass
     code = client.wait(150)

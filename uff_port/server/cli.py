@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     client.add_argument("requests", nargs="*", metavar="REQUEST", help="e.g. ping, status, 'train config_path=tiny'")
     client.add_argument("--runs-root", type=Path, default=Path("runs"), metavar="DIR")
     client.add_argument("--heartbeat-interval", type=_positive_float, default=2.0, metavar="SECONDS")
-    client.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S", help="per-request timeout")
+    client.add_argument("--timeout", type=_positive_float, default=None, metavar="S", help="per-request timeout (default: the deadline the worker announces for the command in hello)")
     client.add_argument("--wait-finished", action="store_true",
                         help="after the requests, wait until the job they started ends; exit 1 unless it finished")
     client.add_argument("--quiet", action="store_true", help="print replies only, not events")
