@@ -166,7 +166,11 @@ def test_kaggle_model_source_trains_the_real_path_and_the_artifact_passes_the_ga
 
     api = FakeKaggleApi(tmp_path / "fake")
     api.publish_model(HANDLE, ensure_tiny_llama())
+    # A code-evaluation suite runs in the last session, on the final adapter: its results come
+    # home with the artifact, so the manifest carries them before anything is registered.
+    suites = [{"suite": "ufm", "sample": 2, "max_new_tokens": 8, "batch_size": 2}]
     run, events = _kaggle_run(tmp_path, api, "ds", {"model": {"name_or_path": HUB_ID, "local_files_only": True},
+                                                     "eval": {**SHORT["eval"], "suites": suites},
                                                      "cloud": {"kaggle": {"model_source": HANDLE, "session_hours": 0.5}}})
     assert run.run() == 0, [e for e in events if e[0] in ("failed", "cloud_status")][-3:]
     pushed = api.pushed(run.backend("kaggle").kernel_ref)  # type: ignore[attr-defined]
@@ -175,7 +179,9 @@ def test_kaggle_model_source_trains_the_real_path_and_the_artifact_passes_the_ga
     manifest = json.loads(write_run_manifest(run.run_dir).read_text())
     assert manifest["lineage"]["final_step"] == 4 and manifest["lineage"]["backend"] == "kaggle"
     assert manifest["lineage"]["run_id"] == "ds"
-    assert {"eval_loss", "train_loss"} <= set(manifest["metrics"])
+    assert manifest["lineage"]["sessions"] == [s.name for s in run.journal.data.sessions] and manifest["lineage"]["sessions"]
+    assert {"eval_loss", "train_loss", "eval/ufm/pass@1"} <= set(manifest["metrics"])
+    assert json.loads((run.run_dir / "eval" / "ufm.json").read_text())["step"] == 4
     assert manifest["base_model"]["id"] == HUB_ID
     from uff_port.registry.manifest import parse_manifest
 

@@ -159,7 +159,7 @@ def test_run_manifest_reads_lineage_and_metrics_from_events(tmp_path: Path) -> N
     m = load_manifest(write_run_manifest(run, version="1.0.0", created_at="2026-11-23T12:00:00Z"))
     assert m.role == "ufm" and m.name == "ufm-adapter" and m.version == "1.0.0"
     assert m.lineage.attempts == 2 and m.lineage.backend == "kaggle" and m.lineage.run_id == "j1"
-    assert m.lineage.final_step == 40
+    assert m.lineage.final_step == 40 and m.lineage.sessions == []  # no merged cloud events: a local run
     assert m.metrics == {"eval_loss": 2.25, "perplexity": 9.5, "train_loss": 2.1, "tokens_seen": 9000.0}
     assert m.dataset_hash is not None and m.created_at == "2026-11-23T12:00:00Z"
     assert attempts_from_events([{"event": "log", "attempt": 1}, {"event": "log", "attempt": 3}]) == 2

@@ -57,6 +57,8 @@ class Lineage(_Strict):
     backend: str = Field(min_length=1)
     final_step: int | None = Field(default=None, ge=0)
     parent: str | None = None
+    sessions: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=10_000)
+    """Cloud sessions that trained it, in order (from the merged events' `session` tags); [] for a local run."""
 
 
 class Interface(_Strict):

@@ -124,6 +124,15 @@ def attempts_from_events(events: list[dict[str, Any]]) -> int:
     return max(1, len(pids))
 
 
+def sessions_from_events(events: list[dict[str, Any]]) -> list[str]:
+    """Cloud sessions in the order their events were merged (events_merge tags each line)."""
+    seen: dict[str, None] = {}
+    for e in events:
+        if isinstance(e.get("session"), str) and isinstance(e.get("seq"), int):
+            seen.setdefault(e["session"], None)
+    return list(seen)
+
+
 def _dataset_hash(cfg: dict[str, Any], events: list[dict[str, Any]], run_dir: Path) -> str | None:
     for ev in reversed(events):
         value = ev.get("dataset_hash")
@@ -252,6 +261,7 @@ def build_manifest(
             "attempts": attempts_from_events(events),
             "backend": str(cfg.get("strategy") or "local"),
             "final_step": final_step if final_step is None or final_step >= 0 else None,
+            "sessions": sessions_from_events(events),
         },
         "metrics": {**metrics_from_events(events), **suite_metrics(run_dir)},
         "interface": interface,
