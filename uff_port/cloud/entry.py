@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import yaml
 
@@ -278,6 +278,72 @@ def _secondary_node(platform: Platform, cfg: dict[str, Any]) -> int:
     return ExitCode.OK if rc in (ExitCode.OK, ExitCode.RESUMABLE) else rc
 
 
+LIVE_PREFIX: Final = "uff-port live "
+"""Marks the lines of the session's log that carry an event: the provider's log stream
+(SageMaker: CloudWatch Logs) is the only live channel home while a session runs."""
+LIVE_EVENTS: Final = {"progress": ("step", "max_steps", "loss", "lr", "tokens_per_s"),
+                      "eval": ("step", "loss", "suite", "pass@1"),
+                      "checkpoint": ("step",)}
+_LIVE_LINE_MAX: Final = 64 * 1024
+
+
+class LiveEcho:
+    """Copies a few fields of the trainer's progress/eval/checkpoint events to stdout, as they are
+    appended to events.jsonl, so the home side can show the session's progress from its log.
+
+    Only numbers and names from a fixed list leave: never a message, a path or a config value,
+    so nothing the trainer logs can leak into the provider's log service through here.
+    """
+
+    def __init__(self, events: Path, offset: int, out: IO[str] | None = None) -> None:
+        self.events, self.offset, self.out = events, offset, out or sys.stdout
+        self._partial = b""
+
+    def poll(self) -> int:
+        try:
+            with open(self.events, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(1 << 20)
+        except OSError:
+            return 0
+        self.offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[-_LIVE_LINE_MAX:]  # an unfinished line waits for its end
+        sent = 0
+        for raw in lines:
+            try:
+                ev = json.loads(raw)
+            except ValueError:
+                continue
+            fields = LIVE_EVENTS.get(str(ev.get("event"))) if isinstance(ev, dict) else None
+            if fields is None:
+                continue
+            live = {"event": ev["event"], **{k: ev[k] for k in fields if isinstance(ev.get(k), (int, float, str))}}
+            if isinstance(live.get("suite"), str) and len(live["suite"]) > 64:
+                del live["suite"]
+            print(LIVE_PREFIX + json.dumps(live, separators=(",", ":")), file=self.out, flush=True)
+            sent += 1
+        return sent
+
+
+def parse_live_line(line: str) -> dict[str, Any] | None:
+    """An event echoed by LiveEcho, or None for any other log line (or a forged, malformed one)."""
+    _, sep, body = line.partition(LIVE_PREFIX)
+    if not sep or len(body) > _LIVE_LINE_MAX:
+        return None
+    try:
+        ev = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(ev, dict) or ev.get("event") not in LIVE_EVENTS:
+        return None
+    fields = LIVE_EVENTS[ev["event"]]
+    out = {k: ev[k] for k in fields if isinstance(ev.get(k), (int, float, str)) and not isinstance(ev.get(k), bool)}
+    if not isinstance(out.get("step"), int):
+        return None
+    return {"event": ev["event"], **out}
+
+
 def _latest_step(run_dir: Path) -> int:
     point = CheckpointStore(run_dir).latest()
     return point.step if point else 0
@@ -325,6 +391,8 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
     provider_grace = kill_after - min(_KILL_SLACK, kill_after * 0.25)
     self_stopped = False
     restarts = stalled = 0
+    events_path = platform.run_dir / layout.EVENTS
+    echo = LiveEcho(events_path, events_path.stat().st_size if events_path.is_file() else 0)
     while True:
         launched_at = _latest_step(platform.run_dir)
         # Own process group: the provider's SIGTERM reaches us, and we decide how
@@ -334,8 +402,10 @@ def run_session(platform: Platform, margin: float, session: str | None) -> int:
         while True:
             try:
                 rc = child.wait(timeout=0.25)
+                echo.poll()
                 break
             except subprocess.TimeoutExpired:
+                echo.poll()
                 now = time.monotonic()
                 if deadline is not None and not term_at and now >= deadline:
                     self_stopped = True

@@ -39,13 +39,14 @@ def make_backend(name: str, settings: CloudSettings, run_id: str, workdir: Path)
         from uff_port.cloud.backends.sagemaker import SageMakerBackend, load_clients
 
         if fake:
-            from uff_port.cloud.fakes import FakeS3, FakeSageMakerClient
+            from uff_port.cloud.fakes import FakeLogs, FakeS3, FakeSageMakerClient
 
             s3: object = FakeS3(Path(fake) / "s3")
             sm: object = FakeSageMakerClient(Path(fake) / "sagemaker", s3)  # type: ignore[arg-type]
+            logs: object = FakeLogs(Path(fake) / "sagemaker")
         else:
-            sm, s3 = load_clients(settings.sagemaker)
-        return SageMakerBackend(sm, s3, settings.sagemaker, run_id)
+            sm, s3, logs = load_clients(settings.sagemaker)
+        return SageMakerBackend(sm, s3, settings.sagemaker, run_id, logs=logs)
     raise ProviderError(f"strategy: unknown cloud backend {name!r}")
 
 

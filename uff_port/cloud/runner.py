@@ -95,6 +95,8 @@ class CloudRun:
         self.gpu_present = gpu_present
         self.control = control or Control()
         self.journal = Journal.open(run_dir, run_id, cfg.strategy)
+        self._live_cursors: dict[str, dict[str, Any]] = {}
+        self._live_step = -1
         # A restarted worker may hand us a new job id: names and ledger keys
         # stay those of the journal, or recovery would submit a second job.
         self.run_id = self.journal.data.run_id
@@ -357,8 +359,32 @@ class CloudRun:
             return None
         state = "running" if st.state == "running" else cur.state
         self.journal.transition(state, now=now, remote_state=st.state, detail=st.detail)
+        self._forward_live(backend, cur)
         self.wait(self.settings.poll.interval_seconds)
         return None
+
+    def _forward_live(self, backend: Backend, cur: Any) -> None:
+        """The running session's progress, as its provider shows it (SageMaker: the job's log).
+
+        Sent as `progress`/`eval` events with `source: "cloud_live"` and the session's name, for
+        the display and subscribers only: the run's record stays the session's own events.jsonl,
+        merged when the session comes home. Steps only move forward (a session restarted from an
+        earlier checkpoint repeats steps; the display must not go back).
+        """
+        live = getattr(backend, "live_events", None)
+        if live is None:
+            return
+        cursor = self._live_cursors.setdefault(cur.name, {})
+        for ev in live(cur.remote_ref, cursor):
+            name = ev.pop("event")
+            step = ev.get("step")
+            if name == "progress":
+                if not isinstance(step, int) or step <= self._live_step:
+                    continue
+                self._live_step = step
+            if name == "checkpoint":
+                continue  # durable only once verified at home: `checkpoint` events mean that here
+            self.emit(name, **ev, source="cloud_live", session=cur.name)
 
     def _pull_dir(self, name: str) -> Path:
         return self.run_dir / layout.CLOUD / "pulls" / name

@@ -121,6 +121,10 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+LOG_GROUP: Final = "/aws/sagemaker/TrainingJobs"
+MAX_LOG_PAGES: Final = 20
+
+
 class SageMakerBackend:
     name = "sagemaker"
 
@@ -132,11 +136,14 @@ class SageMakerBackend:
         run_id: str,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        logs: Any = None,
     ) -> None:
         missing = [k for k in ("bucket", "role_arn", "image_uri") if not getattr(settings, k)]
         if missing:
             raise ProviderError("; ".join(f"cloud.sagemaker.{k}: required for the sagemaker backend" for k in missing))
         self.sm, self.s3, self.settings, self.run_id, self.sleep = sm, s3, settings, run_id, sleep
+        self.logs = logs
+        """A CloudWatch Logs client: the session's progress while it runs (None: none shown)."""
         self.prefix = f"{settings.prefix.strip('/')}/{run_hash(run_id)}"
 
     @property
@@ -309,6 +316,41 @@ class SageMakerBackend:
         # SageMaker sends SIGTERM; the entry point checkpoints within 120 s.
         self._call(self.sm.stop_training_job, TrainingJobName=ref)
 
+    def live_events(self, ref: str, cursor: dict[str, Any]) -> list[dict[str, Any]]:
+        """Events the session's entry echoed into its CloudWatch log since `cursor` (updated in place).
+
+        SageMaker writes a training job's stdout to the log group /aws/sagemaker/TrainingJobs,
+        one stream per host (`<job>/algo-1-<epoch>`); only the first host's trainer reports.
+        Best effort: a log not there yet, or any error, yields nothing this time.
+        """
+        from uff_port.cloud.entry import parse_live_line
+
+        if self.logs is None:
+            return []
+        out: list[dict[str, Any]] = []
+        try:
+            streams = self.logs.describe_log_streams(
+                logGroupName=LOG_GROUP, logStreamNamePrefix=f"{ref}/algo-1-", limit=5
+            ).get("logStreams", [])
+            for stream in sorted(streams, key=lambda s: str(s.get("logStreamName")))[:1]:
+                name = str(stream["logStreamName"])
+                for _ in range(MAX_LOG_PAGES):
+                    kwargs: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamName": name, "startFromHead": True}
+                    if cursor.get(name):
+                        kwargs["nextToken"] = cursor[name]
+                    page = self.logs.get_log_events(**kwargs)
+                    for item in page.get("events", []):
+                        ev = parse_live_line(str(item.get("message", "")))
+                        if ev is not None:
+                            out.append(ev)
+                    token = page.get("nextForwardToken")
+                    if not token or token == cursor.get(name):
+                        break  # the same token again: the end of the stream for now
+                    cursor[name] = token
+        except Exception:  # noqa: BLE001 - progress display only; status() reports real trouble
+            return out
+        return out
+
     def pull(self, ref: str, dest: Path) -> None:
         """model.tar.gz (the verified output) into dest; the S3 checkpoints beside it."""
         from uff_port.cloud.entry import safe_extract
@@ -346,7 +388,7 @@ class SageMakerBackend:
             raise classify(exc) from None
 
 
-def load_clients(settings: SageMakerSettings) -> tuple[Any, Any]:
+def load_clients(settings: SageMakerSettings) -> tuple[Any, Any, Any]:
     """boto3 clients from the usual AWS chain (env, profiles, roles); never logged."""
     try:
         import boto3
@@ -358,4 +400,4 @@ def load_clients(settings: SageMakerSettings) -> tuple[Any, Any]:
     if region is None:
         raise ProviderError("cloud.sagemaker.region: required for the sagemaker backend (or set AWS_REGION)")
     session = boto3.session.Session(region_name=region)
-    return session.client("sagemaker"), session.client("s3")
+    return session.client("sagemaker"), session.client("s3"), session.client("logs")

@@ -16,13 +16,14 @@ from uff_port.cloud.fakes.kaggle import (
     KernelWorkerStatus,
     kill_tree,
 )
-from uff_port.cloud.fakes.sagemaker import FakeS3, FakeSageMakerClient
+from uff_port.cloud.fakes.sagemaker import FakeLogs, FakeS3, FakeSageMakerClient
 
 __all__ = [
     "FAKE_ENV",
     "FakeConnectionError",
     "FakeHttpError",
     "FakeKaggleApi",
+    "FakeLogs",
     "FakeS3",
     "FakeSageMakerClient",
     "KernelWorkerStatus",

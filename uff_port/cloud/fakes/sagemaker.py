@@ -304,6 +304,52 @@ class FakeSageMakerClient:
             self.s3.upload_file(str(archive), ob, f"{op}/{req['TrainingJobName']}/output/model.tar.gz")
 
 
+class FakeLogs:
+    """The slice of the CloudWatch Logs client the backend reads: a training job's log stream.
+
+    A job started in `sm_real` mode writes its container's stdout to `containers/<job>/log.txt`;
+    that file is the stream `<job>/algo-1-<start epoch>` of /aws/sagemaker/TrainingJobs. Requests
+    are checked with botocore's own validator; tokens are opaque, as the real ones are.
+    """
+
+    PAGE_LINES: Final = 50  # small pages, so readers must follow nextForwardToken
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.root = Path(state_dir)
+
+    def _streams(self) -> dict[str, Path]:
+        out = {}
+        for log in sorted((self.root / "containers").glob("*/log.txt")):
+            out[f"{log.parent.name}/algo-1-{int(log.stat().st_ctime)}"] = log
+        return out
+
+    def describe_log_streams(self, **req: Any) -> dict[str, Any]:
+        validate_request("DescribeLogStreams", req, service="logs")
+        if req["logGroupName"] != "/aws/sagemaker/TrainingJobs":
+            raise _client_error("ResourceNotFoundException", "The specified log group does not exist.", "DescribeLogStreams")
+        prefix = req.get("logStreamNamePrefix", "")
+        names = [n for n in self._streams() if n.startswith(prefix)][: req.get("limit", 50)]
+        return {"logStreams": [{"logStreamName": n} for n in names]}
+
+    def get_log_events(self, **req: Any) -> dict[str, Any]:
+        validate_request("GetLogEvents", req, service="logs")
+        log = self._streams().get(req["logStreamName"])
+        if log is None or req["logGroupName"] != "/aws/sagemaker/TrainingJobs":
+            raise _client_error("ResourceNotFoundException", "The specified log stream does not exist.", "GetLogEvents")
+        token = req.get("nextToken") or "f/0"
+        if not token.startswith("f/") or not token[2:].isdigit():
+            raise _client_error("InvalidParameterException", "The specified nextToken is invalid.", "GetLogEvents")
+        offset = int(token[2:])
+        with open(log, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(1 << 20)
+        lines = data.split(b"\n")[:-1][: self.PAGE_LINES]  # whole lines only, as CloudWatch ingests them
+        offset += sum(len(line) + 1 for line in lines)
+        now = int(time.time() * 1000)
+        events = [{"timestamp": now, "message": line.decode("utf-8", "replace"), "ingestionTime": now} for line in lines]
+        return {"events": events, "nextForwardToken": f"f/{offset}", "nextBackwardToken": "b/0"}
+
+
 _SM_WRAPPER: Final = (
     "import os, signal, subprocess, sys\n"
     "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
@@ -316,13 +362,13 @@ _SM_WRAPPER: Final = (
 )
 
 
-def validate_request(operation: str, params: dict[str, Any]) -> None:
-    """botocore's own parameter validation against the SageMaker service model, as the real client does."""
+def validate_request(operation: str, params: dict[str, Any], service: str = "sagemaker") -> None:
+    """botocore's own parameter validation against the service's model, as the real client does."""
     import botocore.session
     from botocore.exceptions import ParamValidationError
     from botocore.validate import ParamValidator
 
-    model = botocore.session.get_session().get_service_model("sagemaker").operation_model(operation)
+    model = botocore.session.get_session().get_service_model(service).operation_model(operation)
     report = ParamValidator().validate(params, model.input_shape)
     if report.has_errors():
         raise ParamValidationError(report=report.generate_report())
