@@ -299,3 +299,49 @@ def test_client_wait_finished_returns_at_once_after_a_refused_train(tmp_path: Pa
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "invalid_config" in proc.stdout and "nothing to wait for" in proc.stderr
     assert time.monotonic() - start < 30
+
+
+_ONE_LINE_BOMB = "[" + ", ".join(
+    ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 10)]
+) + "]"
+
+
+def test_every_user_yaml_is_read_within_the_config_limits(tmp_path: Path) -> None:
+    # Gates and SLO files, `--set` values and the client's key=value arguments are user input
+    # too: an alias bomb in any of them is refused with its coded error, under a memory cap.
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    script = f"""
+import sys
+from uff_port.core.config import ConfigError
+from uff_port.registry.errors import RegistryError
+from uff_port.registry.gates import load_gates
+from uff_port.registry.watch import load_slo
+from uff_port.training.__main__ import parse_overrides
+from uff_port.client_cli import parse_request_line as parse_request
+bomb, line = sys.argv[1], sys.argv[2]
+for load, code in ((load_gates, "invalid_gates"), (load_slo, "invalid_slo")):
+    try:
+        load(bomb)
+    except RegistryError as exc:
+        assert exc.code == code and "alias" in exc.message, exc.message
+    else:
+        raise SystemExit("accepted: " + load.__name__)
+try:
+    parse_overrides(["cloud.x=" + line])
+except ConfigError as exc:
+    assert "alias" in str(exc), str(exc)
+else:
+    raise SystemExit("accepted: --set")
+try:
+    parse_request("train overrides=" + repr(line))
+except ValueError as exc:
+    assert "alias" in str(exc), str(exc)
+else:
+    raise SystemExit("accepted: client")
+print("ok")
+"""
+    proc = subprocess.run([PY, "-c", script, str(bomb), _ONE_LINE_BOMB], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, preexec_fn=_cap_memory)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:] + proc.stdout

@@ -9,9 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
 from uff_port.client import WorkerClient, WorkerError
+from uff_port.core.config_io import ConfigLimitError, parse_yaml_value
 
 
 def parse_request_line(line: str) -> tuple[str, dict[str, Any]]:
@@ -25,9 +24,9 @@ def parse_request_line(line: str) -> tuple[str, dict[str, Any]]:
         if not sep or not key:
             raise ValueError(f"expected key=value, got {part!r}")
         try:
-            args[key] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError as exc:
-            raise ValueError(f"value of {key!r} is not valid YAML: {exc}") from None
+            args[key] = parse_yaml_value(value, key) if value else ""
+        except ConfigLimitError as exc:
+            raise ValueError(exc.problem) from None
     return parts[0], args
 
 

@@ -237,3 +237,17 @@ def parse_config_text(data: bytes | str, *, name: str, as_json: bool = False, fi
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. an integer of 5000 digits
         raise ConfigLimitError(f"{field}: {name}: a {kind} value cannot be read ({type(exc).__name__})") from None
     return tree
+
+
+def load_yaml_file(path: str | Path, field: str) -> Any:
+    """A user's YAML file (gates, SLOs, a run's config.yaml) read within the same limits as a config.
+
+    Raises ConfigLimitError (a ValueError) with one 'field: message' that never quotes the file.
+    """
+    p = Path(path)
+    return parse_config_text(read_config_bytes(p, field), name=repr(str(p)), field=field)
+
+
+def parse_yaml_value(text: str, field: str) -> Any:
+    """One `key=value` value from a command line (`--set`, the client's args) as a bounded YAML scalar or tree."""
+    return parse_config_text(text, name="the value", field=field)

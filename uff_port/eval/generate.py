@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from uff_port.core import layout
+from uff_port.core.config_io import ConfigLimitError, load_yaml_file
 
 STOP_SEQUENCES: Final = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 
@@ -70,8 +69,12 @@ def _base_of(adapter_dir: Path, run_dir: Path | None) -> str:
     if base and Path(base).is_dir():
         return str(base)
     if run_dir is not None and (run_dir / layout.CONFIG).is_file():
-        conf = yaml.safe_load((run_dir / layout.CONFIG).read_text(encoding="utf-8")) or {}
-        name = (conf.get("model") or {}).get("name_or_path")
+        try:
+            conf = load_yaml_file(run_dir / layout.CONFIG, "config.yaml") or {}
+        except ConfigLimitError as exc:
+            raise TargetError(exc.problem) from None
+        model = conf.get("model") if isinstance(conf, dict) else None
+        name = model.get("name_or_path") if isinstance(model, dict) else None
         if name:
             base = name
     if not base:

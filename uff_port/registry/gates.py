@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from uff_port.core.config_io import ConfigLimitError, load_yaml_file
 from uff_port.protocol.errors import ErrorCode
 from uff_port.registry.errors import INVALID_GATES, RegistryError
 from uff_port.registry.manifest import INTERFACE_CONTRACT, ArtifactManifest
@@ -128,12 +128,10 @@ class Evidence:
 def load_gates(path: str | Path | None = None) -> GatesConfig:
     p = Path(path) if path else DEFAULT_GATES
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw = load_yaml_file(p, "gates") or {}
         return GatesConfig.model_validate(raw)
-    except OSError as exc:
-        raise RegistryError(INVALID_GATES, f"gates: cannot read {p}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise RegistryError(INVALID_GATES, f"gates: {p} is not valid YAML: {exc}") from None
+    except ConfigLimitError as exc:
+        raise RegistryError(INVALID_GATES, exc.problem) from None
     except ValidationError as exc:
         problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
         raise RegistryError(INVALID_GATES, f"gates {p}: " + "; ".join(problems), {"problems": problems}) from None

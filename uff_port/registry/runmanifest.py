@@ -14,10 +14,9 @@ import math
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from uff_port import __version__
 from uff_port.core import layout
+from uff_port.core.config_io import ConfigLimitError, load_yaml_file
 from uff_port.eval.metrics import suite_metrics
 from uff_port.fsutil import UnsafePath, atomic_write_text, find_symlinks, open_confined
 from uff_port.hashing import list_files, sha256_file, tree_manifest
@@ -164,8 +163,8 @@ def _config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     path = run_dir / layout.CONFIG
     try:
         text = path.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError):
+        raw = load_yaml_file(path, "config.yaml")
+    except (OSError, ConfigLimitError):
         return {}, None
     if not isinstance(raw, dict):
         return {}, hashlib.sha256(text.encode()).hexdigest()

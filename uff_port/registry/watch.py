@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from uff_port.core.config_io import ConfigLimitError, load_yaml_file
 from uff_port.registry.deploy import ReloadHooks, ServingDir, Switch, rollback_role
 from uff_port.registry.errors import INVALID_SLO, RegistryError
 from uff_port.registry.manifest import ROLES
@@ -102,9 +102,9 @@ class SloConfig(_Strict):
 
 def load_slo(path: str | Path) -> SloConfig:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise RegistryError(INVALID_SLO, f"slo: cannot read {path}: {exc}") from None
+        raw = load_yaml_file(path, "slo")
+    except ConfigLimitError as exc:
+        raise RegistryError(INVALID_SLO, exc.problem) from None
     try:
         return SloConfig.model_validate(raw)
     except ValidationError as exc:

@@ -34,14 +34,17 @@ EXIT_FILE_ENV: Final = "UFF_PORT_EXIT_FILE"
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`--set training.max_steps=40`: values are YAML scalars (numbers, bools, lists)."""
-    import yaml
+    from uff_port.core.config_io import ConfigLimitError, parse_yaml_value
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError([f"{item}: overrides look like dotted.key=value"])
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = parse_yaml_value(value, f"--set {key.strip()}")
+        except ConfigLimitError as exc:
+            raise ConfigError([exc.problem]) from None
     return out
 
 
