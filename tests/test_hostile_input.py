@@ -312,7 +312,7 @@ def test_every_user_yaml_is_read_within_the_config_limits(tmp_path: Path) -> Non
     # too: an alias bomb in any of them is refused with its coded error, under a memory cap.
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(alias_bomb())
-    script = f"""
+    script = """
 import sys
 from uff_port.core.config import ConfigError
 from uff_port.registry.errors import RegistryError
