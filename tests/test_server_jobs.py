@@ -204,6 +204,8 @@ def test_finished_job_reports_and_writes_artifact_manifest(worker: WorkerClient,
     _train(worker, **{"training.max_steps": 3})
     finished = worker.wait_event("finished", timeout=180)
     assert finished["step"] == 3 and finished["job_id"] == "job"
+    # One shape for last_checkpoint everywhere (status, last_job, failed, finished).
+    assert finished["last_checkpoint"] == {"step": 3, "path": str(runs_root / "job" / "checkpoints" / "step-00000003")}
     artifact = worker.wait_event("artifact", timeout=60)
     manifest = json.loads((runs_root / "job" / "final" / "artifact.json").read_text())
     assert artifact["artifact_id"] == manifest["artifact_id"]
@@ -211,3 +213,4 @@ def test_finished_job_reports_and_writes_artifact_manifest(worker: WorkerClient,
     assert idle["outcome"] == "finished" and idle["exit_status"] == 0
     last = worker.request("status")["last_job"]
     assert last["outcome"] == "finished" and last["step"] == 3
+    assert last["last_checkpoint"] == finished["last_checkpoint"]

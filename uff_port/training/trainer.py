@@ -393,12 +393,18 @@ class Trainer:
         return self.last_checkpoint if self.rank == 0 else None
 
     # ---- commands -----------------------------------------------------------
+    def _checkpoint_ref(self) -> dict[str, Any] | None:
+        """`last_checkpoint` as every event and reply carries it: `{step, path}` or None."""
+        if self.last_checkpoint is None:
+            return None
+        return {"step": self._ckpt_step, "path": self.last_checkpoint}
+
     def _status(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "max_steps": self.cfg.training.max_steps,
             "loss": self.loss,
-            "last_checkpoint": self.last_checkpoint,
+            "last_checkpoint": self._checkpoint_ref(),
             "state": self.state,
         }
 
@@ -651,7 +657,7 @@ class Trainer:
                 loss=self.loss,
                 eval_loss=self.eval_loss,
                 final=str(final) if final else None,
-                last_checkpoint=self.last_checkpoint,
+                last_checkpoint=self._checkpoint_ref(),
                 tokens_seen=self.tokens_seen,
             ),
         )
