@@ -221,3 +221,16 @@ def test_resolve_arch_local_dir_and_hf_cache(tmp_path, monkeypatch) -> None:
     with pytest.raises(ArchError, match="without config.json"):
         resolve_arch(str(tmp_path))
     assert resolve_arch("deepseek-ai/deepseek-coder-6.7b-instruct") is A67
+
+
+def test_planned_accumulation_keeps_the_global_batch_whatever_the_process_count() -> None:
+    from uff_port.planner.estimate import Candidate
+    from uff_port.planner.search import grad_accum
+
+    for nproc in (1, 2, 4):
+        cand = Candidate("qlora", "ddp" if nproc > 1 else "single", nproc, True, 4)
+        accum = grad_accum(cand, 64)
+        # The trainer's global batch: micro_batch_size * grad_accum_steps, accumulation divisible by nproc.
+        assert accum % nproc == 0 and 4 * accum >= 64 and 4 * (accum - nproc) < 64, (nproc, accum)
+        over = overrides_for(cand, 64)
+        assert over["training.grad_accum_steps"] == accum

@@ -140,7 +140,14 @@ def summary_rows(ranked: list[Scored]) -> list[Scored]:
 
 
 def grad_accum(cand: Candidate, global_batch: int) -> int:
-    return max(1, math.ceil(global_batch / (cand.micro_batch * cand.nproc)))
+    """`training.grad_accum_steps` for at least `global_batch` sequences per optimizer step.
+
+    The config's accumulation is global (docs/training.md: a step is micro_batch_size *
+    grad_accum_steps sequences whatever the process count; each rank runs grad_accum_steps /
+    nproc of them), so it is a multiple of nproc, not the per-rank count.
+    """
+    per_rank = max(1, math.ceil(global_batch / (cand.micro_batch * cand.nproc)))
+    return per_rank * cand.nproc
 
 
 def overrides_for(cand: Candidate, global_batch: int | None = None) -> dict[str, Any]:
