@@ -1,11 +1,12 @@
 # Round-trip and recovery figures of the bridge, each against a baseline measured
 # in the same invocation.
 #
-#   cd elixir_bridge && mix run bench/roundtrip.exs [--pings 2000] [--no-recovery]
+#   cd elixir_bridge && mix run bench/roundtrip.exs [--pings 2000] [--rounds 5] [--no-recovery]
 #
 # 1. `UffPort.Worker.ping/1` p50/p99 vs a bare Port echo: the same Python, the
 #    same {packet,4} framing and the same Elixir codec work, but no GenServer and
-#    no worker dispatch. Samples alternate one by one, so machine load hits both alike.
+#    no worker dispatch. Samples alternate one by one, so machine load hits both alike;
+#    each of --rounds rounds gives a p50 ratio, reported as the median and the spread.
 # 2. Recovery: SIGKILL of the worker at step 8 of the tiny run -> first progress
 #    event after the supervisor's restart and resume, vs the cold start of the same
 #    run (supervisor start -> first progress).
@@ -14,8 +15,11 @@ alias UffPort.{JobSupervisor, Msgpack, OsProcess, Worker}
 # The injected SIGKILL is expected; its crash report would only clutter the figures.
 Logger.configure(level: :critical)
 
-{opts, _, _} = OptionParser.parse(System.argv(), strict: [pings: :integer, recovery: :boolean])
+{opts, _, _} =
+  OptionParser.parse(System.argv(), strict: [pings: :integer, rounds: :integer, recovery: :boolean])
+
 pings = Keyword.get(opts, :pings, 2_000)
+rounds = Keyword.get(opts, :rounds, 5)
 repo = Path.expand("..", File.cwd!())
 
 python =
@@ -81,23 +85,35 @@ echo =
 for i <- 1..200, do: {Bench.echo_rtt(echo, i), Bench.ping_rtt(w)}
 
 # Alternate one echo and one ping per iteration: both see the same machine load.
-{echo_s, ping_s} =
-  1..pings
-  |> Enum.map(fn i -> {Bench.echo_rtt(echo, 1_000 + i), Bench.ping_rtt(w)} end)
-  |> Enum.unzip()
+per_round =
+  for r <- 1..rounds do
+    1..pings
+    |> Enum.map(fn i -> {Bench.echo_rtt(echo, r * 1_000_000 + i), Bench.ping_rtt(w)} end)
+    |> Enum.unzip()
+  end
 
 Port.close(echo)
 Worker.shutdown(w)
 
 row = fn name, s -> "| #{name} | #{length(s)} | #{Bench.pct(s, 50)} | #{Bench.pct(s, 99)} |" end
-IO.puts("\n## ping round trip (microseconds)\n")
-IO.puts("| path | n | p50 | p99 |\n|---|---|---|---|")
-IO.puts(row.("bare Port echo (baseline)", echo_s))
-IO.puts(row.("UffPort.Worker.ping/1", ping_s))
+IO.puts("\n## ping round trip (microseconds), per round\n")
+IO.puts("| round | echo p50 | ping p50 | ratio p50 |\n|---|---|---|---|")
+
+ratios =
+  for {{echo_s, ping_s}, r} <- Enum.with_index(per_round, 1) do
+    ratio = Bench.pct(ping_s, 50) / max(Bench.pct(echo_s, 50), 1)
+    IO.puts("| #{r} | #{Bench.pct(echo_s, 50)} | #{Bench.pct(ping_s, 50)} | #{Float.round(ratio, 2)}x |")
+    ratio
+  end
+
+{all_echo, all_ping} = {Enum.flat_map(per_round, &elem(&1, 0)), Enum.flat_map(per_round, &elem(&1, 1))}
+IO.puts("\n| path | n | p50 | p99 |\n|---|---|---|---|")
+IO.puts(row.("bare Port echo (baseline)", all_echo))
+IO.puts(row.("UffPort.Worker.ping/1", all_ping))
 
 IO.puts(
-  "\nratio worker/echo: p50 #{Float.round(Bench.pct(ping_s, 50) / Bench.pct(echo_s, 50), 2)}x, " <>
-    "p99 #{Float.round(Bench.pct(ping_s, 99) / Bench.pct(echo_s, 99), 2)}x"
+  "\nratio worker/echo p50: median #{Float.round(Bench.pct(ratios, 50), 2)}x over #{rounds} rounds " <>
+    "(#{Float.round(Enum.min(ratios), 2)}-#{Float.round(Enum.max(ratios), 2)}x)"
 )
 
 # ------------------------------------------------------------------ recovery
