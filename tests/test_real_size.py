@@ -36,6 +36,10 @@ def test_builder_config_is_the_planners_architecture(size: str) -> None:
     assert cfg["rope_scaling"] == {"factor": 4.0, "type": "linear"} and cfg["rope_theta"] == 100000
     got = arch_from_config(cfg, f"deepseek-coder-{size}", f"deepseek-ai/deepseek-coder-{size}-base")
     assert got == BUILTIN[f"deepseek-coder-{size}"]
+    from uff_port.planner.arch import resolve_arch
+    from uff_port.training.real_arch import builtin_name
+
+    assert resolve_arch(builtin_name(size)) == BUILTIN[f"deepseek-coder-{size}"]  # plan/guard know the name
 
 
 @pytest.mark.parametrize("size", ["1.3b", "6.7b"])
