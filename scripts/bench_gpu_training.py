@@ -120,6 +120,12 @@ def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str
     if a.grad_accum:
         overrides["training.grad_accum_steps"] = a.grad_accum
     cfg = load_config(ROOT / "configs" / case["preset"], overrides)
+    # The planner's estimate of exactly this config on this card (or the cap), before it runs.
+    from uff_port.planner.guard import check_config
+
+    cap = 0 if smoke else int(min(total, (case["cap_gib"] or 1e9) * 2**30))
+    plan = check_config(cfg, [] if smoke else [{"memory_total": cap}]).estimate or {}
+    est_mib = (plan.get("cpu_total") if smoke else plan.get("gpu_reserved") or 0) / 2**20
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, Path(tmp), reporter=Reporter(Path(tmp)), inbox=Inbox(), fresh=True)
         tr.setup()
@@ -153,6 +159,8 @@ def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str
         "micro_batch": cfg.training.micro_batch_size, "grad_accum": cfg.training.grad_accum_steps,
         "tokens_per_s": tps, "max_memory_reserved_mib": reserved, "nvml_used_mib": nvml,
         "cap_gib": case["cap_gib"], "mfu": mfu, "params": arch_params,
+        "planner_estimate_mib": est_mib, "planner_label": plan.get("label"),
+        "estimate_over_measured": est_mib / reserved if reserved else None,
     }  # fmt: skip
 
 
@@ -193,14 +201,15 @@ def main() -> None:
     lines = [
         f"Command: `python scripts/bench_gpu_training.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         "",
-        "| case | device | seq | micro x accum | tokens/s | max_memory_reserved MiB | NVML used MiB | cap GiB | MFU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | device | seq | micro x accum | tokens/s | max_memory_reserved MiB | NVML used MiB | cap GiB | MFU | planner MiB | est/measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['device']} | {r['seq_len']} | {r['micro_batch']} x {r['grad_accum']} | "
             f"{r['tokens_per_s']:.0f} | {r['max_memory_reserved_mib']:.0f} | {r['nvml_used_mib'] or float('nan'):.0f} | "
-            f"{r['cap_gib'] or '-'} | {(r['mfu'] or float('nan')) * 100:.1f}% |"
+            f"{r['cap_gib'] or '-'} | {(r['mfu'] or float('nan')) * 100:.1f}% | {r['planner_estimate_mib']:.0f} | "
+            f"{r['estimate_over_measured'] or float('nan'):.3f} |"
         )
     if baseline is not None:
         packed = next(r for r in rows if r["case"] == "1.3b-lora")
