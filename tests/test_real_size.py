@@ -180,8 +180,10 @@ def test_deepseek_coder_1_3b_end_to_end(tmp_path: Path, bigmem_lock: None) -> No
     assert r["resume"]["bit_equal"] and r["resume"]["final_adapters_bit_equal"]
     assert r["load_check"]["ok"] and r["load_check"]["lora_params"] == 14_991_360
     assert r["merged_bytes"] > 5e9  # 1.35B parameters in fp32
-    ratio = r["planner_vs_measured"]["ratio"]
-    assert 0.7 < ratio < 1.5, r["planner_vs_measured"]
+    # The planner models what the process allocates while training (anonymous memory); the
+    # resident peak at load adds the mmap'd bf16 checkpoint's pages (docs/real-size.md).
+    ratio = r["planner_vs_measured"]["ratio_anon_training"]
+    assert 0.9 < ratio < 1.2, r["planner_vs_measured"]
 
 
 # ---- scripts/gpu_check.sh ---------------------------------------------------
