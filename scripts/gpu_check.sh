@@ -77,13 +77,18 @@ setup() {
     return
   fi
   if [[ -z "$PY" ]]; then
-    if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-      python3 -m venv --system-site-packages .venv-gpu    # keep the machine's CUDA torch
-    else
-      python3 -m venv .venv-gpu && .venv-gpu/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+    local cuda_torch=0 venv_args=()
+    python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && cuda_torch=1
+    (( cuda_torch )) && venv_args=(--system-site-packages)   # keep the machine's CUDA torch
+    if python3 -m venv "${venv_args[@]}" .venv-gpu; then
+      PY=$ROOT/.venv-gpu/bin/python
+    else  # no ensurepip (python3-venv missing): the machine's interpreter itself
+      PY=$(command -v python3)
+      export PIP_BREAK_SYSTEM_PACKAGES=1
     fi
-    PY=$ROOT/.venv-gpu/bin/python
+    (( cuda_torch )) || "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || return 1
   fi
+  echo "$PY" > "$OUT/python.path"   # the parent reads which interpreter the stages use
   "$PY" -m pip install -q -e ".[train]" "bitsandbytes>=0.48" "nvidia-ml-py>=12.0" psutil || return 1
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
@@ -155,7 +160,9 @@ export OUT DRY ROOT WORK START PY
 
 log "gpu_check: out=$OUT work=$WORK budget=${BUDGET}s dry_run=$DRY stages: $STAGES"
 stage setup 240 setup
-if [[ -z "$PY" ]]; then PY=$ROOT/.venv-gpu/bin/python; export PY; fi
+if [[ -z "$PY" && -s "$OUT/python.path" ]]; then PY=$(cat "$OUT/python.path"); fi
+if [[ -z "$PY" ]]; then PY=$ROOT/.venv-gpu/bin/python; fi
+export PY
 SAMPLER=""
 if [[ " $STAGES " == *" telemetry "* ]]; then
   "$PY" scripts/gpu_telemetry.py sample "$OUT/nvml.jsonl" --interval 1 2>> "$OUT/gpu_check.log" &

@@ -193,10 +193,12 @@ n_lora = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
 with torch.no_grad():
     a = m(input_ids=ids).logits.float().cpu()
 del m
-m = AutoModelForCausalLM.from_pretrained(final + "/merged", local_files_only=True).to(device).eval()
+merged = AutoModelForCausalLM.from_pretrained(final + "/merged", local_files_only=True)
+dtype = str(next(merged.parameters()).dtype)  # as saved: fp32 from a CPU run, bf16 from a GPU run
+m = merged.float().to(device).eval()
 with torch.no_grad():
     b = m(input_ids=ids).logits.float().cpu()
-print(json.dumps({"lora_params": n_lora, "merged_dtype": str(next(m.parameters()).dtype),
+print(json.dumps({"lora_params": n_lora, "merged_dtype": dtype,
                   "max_abs_logit_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max())}))
 """
 
@@ -289,7 +291,9 @@ def main() -> int:
         and result["resume"]["steps_compared"] == a.steps)
     ok = (exact and result["run_a"]["exit"] == 0 and result["run_b_resumed"]["exit"] == 0
           and result["run_b_killed"]["killed"] and lc.get("ok", False)
-          and lc["max_abs_logit_diff"] <= 1e-3 * max(1.0, lc["logit_scale"]))
+          # A bf16 merged model (GPU runs) carries bf16 rounding of W + BA: a looser bound.
+          and lc["max_abs_logit_diff"] <= (1e-3 if lc["merged_dtype"] == "torch.float32" else 5e-2)
+          * max(1.0, lc["logit_scale"]))
     return 0 if ok else 1
 
 
