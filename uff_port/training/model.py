@@ -1,9 +1,9 @@
 """Model and tokenizer loading: one path for the tiny model, a local checkout and a hub id.
 
 LoRA via peft, QLoRA (NF4 + double quantisation) via bitsandbytes (imported
-only there; CUDA, or CPU with bitsandbytes >= 0.48), gradient checkpointing, SDPA attention, and the
-precision policy: bf16 where the device supports it, else fp16 with a
-GradScaler (Kaggle's T4), fp32 on CPU.
+only there; CUDA, or CPU with bitsandbytes >= 0.50), gradient checkpointing,
+SDPA attention, and the precision policy: bf16 where the device supports it,
+else fp16 with a GradScaler (Kaggle's T4), fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def tokenizer_hash(tok: Any) -> str:
 def require_nf4(device: torch.device) -> None:
     """QLoRA needs bitsandbytes with 4-bit kernels for `device`: say which part is missing.
 
-    bitsandbytes >= 0.48 ships a CPU backend, so nf4 also trains (slowly) on CPU; older
+    bitsandbytes >= 0.50 ships a CPU backend, so nf4 also trains (slowly) on CPU; older
     releases, or a build without a backend for this device, stop here with `not_available`.
     """
     try:
@@ -134,7 +134,7 @@ def require_nf4(device: torch.device) -> None:
             ErrorCode.NOT_AVAILABLE,
             f"quantization.mode: nf4 (QLoRA): bitsandbytes {getattr(bnb, '__version__', '?')} has no working "
             f"4-bit kernels for {device.type} here ({type(exc).__name__}: {exc}); use a CUDA device, "
-            "bitsandbytes >= 0.48 for CPU, or quantization.mode: none",
+            "bitsandbytes >= 0.50 for CPU, or quantization.mode: none",
         ) from None
 
 
