@@ -166,6 +166,7 @@ def bigmem_lock() -> Iterator[None]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # waiting for the machine-wide lock counts too
 @pytest.mark.skipif(not os.environ.get("UFF_PORT_REAL_SIZE"),
                     reason="~10 min and ~7 GiB RAM: set UFF_PORT_REAL_SIZE=1 (docs/real-size.md)")
 def test_deepseek_coder_1_3b_end_to_end(tmp_path: Path, bigmem_lock: None) -> None:
