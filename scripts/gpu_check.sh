@@ -89,7 +89,7 @@ setup() {
     (( cuda_torch )) || "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || return 1
   fi
   echo "$PY" > "$OUT/python.path"   # the parent reads which interpreter the stages use
-  "$PY" -m pip install -q -e ".[train]" "bitsandbytes>=0.48" "nvidia-ml-py>=12.0" psutil || return 1
+  "$PY" -m pip install -q -e ".[train]" "bitsandbytes>=0.50" "nvidia-ml-py>=12.0" psutil || return 1
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
 }
