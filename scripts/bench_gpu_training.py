@@ -11,9 +11,9 @@ runs under `torch.cuda.set_per_process_memory_fraction` for 16 GiB: it must
 fit a 16 GB card at sequence length 2048. The ratio line compares the 1.3B
 preset against the same run without packing, in the same invocation.
 
-Weights are random (no download): the model is built from the real config,
-saved once under $UFF_PORT_CACHE/bench-models/, and loaded by the trainer
-through the same from_pretrained path as a real checkout.
+Weights are random (no download): the model is built from the real config
+(uff_port/training/real_arch.py, once under $UFF_PORT_CACHE), and loaded by
+the trainer through the same from_pretrained path as a real checkout.
 """
 
 from __future__ import annotations
@@ -52,29 +52,14 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "T4": 6
 
 
 def build_random_model(arch: str) -> Path:
-    """Real dimensions, random weights, saved once (bf16 safetensors) with the tiny tokenizer."""
+    """Real config, random weights, a 32256-entry tokenizer: uff_port/training/real_arch.py, built once."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from uff_port.training.builtin import cache_dir, ensure_tiny_llama
+    from uff_port.training.real_arch import ensure_real_arch
 
-    out = cache_dir() / "bench-models" / f"deepseek-coder-{arch}-random"
-    if (out / "config.json").exists():
-        return out
-    tok = AutoTokenizer.from_pretrained(ensure_tiny_llama(), local_files_only=True)
-    cfg = LlamaConfig(**ARCH[arch], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, torch_dtype="bfloat16")  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    del model
+    path = ensure_real_arch(arch, device="cuda" if torch.cuda.is_available() else "cpu")
     torch.cuda.empty_cache()
-    os.replace(tmp, out)
-    return out
+    return path
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
@@ -103,14 +88,21 @@ def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str
     from uff_port.training.trainer import Trainer
 
     case = CASES[name]
-    model_dir = build_random_model(case["arch"])
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    total = torch.cuda.get_device_properties(0).total_memory
-    if case["cap_gib"]:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, case["cap_gib"] * 2**30 / total))
+    smoke = a.smoke  # the same code on the tiny model on CPU: checks the script, measures nothing
+    if smoke:
+        from uff_port.training.builtin import ensure_tiny_llama
+
+        model_dir = ensure_tiny_llama()
     else:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+        model_dir = build_random_model(case["arch"])
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        total = torch.cuda.get_device_properties(0).total_memory
+        if case["cap_gib"]:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, case["cap_gib"] * 2**30 / total))
+        else:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    sync = (lambda: None) if smoke else torch.cuda.synchronize
     overrides = {
         "model.name_or_path": str(model_dir),
         "model.local_files_only": True,
@@ -118,7 +110,8 @@ def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str
         "data.packing": packing,
         "data.eval_fraction": 0.0,
         "training.max_steps": a.warmup + a.steps,
-        "training.device": "cuda",
+        "training.device": "cpu" if smoke else "cuda",
+        **({"training.precision": "fp32", "training.cpu_threads": 1} if smoke else {}),
         "checkpoint.every_steps": None,
         "eval.every_steps": None,
         "output.save_final": False,
@@ -127,6 +120,12 @@ def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str
     if a.grad_accum:
         overrides["training.grad_accum_steps"] = a.grad_accum
     cfg = load_config(ROOT / "configs" / case["preset"], overrides)
+    # The planner's estimate of exactly this config on this card (or the cap), before it runs.
+    from uff_port.planner.guard import check_config
+
+    cap = 0 if smoke else int(min(total, (case["cap_gib"] or 1e9) * 2**30))
+    plan = check_config(cfg, [] if smoke else [{"memory_total": cap}]).estimate or {}
+    est_mib = (plan.get("cpu_total") if smoke else plan.get("gpu_reserved") or 0) / 2**20
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, Path(tmp), reporter=Reporter(Path(tmp)), inbox=Inbox(), fresh=True)
         tr.setup()
@@ -135,30 +134,33 @@ def run_case(name: str, a: argparse.Namespace, packing: bool = True) -> dict[str
         t0 = 0.0
         for i in range(a.warmup + a.steps):
             if i == a.warmup:
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
             seqs = tr.data.take(tr.micro * tr.accum)
             tr._step(seqs, [])  # noqa: SLF001 - the loop body without events
             tr.step += 1
             if i >= a.warmup:
                 tokens += sum(sum(1 for t in s.input_ids if t != tr.data.pad_id) for s in seqs)
-        torch.cuda.synchronize()
+        sync()
         dt = time.perf_counter() - t0
-        nvml = nvml_used_mib()
-        reserved = torch.cuda.max_memory_reserved() / 2**20
+        nvml = None if smoke else nvml_used_mib()
+        reserved = 0.0 if smoke else torch.cuda.max_memory_reserved() / 2**20
         del tr
-    torch.cuda.empty_cache()
+    if not smoke:
+        torch.cuda.empty_cache()
     tps = tokens / dt
-    dev = torch.cuda.get_device_name(0)
-    peak = peak_tflops(dev, a.peak_tflops)
+    dev = "cpu (smoke)" if smoke else torch.cuda.get_device_name(0)
+    peak = None if smoke else peak_tflops(dev, a.peak_tflops)
     # The 4-bit model reports packed parameter counts: use the architecture's count for FLOPs.
-    arch_params = _arch_params(case["arch"]) if case["arch"] else n_params
+    arch_params = n_params if smoke else _arch_params(case["arch"])
     mfu = 6 * arch_params * tps / (peak * 1e12) if peak else None
     return {
         "case": name + ("" if packing else " (no packing)"), "device": dev, "seq_len": a.seq_len,
         "micro_batch": cfg.training.micro_batch_size, "grad_accum": cfg.training.grad_accum_steps,
         "tokens_per_s": tps, "max_memory_reserved_mib": reserved, "nvml_used_mib": nvml,
         "cap_gib": case["cap_gib"], "mfu": mfu, "params": arch_params,
+        "planner_estimate_mib": est_mib, "planner_label": plan.get("label"),
+        "estimate_over_measured": est_mib / reserved if reserved else None,
     }  # fmt: skip
 
 
@@ -177,28 +179,37 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=4, help="smaller than the presets' to keep the run short")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="run each case's code on the tiny model on CPU (2 steps): a check of this script")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the 1.3B run without packing")
+    ap.add_argument("--json-out", type=Path, default=None, help="write the rows as JSON here")
     a = ap.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    if a.smoke:
+        a.seq_len, a.steps, a.warmup, a.grad_accum = min(a.seq_len, 128), 2, 1, 2
+    elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs a GPU (see docs/benchmarks.md)")
     rows = [run_case(name, a) for name in (a.only or sorted(CASES))]
     baseline = None
-    if not a.only or "1.3b-lora" in a.only:
+    if (not a.only or "1.3b-lora" in a.only) and not a.no_baseline:
         baseline = run_case("1.3b-lora", a, packing=False)
         rows.append(baseline)
     print(json.dumps(rows, indent=2))
+    if a.json_out:
+        a.json_out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     lines = [
         f"Command: `python scripts/bench_gpu_training.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         "",
-        "| case | device | seq | micro x accum | tokens/s | max_memory_reserved MiB | NVML used MiB | cap GiB | MFU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | device | seq | micro x accum | tokens/s | max_memory_reserved MiB | NVML used MiB | cap GiB | MFU | planner MiB | est/measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['device']} | {r['seq_len']} | {r['micro_batch']} x {r['grad_accum']} | "
             f"{r['tokens_per_s']:.0f} | {r['max_memory_reserved_mib']:.0f} | {r['nvml_used_mib'] or float('nan'):.0f} | "
-            f"{r['cap_gib'] or '-'} | {(r['mfu'] or float('nan')) * 100:.1f}% |"
+            f"{r['cap_gib'] or '-'} | {(r['mfu'] or float('nan')) * 100:.1f}% | {r['planner_estimate_mib']:.0f} | "
+            f"{r['estimate_over_measured'] or float('nan'):.3f} |"
         )
     if baseline is not None:
         packed = next(r for r in rows if r["case"] == "1.3b-lora")

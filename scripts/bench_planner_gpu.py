@@ -3,7 +3,7 @@
 One command (needs a CUDA GPU with >= 16 GiB, torch, transformers, peft; QLoRA rows
 need bitsandbytes):
 
-    python scripts/bench_planner_gpu.py [--seq-len 2048] [--out docs/benchmarks.md]
+    python scripts/bench_planner_gpu.py [--seq-len 2048] [--out FILE.md] [--json-out FILE.json]
 
 For deepseek-coder-1.3b and -6.7b (random weights, real shapes) it asks the planner
 for the recommended single-GPU config on 1x16GiB, runs 3 real steps of it in a
@@ -28,7 +28,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--models", default="deepseek-coder-1.3b,deepseek-coder-6.7b")
-    ap.add_argument("--out", default="docs/benchmarks.md")
+    # Never a hand-written doc by default: the section is printed, and written only where asked.
+    ap.add_argument("--out", default=None, help="write the markdown section to this file")
+    ap.add_argument("--json-out", default=None, help="write the rows as JSON to this file")
     ns = ap.parse_args()
     try:
         probe_available()
@@ -36,6 +38,8 @@ def main() -> int:
         print(f"bench_planner_gpu: {exc}", file=sys.stderr)
         return 3
     rows = []
+    records: list[dict[str, object]] = []
+    got: dict[str, object] = {}
     for model in ns.models.split(","):
         a = PlanArgs({"model": model, "gpus": "1x16GiB", "seq_len": ns.seq_len})
         result = compute(a)
@@ -45,6 +49,8 @@ def main() -> int:
             continue
         got = run_one(spec_for(result, best, CAP))
         est = best.est.reserved
+        records.append({"model": model, "recommended": best.est.candidate.label, "estimated_reserved": est,
+                        "measured": got})
         if "error" in got:
             rows.append(f"| {model} | {best.est.candidate.label} | {est / GiB:.2f} | failed: {got['error']} | |")
             continue
@@ -60,7 +66,12 @@ def main() -> int:
         "| model | recommended | estimated reserved GiB | measured max_memory_reserved GiB | estimate/measured |\n"
         "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
-    Path(ns.out).write_text(text, encoding="utf-8")
+    if ns.out:
+        Path(ns.out).write_text(text, encoding="utf-8")
+    if ns.json_out:
+        import json
+
+        Path(ns.json_out).write_text(json.dumps(records, indent=2, default=str) + "\n", encoding="utf-8")
     print(text)
     return 0
 

@@ -97,7 +97,7 @@ class LoraConfig(_Section):
 
 class QuantizationConfig(_Section):
     mode: Literal["none", "nf4"] = "none"
-    """`nf4` is QLoRA (bitsandbytes 4-bit NormalFloat); GPU only."""
+    """`nf4` is QLoRA (bitsandbytes 4-bit NormalFloat); CUDA, or CPU with bitsandbytes >= 0.50."""
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 

@@ -122,6 +122,8 @@ _ALIASES: Final = {
     for size in ("1.3b", "6.7b")
     for kind in ("base", "instruct")
 }
+# The training plane's random-weight builds of the same architectures (training/real_arch.py).
+_ALIASES.update({f"builtin:deepseek-coder-{size}-random": f"deepseek-coder-{size}" for size in ("1.3b", "6.7b")})
 
 
 def arch_from_config(cfg: dict[str, Any], name: str, hub_id: str | None = None) -> Arch:

@@ -65,7 +65,15 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == TINY_LLAMA:
         return str(ensure_tiny_llama())
     if name_or_path.startswith(BUILTIN_PREFIX):
-        raise ValueError(f"unknown builtin model {name_or_path!r}; expected {TINY_LLAMA!r}")
+        from uff_port.training import real_arch  # real sizes, random weights (built once)
+
+        size = real_arch.size_of(name_or_path)
+        if size is not None:
+            return str(real_arch.ensure_real_arch(size))
+        raise ValueError(
+            f"unknown builtin model {name_or_path!r}; expected {TINY_LLAMA!r} or "
+            f"{[real_arch.builtin_name(s) for s in real_arch.REAL_CONFIGS]}"
+        )
     return name_or_path
 
 

@@ -16,7 +16,10 @@ from uff_port.hashing import tree_manifest
 
 def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: Config, *, step: int, meta: dict[str, Any],
                emit: Callable[..., None]) -> Path:
-    """Write the export beside `final/` and commit it by one rename; `meta` goes into its manifest."""
+    """Write the export beside `final/` and commit it by one rename; `meta` goes into its manifest.
+
+    With `output.merge` the adapters are merged into `model` in place: do not train it afterwards.
+    """
     final = run_dir / layout.FINAL
     tmp = run_dir / f".final-{os.getpid()}"
     if tmp.is_symlink():  # planted: rmtree refuses links, and we must not write through it
@@ -30,9 +33,9 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: Config, *, step: 
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if cfg.output.merge and hasattr(model, "merge_and_unload"):
-        import copy
-
-        merged = copy.deepcopy(model).merge_and_unload()
+        # The export is the model's last use (the adapter is saved above), so the merge
+        # happens in place: a copy would double peak memory (+5.4 GB for 1.3B in fp32).
+        merged = model.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "merged")
     atomic_write_json(

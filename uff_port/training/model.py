@@ -1,9 +1,9 @@
 """Model and tokenizer loading: one path for the tiny model, a local checkout and a hub id.
 
-LoRA via peft, QLoRA (NF4 + double quantisation) via bitsandbytes on CUDA only
-(imported only there), gradient checkpointing, SDPA attention, and the
-precision policy: bf16 where the device supports it, else fp16 with a
-GradScaler (Kaggle's T4), fp32 on CPU.
+LoRA via peft, QLoRA (NF4 + double quantisation) via bitsandbytes (imported
+only there; CUDA, or CPU with bitsandbytes >= 0.50), gradient checkpointing,
+SDPA attention, and the precision policy: bf16 where the device supports it,
+else fp16 with a GradScaler (Kaggle's T4), fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -109,6 +109,35 @@ def tokenizer_hash(tok: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def require_nf4(device: torch.device) -> None:
+    """QLoRA needs bitsandbytes with 4-bit kernels for `device`: say which part is missing.
+
+    bitsandbytes >= 0.50 ships a CPU backend, so nf4 also trains (slowly) on CPU; older
+    releases, or a build without a backend for this device, stop here with `not_available`.
+    """
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception as exc:  # ImportError, or a broken native library raising anything
+        raise ModelError(
+            ErrorCode.NOT_AVAILABLE,
+            f"quantization.mode: nf4 (QLoRA) needs the bitsandbytes package, which cannot be imported "
+            f"here ({type(exc).__name__}: {exc}); install it (pip install 'uff-port[gpu]') or set "
+            "quantization.mode: none",
+        ) from None
+    try:  # one 4-bit round trip on the device: what every quantized Linear does
+        w = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+        q, state = bnbf.quantize_4bit(w, quant_type="nf4")
+        bnbf.dequantize_4bit(q, state)
+    except Exception as exc:
+        raise ModelError(
+            ErrorCode.NOT_AVAILABLE,
+            f"quantization.mode: nf4 (QLoRA): bitsandbytes {getattr(bnb, '__version__', '?')} has no working "
+            f"4-bit kernels for {device.type} here ({type(exc).__name__}: {exc}); use a CUDA device, "
+            "bitsandbytes >= 0.50 for CPU, or quantization.mode: none",
+        ) from None
+
+
 def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
     """Base model (optionally 4-bit) with LoRA adapters on it, on `device`."""
     from transformers import AutoModelForCausalLM
@@ -127,8 +156,7 @@ def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
         dtype = precision.autocast or torch.float32
     kwargs["dtype"] = dtype
     if cfg.quantization.mode == "nf4":
-        if device.type != "cuda":
-            raise ModelError(ErrorCode.INVALID_CONFIG, "quantization.mode: nf4 (QLoRA) needs a CUDA device; use 'none' on CPU")
+        require_nf4(device)
         from transformers import BitsAndBytesConfig  # bitsandbytes is imported by this path only
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -144,6 +172,13 @@ def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
     except OSError as exc:
         raise ModelError(MODEL_NOT_FOUND, f"model.name_or_path: cannot load weights from {path!r}: {exc}") from None
     model.config.use_cache = False  # the KV cache is useless in training and breaks packing masks
+    if cfg.quantization.mode == "nf4" and device.type == "cpu":
+        # bitsandbytes' CPU inference fast path (eval mode, no grad) repacks each 4-bit
+        # weight in place and fails when in_features is not a multiple of its block size
+        # (64): evaluation would crash after training. The training path serves both.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     if cfg.quantization.mode == "nf4":
         from peft import prepare_model_for_kbit_training
 
