@@ -2,6 +2,8 @@
 
     flock /tmp/uff-bigmem.lock python scripts/bench_memory.py [--layers 1] [--seqs 1024,2048]
         [--micro 1,4] [--rounds 3] [--threads 1] [--json out.json]
+    python scripts/bench_memory.py --device cuda --layers 24      # on a GPU: bf16 autocast, all layers
+                                                                  # (also: bench_gpu_training.py --memory)
 
 The model is transformers' LlamaConfig with DeepSeek-Coder-1.3B's real
 dimensions (hidden 2048, intermediate 5504, 16 heads, vocab 32256) and random
@@ -30,6 +32,10 @@ round suffices. The loss part alone is profiled the same way: a leaf hidden
 state [batch, seq, 2048] through lm_head and the loss to its gradient, peak
 minus the bytes live before.
 
+On CUDA the base weights are bf16 under bf16 autocast (the trainer's GPU
+precision), the adapters fp32, and peak memory is `torch.cuda.max_memory_allocated`
+over the step (the loss part: over it, minus what was allocated before).
+
 Tokens/s: wall time of a step without the profiler, `--rounds` rounds, the
 variants in a different order each round (interleaved); each ratio is the
 median over rounds of the per-round ratio, with its min..max.
@@ -56,19 +62,33 @@ DIMS = {"hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 1
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(layers: int) -> Any:
+def build(layers: int, device: str = "cpu") -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(num_hidden_layers=layers, attn_implementation="sdpa", use_cache=False, **DIMS)
     model = LlamaForCausalLM(cfg)
+    if device == "cuda":
+        model = model.to(device="cuda", dtype=torch.bfloat16)  # the trainer loads the base in bf16
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
+    for p in model.parameters():  # adapters in fp32, as the trainer keeps them
+        if p.requires_grad:
+            p.data = p.data.float()
     return model.train()
 
 
-def packed_batch(micro: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+def autocast_of(device: str) -> torch.dtype | None:
+    return torch.bfloat16 if device == "cuda" else None
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def packed_batch(micro: int, seq: int, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     rng = random.Random(seed)
     ids, pos, labels = [], [], []
     for _ in range(micro):
@@ -82,20 +102,24 @@ def packed_batch(micro: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
         ids.append(row_ids)
         pos.append(row_pos)
         labels.append(row_lab)
-    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "labels": torch.tensor(labels)}
+    return {"input_ids": torch.tensor(ids, device=device), "position_ids": torch.tensor(pos, device=device),
+            "labels": torch.tensor(labels, device=device)}
 
 
 def step_fn(model: Any, opt: torch.optim.Optimizer, variant: str, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     n = float((batch["labels"][:, 1:] != -100).sum())
+    device = batch["labels"].device.type
+    ac = autocast_of(device)
 
     def step() -> None:
         b = dict(batch)
         if variant == "hf":
-            loss = model(**b, use_cache=False).loss
+            with torch.autocast(device, dtype=ac or torch.float32, enabled=ac is not None):
+                loss = model(**b, use_cache=False).loss
         elif variant == "full":
-            loss = full_loss_sum(model, b, None) / n
+            loss = full_loss_sum(model, b, ac) / n
         else:
-            loss = chunked_loss_sum(model, b, None) / n
+            loss = chunked_loss_sum(model, b, ac) / n
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -103,8 +127,16 @@ def step_fn(model: Any, opt: torch.optim.Optimizer, variant: str, batch: dict[st
     return step
 
 
-def profiled_peak(fn: Callable[[], None]) -> tuple[int, int]:
-    """(peak live tensor bytes, bytes live at the start) over one call, from the profiler timeline."""
+def profiled_peak(fn: Callable[[], None], device: str = "cpu") -> tuple[int, int]:
+    """(peak live tensor bytes, bytes live at the start) over one call, from the profiler timeline
+    (CPU) or the caching allocator's statistics (CUDA)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated()), int(start)
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
@@ -122,20 +154,25 @@ def loss_part(model: Any, batch: dict[str, torch.Tensor], variant: str) -> Calla
     micro, seq = batch["input_ids"].shape
     labels = batch["labels"]
     n = float((labels[:, 1:] != -100).sum())
-    hidden = torch.randn(micro, seq, DIMS["hidden_size"], generator=torch.Generator().manual_seed(3)).requires_grad_()
+    device = labels.device.type
+    ac = autocast_of(device)
+    hidden = torch.randn(micro, seq, DIMS["hidden_size"], generator=torch.Generator().manual_seed(3))
+    hidden = hidden.to(device=device, dtype=ac or torch.float32).requires_grad_()
 
     def run() -> None:
-        if variant == "hf":
-            logits = head(hidden)
-            loss = base.loss_function(logits=logits, labels=labels, vocab_size=DIMS["vocab_size"])
-        elif variant == "full":
-            logits = head(hidden)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                     ignore_index=-100, reduction="sum") / n
-        else:
-            target = torch.full_like(labels, -100)
-            target[:, :-1] = labels[:, 1:]
-            loss = chunked_ce_sum(head, hidden.flatten(0, 1), target.flatten(), None) / n
+        with torch.autocast(device, dtype=ac or torch.float32, enabled=ac is not None):
+            if variant == "hf":
+                logits = head(hidden)
+                loss = base.loss_function(logits=logits, labels=labels, vocab_size=DIMS["vocab_size"])
+            elif variant == "full":
+                logits = head(hidden)
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                         labels[:, 1:].flatten(), ignore_index=-100,
+                                                         reduction="sum") / n
+            else:
+                target = torch.full_like(labels, -100)
+                target[:, :-1] = labels[:, 1:]
+                loss = chunked_ce_sum(head, hidden.flatten(0, 1), target.flatten(), ac) / n
         loss.backward()
         hidden.grad = None
 
@@ -146,20 +183,27 @@ def ratio_stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def bench_shape(model: Any, micro: int, seq: int, rounds: int) -> dict[str, Any]:
-    batch = packed_batch(micro, seq, seed=micro * 10007 + seq)
+def bench_shape(model: Any, micro: int, seq: int, rounds: int, device: str = "cpu",
+                time_it: bool = True) -> dict[str, Any]:
+    batch = packed_batch(micro, seq, seed=micro * 10007 + seq, device=device)
     tokens = micro * seq
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     steps = {v: step_fn(model, opt, v, batch) for v in VARIANTS}
     out: dict[str, Any] = {"micro": micro, "seq": seq, "tokens": tokens}
     # Memory: one warm-up (AdamW state), then one profiled step per variant; the loss part alone.
     steps["chunked"]()
-    peak = {v: profiled_peak(steps[v])[0] for v in VARIANTS}
+    peak = {v: profiled_peak(steps[v], device)[0] for v in VARIANTS}
     lossp = {}
     for v in VARIANTS:
-        hi, start = profiled_peak(loss_part(model, batch, v))
+        hi, start = profiled_peak(loss_part(model, batch, v), device)
         lossp[v] = hi - start
     out["peak_bytes"], out["loss_part_bytes"] = peak, lossp
+    out["peak_chunked_vs_hf"] = peak["chunked"] / peak["hf"]
+    out["peak_chunked_vs_full"] = peak["chunked"] / peak["full"]
+    out["loss_part_cut_vs_hf"] = lossp["hf"] / max(lossp["chunked"], 1)
+    out["loss_part_cut_vs_full"] = lossp["full"] / max(lossp["chunked"], 1)
+    if not time_it:
+        return out
     # Speed: interleaved rounds, a warm-up each first.
     for v in VARIANTS:
         steps[v]()
@@ -168,25 +212,24 @@ def bench_shape(model: Any, micro: int, seq: int, rounds: int) -> dict[str, Any]
         order = list(VARIANTS)
         random.Random(r).shuffle(order)
         for v in order:
+            sync(device)
             t0 = time.perf_counter()
             steps[v]()
+            sync(device)
             secs[v].append(time.perf_counter() - t0)
     out["seconds"] = secs
     out["tokens_per_s"] = {v: tokens / statistics.median(secs[v]) for v in VARIANTS}
     out["speed_chunked_vs_hf"] = ratio_stats([h / c for h, c in zip(secs["hf"], secs["chunked"], strict=True)])
     out["speed_chunked_vs_full"] = ratio_stats([f / c for f, c in zip(secs["full"], secs["chunked"], strict=True)])
-    out["peak_chunked_vs_hf"] = peak["chunked"] / peak["hf"]
-    out["peak_chunked_vs_full"] = peak["chunked"] / peak["full"]
-    out["loss_part_cut_vs_hf"] = lossp["hf"] / max(lossp["chunked"], 1)
-    out["loss_part_cut_vs_full"] = lossp["full"] / max(lossp["chunked"], 1)
     return out
 
 
-def table(results: list[dict[str, Any]], layers: int) -> str:
+def table(results: list[dict[str, Any]], layers: int, device: str = "cpu") -> str:
     gib = 2**30
+    where = "bf16 autocast, CUDA (max_memory_allocated)" if device == "cuda" else "fp32, CPU (profiler timeline)"
     lines = [
         f"DeepSeek-Coder-1.3B width (hidden 2048, vocab 32256, intermediate 5504, 16 heads), {layers} decoder "
-        "layer(s), LoRA r16, fp32, CPU.",
+        f"layer(s), LoRA r16, {where}.",
         "",
         "| micro x seq | loss part hf / full / chunked (GiB) | loss-part cut vs hf | whole-step peak hf / full / "
         "chunked (GiB) | peak chunked/hf | tokens/s hf / full / chunked | speed chunked/hf (median, min..max) | "
@@ -194,43 +237,59 @@ def table(results: list[dict[str, Any]], layers: int) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lp, pk, tps = r["loss_part_bytes"], r["peak_bytes"], r["tokens_per_s"]
-        s, f = r["speed_chunked_vs_hf"], r["speed_chunked_vs_full"]
+        lp, pk = r["loss_part_bytes"], r["peak_bytes"]
+        if "tokens_per_s" in r:
+            tps, s, f = r["tokens_per_s"], r["speed_chunked_vs_hf"], r["speed_chunked_vs_full"]
+            speed = (f"{tps['hf']:.0f} / {tps['full']:.0f} / {tps['chunked']:.0f} | {s['median']:.2f} "
+                     f"({s['min']:.2f}..{s['max']:.2f}) | {f['median']:.2f} ({f['min']:.2f}..{f['max']:.2f})")
+        else:
+            speed = "not timed (--time-max-tokens) | - | -"
         lines.append(
             f"| {r['micro']} x {r['seq']} | {lp['hf'] / gib:.2f} / {lp['full'] / gib:.2f} / {lp['chunked'] / gib:.3f} "
             f"| {r['loss_part_cut_vs_hf']:.1f}x | {pk['hf'] / gib:.2f} / {pk['full'] / gib:.2f} / "
-            f"{pk['chunked'] / gib:.2f} | {r['peak_chunked_vs_hf']:.2f} | {tps['hf']:.0f} / {tps['full']:.0f} / "
-            f"{tps['chunked']:.0f} | {s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f}) | "
-            f"{f['median']:.2f} ({f['min']:.2f}..{f['max']:.2f}) |"
+            f"{pk['chunked'] / gib:.2f} | {r['peak_chunked_vs_hf']:.2f} | {speed} |"
         )
     return "\n".join(lines)
 
 
+def run(layers: int, seqs: list[int], micros: list[int], rounds: int, device: str = "cpu",
+        time_max_tokens: int | None = None) -> list[dict[str, Any]]:
+    """Every (micro, seq) shape in one invocation; prints each result as it comes."""
+    warnings.simplefilter("ignore")
+    model = build(layers, device)
+    results = []
+    for micro in micros:
+        for seq in seqs:
+            t0 = time.perf_counter()
+            timed = time_max_tokens is None or micro * seq <= time_max_tokens
+            r = bench_shape(model, micro, seq, rounds, device, time_it=timed)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "seconds"}), f"({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--seqs", default="1024,2048")
     ap.add_argument("--micro", default="1,4")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--time-max-tokens", type=int, default=None,
+                    help="measure only memory for larger micro x seq (a busy 2-core host: 4 x 2048 takes minutes a step)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
-    model = build(args.layers)
-    results = []
-    for micro in (int(x) for x in args.micro.split(",")):
-        for seq in (int(x) for x in args.seqs.split(",")):
-            t0 = time.perf_counter()
-            r = bench_shape(model, micro, seq, args.rounds)
-            results.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "seconds"}), f"({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    results = run(args.layers, [int(x) for x in args.seqs.split(",")], [int(x) for x in args.micro.split(",")],
+                  args.rounds, args.device, args.time_max_tokens)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"layers": args.layers, "threads": args.threads, "rounds": args.rounds, "results": results},
                       fh, indent=1)
-    print(table(results, args.layers))
+    print(table(results, args.layers, args.device))
 
 
 if __name__ == "__main__":
