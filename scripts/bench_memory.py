@@ -27,7 +27,8 @@ Every step is forward, backward, AdamW on the adapters and zero_grad.
 Peak memory: PyTorch's own accounting of CPU tensors, the memory profiler's
 timeline (`torch.profiler.profile(profile_memory=True)`, the maximum over time of
 all live tensor bytes, parameters included), one profiled step per variant after
-an unprofiled warm-up (the AdamW state exists). It is deterministic, so one
+an unprofiled warm-up (the AdamW state exists); that profiled step is also each
+variant's warm-up for the timing. It is deterministic, so one
 round suffices. The loss part alone is profiled the same way: a leaf hidden
 state [batch, seq, 2048] through lm_head and the loss to its gradient, peak
 minus the bytes live before.
@@ -204,9 +205,7 @@ def bench_shape(model: Any, micro: int, seq: int, rounds: int, device: str = "cp
     out["loss_part_cut_vs_full"] = lossp["full"] / max(lossp["chunked"], 1)
     if not time_it:
         return out
-    # Speed: interleaved rounds, a warm-up each first.
-    for v in VARIANTS:
-        steps[v]()
+    # Speed: interleaved rounds (each variant has run once above: warm).
     secs: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
         order = list(VARIANTS)

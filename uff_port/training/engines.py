@@ -199,6 +199,9 @@ class DeepSpeedEngine(StepEngine):
             raise TrainError(exc.code, exc.message) from None
         # ZeRO-3 with output.merge or 4-bit weights is refused by the config's validation.
         self.zero_stage = zero.stage_of(ds)
+        # ZeRO-3 partitions lm_head's weight outside its module's call: the chunked loss would
+        # gather it again per chunk in backward (untested here), so ZeRO-3 keeps the full loss.
+        self.loss_mode: LossMode = t.loss if self.zero_stage < 3 else "full"
         self.can_back_off, self.writes_shards = False, True  # the micro-batch is fixed in the engine
         dist.init_single()  # a group of one when not under torchrun; no-op otherwise
         self.optimizer = zero.make_optimizer(deepspeed, ds, params, t.learning_rate, t.weight_decay)
@@ -221,7 +224,7 @@ class DeepSpeedEngine(StepEngine):
             engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
             batch = {k: v.to(self.device) for k, v in collate(chunk, pad_id, flatten=flattens(self.cfg)).items()}
             with activation_offload(self.cfg, self.device):
-                s = token_loss_sum(engine, batch, self.autocast, self.cfg.training.loss)
+                s = token_loss_sum(engine, batch, self.autocast, self.loss_mode)
             # Ranks are averaged like DDP; our own token count does the accumulation scaling.
             engine.backward(s * (self.world / denom), scale_wrt_gas=False)
             engine.step()

@@ -598,7 +598,8 @@ class Trainer:
                 break
             batch = {k: v.to(self.device) for k, v in collate(seqs, stream.pad_id, flatten=flattens(self.cfg)).items()}
             count += sum(s.n_targets for s in seqs)
-            loss_sum += token_loss_sum(model, batch, self.engine.autocast, self.cfg.training.loss).float()
+            mode = getattr(self.engine, "loss_mode", self.cfg.training.loss)  # ZeRO-3: full
+            loss_sum += token_loss_sum(model, batch, self.engine.autocast, mode).float()
         stream.close()
         total = float(dist.all_reduce_sum(count))
         value = float(dist.all_reduce_sum(loss_sum)) / total if total else None
