@@ -191,8 +191,9 @@ def bench_shape(model: Any, micro: int, seq: int, rounds: int, device: str = "cp
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     steps = {v: step_fn(model, opt, v, batch) for v in VARIANTS}
     out: dict[str, Any] = {"micro": micro, "seq": seq, "tokens": tokens}
-    # Memory: one warm-up (AdamW state), then one profiled step per variant; the loss part alone.
-    steps["chunked"]()
+    # Memory: a small warm-up step (creates the AdamW state), then one profiled step per
+    # variant; the loss part alone.
+    step_fn(model, opt, "chunked", packed_batch(1, 128, seed=1, device=device))()
     peak = {v: profiled_peak(steps[v], device)[0] for v in VARIANTS}
     lossp = {}
     for v in VARIANTS:
@@ -252,7 +253,7 @@ def table(results: list[dict[str, Any]], layers: int, device: str = "cpu") -> st
 
 
 def run(layers: int, seqs: list[int], micros: list[int], rounds: int, device: str = "cpu",
-        time_max_tokens: int | None = None) -> list[dict[str, Any]]:
+        time_max_tokens: int | None = None, json_path: str | None = None) -> list[dict[str, Any]]:
     """Every (micro, seq) shape in one invocation; prints each result as it comes."""
     warnings.simplefilter("ignore")
     model = build(layers, device)
@@ -265,6 +266,9 @@ def run(layers: int, seqs: list[int], micros: list[int], rounds: int, device: st
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "seconds"}), f"({time.perf_counter() - t0:.0f} s)",
                   flush=True)
+            if json_path:  # after every shape: a long run leaves what it has measured
+                with open(json_path, "w") as fh:
+                    json.dump({"layers": layers, "rounds": rounds, "device": device, "results": results}, fh, indent=1)
     return results
 
 
@@ -283,11 +287,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     results = run(args.layers, [int(x) for x in args.seqs.split(",")], [int(x) for x in args.micro.split(",")],
-                  args.rounds, args.device, args.time_max_tokens)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"layers": args.layers, "threads": args.threads, "rounds": args.rounds, "results": results},
-                      fh, indent=1)
+                  args.rounds, args.device, args.time_max_tokens, args.json)
     print(table(results, args.layers, args.device))
 
 
