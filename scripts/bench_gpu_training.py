@@ -2,6 +2,15 @@
 
     python scripts/bench_gpu_training.py                  # 1.3B LoRA, 6.7B QLoRA (16 GiB cap), 1.3B baseline ratio
     python scripts/bench_gpu_training.py --only 6.7b-qlora --seq-len 2048 --steps 8
+    python scripts/bench_gpu_training.py --memory         # the memory cases below, nothing else
+
+`--memory` (docs/memory.md, docs/benchmarks.md "Memory per gigabyte"): the 1.3B
+preset through our trainer with `training.loss: full` against the chunked default
+at micro-batch 1 and 4 (each pair in one invocation, alternating), then
+scripts/bench_memory.py's step comparison (HF `model(**batch, labels=...)` vs the
+full vs the chunked loss) on the 24-layer 1.3B in bf16 at 1/4 x 1024/2048, with
+`torch.cuda.max_memory_allocated`. The memory cases also run one at a time
+through `--only` (e.g. `--only 1.3b-lora-mb4-full-loss`).
 
 For each case: tokens/s (after warm-up steps), torch.cuda.max_memory_reserved,
 NVML memory used, and MFU (6 * params * tokens/s over the device's dense bf16
@@ -47,6 +56,14 @@ CASES: dict[str, dict[str, Any]] = {
                                          "distributed.deepspeed_config": "configs/deepspeed/zero3-offload.json",
                                          "quantization.mode": "none"}},
 }
+# Memory cases (--memory): today's full loss against the chunked default, same preset.
+MEMORY_CASES: dict[str, dict[str, Any]] = {
+    f"1.3b-lora-mb{mb}-{loss}-loss": {"arch": "1.3b", "preset": "deepseek-coder-1.3b-lora-16gb.yaml", "cap_gib": None,
+                                      "overrides": {"training.loss": loss, "training.micro_batch_size": mb}}
+    for mb in (1, 4) for loss in ("full", "chunked")
+}
+CASES.update(MEMORY_CASES)
+DEFAULT_CASES = [c for c in sorted(CASES) if c not in MEMORY_CASES]
 # Dense bf16 peak TFLOP/s by device name fragment (no sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "5060 Ti": 93.0, "4090": 165.0}
 
@@ -183,6 +200,8 @@ def main() -> None:
                     help="run each case's code on the tiny model on CPU (2 steps): a check of this script")
     ap.add_argument("--no-baseline", action="store_true", help="skip the 1.3B run without packing")
     ap.add_argument("--json-out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--memory", action="store_true", help="run the memory cases (chunked vs full loss, vs HF)")
+    ap.add_argument("--memory-rounds", type=int, default=3)
     a = ap.parse_args()
     import torch
 
@@ -190,7 +209,10 @@ def main() -> None:
         a.seq_len, a.steps, a.warmup, a.grad_accum = min(a.seq_len, 128), 2, 1, 2
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs a GPU (see docs/benchmarks.md)")
-    rows = [run_case(name, a) for name in (a.only or sorted(CASES))]
+    if a.memory:
+        memory_main(a)
+        return
+    rows = [run_case(name, a) for name in (a.only or DEFAULT_CASES)]
     baseline = None
     if (not a.only or "1.3b-lora" in a.only) and not a.no_baseline:
         baseline = run_case("1.3b-lora", a, packing=False)
@@ -214,6 +236,42 @@ def main() -> None:
     if baseline is not None:
         packed = next(r for r in rows if r["case"] == "1.3b-lora")
         lines += ["", f"1.3B packing vs no packing (same invocation): **{packed['tokens_per_s'] / baseline['tokens_per_s']:.2f}x** tokens/s"]
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        with open(a.out, "a", encoding="utf-8") as fh:
+            fh.write("\n" + text + "\n")
+
+
+def memory_main(a: argparse.Namespace) -> None:
+    """Trainer runs, full vs chunked loss (alternating), then bench_memory's step comparison."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_memory
+
+    rows = []
+    for mb in (1, 4):
+        for loss in ("full", "chunked", "full", "chunked"):  # alternating, twice
+            r = run_case(f"1.3b-lora-mb{mb}-{loss}-loss", a)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    lines = [
+        f"Command: `python scripts/bench_gpu_training.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        "",
+        "| case | device | seq | micro x accum | tokens/s | max_memory_reserved MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['device']} | {r['seq_len']} | {r['micro_batch']} x {r['grad_accum']} | "
+                     f"{r['tokens_per_s']:.0f} | {r['max_memory_reserved_mib']:.0f} |")
+    for mb in (1, 4):
+        full = [r for r in rows if r["case"] == f"1.3b-lora-mb{mb}-full-loss"]
+        ch = [r for r in rows if r["case"] == f"1.3b-lora-mb{mb}-chunked-loss"]
+        mem = min(r["max_memory_reserved_mib"] for r in ch) / min(r["max_memory_reserved_mib"] for r in full)
+        spd = [c["tokens_per_s"] / f["tokens_per_s"] for c, f in zip(ch, full, strict=True)]
+        lines.append(f"\nmb {mb}: chunked/full reserved memory {mem:.2f}x, tokens/s "
+                     f"{sorted(spd)[len(spd) // 2]:.2f}x ({min(spd):.2f}..{max(spd):.2f})")
+    results = bench_memory.run(24, [1024, 2048], [1, 4], a.memory_rounds, "cuda")
+    lines += ["", bench_memory.table(results, 24, "cuda")]
     text = "\n".join(lines)
     print(text)
     if a.out:

@@ -72,7 +72,7 @@ def test_zero_partitioning_by_hand() -> None:
 
 
 def test_logits_and_checkpointing_by_hand() -> None:
-    wl = Workload(seq_len=2048)
+    wl = Workload(seq_len=2048, loss="full", packing=False)
     a = activation_bytes(A67, Candidate("lora", "single", 1, True, 2), wl)
     tokens = 2 * 2048
     assert a["logits"] == tokens * 32256 * (2 + 4 + 8)  # bf16 logits, fp32 log-softmax, fp32 grads
@@ -87,8 +87,8 @@ def test_logits_and_checkpointing_by_hand() -> None:
 
 def test_eager_attention_adds_the_quadratic_term() -> None:
     c = Candidate("lora", "single", 1, False, 1)
-    sdpa = activation_bytes(A13, c, Workload(seq_len=1024))["saved"]
-    eager = activation_bytes(A13, c, Workload(seq_len=1024, attn="eager"))["saved"]
+    sdpa = activation_bytes(A13, c, Workload(seq_len=1024, packing=False))["saved"]
+    eager = activation_bytes(A13, c, Workload(seq_len=1024, attn="eager", packing=False))["saved"]
     assert eager - sdpa == pytest.approx(24 * 1024 * (16 * 1024 * 6 - 4 * 16))
 
 

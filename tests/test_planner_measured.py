@@ -90,7 +90,7 @@ def test_parameter_gradient_and_optimizer_bytes_are_exact(method: str) -> None:
                       for k, v in st.items() if k != "step")
     arch = arch_from_config(TINY, "tiny")
     est = estimate(arch, Candidate(method, "single", 1, False, 2),
-                   Workload(seq_len=32, device="cpu", compute_bytes=4, lora_r=8))
+                   Workload(seq_len=32, device="cpu", compute_bytes=4, lora_r=8, loss="full", packing=False))
     n_lora = arch.lora_params(8, DEFAULT_TARGETS) if method == "lora" else 0
     assert param_bytes == arch.n_params * 4 + n_lora * 4
     assert est.cpu["weights"] + (n_lora * 4) == param_bytes
@@ -110,7 +110,8 @@ def test_saved_activations_match_the_estimate(method: str, autocast: bool, dropo
     b, s = 2, 128
     got = _saved_bytes(_model(TINY, method, autocast, dropout, ckpt), TINY["vocab_size"], b, s, autocast)
     arch = arch_from_config(TINY, "tiny")
-    wl = Workload(seq_len=s, device="cpu", compute_bytes=2 if autocast else 4, lora_r=8, lora_dropout=dropout)
+    wl = Workload(seq_len=s, device="cpu", compute_bytes=2 if autocast else 4, lora_r=8, lora_dropout=dropout,
+                  loss="full", packing=False)
     a = activation_bytes(arch, Candidate(method, "single", 1, ckpt, b), wl)
     est = a["saved"] + 4 * b * s * arch.vocab  # + the fp32 log-softmax cross-entropy keeps
     # Never under by more than 3%; over by at most 10% (the first layer's frozen input
@@ -125,7 +126,7 @@ def test_one_layer_is_counted_tensor_by_tensor(autocast: bool) -> None:
     two = _saved_bytes(_model(TINY, "lora", autocast, 0.05, False), 1024, b, s, autocast)
     four = _saved_bytes(_model(dict(TINY, num_hidden_layers=4), "lora", autocast, 0.05, False), 1024, b, s, autocast)
     per_layer = (four - two) / 2
-    wl = Workload(seq_len=s, device="cpu", compute_bytes=2 if autocast else 4, lora_r=8)
+    wl = Workload(seq_len=s, device="cpu", compute_bytes=2 if autocast else 4, lora_r=8, loss="full", packing=False)
     arch = arch_from_config(TINY, "t")
     est = layer_activation_bytes(arch, "lora", wl) * b * s + layer_constant_bytes(arch, "lora", wl)
     assert est == pytest.approx(per_layer, rel=0.0 if not autocast else 0.02)
@@ -177,8 +178,53 @@ def test_peak_memory_matches_the_profiler(tweak: dict, method: str, autocast: bo
     b, s = 2, 128
     got = _peak_tensor_bytes(_model(cfg, method, autocast, 0.05, ckpt), cfg["vocab_size"], b, s, autocast)
     est = estimate(arch_from_config(cfg, "t"), Candidate(method, "single", 1, ckpt, b),
-                   Workload(seq_len=s, device="cpu", compute_bytes=2 if autocast else 4, lora_r=8))
+                   Workload(seq_len=s, device="cpu", compute_bytes=2 if autocast else 4, lora_r=8, loss="full", packing=False))
     tensors = est.cpu_total - est.cpu["process"]
     print(f"peak {tweak} {method} autocast={autocast} ckpt={ckpt}: measured {got} estimated {tensors} "
           f"ratio {tensors / got:.3f}")
     assert 0.95 * got <= tensors <= 1.12 * got, (got, tensors, est.cpu)
+
+
+@pytest.mark.parametrize(("autocast", "ckpt"), [(False, False), (True, True)])
+def test_chunked_loss_peak_matches_the_profiler(autocast: bool, ckpt: bool) -> None:
+    """The trainer's chunked loss on packed rows (position_ids, block-diagonal SDPA mask),
+    logits-dominated (vocab 16384 at hidden 128): the estimate with `loss="chunked"`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from uff_port.training.loss import chunked_loss_sum
+
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+    except ImportError:
+        pytest.skip("torch memory profiler timeline not available")
+    cfg = dict(TINY, vocab_size=16384)
+    b, s = 2, 256
+    m = _model(cfg, "lora", autocast, 0.05, ckpt)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, cfg["vocab_size"], (b, s), generator=g)
+    pos = torch.tensor([list(range(100)) + list(range(s - 100))] * b)
+    dtype = torch.bfloat16 if autocast else None
+
+    def step() -> None:
+        for _ in range(2):
+            chunked_loss_sum(m, {"input_ids": ids, "position_ids": pos, "labels": ids.clone()}, dtype).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    got = int(max(sum(row) for row in sizes))
+    est = estimate(arch_from_config(cfg, "t"), Candidate("lora", "single", 1, ckpt, b),
+                   Workload(seq_len=s, device="cpu", compute_bytes=2 if autocast else 4, lora_r=8))
+    tensors = est.cpu_total - est.cpu["process"]
+    full = estimate(arch_from_config(cfg, "t"), Candidate("lora", "single", 1, ckpt, b),
+                    Workload(seq_len=s, device="cpu", compute_bytes=2 if autocast else 4, lora_r=8, loss="full"))
+    print(f"chunked peak autocast={autocast} ckpt={ckpt}: measured {got} estimated {tensors} "
+          f"ratio {tensors / got:.3f}; full-loss estimate {full.cpu_total - full.cpu['process']}")
+    assert 0.9 * got <= tensors <= 1.15 * got, (got, tensors, est.cpu)

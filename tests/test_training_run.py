@@ -129,6 +129,25 @@ def test_loss_falls_on_the_tiny_preset(tmp_path: Path, env: dict[str, str]) -> N
     assert last < first - 0.5, (first, last)
 
 
+def test_full_loss_trains_like_the_chunked_default(base_run: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    """training.loss: full (the logits path) gives the chunked default's losses, and a run
+    checkpointed under one resumes under the other (the key is resume-neutral)."""
+    rc, run_dir = train(tmp_path, "full", env, training__loss="full")
+    assert rc == 0, events_of(run_dir)[-1]
+    chunked, full = losses(base_run), losses(run_dir)
+    assert sorted(chunked) == sorted(full) == list(range(1, 7))
+    for step in chunked:
+        assert full[step] == pytest.approx(chunked[step], rel=1e-5), step
+    # The chunked run's checkpoint of step 3, resumed with the full loss, ends on its losses.
+    point = base_run / "checkpoints" / "step-00000003"
+    rc, cut = train(tmp_path, "switch", env, "--resume-from", str(point), training__loss="full")
+    assert rc == 0, events_of(cut)[-1]
+    resumed = losses(cut)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(chunked[step], rel=1e-5), step
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(base_run: Path, tmp_path: Path, env: dict[str, str]) -> None:
     rc, run_dir = train(tmp_path, "ddp", env, distributed__nproc=2)

@@ -56,6 +56,11 @@ def _manager_domain(value: str) -> str:
     return low
 
 
+def _ckpt_spelling(v: bool | str) -> bool | str:
+    # One spelling per meaning, so resume hashes and the planner see true/false as before.
+    return {"off": False, "every_layer": True}.get(v, v) if isinstance(v, str) else v
+
+
 class ModelConfig(_Section):
     name_or_path: str = "builtin:tiny-llama"
     """HF hub id, local directory, or `builtin:tiny-llama` (built locally on first use)."""
@@ -64,7 +69,14 @@ class ModelConfig(_Section):
     """Never touch the network; a missing model is a clear error, not a download."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Annotated[
+        bool | Literal["off", "every_layer", "every_other"], AfterValidator(_ckpt_spelling)
+    ] = False
+    """Recompute activations in backward: `every_layer` (same as true), `every_other` (half the
+    layers: about half the saving for half the extra forward), `off` (same as false)."""
+    offload_activations: bool = False
+    """CUDA only: keep the tensors saved for backward in pinned host memory
+    (torch.autograd.graph.save_on_cpu); with checkpointing that is the layers' inputs."""
     trust_remote_code: bool = False
 
 
@@ -126,6 +138,9 @@ class TrainingConfig(_Section):
     cpu_threads: int | None = Field(None, gt=0)
     """Torch threads when training on CPU; null = torch's default (every core). 1 is
     fastest on a shared, busy machine, where OpenMP threads wait on each other."""
+    loss: Literal["chunked", "full"] = "chunked"
+    """`chunked`: cross-entropy a chunk of target tokens at a time, never the whole
+    [tokens, vocab] logits (training/loss.py); `full`: from the model's logits, as HF does."""
 
 
 class CheckpointConfig(_Section):
@@ -278,7 +293,10 @@ _RESUME_NEUTRAL: Final = {
         "max_steps", "max_runtime", "progress_every_seconds", "device", "cpu_threads",
         # Raised after a `non_finite` failure to resume past a bad batch.
         "skip_nonfinite_steps",
+        # The same loss within float rounding (docs/memory.md); memory, not what is learned.
+        "loss",
     },
+    "model": {"offload_activations"},
     "checkpoint": None,
     "distributed": None,
     "eval": None,

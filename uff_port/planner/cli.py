@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--global-batch", type=int, default=DEFAULT_GLOBAL_BATCH,
                    help="sequences per optimizer step; sets grad_accum_steps in --write-config")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--loss", default="chunked", choices=["chunked", "full"],
+                   help="training.loss: chunked (the default) or the full logits, as before")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.add_argument("--all", action="store_true", help="list every candidate, not one row per shape")
     p.add_argument("--write-config", metavar="PATH", default=None,
@@ -59,7 +61,14 @@ def _args_map(ns: argparse.Namespace) -> dict[str, Any]:
         "model": ns.model, "revision": ns.revision, "gpus": ns.gpus, "cpu_ram": ns.cpu_ram,
         "seq_len": ns.seq_len, "micro_batch_max": ns.micro_batch_max, "margin": ns.margin,
         "methods": ns.methods, "lora_r": ns.lora_r, "global_batch": ns.global_batch, "attn": ns.attn,
+        "loss": ns.loss,
     }
+
+
+def _ckpt_cell(r: dict[str, Any]) -> str:
+    ck = r["gradient_checkpointing"]
+    cell = "every 2nd" if ck == "every_other" else ("on" if ck else "off")
+    return cell + ("+offload" if r.get("offload_activations") else "")
 
 
 def _gib(n: int) -> str:
@@ -90,7 +99,7 @@ def _table(result: dict[str, Any], show_all: bool) -> None:
         fits = "yes" if r["fits"] else ("no (CPU)" if r["fits_gpu"] else "no")
         style = "bold green" if r["label"] == rec else (None if r["fits"] else "dim")
         t.add_row(
-            r["method"], f"{r['strategy']} x{r['nproc']}", "on" if r["gradient_checkpointing"] else "off",
+            r["method"], f"{r['strategy']} x{r['nproc']}", _ckpt_cell(r),
             str(r["micro_batch"]), _gib(g.get("weights", 0)), _gib(g.get("trainable_params", 0)),
             _gib(g.get("gradients", 0)), _gib(g.get("optimizer", 0)), _gib(g.get("activations", 0)),
             _gib(g.get("logits", 0)), _gib(g.get("overhead", 0) + g.get("cuda_context", 0)),

@@ -40,7 +40,7 @@ class PlanArgs:
 
         unknown = sorted(set(args) - {"model", "gpus", "cpu_ram", "seq_len", "micro_batch_max", "margin",
                                       "methods", "revision", "lora_r", "global_batch", "attn",
-                                      "write_config", "probe"})
+                                      "write_config", "probe", "loss"})
         if unknown:
             problems.append(f"{unknown[0]}: unknown argument")
         self.model: str = get("model", "deepseek-coder-6.7b", str)
@@ -51,6 +51,7 @@ class PlanArgs:
         self.lora_r: int = get("lora_r", 16, int)
         self.global_batch: int = get("global_batch", DEFAULT_GLOBAL_BATCH, int)
         self.attn: str = get("attn", "sdpa", str)
+        self.loss: str = get("loss", "chunked", str)
         self.write_config: str | None = get("write_config", None, str)
         self.probe: bool = get("probe", False, bool)
         methods = get("methods", None, (list, str))
@@ -72,6 +73,8 @@ class PlanArgs:
             problems.append(f"global_batch: must be > 0, got {self.global_batch}")
         if self.attn not in ("sdpa", "eager", "flash_attention_2"):
             problems.append(f"attn: expected sdpa, eager or flash_attention_2, got {self.attn!r}")
+        if self.loss not in ("chunked", "full"):
+            problems.append(f"loss: expected chunked or full, got {self.loss!r}")
         self.gpus: list[int] = []
         self.cpu_ram: int | None = None
         try:
@@ -92,7 +95,8 @@ def compute(a: PlanArgs) -> dict[str, Any]:
     on_gpu = bool(a.gpus)
     wl = Workload(seq_len=a.seq_len, device="cuda" if on_gpu else "cpu",
                   compute_bytes=2 if on_gpu else 4, lora_r=a.lora_r,
-                  lora_targets=DEFAULT_TARGETS, attn=a.attn)
+                  lora_targets=DEFAULT_TARGETS, attn=a.attn,
+                  loss="full" if a.loss == "full" else "chunked")
     # Every method is listed; the recommendation only uses the ones asked for.
     ranked, best = run_plan(arch, wl, a.gpus, a.cpu_ram, margin=a.margin, mb_max=a.mb_max,
                             methods=METHODS, recommend_from=a.methods)

@@ -43,6 +43,14 @@ PROCESS_RSS_CPU: Final = int(1.0 * GiB)
 BACKWARD_CKPT: Final = 1.3
 BACKWARD_CKPT_AUTOCAST: Final = 1.6
 BACKWARD_NO_CKPT: Final = 0.35
+# Chunked loss (training/loss.py): bounds of a chunk.
+CHUNK_MIN: Final = 128
+CHUNK_LOGITS_BYTES: Final = 128 << 20
+# Saved tensors offloaded to pinned host memory cost a PCIe round trip per step (torch's
+# save_on_cpu copies synchronously). Unmeasured; by arithmetic (6.7B LoRA, 4 x 2048: ~55 GiB
+# each way at ~25 GB/s against ~330 TFLOP of compute) 0.7 of the speed on a T4, 0.25 on an
+# A100. 0.5 ranks it under checkpointing and QLoRA: recommended only where nothing else fits.
+OFFLOAD_SPEED: Final = 0.5
 # Loading through a device_map (the nf4 path) streams shard by shard.
 SHARD_BYTES: Final = 5 * GiB
 
@@ -56,11 +64,20 @@ class Candidate:
     nproc: int
     grad_ckpt: bool
     micro_batch: int
+    ckpt_every: int = 1
+    """With `grad_ckpt`: 1 checkpoints every decoder layer, 2 every other one (`every_other`)."""
+    offload: bool = False
+    """`model.offload_activations`: what autograd saves waits in host memory (CUDA only)."""
+
+    @property
+    def ckpt_mode(self) -> bool | str:
+        """The value of `model.gradient_checkpointing` that selects this candidate."""
+        return "every_other" if self.grad_ckpt and self.ckpt_every == 2 else self.grad_ckpt
 
     @property
     def label(self) -> str:
-        ck = "ckpt" if self.grad_ckpt else "no-ckpt"
-        return f"{self.method}/{self.strategy}x{self.nproc}/{ck}/mb{self.micro_batch}"
+        ck = ("ckpt/2" if self.ckpt_every == 2 else "ckpt") if self.grad_ckpt else "no-ckpt"
+        return f"{self.method}/{self.strategy}x{self.nproc}/{ck}{'+offload' if self.offload else ''}/mb{self.micro_batch}"
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,10 @@ class Workload:
     double_quant: bool = True
     ds_reduce_bucket: int = DS_REDUCE_BUCKET
     """DeepSpeed `reduce_bucket_size` (elements) of the config in use."""
+    loss: Literal["chunked", "full"] = "chunked"
+    """`training.loss`: chunked never holds the [tokens, vocab] logits (training/loss.py)."""
+    packing: bool = True
+    """Packed rows: SDPA/eager get a block-diagonal [mb, 1, s, s] mask; flash attention none."""
 
 
 @dataclass
@@ -183,11 +204,41 @@ def activation_bytes(arch: Arch, cand: Candidate, wl: Workload) -> dict[str, flo
         # flight through one layer come on top.
         saved = arch.layers * layer + tail
         transient = BACKWARD_NO_CKPT * layer
-    # Logits in the compute dtype (held by the output), the fp32 log-softmax kept by
-    # cross-entropy, and in backward its fp32 gradient in and out (HF ForCausalLMLoss
-    # upcasts logits to fp32).
-    logits = tokens * arch.vocab * (p + 12)
-    return {"saved": saved, "transient": transient, "logits": logits}
+    if cand.grad_ckpt and cand.ckpt_every == 2:
+        # Even layers keep only their input, odd ones everything they save.
+        kept = arch.layers // 2
+        saved += kept * (layer - tokens * resid * arch.hidden)
+    if wl.packing and not wl.attn.startswith("flash"):
+        # transformers' block-diagonal mask for packed rows: bool for SDPA, additive in p for eager.
+        saved += cand.micro_batch * wl.seq_len**2 * (1 if wl.attn == "sdpa" else p)
+    # What checkpoints hold (each checkpointed layer's input) stays on the GPU under offload:
+    # torch's non-reentrant checkpoint keeps it in its recompute closure, not as a saved tensor.
+    n_ckpt = 0 if not cand.grad_ckpt else arch.layers - (arch.layers // 2 if cand.ckpt_every == 2 else 0)
+    pinned = n_ckpt * tokens * (4 if cand.method == "qlora" else p) * arch.hidden
+    return {"saved": saved, "transient": transient, "logits": loss_bytes(arch, tokens, wl),
+            "ckpt_inputs": float(pinned)}
+
+
+def chunk_rows(n: int, vocab: int) -> int:
+    """Tokens per chunk of the chunked loss: the rule of `training.loss.chunk_rows` (torch-free copy)."""
+    cap = max(CHUNK_MIN, 1 << (max(1, CHUNK_LOGITS_BYTES // (4 * max(vocab, 1))).bit_length() - 1))
+    want = 1 << (max(1, (max(n, 1) + 3) // 4) - 1).bit_length()
+    return min(cap, max(CHUNK_MIN, want))
+
+
+def loss_bytes(arch: Arch, tokens: int, wl: Workload) -> float:
+    """The loss's own peak on top of the activations, per micro-batch."""
+    p = wl.compute_bytes
+    if wl.loss == "full":
+        # Logits in the compute dtype (held by the output), the fp32 log-softmax kept by
+        # cross-entropy, and in backward its fp32 gradient in and out (HF ForCausalLMLoss
+        # upcasts logits to fp32).
+        return float(tokens * arch.vocab * (p + 12))
+    # Chunked: the targets' hidden states and their gradient (both [tokens, h] in p), and
+    # one chunk's fp32 logits, turned into the softmax gradient in place; under autocast
+    # also the p-byte logits it came from, or its p-byte cast (one at a time).
+    rows = min(chunk_rows(tokens, arch.vocab), tokens)
+    return float(2 * tokens * arch.hidden * p + rows * arch.vocab * (4 + (p if p < 4 else 0)))
 
 
 def _param_split(arch: Arch, cand: Candidate, wl: Workload) -> tuple[int, int]:
@@ -245,7 +296,8 @@ def estimate(arch: Arch, cand: Candidate, wl: Workload) -> Estimate:
     # (foreach AdamW, about one copy of the trained params) come after activations are freed.
     step_temp = train_param if cand.method != "full" else (base if not ds else 0.0)
     logits_part = acts["logits"]
-    acts_part = acts["saved"] + max(acts["transient"] - logits_part, 0.0)
+    offloaded = acts["saved"] - acts["ckpt_inputs"] if cand.offload and wl.device == "cuda" else 0.0
+    acts_part = acts["saved"] - offloaded + max(acts["transient"] - logits_part, 0.0)
     acts_part = max(acts_part, step_temp - logits_part)
     dynamic = acts_part + logits_part
     dequant = 0.0
@@ -264,8 +316,10 @@ def estimate(arch: Arch, cand: Candidate, wl: Workload) -> Estimate:
     }
     if wl.device == "cpu":
         gpu = {}
-    return Estimate(cand, gpu=gpu, cpu=_host(arch, cand, wl, n_train, base, gpu_state=(
-        train_param, grad, optim, dynamic)))
+    host = _host(arch, cand, wl, n_train, base, gpu_state=(train_param, grad, optim, dynamic))
+    if offloaded:
+        host["offloaded_activations"] = int(n * offloaded)  # pinned, every rank's
+    return Estimate(cand, gpu=gpu, cpu=host)
 
 
 def _host(arch: Arch, cand: Candidate, wl: Workload, n_train: int, base: float,
@@ -299,6 +353,8 @@ def speed_score(cand: Candidate) -> float:
     """Relative tokens/s, for ranking only (documented in docs/memory.md)."""
     strategy = {"single": 1.0, "ddp": 0.9, "zero2": 0.85, "zero3": 0.7, "zero3_offload": 0.3}
     method = {"lora": 1.0, "qlora": 0.7, "full": 0.65}
-    ckpt = 0.75 if cand.grad_ckpt else 1.0  # one more forward per step (~ +33% compute)
+    # One more forward per step (~ +33% compute) for the checkpointed layers.
+    ckpt = (0.75 if cand.ckpt_every == 1 else 0.86) if cand.grad_ckpt else 1.0
+    ckpt *= OFFLOAD_SPEED if cand.offload else 1.0
     mb = 1.0 - 0.2 / cand.micro_batch  # small batches leave the GPU under-used
     return cand.nproc * strategy[cand.strategy] * method[cand.method] * ckpt * mb

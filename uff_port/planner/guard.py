@@ -60,6 +60,8 @@ def workload_of(cfg: Config, on_gpu: bool) -> Workload:
         attn=cfg.model.attn_implementation,
         double_quant=cfg.quantization.double_quant,
         ds_reduce_bucket=_reduce_bucket(cfg),
+        loss=cfg.training.loss,
+        packing=cfg.data.packing,
     )
 
 
@@ -108,13 +110,16 @@ def candidate_of(cfg: Config) -> Candidate:
         strategy = _ds_strategy(cfg.distributed.deepspeed_config)
     else:
         strategy = "ddp" if n > 1 else "single"
-    return Candidate(method, strategy, n, cfg.model.gradient_checkpointing, cfg.training.micro_batch_size)
+    ckpt = cfg.model.gradient_checkpointing
+    return Candidate(method, strategy, n, bool(ckpt), cfg.training.micro_batch_size,
+                     2 if ckpt == "every_other" else 1, cfg.model.offload_activations)
 
 
 def _distance(a: Candidate, b: Candidate) -> float:
     """How far a suggestion is from what the user asked for (smaller is nearer)."""
     d = abs(math.log2(b.micro_batch / a.micro_batch))
-    d += 1.0 if a.grad_ckpt != b.grad_ckpt else 0.0
+    d += 1.0 if a.grad_ckpt != b.grad_ckpt else (0.5 if a.ckpt_every != b.ckpt_every else 0.0)
+    d += 1.0 if a.offload != b.offload else 0.0
     d += 0.0 if a.strategy == b.strategy else (3.0 if b.strategy == "zero3_offload" else 2.0)
     d += 1.0 if a.nproc != b.nproc else 0.0
     d += 3.0 if a.method != b.method else 0.0
@@ -125,7 +130,7 @@ def _nearest(cfg: Config, cur: Candidate, wl: Workload, arch: Any, n_gpus: int,
              gpu_cap: int | None, cpu_cap: int | None) -> dict[str, Any] | None:
     mb_max = max(8, cur.micro_batch)
     best = None
-    for cand in candidates(n_gpus, ("lora", "qlora", "full"), mb_max):
+    for cand in candidates(n_gpus, ("lora", "qlora", "full"), mb_max, offload=cpu_cap is not None):
         if cand.micro_batch > cur.micro_batch or (cand.method == "full") != (cur.method == "full"):
             continue  # never suggest a bigger batch, nor switching full <-> adapter training
         s = judge(estimate(arch, cand, wl), gpu_cap, cpu_cap, DEFAULT_MARGIN)
@@ -143,6 +148,7 @@ def _nearest(cfg: Config, cur: Candidate, wl: Workload, arch: Any, n_gpus: int,
         "lora.enabled": cfg.lora.enabled,
         "quantization.mode": cfg.quantization.mode,
         "model.gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "model.offload_activations": cfg.model.offload_activations,
         "training.micro_batch_size": cfg.training.micro_batch_size,
         "training.grad_accum_steps": cfg.training.grad_accum_steps,
         "distributed.nproc": cfg.distributed.nproc,

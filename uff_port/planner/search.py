@@ -52,7 +52,8 @@ class Scored:
             "method": c.method,
             "strategy": c.strategy,
             "nproc": c.nproc,
-            "gradient_checkpointing": c.grad_ckpt,
+            "gradient_checkpointing": c.ckpt_mode,
+            "offload_activations": c.offload,
             "micro_batch": c.micro_batch,
             "gpu": dict(self.est.gpu),
             "gpu_total": self.est.gpu_total,
@@ -72,8 +73,12 @@ def micro_batches(mb_max: int) -> list[int]:
     return sorted(set(out) | {mb_max})
 
 
-def candidates(n_gpus: int, methods: tuple[Method, ...], mb_max: int) -> list[Candidate]:
-    """Every (method, strategy, checkpointing, micro-batch) worth estimating on this hardware."""
+def candidates(n_gpus: int, methods: tuple[Method, ...], mb_max: int, *, offload: bool = False) -> list[Candidate]:
+    """Every (method, strategy, checkpointing, micro-batch) worth estimating on this hardware.
+
+    Activation offload only with `offload`: it needs pinned host RAM the plan must be able
+    to check (`--cpu-ram`, or the guard's own host).
+    """
     shapes: list[tuple[Strategy, int]] = [("single", 1)]
     if n_gpus >= 1:
         shapes.append(("zero3_offload", n_gpus))
@@ -86,9 +91,13 @@ def candidates(n_gpus: int, methods: tuple[Method, ...], mb_max: int) -> list[Ca
         for strategy, nproc in shapes:
             if method == "qlora" and strategy in DEEPSPEED:
                 continue  # QLoRA is spread with DDP (4-bit params do not shard under ZeRO)
-            for ckpt in (False, True):
-                for mb in micro_batches(mb_max):
-                    out.append(Candidate(method, strategy, nproc, ckpt, mb))
+            offloads = (False, True) if offload and n_gpus >= 1 and strategy in ("single", "ddp") else (False,)
+            for ckpt, every in ((False, 1), (True, 1), (True, 2)):
+                for off in offloads:
+                    if off and ckpt and every == 1:
+                        continue  # nothing left to offload but the loss' and the last norm's tensors
+                    for mb in micro_batches(mb_max):
+                        out.append(Candidate(method, strategy, nproc, ckpt, mb, every, off))
     return out
 
 
@@ -118,7 +127,7 @@ def plan(
     """All candidates (ranked) and the recommended one, or None when nothing fits."""
     gpu_cap = min(gpus) if gpus else None
     scored = [judge(estimate(arch, c, wl), gpu_cap, cpu_ram, margin)
-              for c in candidates(len(gpus), methods, mb_max)]
+              for c in candidates(len(gpus), methods, mb_max, offload=cpu_ram is not None)]
     ranked = rank(scored)
     best = next((s for s in ranked if s.fits and s.est.candidate.method in recommend_from), None)
     return ranked, best
@@ -126,10 +135,10 @@ def plan(
 
 def summary_rows(ranked: list[Scored]) -> list[Scored]:
     """Per (method, strategy, checkpointing): the largest micro-batch that fits, else mb 1."""
-    groups: dict[tuple[str, str, bool], list[Scored]] = {}
+    groups: dict[tuple[str, str, bool | str, bool], list[Scored]] = {}
     for s in ranked:
         c = s.est.candidate
-        groups.setdefault((c.method, c.strategy, c.grad_ckpt), []).append(s)
+        groups.setdefault((c.method, c.strategy, c.ckpt_mode, c.offload), []).append(s)
     rows = []
     for group in groups.values():
         fitting = [s for s in group if s.fits]
@@ -155,7 +164,8 @@ def overrides_for(cand: Candidate, global_batch: int | None = None) -> dict[str,
     out: dict[str, Any] = {
         "lora.enabled": cand.method != "full",
         "quantization.mode": "nf4" if cand.method == "qlora" else "none",
-        "model.gradient_checkpointing": cand.grad_ckpt,
+        "model.gradient_checkpointing": cand.ckpt_mode,
+        "model.offload_activations": cand.offload,
         "training.micro_batch_size": cand.micro_batch,
         "distributed.nproc": cand.nproc,
         "distributed.backend": "deepspeed" if cand.strategy in DEEPSPEED else (
@@ -197,6 +207,7 @@ def config_for(arch: Arch, wl: Workload, cand: Candidate, global_batch: int,
         "model": {
             "name_or_path": arch.hub_id or arch.name,
             "gradient_checkpointing": ov["model.gradient_checkpointing"],
+            "offload_activations": ov["model.offload_activations"],
             "attn_implementation": wl.attn,
         },
         "data": {"seq_len": wl.seq_len},
@@ -204,7 +215,7 @@ def config_for(arch: Arch, wl: Workload, cand: Candidate, global_batch: int,
                  "target_modules": list(wl.lora_targets)},
         "quantization": {"mode": ov["quantization.mode"], "double_quant": wl.double_quant},
         "training": {"micro_batch_size": cand.micro_batch,
-                     "grad_accum_steps": ov["training.grad_accum_steps"]},
+                     "grad_accum_steps": ov["training.grad_accum_steps"], "loss": wl.loss},
         "distributed": {"nproc": cand.nproc, "backend": ov["distributed.backend"],
                         "deepspeed_config": ov["distributed.deepspeed_config"]},
     }

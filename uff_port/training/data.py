@@ -59,6 +59,8 @@ class Sequence_:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int] | None
+    pad: int = 0
+    """Trailing padding segment of a packed row: never computed (`collate` cuts it off)."""
 
     @property
     def n_targets(self) -> int:
@@ -386,7 +388,7 @@ class PackedStream:
             ids += [self.pad_id] * pad
             labels += [IGNORE] * pad
             pos += list(range(pad))
-        return Sequence_(ids, labels, pos)
+        return Sequence_(ids, labels, pos, max(pad, 0))
 
     def next_sequence(self) -> Sequence_ | None:
         """This rank's next sequence: reads world_size global ones, keeps number `rank`."""
@@ -422,15 +424,32 @@ def _rng_from_json(state: list[Any]) -> tuple[Any, ...]:
     return (version, tuple(internal), gauss)
 
 
-def collate(seqs: list[Sequence_], pad_id: int) -> dict[str, Any]:
-    """Tensors for one micro-batch. Packed rows carry position_ids and no mask (see module doc)."""
+def collate(seqs: list[Sequence_], pad_id: int, *, flatten: bool = False) -> dict[str, Any]:
+    """Tensors for one micro-batch. Packed rows carry position_ids and no mask (see module doc).
+
+    Packed rows lose the padding segment every row of the batch has (real tokens never
+    attend to it and its labels are -100, so nothing changes but the work). `flatten`
+    (flash attention) joins the rows without their padding into one row: flash
+    attention's varlen path reads sample boundaries from position_ids only at batch size 1
+    (transformers' `_is_packed_sequence`); with more rows it would attend across samples.
+    """
     import torch
 
     if all(s.position_ids is not None for s in seqs) and len({len(s.input_ids) for s in seqs}) == 1:
+        if flatten:
+            cut = [len(s.input_ids) - s.pad for s in seqs]
+            return {
+                "input_ids": torch.tensor([[x for s, n in zip(seqs, cut, strict=True) for x in s.input_ids[:n]]]),
+                "labels": torch.tensor([[x for s, n in zip(seqs, cut, strict=True) for x in s.labels[:n]]]),
+                "position_ids": torch.tensor(
+                    [[x for s, n in zip(seqs, cut, strict=True) for x in (s.position_ids or [])[:n]]]
+                ),
+            }
+        width = max(len(s.input_ids) - s.pad for s in seqs)
         return {
-            "input_ids": torch.tensor([s.input_ids for s in seqs]),
-            "labels": torch.tensor([s.labels for s in seqs]),
-            "position_ids": torch.tensor([s.position_ids for s in seqs]),
+            "input_ids": torch.tensor([s.input_ids[:width] for s in seqs]),
+            "labels": torch.tensor([s.labels[:width] for s in seqs]),
+            "position_ids": torch.tensor([(s.position_ids or [])[:width] for s in seqs]),
         }
     width = max(len(s.input_ids) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

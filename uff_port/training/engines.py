@@ -13,6 +13,7 @@ that of the mean token loss of the global batch however it is split.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -20,12 +21,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import torch
-import torch.nn.functional as F
 
 from uff_port.core.config import Config
 from uff_port.training import dist, zero
-from uff_port.training.data import IGNORE, Sequence_, collate
+from uff_port.training.data import Sequence_, collate
 from uff_port.training.errors import NonFiniteStep, TrainError
+from uff_port.training.loss import LossMode, loss_sum
 from uff_port.training.state import TrainingSnapshot, apply_snapshot, check_snapshot, restore_rng
 
 INJECT_OOM_ENV: Final = "UFF_PORT_INJECT_OOM_AT_STEP"
@@ -49,16 +50,22 @@ def lr_lambda(cfg: Config):  # noqa: ANN201 - a closure for LambdaLR
     return f
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target tokens (labels != -100)."""
-    labels = batch.pop("labels")
-    device_type = labels.device.type
-    with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        logits = model(**batch, use_cache=False).logits
-    # fp32 for the softmax: bf16 logits lose the small probabilities.
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+def flattens(cfg: Config) -> bool:
+    """Packed micro-batches go as one row: flash attention's varlen path needs batch size 1."""
+    return cfg.data.packing and cfg.model.attn_implementation.startswith("flash_attention")
+
+
+def activation_offload(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """`model.offload_activations`: tensors saved for backward wait in pinned host memory (CUDA only)."""
+    if cfg.model.offload_activations and device.type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | None,
+                   mode: LossMode = "full") -> torch.Tensor:
+    """Sum of next-token cross-entropy over target tokens (labels != -100); `training.loss` picks how."""
+    return loss_sum(model, batch, autocast, mode)
 
 
 class StepEngine:
@@ -134,9 +141,10 @@ class TorchEngine(StepEngine):
             if self._inject_oom and step_no == self._inject_oom:
                 self._inject_oom = 0  # once: the retry must succeed
                 raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={step_no}")
-            batch = {k: v.to(self.device) for k, v in collate(chunk, pad_id).items()}
+            batch = {k: v.to(self.device) for k, v in collate(chunk, pad_id, flatten=flattens(self.cfg)).items()}
             with dist.no_sync_unless(model, last=i == len(chunks) - 1):
-                s = token_loss_sum(model, batch, self.autocast)
+                with activation_offload(self.cfg, self.device):
+                    s = token_loss_sum(model, batch, self.autocast, self.cfg.training.loss)
                 if self._inject_nonfinite and step_no == self._inject_nonfinite:
                     self._inject_nonfinite = 0  # once: a skipped batch is followed by good ones
                     s = s * float("nan")
@@ -180,7 +188,7 @@ class DeepSpeedEngine(StepEngine):
     def __init__(self, cfg: Config, model: Any, params: list[torch.nn.Parameter], device: torch.device,
                  precision: Any, world: int, *, micro: int, accum: int) -> None:
         t = cfg.training
-        self.device, self.world = device, world
+        self.cfg, self.device, self.world = cfg, device, world
         try:
             deepspeed = zero.import_deepspeed(device)
             ds = zero.load_config(
@@ -191,6 +199,9 @@ class DeepSpeedEngine(StepEngine):
             raise TrainError(exc.code, exc.message) from None
         # ZeRO-3 with output.merge or 4-bit weights is refused by the config's validation.
         self.zero_stage = zero.stage_of(ds)
+        # ZeRO-3 partitions lm_head's weight outside its module's call: the chunked loss would
+        # gather it again per chunk in backward (untested here), so ZeRO-3 keeps the full loss.
+        self.loss_mode: LossMode = t.loss if self.zero_stage < 3 else "full"
         self.can_back_off, self.writes_shards = False, True  # the micro-batch is fixed in the engine
         dist.init_single()  # a group of one when not under torchrun; no-op otherwise
         self.optimizer = zero.make_optimizer(deepspeed, ds, params, t.learning_rate, t.weight_decay)
@@ -211,8 +222,9 @@ class DeepSpeedEngine(StepEngine):
         loss_sum = torch.zeros((), device=self.device)
         for i, chunk in enumerate(chunks):
             engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-            batch = {k: v.to(self.device) for k, v in collate(chunk, pad_id).items()}
-            s = token_loss_sum(engine, batch, self.autocast)
+            batch = {k: v.to(self.device) for k, v in collate(chunk, pad_id, flatten=flattens(self.cfg)).items()}
+            with activation_offload(self.cfg, self.device):
+                s = token_loss_sum(engine, batch, self.autocast, self.loss_mode)
             # Ranks are averaged like DDP; our own token count does the accumulation scaling.
             engine.backward(s * (self.world / denom), scale_wrt_gas=False)
             engine.step()

@@ -183,11 +183,13 @@ def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
+            model, use_gradient_checkpointing=bool(cfg.model.gradient_checkpointing)
         )
     elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if cfg.model.gradient_checkpointing == "every_other":
+        checkpoint_every_other(model)
     if cfg.lora.enabled:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -209,6 +211,20 @@ def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
     if cfg.quantization.mode != "nf4":
         model.to(device)
     return model
+
+
+def checkpoint_every_other(model: Any) -> int:
+    """Keep checkpointing on the even decoder layers only; returns how many layers are checkpointed.
+
+    transformers checkpoints each `GradientCheckpointingLayer` whose `gradient_checkpointing`
+    is set; the odd ones keep their activations (no recomputation for them).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % 2 == 0
+    return sum(1 for layer in layers if layer.gradient_checkpointing)
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

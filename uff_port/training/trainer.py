@@ -41,7 +41,7 @@ from uff_port.training.channel import Command, Inbox
 from uff_port.training.continuity import ContinuityGuard, LossWindow
 from uff_port.training.control import CKPT, DISK_FULL, GO, STOP, STOP_NOSAVE, Control, StopTraining
 from uff_port.training.data import PackedStream, Sequence_, collate
-from uff_port.training.engines import StepEngine, make_engine, token_loss_sum
+from uff_port.training.engines import StepEngine, flattens, make_engine, token_loss_sum
 from uff_port.training.errors import NonFiniteStep, TrainError
 from uff_port.training.model import (
     load_model,
@@ -602,9 +602,10 @@ class Trainer:
             seqs = stream.take(self.micro)
             if not seqs:
                 break
-            batch = {k: v.to(self.device) for k, v in collate(seqs, stream.pad_id).items()}
+            batch = {k: v.to(self.device) for k, v in collate(seqs, stream.pad_id, flatten=flattens(self.cfg)).items()}
             count += sum(s.n_targets for s in seqs)
-            loss_sum += token_loss_sum(model, batch, self.engine.autocast).float()
+            mode = getattr(self.engine, "loss_mode", self.cfg.training.loss)  # ZeRO-3: full
+            loss_sum += token_loss_sum(model, batch, self.engine.autocast, mode).float()
         stream.close()
         total = float(dist.all_reduce_sum(count))
         value = float(dist.all_reduce_sum(loss_sum)) / total if total else None
