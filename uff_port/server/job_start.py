@@ -157,7 +157,8 @@ class JobLauncher:
         self._check_fits(cfg)
         run_dir, job_id = self._run_dir(args.get("run_dir"), args.get("job_id"), cfg.name)
         self._check_disk(cfg, run_dir)
-        return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=AUTO)
+        # fresh: no checkpoint is looked for, and the trainer starts at step 0 (--fresh).
+        return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=None if args.get("fresh") else AUTO)
 
     def prepare_resume(self, args: dict[str, Any]) -> LaunchPlan:
         from uff_port.core.config import ConfigError, load_config_file
@@ -254,6 +255,8 @@ class JobLauncher:
         from uff_port.core.config import resume_hash, resume_view
 
         cfg = plan.config
+        if plan.resume_from is None:
+            return None, None
         if plan.resume_from == AUTO:
             try:
                 point = store.find_resume_point({"resume_hash": resume_hash(cfg), "resume_view": resume_view(cfg)})
@@ -314,7 +317,9 @@ class JobLauncher:
             fds: tuple[int, ...] = ()
             if local:
                 argv = trainer_argv(self.python)
-                if resume_path is not None:
+                if plan.resume_from is None:
+                    extra.append("--fresh")
+                elif resume_path is not None:
                     # AUTO: the trainer re-checks our pick and may fall back; explicit: exactly this one.
                     extra += ["--resume-hint" if plan.resume_from == AUTO else "--resume-from", str(resume_path)]
                 # The lock goes to the trainer with the descriptor that holds it, so no other

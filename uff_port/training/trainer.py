@@ -21,6 +21,7 @@ export (`export`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ class Trainer:
                 f"training.grad_accum_steps: {t.grad_accum_steps} must be divisible by the number of "
                 f"processes ({self.world}) so the global batch stays micro_batch_size * grad_accum_steps",
             )
-        self.set_state("loading", world_size=self.world)
+        self.set_state("loading", world_size=self.world, pid=os.getpid())  # `status` tells a live load from a dead one
         self.device = pick_device(cfg)
         if self.device.type == "cpu" and t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
