@@ -155,6 +155,7 @@ class JobLauncher:
             raise _invalid("args.config", "one of config (a map) or config_path (a string) is required", "map")
         cfg = _validate(raw, args.get("overrides"))
         self._check_fits(cfg)
+        self._check_data(cfg)
         run_dir, job_id = self._run_dir(args.get("run_dir"), args.get("job_id"), cfg.name)
         self._check_disk(cfg, run_dir)
         # fresh: no checkpoint is looked for, and the trainer starts at step 0 (--fresh).
@@ -193,10 +194,18 @@ class JobLauncher:
         report = check_config(cfg, self.devices())
         if not report.fits:
             raise CommandError(
-                ErrorCode.WONT_FIT,
+                report.code,
                 report.message,
                 {"estimate": report.estimate, "nearest_fit": report.nearest_fit},
             )
+
+    def _check_data(self, cfg: Config) -> None:
+        """Refuse a local job whose data files do not exist, before its run directory is made."""
+        from uff_port.core.config import data_path_problems
+
+        problems = data_path_problems(cfg) if cfg.strategy == "local" else []
+        if problems:
+            raise CommandError(ErrorCode.DATA_NOT_FOUND, "; ".join(problems), {"problems": problems})
 
     def _check_disk(self, cfg: Config, run_dir: Path) -> None:
         """Refuse a job whose checkpoints cannot fit on the run directory's disk."""

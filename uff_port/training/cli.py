@@ -59,8 +59,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cloud is not None:
         # A cloud strategy runs the cloud job, never a silent local run.
         return _run_trainer(run_dir, [], [], args.quiet, cmd=cloud)
+    refused = _refusal(args.config, overrides)
+    if refused is not None:  # before the run directory exists: a refused config leaves nothing behind
+        code, message = refused
+        print(f"failed ({code}): {message}", file=sys.stderr)
+        return ExitCode.REFUSED
     extra = ["--config", str(args.config)] + (["--fresh"] if args.fresh else [])
     return _run_trainer(run_dir, extra, overrides, args.quiet)
+
+
+def _refusal(config: str, overrides: list[str]) -> tuple[str, str] | None:
+    """(code, message) when the config, its data files or this machine rule the run out; in
+    milliseconds, with no torch: the trainer checks again (and the formats) before its model loads."""
+    from uff_port.core.config import ConfigError, data_path_problems, load_config
+    from uff_port.protocol import ErrorCode
+    from uff_port.training.__main__ import parse_overrides
+
+    try:
+        cfg = load_config(config, parse_overrides(overrides))
+    except ConfigError as exc:
+        return ErrorCode.INVALID_CONFIG, "; ".join(exc.problems)
+    problems = data_path_problems(cfg)
+    if problems:
+        return ErrorCode.DATA_NOT_FOUND, "; ".join(problems)
+    try:
+        from uff_port.planner.guard import check_config
+        from uff_port.telemetry.gpu import sample_gpus
+    except ImportError:  # planner not built into this installation
+        return None
+    report = check_config(cfg, sample_gpus())
+    return None if report.fits else (report.code, report.message)
 
 
 def _cloud_command(run_dir: Path, config: str, overrides: list[str]) -> list[str] | int | None:

@@ -73,7 +73,9 @@ def finished_export(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
         if not isinstance(manifest, dict):
             return None
         step = int(manifest.get("step", -1))
-        if step < cfg.training.max_steps or manifest.get("config_hash") != config_hash(cfg):
+        # With num_epochs, max_steps comes from the corpus; the same config_hash means the same target.
+        short = cfg.training.num_epochs is None and step < cfg.training.max_steps
+        if short or manifest.get("config_hash") != config_hash(cfg):
             return None
         if final.is_symlink() or not verify_tree(final, manifest["files"], exclude=[layout.MANIFEST, "artifact.json"]).ok:
             return None
