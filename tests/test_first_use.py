@@ -187,3 +187,206 @@ def test_status_tells_a_sigkilled_trainer_from_a_running_one(tmp_path: Path) -> 
     assert dead["resumes_from_step"] >= ckpt["step"] and dead["resumes_from_step"] == dead["checkpoints"][-1]
     text = cli("status", str(run), timeout=60).stdout
     assert "no live trainer" in text and f"from step {dead['resumes_from_step']}" in text
+
+
+# ---- 3. chat data is never dropped silently -----------------------------------------------------
+
+def tiny_without_template(tmp: Path) -> Path:
+    """A copy of the tiny model whose tokenizer ships no chat template (as base models often do)."""
+    import shutil
+
+    from uff_port.training.builtin import resolve_model_path
+
+    out = tmp / "tiny-base"
+    shutil.copytree(resolve_model_path("builtin:tiny-llama"), out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return out
+
+
+def chat_corpus(path: Path, n: int = 60, bad: int = 0) -> Path:
+    lines = []
+    for i in range(n):
+        lines.append(json.dumps({"manager": "ulm" if i % 2 else "ufm", "stage": "foundation", "messages": [
+            {"role": "user", "content": f"Write a function that adds {i}."},
+            {"role": "assistant", "content": f"def add_{i}(x):\n    return x + {i}\n"},
+        ]}))
+    lines += ["{not json"] * bad
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def chat_config(tmp: Path, model: Path, data: Path, **data_extra: Any) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {"name_or_path": str(model), "local_files_only": True},
+        "data": {"path": str(data), "seq_len": 64, "eval_fraction": 0.0, **data_extra},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"max_steps": 2, "micro_batch_size": 2, "grad_accum_steps": 1, "device": "cpu",
+                     "precision": "fp32", "progress_every_seconds": 0},
+        "checkpoint": {"every_steps": None},
+        "eval": {"every_steps": None},
+    }
+    path = tmp / f"chat-{len(list(tmp.glob('chat-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_without_template(tmp_path_factory.mktemp("tok")))
+
+
+def test_named_chat_template_fills_in_and_masks_all_but_the_reply(base_tok: Any) -> None:
+    from uff_port.core.config import DataConfig
+    from uff_port.training.data import IGNORE, Tokenize
+
+    assert not base_tok.chat_template
+    msgs = [{"role": "user", "content": "add one"}, {"role": "assistant", "content": "x + 1"}]
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenize(base_tok, DataConfig())({"messages": msgs})
+    for template in ("deepseek-coder", "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                                       "{% if add_generation_prompt %}[assistant] {% endif %}"):
+        sample = Tokenize(base_tok, DataConfig(chat_template=template))({"messages": msgs})
+        learned = base_tok.decode([t for t, lab in zip(sample.ids, sample.labels, strict=True) if lab != IGNORE])
+        assert "x + 1" in learned and "add one" not in learned
+    text = base_tok.decode(Tokenize(base_tok, DataConfig(chat_template="deepseek-coder"))({"messages": msgs}).ids)
+    assert "### Instruction:\nadd one\n### Response:\nx + 1\n" in text
+
+
+def test_a_bad_line_share_over_the_threshold_is_refused_with_the_count(tmp_path: Path, base_tok: Any) -> None:
+    from uff_port.core.config import DataConfig
+    from uff_port.training.data import scan_corpus
+
+    data = chat_corpus(tmp_path / "chat.jsonl", n=60, bad=6)
+    scan = scan_corpus(str(data), base_tok, DataConfig(chat_template="deepseek-coder", seq_len=64))
+    assert (scan.lines, scan.bad_lines, scan.records) == (66, 6, 60)
+    assert scan.managers == {"ulm": 30, "ufm": 30} and scan.formats == {"messages": 60}
+    err = scan.refusal(DataConfig(chat_template="deepseek-coder"))
+    assert err is not None and err.code == "too_many_bad_lines"
+    assert "6 of 66 lines are bad" in err.message and "not valid JSON" in err.message and "line 61" in err.message
+    assert scan.refusal(DataConfig(max_bad_line_fraction=0.1)) is None
+
+
+@pytest.mark.slow
+def test_chat_corpus_on_a_base_tokenizer_stops_before_training_then_trains_with_a_template(tmp_path: Path) -> None:
+    model = tiny_without_template(tmp_path)
+    data = chat_corpus(tmp_path / "chat.jsonl")
+    proc = cli("train", str(chat_config(tmp_path, model, data)), "--run-dir", str(tmp_path / "nochat"), "--quiet")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    evs = events_of(tmp_path / "nochat")
+    failed = next(e for e in evs if e["event"] == "failed")
+    assert failed["code"] == "too_many_bad_lines" and "60 of 60 lines" in failed["message"]
+    assert "no chat template" in failed["message"] and "data.chat_template" in failed["message"]
+    assert not any("trainable parameters" in str(e.get("message")) for e in evs)  # the model never loaded
+    assert "too_many_bad_lines" in proc.stderr
+    ok = cli("train", str(chat_config(tmp_path, model, data, chat_template="deepseek-coder")),
+             "--run-dir", str(tmp_path / "chat"), "--quiet")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    fin = events_of(tmp_path / "chat")[-1]
+    assert fin["event"] == "finished" and fin["tokens_seen"] > 0
+
+
+def test_scan_of_hostile_lines_counts_every_line_and_never_crashes(tmp_path_factory: pytest.TempPathFactory,
+                                                                     base_tok: Any) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from uff_port.core.config import DataConfig
+    from uff_port.training.data import scan_corpus
+
+    root = tmp_path_factory.mktemp("hostile")
+    record = st.one_of(
+        st.binary(max_size=200).filter(lambda b: b"\n" not in b and b"\r" not in b),
+        st.dictionaries(st.sampled_from(["text", "prompt", "completion", "messages", "manager", "stage"]),
+                        st.one_of(st.text(max_size=30), st.integers(), st.none(), st.lists(st.text(max_size=5), max_size=2)),
+                        max_size=4).map(lambda d: json.dumps(d).encode()),
+    )
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(record, max_size=30))
+    def check(lines: list[bytes]) -> None:
+        path = root / "corpus.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        cfg = DataConfig(seq_len=32, max_line_bytes=150, eval_fraction=0.2)
+        scan = scan_corpus(str(path), base_tok, cfg)
+        assert scan.lines == sum(1 for b in lines if b.strip())
+        assert scan.bad_lines + scan.records + scan.filtered_out == scan.lines
+        assert scan.train_records + scan.eval_records <= scan.records
+        assert 0.0 <= scan.bad_fraction <= 1.0
+
+    check()
+
+
+# ---- 4. early, helpful refusals -----------------------------------------------------------------
+
+def _no_cuda() -> bool:
+    from uff_port.telemetry.gpu import sample_gpus
+
+    return not sample_gpus()
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["tiny", "--set", "training.max_step=3"], "invalid_config", "did you mean 'max_steps'?"),
+    (["tiny", "--set", "trainng.max_steps=3"], "invalid_config", "did you mean 'training'?"),
+    (["tiny", "--set", "data.chat_template=deepseek"], "invalid_config", "did you mean 'deepseek-coder'?"),
+    (["tyni"], "invalid_config", "did you mean 'tiny'?"),
+    (["tiny", "--set", "data.path=missing/corpus.jsonl"], "data_not_found", "no such file 'missing/corpus.jsonl'"),
+    (["tiny", "--set", "training.num_epochs=1"], "invalid_config", "give max_steps or num_epochs, not both"),
+])
+def test_cli_refuses_early_with_a_hint_and_makes_no_run_dir(tmp_path: Path, args: list[str], code: str, words: str) -> None:
+    t0 = time.monotonic()
+    proc = cli("train", *args, "--run-dir", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert f"failed ({code})" in proc.stderr and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+    assert time.monotonic() - t0 < 30  # no model was loaded
+    assert "gates" not in proc.stderr  # not a training preset
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="this machine has a CUDA device")
+def test_cli_names_no_cuda_device_for_the_6_7b_preset(tmp_path: Path) -> None:
+    proc = cli("train", "deepseek-coder-6.7b-2x16gb", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 3 and "failed (not_available): no CUDA device" in proc.stderr, proc.stderr
+    assert "wont_fit" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_worker_refuses_early_with_a_hint_and_makes_no_run_dir(worker: WorkerClient, runs_root: Path) -> None:
+    from uff_port.client import WorkerError
+
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"config_path": "tiny", "overrides": {"training.max_step": 3}}, "invalid_config", "did you mean 'max_steps'?"),
+        ({"config_path": "tinny"}, "invalid_config", "did you mean 'tiny'?"),
+        ({"config_path": "tiny", "overrides": {"data.path": str(runs_root / "nope.jsonl")}}, "data_not_found",
+         "no such file"),
+    ]
+    if _no_cuda():
+        cases.append(({"config_path": "deepseek-coder-6.7b-2x16gb"}, "not_available", "no CUDA device"))
+    for i, (args, code, words) in enumerate(cases):
+        with pytest.raises(WorkerError) as exc:
+            worker.request("train", {**args, "run_dir": f"r{i}"})
+        assert exc.value.code == code and words in exc.value.message, exc.value.message
+        assert not (runs_root / f"r{i}").exists()
+    assert worker.request("status")["state"] == "idle"
+
+
+@pytest.mark.slow
+def test_trainer_refuses_a_corpus_of_the_wrong_format_before_the_model_loads(tmp_path: Path) -> None:
+    data = tmp_path / "csv.jsonl"
+    data.write_text("id,prompt,completion\n" + "".join(f"{i},a,b\n" for i in range(30)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name_or_path: 'builtin:tiny-llama', local_files_only: true}}\n"
+                   f"data: {{path: '{data}', seq_len: 64}}\ntraining: {{max_steps: 2, device: cpu}}\n")
+    proc = subprocess.run([PY, "-m", "uff_port.training", "--run-dir", str(tmp_path / "run"), "--config", str(cfg)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    evs = events_of(tmp_path / "run")
+    failed = next(e for e in evs if e["event"] == "failed")
+    assert failed["code"] == "too_many_bad_lines" and "31 of 31 lines are bad" in failed["message"]
+    assert "not valid JSON" in failed["message"]
+    assert not any("trainable parameters" in str(e.get("message")) for e in evs)
