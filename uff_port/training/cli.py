@@ -44,6 +44,10 @@ def register(subparsers: Any) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
+    from uff_port.training import inspect_cli
+
+    inspect_cli.register(subparsers)  # `data inspect`
+
 
 def _default_run_dir(config: str) -> Path:
     name = Path(config).stem or "run"
