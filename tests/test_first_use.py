@@ -390,3 +390,70 @@ def test_trainer_refuses_a_corpus_of_the_wrong_format_before_the_model_loads(tmp
     assert failed["code"] == "too_many_bad_lines" and "31 of 31 lines are bad" in failed["message"]
     assert "not valid JSON" in failed["message"]
     assert not any("trainable parameters" in str(e.get("message")) for e in evs)
+
+
+# ---- 5. time answers ----------------------------------------------------------------------------
+
+def test_data_inspect_counts_records_tokens_and_steps_per_epoch(tmp_path: Path) -> None:
+    data = chat_corpus(tmp_path / "chat.jsonl", n=40, bad=4)
+    proc = cli("data", "inspect", str(data), "--json", "--set", "data.seq_len=64", "--set", "data.eval_fraction=0",
+               "--set", "training.micro_batch_size=2", "--set", "training.grad_accum_steps=2")
+    assert proc.returncode == 3, proc.stderr  # 4 of 44 bad lines: over the 5% default
+    info = json.loads(proc.stdout)
+    assert (info["lines"], info["records"], info["bad_lines"]) == (44, 40, 4)
+    assert info["formats"] == {"messages": 40} and info["managers"] == {"ufm": 20, "ulm": 20}
+    assert info["stages"] == {"foundation": 40}
+    assert info["steps_per_epoch"] == -(-info["train_sequences"] // 4) and info["train_tokens"] > 0
+    assert "4 of 44 lines are bad" in info["refusal"] and "data.max_bad_line_fraction" in info["refusal"]
+    table = cli("data", "inspect", str(data), "--set", "data.max_bad_line_fraction=0.1")
+    assert table.returncode == 0, table.stderr
+    assert "steps per epoch" in table.stdout and "managers" in table.stdout and "ulm 20" in table.stdout
+    missing = cli("data", "inspect", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 3 and "failed (data_not_found)" in missing.stderr
+
+
+@pytest.mark.slow
+def test_num_epochs_trains_the_steps_of_that_many_passes(tmp_path: Path) -> None:
+    sets = ["--set", "data.seq_len=64", "--set", "training.micro_batch_size=4", "--set", "training.grad_accum_steps=2"]
+    info = json.loads(cli("data", "inspect", "builtin:sample-corpus", "--json", *sets).stdout)
+    run = tmp_path / "epochs"
+    proc = cli("train", "tiny", "--run-dir", str(run), "--quiet", *sets, "--set", "training.max_steps=null",
+               "--set", "training.num_epochs=0.1", "--set", "checkpoint.every_steps=null", "--set", "eval.every_steps=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evs = events_of(run)
+    expect = -(-info["steps_per_epoch"] // 10)  # ceil(0.1 x steps per epoch)
+    assert evs[-1]["event"] == "finished" and evs[-1]["step"] == expect == evs[-1]["max_steps"]
+    epochs = next(e for e in evs if e.get("code") == "epochs")
+    assert epochs["steps_per_epoch"] == info["steps_per_epoch"]
+    again = cli("train", "tiny", "--run-dir", str(run), "--quiet", *sets, "--set", "training.max_steps=null",
+                "--set", "training.num_epochs=0.1", "--set", "checkpoint.every_steps=null", "--set", "eval.every_steps=null")
+    assert again.returncode == 0 and any(e.get("code") == "already_finished" for e in events_of(run))
+
+
+def test_plan_config_gives_hours_per_epoch_labelled_an_estimate() -> None:
+    proc = cli("plan", "--config", "deepseek-coder-6.7b-2x16gb", "--corpus-tokens", "10000000", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    epoch = json.loads(proc.stdout)["epoch"]
+    cfg = epoch["config"]
+    assert cfg["candidate"] == "qlora/ddpx2/ckpt/mb4" and cfg["hours_per_epoch"] > 0
+    assert "estimate" in cfg["label"] and epoch["corpus_tokens"] == 10_000_000
+    # tokens/s follows the planner's ranking: the faster-ranked candidate is the faster estimate
+    assert epoch["recommended"]["tokens_per_s"] >= cfg["tokens_per_s"]
+    text = cli("plan", "--gpus", "2x16GiB", timeout=120).stdout
+    assert "h per 10M tokens" in text and "estimate" in text
+
+
+def test_the_2x16gb_story_is_one_across_planner_preset_and_docs() -> None:
+    from uff_port.core.config import load_config
+    from uff_port.planner.guard import candidate_of
+
+    proc = cli("plan", "--gpus", "2x16GiB", "--cpu-ram", "32GiB", "--json", timeout=120)
+    pick = json.loads(proc.stdout)["recommended"]["label"]
+    preset = load_config("deepseek-coder-6.7b-2x16gb")
+    assert candidate_of(preset).label == pick == "qlora/ddpx2/ckpt/mb4"
+    unchecked = json.loads(cli("plan", "--gpus", "2x16GiB", "--json", timeout=120).stdout)
+    assert any(pick in w and "host RAM" in w for w in unchecked["warnings"])  # says where its own pick differs
+    docs = (ROOT / "docs" / "training.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| `deepseek-coder-6.7b-2x16gb.yaml`"))
+    assert "QLoRA" in row and "DDP" in row and "micro-batch 4" in row
+    assert "ZeRO-3" in docs and "--cpu-ram 32GiB" in docs
