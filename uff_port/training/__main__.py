@@ -160,7 +160,7 @@ def _already_finished(cfg: Config, run_dir: Path, report: Reporter) -> int | Non
     manifest = finished_export(run_dir, cfg)
     if manifest is None:
         return None
-    last = next((e for e in reversed(read_events(run_dir)) if e.get("event") == "finished"), {})
+    last: dict[str, Any] = next((e for e in reversed(read_events(run_dir)) if e.get("event") == "finished"), {})
     try:
         points = CheckpointStore(run_dir).list_committed()
     except UnsafePath:
