@@ -281,9 +281,10 @@ def write_run_manifest(
     )
     out = final / MANIFEST_NAME
     # The trainer's export replaces final/ whole, so a manifest already there describes this
-    # very export (a finished run reported again): it is kept, byte for byte.
+    # very export (a finished run reported again): kept byte for byte unless asked to restate it.
+    defaults = role is None and version == "0.1.0" and name is None and created_at is None
     try:
-        if not out.is_symlink() and load_manifest(out).artifact_id == manifest.artifact_id:
+        if defaults and not out.is_symlink() and load_manifest(out).artifact_id == manifest.artifact_id:
             return out
     except (RegistryError, OSError):
         pass
