@@ -234,6 +234,14 @@ def test_data_path_directory_fails_clearly_and_shutdown_right_after_exits_zero(
     cfg = json.loads(json.dumps(TINY))
     cfg["data"]["path"] = str(tmp_path)
     with WorkerClient(runs_root=runs_root, heartbeat_interval=0.5, env=train_env) as w:
+        # Refused by the worker before anything starts, with no run directory made.
+        with pytest.raises(WorkerError) as refused:
+            w.request("train", {"config": cfg, "run_dir": "dir-data"})
+        assert refused.value.code == "data_not_found" and "a directory?" in refused.value.message
+        assert not (runs_root / "dir-data").exists()
+        # A corpus the trainer refuses (every line bad) still fails fast, and a shutdown right after exits 0.
+        (tmp_path / "bad.jsonl").write_text("not json\n" * 20)
+        cfg["data"]["path"] = str(tmp_path / "bad.jsonl")
         shutdown: dict[str, Any] = {}
 
         def on_failed(event: dict[str, Any]) -> None:
@@ -245,8 +253,7 @@ def test_data_path_directory_fails_clearly_and_shutdown_right_after_exits_zero(
         w.request("train", {"config": cfg, "run_dir": "dir-data"})
         started = _tree(w.pid)
         failed = w.wait_event("failed", timeout=180)
-        assert failed["code"] == "data_not_found"
-        assert "is a directory" in failed["message"] and "no such file" not in failed["message"]
+        assert failed["code"] == "too_many_bad_lines" and "20 of 20 lines are bad" in failed["message"]
         assert w.wait(60) == 0
     assert _gone(started)
 

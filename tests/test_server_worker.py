@@ -194,7 +194,8 @@ def test_config_that_cannot_fit_is_refused_before_starting(worker: WorkerClient)
             "train",
             {
                 "config_path": "deepseek-coder-6.7b-qlora-16gb",  # a preset name with dots in it
-                "overrides": {"lora.enabled": False, "quantization.mode": "none"},
+                # device auto: on a machine without CUDA, a cuda config is refused as not_available first
+                "overrides": {"lora.enabled": False, "quantization.mode": "none", "training.device": "auto"},
             },
         )
     assert exc.value.code == "wont_fit"

@@ -8,6 +8,7 @@ sha256, and no file that is not listed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -107,3 +108,42 @@ def verify_tree(
             report.hash_mismatch.append(rel)
     report.extra = sorted(present - set(files))
     return report
+
+
+CANONICAL_SEPARATORS = (",", ": ")
+"""Fixed item and key separators of canonical JSON (with indent=2, the json module's own)."""
+SORTED_LISTS = frozenset({"target_modules", "modules_to_save", "exclude_modules"})
+"""List-valued keys that mean sets (peft writes a Python set in hash order): sorted when canonical."""
+
+
+def canonical_json(obj: object) -> str:
+    """The one byte form of a JSON document: sorted keys, set-like lists sorted, fixed separators.
+
+    Two writes of the same content give the same bytes, so the same weights and
+    config give the same sha256 and artifact id on every run and machine.
+    """
+
+    def norm(value: object) -> object:
+        if isinstance(value, dict):
+            return {str(k): (sorted(map(norm, v), key=json.dumps) if k in SORTED_LISTS and isinstance(v, list)  # type: ignore[arg-type]
+                             else norm(v)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        return value
+
+    return json.dumps(norm(obj), indent=2, sort_keys=True, separators=CANONICAL_SEPARATORS) + "\n"
+
+
+def canonicalize_json_files(root: str | os.PathLike[str], skip: Iterable[str] = ()) -> list[str]:
+    """Rewrite every `*.json` under `root` (except `skip`, relative paths) in canonical form; return them."""
+    base = Path(root)
+    done = []
+    for rel in list_files(base, exclude=skip):
+        if not rel.endswith(".json"):
+            continue
+        path = base / rel
+        text = canonical_json(json.loads(path.read_text(encoding="utf-8")))
+        if path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        done.append(rel)
+    return done

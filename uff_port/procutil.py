@@ -85,3 +85,31 @@ class SignalSafeEvent:
             return self._set
         self._q.put(None)  # leave the wake-up for other waiters
         return True
+
+
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that mean "checkpoint and exit": SIGHUP is an SSH session or terminal that went away."""
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """STOP_SIGNALS less SIGHUP when it is ignored on entry (`nohup`): such a run must keep going."""
+    return tuple(s for s in STOP_SIGNALS if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN)
+
+
+def detach_from_dead_terminal() -> None:
+    """After SIGHUP: point stdout/stderr at /dev/null if they are a terminal (now hung up).
+
+    A write to a hung-up terminal fails with EIO, and a progress bar or a warning
+    printed on the way to the checkpoint must not turn a clean stop into a crash.
+    """
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from uff_port.core.config_io import (
@@ -95,6 +103,20 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(0, ge=0)
     max_line_bytes: int = Field(4 << 20, gt=0)
     """A longer JSONL line is a bad line: skipped unread and untokenised, never held in memory."""
+    max_bad_line_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """Share of bad lines in the corpus scan before training above which the run stops
+    (`too_many_bad_lines`) instead of training on what is left."""
+    chat_template: str | None = None
+    """For `messages` records when the tokenizer has no chat template: a named template
+    (CHAT_TEMPLATES, e.g. `deepseek-coder`) or a Jinja string. The tokenizer's own wins."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        if v is None or "{{" in v or "{%" in v or v in CHAT_TEMPLATES:
+            return v
+        raise ValueError(f"unknown chat template {v!r}{did_you_mean(v, CHAT_TEMPLATES)}; expected one of "
+                         f"{', '.join(sorted(CHAT_TEMPLATES))} or a Jinja string")
 
 
 class LoraConfig(_Section):
@@ -117,6 +139,17 @@ class QuantizationConfig(_Section):
 class TrainingConfig(_Section):
     max_steps: int = Field(100, gt=0)
     """Optimizer steps to train in total (contract key)."""
+    num_epochs: float | None = Field(None, gt=0)
+    """Instead of max_steps (exactly one of them): passes over the training split; the trainer
+    turns it into max_steps from the corpus (`uff-port data inspect` shows steps per epoch)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, data: Any) -> Any:
+        # `max_steps: null` (say over a preset that sets it) leaves num_epochs to decide.
+        if isinstance(data, dict) and "max_steps" in data and data["max_steps"] is None:
+            data = {k: v for k, v in data.items() if k != "max_steps"}
+        return data
     seed: int = 1234
     """Seeds python, numpy and torch on every rank (contract key)."""
     micro_batch_size: int = Field(4, gt=0)
@@ -231,6 +264,9 @@ def cross_section_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
     """
     problems: list[tuple[tuple[str, ...], str]] = []
     t, d = cfg.training, cfg.distributed
+    if t.num_epochs is not None and "max_steps" in t.model_fields_set:
+        problems.append((("training", "num_epochs"), "give max_steps or num_epochs, not both (over a preset "
+                         "that sets max_steps, add training.max_steps: null)"))
     if not cfg.lora.enabled and cfg.quantization.mode == "nf4":
         problems.append((("lora", "enabled"), "false with quantization.mode nf4 leaves no trainable parameters "
                          "(4-bit weights are frozen); enable LoRA (QLoRA) or set quantization.mode: none"))
@@ -288,9 +324,9 @@ _RESUME_NEUTRAL: Final = {
     "strategy": None,
     # The limit only decides which oversized lines are skipped from here on; binding
     # checkpoints to it would strand every run started before the key existed.
-    "data": {"max_line_bytes"},
+    "data": {"max_line_bytes", "max_bad_line_fraction"},
     "training": {
-        "max_steps", "max_runtime", "progress_every_seconds", "device", "cpu_threads",
+        "max_steps", "num_epochs", "max_runtime", "progress_every_seconds", "device", "cpu_threads",
         # Raised after a `non_finite` failure to resume past a bad batch.
         "skip_nonfinite_steps",
         # The same loss within float rounding (docs/memory.md); memory, not what is learned.
@@ -303,6 +339,36 @@ _RESUME_NEUTRAL: Final = {
     "output": None,
     "cloud": None,
 }
+
+
+_BOUND_WHEN_SET: Final = {"data": {"chat_template"}}
+"""Keys that bind a checkpoint only when set (they did not exist when older runs started)."""
+
+CHAT_TEMPLATES: Final[dict[str, str]] = {
+    # DeepSeek-Coder instruct's own format, with the tokenizer's eos ending each reply, so a base
+    # model's tokenizer (which ships no template) learns the instruct model's turn-taking.
+    "deepseek-coder": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ m['content'] + '\\n' }}"
+        "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n' }}"
+        "{% else %}{{ '### Response:\\n' + m['content'] + '\\n' + eos_token + '\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+    # The widespread ChatML turns (<|im_start|>role ... <|im_end|>).
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+"""Named values of `data.chat_template`."""
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -392,7 +458,20 @@ def validate_config(raw: Any, overrides: dict[str, Any] | None = None) -> Config
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError([f"{_format_loc(e['loc'])}: {friendly_error(e)}" for e in exc.errors()]) from None
+        raise ConfigError([f"{_format_loc(e['loc'])}: {friendly_error(e)}{_key_hint(e)}" for e in exc.errors()]) from None
+
+
+def _key_hint(err: Any) -> str:
+    """"did you mean" for an unknown key: the closest key of the section it was found in."""
+    if err.get("type") != "extra_forbidden":
+        return ""
+    model: Any = Config
+    for part in err["loc"][:-1]:
+        info = getattr(model, "model_fields", {}).get(part)
+        model = getattr(info, "annotation", None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""
+    return did_you_mean(str(err["loc"][-1]), model.model_fields)
 
 
 def _exists(p: Path, *, regular: bool = False) -> bool:
@@ -413,8 +492,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         # Preset names may contain dots (`deepseek-coder-6.7b-...`): try the name as given, then + .yaml.
         found = [c for c in (PRESETS_DIR / p.name, PRESETS_DIR / f"{p.name}.yaml") if _exists(c, regular=True)]
         if not found:
-            presets = sorted(c.stem for c in PRESETS_DIR.glob("*.yaml"))
-            raise ConfigError([f"config_path: no such file {str(path)!r} (presets: {', '.join(presets)})"])
+            presets = training_presets()
+            raise ConfigError([f"config_path: no such file {str(path)!r}{did_you_mean(p.name.removesuffix('.yaml'), presets)} "
+                               f"(presets: {', '.join(presets)})"])
         p = found[0]
     try:
         data = parse_config_text(read_config_bytes(p), name=str(p), as_json=p.suffix.lower() == ".json")
@@ -425,6 +505,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"config_path: {p} must hold a map, got {type(data).__name__}"])
     return data
+
+
+NOT_TRAINING_PRESETS: Final = frozenset({"gates"})
+"""Files among the presets that are not training configs (`gates.yaml`: promotion gates)."""
+
+
+def training_presets() -> list[str]:
+    """Names of the bundled training configs (what `uff-port train NAME` takes)."""
+    return sorted(c.stem for c in PRESETS_DIR.glob("*.yaml") if c.stem not in NOT_TRAINING_PRESETS)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
@@ -450,6 +539,9 @@ def resume_view(cfg: Config) -> dict[str, Any]:
         neutral = _RESUME_NEUTRAL.get(key)
         if isinstance(value, dict) and neutral:
             value = {k: v for k, v in value.items() if k not in neutral}
+        if isinstance(value, dict) and key in _BOUND_WHEN_SET:
+            # Keys added later: unset, they change nothing, so older checkpoints still resume.
+            value = {k: v for k, v in value.items() if not (k in _BOUND_WHEN_SET[key] and v is None)}
         out[key] = value
     return out
 
@@ -474,3 +566,28 @@ def diff_views(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[s
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def data_path_problems(cfg: Config) -> list[str]:
+    """data.path / eval.path files that are missing or not files, found without reading them.
+
+    Checked by the CLI and the worker before a run directory exists, so a typo in a
+    path costs milliseconds, not a model load. `builtin:` names are the trainer's.
+    """
+    raw = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
+    named = [("data.path", p) for p in raw] + ([("eval.path", cfg.eval.path)] if cfg.eval.path else [])
+    out = []
+    for key, name in named:
+        if name.startswith("builtin:"):
+            continue
+        path = Path(name).expanduser()
+        if _exists(path) and not _exists(path, regular=True):
+            out.append(f"{key}: {name!r} is not a regular file (a directory?), expected a JSONL file")
+        elif not _exists(path):
+            try:
+                siblings = os.listdir(path.parent)
+            except (OSError, ValueError):
+                siblings = []
+            near = did_you_mean(path.name, siblings) if len(siblings) < 10_000 else ""
+            out.append(f"{key}: no such file {name!r}{near}")
+    return out

@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default="deepseek-coder-6.7b",
                    help="deepseek-coder-6.7b | deepseek-coder-1.3b | HF id (local cache) | local dir")
     p.add_argument("--revision", default=None, help="hub revision to look up in the cache")
-    p.add_argument("--gpus", default="1x16GiB", help="COUNTxSIZE, e.g. 1x16GiB, 2x16GiB; 'none' for CPU")
+    p.add_argument("--gpus", default=None,
+                   help="COUNTxSIZE, e.g. 1x16GiB, 2x16GiB; 'none' for CPU (default 1x16GiB; with --config, "
+                        "distributed.nproc x 16GiB, or none for a CPU config)")
     p.add_argument("--cpu-ram", default=None, help="host RAM, e.g. 128GiB (default: not checked)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch-max", type=int, default=DEFAULT_MB_MAX)
@@ -51,6 +53,12 @@ def register(subparsers: Any) -> None:
                         "sagemaker-p3.2xlarge (sets --gpus; adds precision, strategy and an epoch estimate)")
     p.add_argument("--corpus-tokens", type=int, default=None, help="corpus size in tokens, for --platform's estimate")
     p.add_argument("--data", default=None, help="corpus JSONL file; its size / 3.5 bytes per token stands in for --corpus-tokens")
+    p.add_argument("--config", default=None,
+                   help="a training config (YAML or preset): plan its model and seq_len, check it, and estimate "
+                        "its hours per epoch beside the recommendation's")
+    p.add_argument("--tflops", type=float, default=None,
+                   help="dense fp16/bf16 TFLOPS per GPU for the time estimate (default 65, a T4)")
+    p.add_argument("--utilisation", type=float, default=None, help="assumed share of --tflops reached (default 0.3)")
     p.add_argument("--probe", action="store_true",
                    help="GPU only: run 3 real steps of the top candidates and compare with the estimate")
     p.set_defaults(func=run)
@@ -125,6 +133,65 @@ def _platform_lines(adv: dict[str, Any]) -> None:
         print(f"  estimated {adv['hours_per_epoch']} h per epoch of {adv['corpus_tokens']:,} tokens")
 
 
+def _corpus_tokens(ns: argparse.Namespace, cfg: Any) -> tuple[int | None, str]:
+    """Tokens per epoch: --corpus-tokens (`uff-port data inspect` counts them), else bytes / 3.5."""
+    if ns.corpus_tokens:
+        return int(ns.corpus_tokens), "--corpus-tokens"
+    path = ns.data
+    if path is None and cfg is not None and isinstance(cfg.data.path, str):
+        path = cfg.data.path
+        if path == "builtin:sample-corpus":
+            import importlib.resources
+
+            path = str(importlib.resources.files("uff_port") / "assets" / "sample_corpus.jsonl")
+    try:
+        return (int(Path(path).stat().st_size / 3.5), f"{path}: bytes / 3.5") if path else (None, "")
+    except (OSError, ValueError):
+        return None, ""
+
+
+def _epoch(ns: argparse.Namespace, cfg: Any, result: dict[str, Any], gpus: list[int]) -> dict[str, Any]:
+    """Hours per epoch for the recommendation and, with --config, for that config (and whether it fits)."""
+    from uff_port.planner.throughput import (
+        CPU_TFLOPS,
+        DEFAULT_TFLOPS,
+        DEFAULT_UTILISATION,
+        epoch_estimate,
+    )
+
+    tflops = ns.tflops or (DEFAULT_TFLOPS if gpus else CPU_TFLOPS)
+    util = ns.utilisation or DEFAULT_UTILISATION
+    tokens, source = _corpus_tokens(ns, cfg)
+    n = int(result["model"]["n_params"])
+    out: dict[str, Any] = {"corpus_tokens": tokens, "tokens_from": source}
+    best = result.get("_best")
+    if best is not None:
+        out["recommended"] = epoch_estimate(n, best.est.candidate, tokens, tflops, util)
+    if cfg is not None:
+        from uff_port.planner.guard import candidate_of, check_config
+
+        devices = [{"index": i, "name": "planned", "memory_total": b} for i, b in enumerate(gpus)]
+        fit = check_config(cfg, devices)
+        out["config"] = {**epoch_estimate(n, candidate_of(cfg), tokens, tflops, util), "name": ns.config,
+                         "fits": fit.fits, "fit": fit.message, "code": None if fit.fits else fit.code}
+    return out
+
+
+def _epoch_lines(epoch: dict[str, Any]) -> None:
+    rows = [(k, epoch[k]) for k in ("config", "recommended") if epoch.get(k)]
+    if not rows:
+        return
+    tokens = epoch["corpus_tokens"]
+    head = f"time per epoch of {tokens:,} tokens ({epoch['tokens_from']})" if tokens else "time (no corpus given)"
+    print(f"{head}, {rows[0][1]['label']}:")
+    for kind, e in rows:
+        name = f"config {e['name']}" if kind == "config" else "recommended"
+        hours = f"{e['hours_per_epoch']:.3g} h per epoch" if e["hours_per_epoch"] is not None else \
+            f"{e['hours_per_10m_tokens']:.3g} h per 10M tokens"
+        fit = "" if kind != "config" else ("  fits" if e["fits"] else f"  does not fit ({e['code']}): {e['fit']}")
+        print(f"  {name} ({e['candidate']}): ~{e['tokens_per_s']:,.0f} tokens/s, {hours}{fit}")
+
+
 def run(ns: argparse.Namespace) -> int:
     from uff_port.planner.arch import ArchError
     from uff_port.planner.commands import PlanArgs, compute, public
@@ -140,6 +207,21 @@ def run(ns: argparse.Namespace) -> int:
         ns.gpus = preset.gpus
         if not preset.flash_attention and ns.attn == "flash_attention_2":
             ns.attn = "sdpa"
+    cfg = None
+    if ns.config is not None:
+        from uff_port.core.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(ns.config)
+        except ConfigError as exc:
+            print(f"uff-port plan: --config: {exc}", file=sys.stderr)
+            return EXIT_BAD_ARGS
+        ns.model, ns.revision, ns.seq_len, ns.lora_r = (cfg.model.name_or_path, cfg.model.revision, cfg.data.seq_len,
+                                                       cfg.lora.r)
+        if ns.gpus is None:
+            ns.gpus = "none" if cfg.training.device == "cpu" else f"{cfg.distributed.nproc}x16GiB"
+    if ns.gpus is None:
+        ns.gpus = "1x16GiB"
     a = PlanArgs(_args_map(ns))
     if a.problems:
         for problem in a.problems:
@@ -163,12 +245,14 @@ def run(ns: argparse.Namespace) -> int:
 
         tokens = ns.corpus_tokens or (int(Path(ns.data).stat().st_size / 3.5) if ns.data else None)
         result["platform"] = platform_advice(preset, result, tokens, ns.attn)
+    result["epoch"] = _epoch(ns, cfg, result, a.gpus)
     if ns.json:
         print(json.dumps(public(result), indent=1))
     else:
         _table(result, ns.all)
         if preset is not None:
             _platform_lines(result["platform"])
+        _epoch_lines(result["epoch"])
     if ns.write_config and result["_best"] is not None:
         from uff_port.planner.commands import write_config
 

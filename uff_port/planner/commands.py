@@ -89,6 +89,10 @@ class PlanArgs:
         self.problems = problems
 
 
+TYPICAL_HOST_RAM: Final = 32 * 2**30
+"""Host RAM of a common 1-2 GPU machine: the preset for 2 x 16 GB (QLoRA + DDP) is the pick there."""
+
+
 def compute(a: PlanArgs) -> dict[str, Any]:
     """The plan as a map: the model, every candidate (ranked), summary and recommendation."""
     arch = resolve_arch(a.model, a.revision)
@@ -101,6 +105,14 @@ def compute(a: PlanArgs) -> dict[str, Any]:
     ranked, best = run_plan(arch, wl, a.gpus, a.cpu_ram, margin=a.margin, mb_max=a.mb_max,
                             methods=METHODS, recommend_from=a.methods)
     warnings = []
+    if best is not None and on_gpu and a.cpu_ram is None:
+        # Host RAM unchecked: say when a common host could not hold the pick, and what the pick is there.
+        _, host_best = run_plan(arch, wl, a.gpus, TYPICAL_HOST_RAM, margin=a.margin, mb_max=a.mb_max,
+                                methods=METHODS, recommend_from=a.methods)
+        if host_best is None or host_best.est.candidate != best.est.candidate:
+            there = host_best.est.candidate.label if host_best else "nothing"
+            warnings.append(f"{best.est.candidate.label} needs ~{best.est.cpu_total / 2**30:.0f} GiB of host RAM "
+                            f"(not checked: no --cpu-ram); with {TYPICAL_HOST_RAM // 2**30} GiB the pick is {there}")
     if arch.max_positions and a.seq_len > arch.max_positions:
         warnings.append(f"seq_len: {a.seq_len} exceeds the model's max_position_embeddings "
                         f"({arch.max_positions}); memory is estimated anyway")

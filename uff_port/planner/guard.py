@@ -23,6 +23,7 @@ from uff_port.planner.estimate import (
 )
 from uff_port.planner.search import DEFAULT_MARGIN, candidates, judge, overrides_for
 from uff_port.planner.sizes import fmt_bytes
+from uff_port.protocol.errors import ErrorCode
 
 # Refuse only what the estimate itself puts over the card; suggestions keep a margin.
 REFUSE_MARGIN: Final = 0.0
@@ -38,6 +39,8 @@ class FitReport:
     nearest_fit: dict[str, Any] | None = None
     checked: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    code: str = ErrorCode.WONT_FIT
+    """`wont_fit`, or `not_available` when the config needs a CUDA device and none is visible."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"fits": self.fits, "estimate": self.estimate, "message": self.message,
@@ -161,9 +164,35 @@ def _nearest(cfg: Config, cur: Candidate, wl: Workload, arch: Any, n_gpus: int,
     return {k: v for k, v in ov.items() if now.get(k) != v}
 
 
+def cuda_need(cfg: Config) -> str | None:
+    """Why `cfg` needs a CUDA device (the setting, in words), or None when a CPU will do."""
+    if cfg.training.device == "cuda":
+        return "training.device: cuda"
+    if cfg.quantization.mode == "nf4":
+        return "quantization.mode: nf4 (bitsandbytes 4-bit is GPU only)"
+    if cfg.training.precision == "fp16":
+        return "training.precision: fp16"
+    if cfg.distributed.backend == "deepspeed":
+        return "distributed.backend: deepspeed"
+    return None
+
+
+def no_cuda_report(cfg: Config) -> FitReport | None:
+    """The refusal of a GPU config on a machine without CUDA: named as such, not as `wont_fit`."""
+    need = cuda_need(cfg)
+    if need is None:
+        return None
+    return FitReport(False, None, f"no CUDA device: {need} needs an NVIDIA GPU and none is visible on this "
+                     "machine (train on a GPU host, or the tiny preset on CPU)", checked=False,
+                     code=ErrorCode.NOT_AVAILABLE)
+
+
 def check_config(cfg: Config, devices: list[dict[str, Any]]) -> FitReport:
     """Does `cfg` fit on `devices` (NVML records; [] = CPU) and this host's RAM?"""
     import psutil  # light, and only needed here
+
+    if not devices and (no_cuda := no_cuda_report(cfg)) is not None:
+        return no_cuda
 
     try:
         arch = resolve_arch(cfg.model.name_or_path, cfg.model.revision)

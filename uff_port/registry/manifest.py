@@ -17,6 +17,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from uff_port.hashing import canonical_json
 from uff_port.protocol.errors import ErrorCode
 from uff_port.registry.errors import INVALID_MANIFEST, RegistryError
 
@@ -126,7 +127,7 @@ class ArtifactManifest(_Strict):
         return self.model_dump(mode="json")
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return canonical_json(self.to_dict())
 
     def files_dict(self) -> dict[str, dict[str, object]]:
         """`files` in the shape `uff_port.hashing.verify_tree` takes."""

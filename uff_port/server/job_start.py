@@ -159,9 +159,11 @@ class JobLauncher:
             raise _invalid("args.config", "one of config (a map) or config_path (a string) is required", "map")
         cfg = _validate(raw, args.get("overrides"))
         self._check_fits(cfg)
+        self._check_data(cfg)
         run_dir, job_id = self._run_dir(args.get("run_dir"), args.get("job_id"), cfg.name)
         self._check_disk(cfg, run_dir)
-        return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=AUTO)
+        # fresh: no checkpoint is looked for, and the trainer starts at step 0 (--fresh).
+        return LaunchPlan(job_id=job_id, run_dir=run_dir, config=cfg, resume_from=None if args.get("fresh") else AUTO)
 
     def prepare_resume(self, args: dict[str, Any]) -> LaunchPlan:
         from uff_port.core.config import ConfigError, load_config_file
@@ -196,10 +198,18 @@ class JobLauncher:
         report = check_config(cfg, self.devices())
         if not report.fits:
             raise CommandError(
-                ErrorCode.WONT_FIT,
+                report.code,
                 report.message,
                 {"estimate": report.estimate, "nearest_fit": report.nearest_fit},
             )
+
+    def _check_data(self, cfg: Config) -> None:
+        """Refuse a local job whose data files do not exist, before its run directory is made."""
+        from uff_port.core.config import data_path_problems
+
+        problems = data_path_problems(cfg) if cfg.strategy == "local" else []
+        if problems:
+            raise CommandError(ErrorCode.DATA_NOT_FOUND, "; ".join(problems), {"problems": problems})
 
     def _check_disk(self, cfg: Config, run_dir: Path) -> None:
         """Refuse a job whose checkpoints cannot fit on the run directory's disk."""
@@ -258,6 +268,8 @@ class JobLauncher:
         from uff_port.core.config import resume_hash, resume_view
 
         cfg = plan.config
+        if plan.resume_from is None:
+            return None, None
         if plan.resume_from == AUTO:
             try:
                 point = store.find_resume_point({"resume_hash": resume_hash(cfg), "resume_view": resume_view(cfg)})
@@ -318,7 +330,9 @@ class JobLauncher:
             fds: tuple[int, ...] = ()
             if local:
                 argv = trainer_argv(self.python)
-                if resume_path is not None:
+                if plan.resume_from is None:
+                    extra.append("--fresh")
+                elif resume_path is not None:
                     # AUTO: the trainer re-checks our pick and may fall back; explicit: exactly this one.
                     extra += ["--resume-hint" if plan.resume_from == AUTO else "--resume-from", str(resume_path)]
                 # The lock goes to the trainer with the descriptor that holds it, so no other

@@ -96,6 +96,7 @@ COMMANDS: Final[dict[str, Command]] = {
             "run_dir": Arg((str,), doc="run directory under the runs root"),
             "overrides": Arg((dict,), doc="dotted keys"),
             "job_id": Arg((str,)),
+            "fresh": Arg((bool,), doc="train from step 0: ignore checkpoints and a finished final/ in run_dir"),
         },
         long_running=True,
         beyond_grace_s=REPLY_MARGIN_S,

@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
             atomic_write_text(resolved, dump_yaml(cfg))
         is_launcher = cfg.distributed.nproc > 1 or cfg.distributed.nnodes > 1
+    if "LOCAL_RANK" not in os.environ and not args.fresh and args.resume_from is None:
+        done = _already_finished(cfg, run_dir, report)
+        if done is not None:
+            return done
     if is_launcher:
         from uff_port.training.torchrun_launcher import launch
 
@@ -142,6 +146,39 @@ def main(argv: list[str] | None = None) -> int:
     if sock is not None:
         sock.close()
     return code
+
+
+def _already_finished(cfg: Config, run_dir: Path, report: Reporter) -> int | None:
+    """A run whose `final/` is this config's finished export is reported finished, untouched.
+
+    No model is loaded and nothing is rewritten, so the artifact id stays what it
+    was; `--fresh` (the worker's `fresh: true`) trains again from step 0.
+    """
+    from uff_port.core.checkpoint_store import CheckpointStore
+    from uff_port.fsutil import UnsafePath
+    from uff_port.protocol import finished_fields
+    from uff_port.training.export import finished_export
+    from uff_port.training.reporting import read_events
+
+    manifest = finished_export(run_dir, cfg)
+    if manifest is None:
+        return None
+    last: dict[str, Any] = next((e for e in reversed(read_events(run_dir)) if e.get("event") == "finished"), {})
+    try:
+        points = CheckpointStore(run_dir).list_committed()
+    except UnsafePath:
+        points = []
+    step = int(manifest["step"])
+    final = run_dir / layout.FINAL
+    report.emit("log", level="info", code="already_finished", step=step, path=str(final),
+                message=f"{run_dir} already finished at step {step}; {final} left as it is "
+                        "(train again from step 0 with --fresh, or fresh: true)")
+    report.emit("finished", **finished_fields(
+        step=step, max_steps=cfg.training.max_steps, loss=last.get("loss"), eval_loss=last.get("eval_loss"),
+        final=str(final), last_checkpoint=str(points[-1].path) if points else None,
+        tokens_seen=last.get("tokens_seen"),
+    ))
+    return int(ExitCode.OK)
 
 
 class LoadingWatcher:

@@ -67,10 +67,17 @@ class Inbox:
         self.put(Command(EOF))
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT become a Command; the loop checkpoints and exits 75."""
+        """SIGTERM/SIGINT/SIGHUP become a Command; the loop checkpoints and exits 75.
+
+        SIGHUP (the SSH session or terminal is gone) is a stop like the others,
+        unless it was ignored on entry (`nohup`).
+        """
+        from uff_port.procutil import detach_from_dead_terminal, stop_signals
 
         def handler(signum: int, _frame: Any) -> None:
+            if signum == signal.SIGHUP:
+                detach_from_dead_terminal()
             self.put(Command(SIGNAL, args={"signum": signum}))
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for sig in stop_signals():
+            signal.signal(sig, handler)

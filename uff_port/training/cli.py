@@ -44,6 +44,10 @@ def register(subparsers: Any) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
+    from uff_port.training import inspect_cli
+
+    inspect_cli.register(subparsers)  # `data inspect`
+
 
 def _default_run_dir(config: str) -> Path:
     name = Path(config).stem or "run"
@@ -59,8 +63,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cloud is not None:
         # A cloud strategy runs the cloud job, never a silent local run.
         return _run_trainer(run_dir, [], [], args.quiet, cmd=cloud)
+    refused = _refusal(args.config, overrides)
+    if refused is not None:  # before the run directory exists: a refused config leaves nothing behind
+        code, message = refused
+        print(f"failed ({code}): {message}", file=sys.stderr)
+        return ExitCode.REFUSED
     extra = ["--config", str(args.config)] + (["--fresh"] if args.fresh else [])
     return _run_trainer(run_dir, extra, overrides, args.quiet)
+
+
+def _refusal(config: str, overrides: list[str]) -> tuple[str, str] | None:
+    """(code, message) when the config, its data files or this machine rule the run out; in
+    milliseconds, with no torch: the trainer checks again (and the formats) before its model loads."""
+    from uff_port.core.config import ConfigError, data_path_problems, load_config
+    from uff_port.protocol import ErrorCode
+    from uff_port.training.__main__ import parse_overrides
+
+    try:
+        cfg = load_config(config, parse_overrides(overrides))
+    except ConfigError as exc:
+        return ErrorCode.INVALID_CONFIG, "; ".join(exc.problems)
+    problems = data_path_problems(cfg)
+    if problems:
+        return ErrorCode.DATA_NOT_FOUND, "; ".join(problems)
+    try:
+        from uff_port.planner.guard import check_config
+        from uff_port.telemetry.gpu import sample_gpus
+    except ImportError:  # planner not built into this installation
+        return None
+    report = check_config(cfg, sample_gpus())
+    return None if report.fits else (report.code, report.message)
 
 
 def _cloud_command(run_dir: Path, config: str, overrides: list[str]) -> list[str] | int | None:
@@ -104,6 +136,7 @@ def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: b
     cmd += extra + [a for o in overrides for a in ("--set", o)]
     proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
     theirs.close()
+    _forward_hangup(proc)
     bar = None if quiet else _Bar()
     reader = FrameReader(ours.fileno())
     finished: dict[str, Any] | None = None
@@ -148,6 +181,30 @@ def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: b
         print(f"failed ({finished.get('code')}): {finished.get('message')}", file=sys.stderr)
     print(f"run dir: {run_dir}  exit {code}" + (f"  plot: {png}" if png else ""), file=sys.stderr)
     return code
+
+
+def _forward_hangup(proc: subprocess.Popen[bytes]) -> None:
+    """SIGHUP (the terminal or SSH session went away) stops the trainer like Ctrl-C: it
+    checkpoints and exits 75, and we stay to collect it instead of dying first.
+
+    The trainer shares our process group, so a hang-up usually reaches it directly;
+    a SIGHUP sent to us alone is passed on as SIGTERM. Ignored under `nohup`.
+    """
+    import signal
+
+    from uff_port.procutil import detach_from_dead_terminal
+
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        return
+
+    def on_hup(_signum: int, _frame: Any) -> None:
+        detach_from_dead_terminal()
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except (ProcessLookupError, OSError):
+            pass
+
+    signal.signal(signal.SIGHUP, on_hup)
 
 
 class _Bar:
@@ -229,9 +286,16 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         state = "finished"
     elif last["failed"]:
         state = "failed"
+    holder = _live_trainer(run_dir, events)
+    if holder is None and state not in _SETTLED:
+        state = "dead"  # said it was busy, but nothing holds the run: killed (SIGKILL, OOM killer, power)
     return {
         "run_dir": str(run_dir),
         "state": state,
+        "alive": holder is not None,
+        "pid": holder,
+        # Where `uff-port resume` (or the same train again) starts: the newest committed checkpoint.
+        "resumes_from_step": None if state == "finished" else (points[-1].step if points else 0),
         "step": prog.get("step"),
         "max_steps": prog.get("max_steps"),
         "loss": prog.get("loss"),
@@ -245,6 +309,53 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     }
 
 
+_SETTLED: Final = frozenset({"finished", "failed", "stopped", None})
+"""States after which no trainer is expected to hold the run directory."""
+
+
+def _live_trainer(run_dir: Path, events: list[dict[str, Any]]) -> int | None:
+    """The pid of a live trainer of this run: the holder of its writer lock, or one still loading.
+
+    The lock is probed (a non-blocking shared flock, let go at once), never
+    trusted from the pid written in the file. A trainer takes it once its model
+    is loaded; before that its `loading` event names its pid, checked in /proc.
+    """
+    import fcntl
+    import os
+
+    from uff_port.core.checkpoint_store import CheckpointStore
+    from uff_port.fsutil import UnsafePath, open_confined_fd
+
+    store = CheckpointStore(run_dir)
+    try:
+        fd = open_confined_fd(run_dir, store.lock_path, os.O_RDONLY)
+    except (OSError, UnsafePath):
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return store.writer_pid() or -1
+        finally:
+            os.close(fd)  # drops our probe's lock, if we got it
+    loading = next((e for e in reversed(events) if e.get("event") == "state"), None)
+    pid = (loading or {}).get("pid")
+    if loading and loading.get("state") == "loading" and isinstance(pid, int) and _is_trainer(pid):
+        return pid
+    return None
+
+
+def _is_trainer(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            zombie = fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+    return not zombie and b"uff_port.training" in argv
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if not args.run_dir.is_dir():
         print(f"run_dir: no such directory {args.run_dir}", file=sys.stderr)
@@ -255,7 +366,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     for key, value in info.items():
         if key != "failed" or value:
-            print(f"{key:>16}: {value}")
+            print(f"{key:>17}: {value}")
+    if info["state"] == "dead":
+        print(f"no live trainer holds {args.run_dir} (killed?): `uff-port resume {args.run_dir}` continues "
+              f"from step {info['resumes_from_step']}")
     return 0
 
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -83,6 +85,13 @@ class Tokenize:
         self.cfg = cfg
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        # data.chat_template fills in for a tokenizer that has none (base models often ship none).
+        self.template: str | None = None
+        if not getattr(tokenizer, "chat_template", None) and cfg.chat_template:
+            from uff_port.core.config import CHAT_TEMPLATES
+
+            self.template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
+        self.has_template = bool(self.template or getattr(tokenizer, "chat_template", None))
 
     def _enc(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
@@ -123,7 +132,15 @@ class Tokenize:
         for m in msgs:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError("each message needs string 'role' and 'content'")
-        render = self.tok.apply_chat_template
+        if not self.has_template:
+            raise ValueError("a 'messages' record, but the tokenizer has no chat template: set data.chat_template "
+                             "(deepseek-coder, chatml or a Jinja string)")
+        template = self.template
+
+        def render(m: list[dict[str, Any]], **kw: Any) -> str:
+            return str(self.tok.apply_chat_template(m, chat_template=template, **kw) if template
+                       else self.tok.apply_chat_template(m, **kw))
+
         full: str = render(msgs, tokenize=False)
         # Character spans of the assistant replies: the rendering up to a reply
         # (with the generation prompt) is a prefix of the rendering through it.
@@ -149,6 +166,13 @@ class Tokenize:
         ids += tail
         labels += [IGNORE] * len(tail) if self.cfg.completion_only_loss else tail
         return Sample(ids, labels)
+
+
+def keeps(cfg: DataConfig, rec: dict[str, Any]) -> bool:
+    """Whether data.managers and data.stages keep this record."""
+    if cfg.managers is not None and str(rec.get("manager", "")).lower() not in cfg.managers:
+        return False
+    return cfg.stages is None or rec.get("stage") in cfg.stages
 
 
 class PackedStream:
@@ -286,9 +310,7 @@ class PackedStream:
             )
 
     def _keep(self, rec: dict[str, Any]) -> bool:
-        if self.cfg.managers is not None and str(rec.get("manager", "")).lower() not in self.cfg.managers:
-            return False
-        return self.cfg.stages is None or rec.get("stage") in self.cfg.stages
+        return keeps(self.cfg, rec)
 
     def _next_sample(self) -> Sample | None:
         """Next usable sample of this split; crosses epochs when looping, None at the end."""
@@ -412,6 +434,159 @@ class PackedStream:
                 break
             out.append(seq)
         return out
+
+
+SCAN_LINES: Final = 20_000
+"""Lines the trainer scans before loading the model (all of them when training.num_epochs is set)."""
+
+
+@dataclass
+class CorpusScan:
+    """What one pass over a corpus found (`uff-port data inspect`, and the trainer before the model loads)."""
+
+    files: list[str]
+    lines: int = 0
+    """Non-empty lines read."""
+    records: int = 0
+    """Usable records (tokenized, kept by data.managers/stages) in both splits."""
+    train_records: int = 0
+    eval_records: int = 0
+    filtered_out: int = 0
+    """Valid records left out by data.managers / data.stages."""
+    train_tokens: int = 0
+    """Tokens of the training split after truncation to data.seq_len."""
+    train_sequences: int = 0
+    """Training rows per epoch: packed to data.seq_len, or one per record without packing."""
+    truncated: int = 0
+    bad_lines: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+    bad_reasons: Counter[str] = field(default_factory=Counter)
+    formats: Counter[str] = field(default_factory=Counter)
+    managers: Counter[str] = field(default_factory=Counter)
+    stages: Counter[str] = field(default_factory=Counter)
+    complete: bool = True
+    """False when the scan stopped at its line limit."""
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad_lines / self.lines if self.lines else 0.0
+
+    def steps_per_epoch(self, micro_batch_size: int, grad_accum_steps: int) -> int:
+        """Optimizer steps for one pass: a step takes micro_batch_size * grad_accum_steps rows
+        in all (the global batch, however many processes share it)."""
+        return max(1, math.ceil(self.train_sequences / (micro_batch_size * grad_accum_steps)))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Counter)}
+        for k, v in self.__dict__.items():
+            if isinstance(v, Counter):
+                out[k] = dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0])))
+        out["bad_fraction"] = self.bad_fraction
+        return out
+
+    def refusal(self, cfg: DataConfig) -> DataError | None:
+        """A DataError when the bad-line share is over data.max_bad_line_fraction, else None."""
+        if not self.bad_lines or self.bad_fraction <= cfg.max_bad_line_fraction:
+            return None
+        reasons = "; ".join(f"{n} x {r}" for r, n in self.bad_reasons.most_common(3))
+        return DataError(
+            ErrorCode.TOO_MANY_BAD_LINES,
+            f"data.max_bad_line_fraction: {self.bad_lines} of {self.lines} lines "
+            f"{'' if self.complete else 'scanned '}are bad ({self.bad_fraction:.1%}, over "
+            f"{cfg.max_bad_line_fraction:.1%}): {reasons}. First: {self.bad_examples[0]}. Nothing was trained: "
+            "fix the corpus (`uff-port data inspect`), or raise data.max_bad_line_fraction",
+        )
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason without its line-specific details (for counting reasons)."""
+    return reason.split(":", 1)[0] if reason.startswith("not valid JSON") else reason
+
+
+def scan_corpus(paths: str | Sequence[str], tokenizer: Any, cfg: DataConfig, *, max_lines: int | None = None) -> CorpusScan:
+    """One bounded pass over the corpus with the very rules of the stream (split, filters,
+    formats, truncation, packing), without shuffling: counts, not batches."""
+    raw = [paths] if isinstance(paths, str) else list(paths)
+    files = [resolve_data_path(p) for p in raw]
+    for f in files:
+        if f.is_dir():
+            raise DataError(ErrorCode.DATA_NOT_FOUND, f"data.path: {str(f)!r} is a directory, expected a JSONL file")
+        if not f.is_file():
+            raise DataError(ErrorCode.DATA_NOT_FOUND, f"data.path: no such file {str(f)!r}")
+    scan = CorpusScan(files=[str(f) for f in files])
+    tok = Tokenize(tokenizer, cfg)
+    used = 0  # tokens in the pack being filled
+    limit = cfg.max_line_bytes
+
+    def bad(name: str, line_no: int, reason: str) -> None:
+        scan.bad_lines += 1
+        scan.bad_reasons[_reason_kind(reason)] += 1
+        if len(scan.bad_examples) < 5:
+            scan.bad_examples.append(f"{name} line {line_no}: {reason}")
+
+    for f in files:
+        with open(f, "rb") as fh:
+            line_no = 0
+            while True:
+                if max_lines is not None and scan.lines >= max_lines:
+                    scan.complete = False
+                    break
+                line = fh.readline(limit + 1)
+                if not line:
+                    break
+                line_no += 1
+                if len(line) > limit and not line.endswith(b"\n"):
+                    size = len(line)
+                    while line and not line.endswith(b"\n"):
+                        line = fh.readline(_SKIP_CHUNK)
+                        size += len(line)
+                    scan.lines += 1
+                    bad(f.name, line_no, f"line of {size} bytes is longer than data.max_line_bytes ({limit})")
+                    continue
+                if not line.strip():
+                    continue
+                scan.lines += 1
+                try:
+                    rec = json.loads(line)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    bad(f.name, line_no, f"not valid JSON: {exc}")
+                    continue
+                if not isinstance(rec, dict):
+                    bad(f.name, line_no, f"expected a JSON object, got {type(rec).__name__}")
+                    continue
+                scan.managers[str(rec.get("manager", "-")).lower()] += 1
+                scan.stages[str(rec.get("stage", "-"))] += 1
+                try:
+                    fmt = tok.format_of(rec)
+                    sample = tok(rec)
+                except (ValueError, TypeError, KeyError) as exc:
+                    bad(f.name, line_no, str(exc))
+                    continue
+                scan.formats[fmt] += 1
+                if not keeps(cfg, rec):
+                    scan.filtered_out += 1
+                    continue
+                scan.records += 1
+                if in_eval_split(f.name, line_no, cfg.eval_fraction):
+                    scan.eval_records += 1
+                    continue
+                n = min(len(sample.ids), cfg.seq_len)
+                scan.truncated += len(sample.ids) > cfg.seq_len
+                if all(x == IGNORE for x in sample.labels[1:n]):
+                    continue
+                scan.train_records += 1
+                scan.train_tokens += n
+                if not cfg.packing:
+                    scan.train_sequences += 1
+                elif used == 0 or used + n > cfg.seq_len:
+                    scan.train_sequences += 1
+                    used = n
+                else:
+                    used += n
+        if not scan.complete:
+            break
+    return scan
+
 
 
 def _rng_to_json(state: tuple[Any, ...]) -> list[Any]:

@@ -10,8 +10,8 @@ from typing import Any
 
 from uff_port.core import layout
 from uff_port.core.config import Config
-from uff_port.fsutil import atomic_write_json, fsync_tree, replace_dir
-from uff_port.hashing import tree_manifest
+from uff_port.fsutil import atomic_write_text, fsync_tree, replace_dir
+from uff_port.hashing import canonical_json, canonicalize_json_files, tree_manifest
 
 
 def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: Config, *, step: int, meta: dict[str, Any],
@@ -38,16 +38,50 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: Config, *, step: 
         merged = model.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "merged")
-    atomic_write_json(
+    # peft writes target_modules in set (hash) order: one byte form for every JSON file we
+    # export, so the same weights and config give the same artifact id on every run.
+    canonicalize_json_files(tmp)
+    atomic_write_text(
         tmp / layout.MANIFEST,
-        {
+        canonical_json({
             "step": step,
             "base_model": cfg.model.name_or_path,
             **{k: meta[k] for k in ("config_hash", "tokenizer_hash", "versions")},
             "files": tree_manifest(tmp, exclude=[layout.MANIFEST]),
-        },
+        }),
     )
     fsync_tree(tmp)  # every file of the export, before the rename makes it `final`
     replace_dir(tmp, final)
     emit("log", level="info", message=f"final adapter saved to {final}", path=str(final))
     return final
+
+
+def finished_export(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
+    """The manifest of `final/` when it already is this config's finished export, else None.
+
+    True when `final/` was exported at `training.max_steps` (or later) by the same
+    config (config_hash) and every file still matches its manifest: training again
+    would only rewrite it, so the run is reported finished and `final/` left as is.
+    """
+    import json
+
+    from uff_port.core.config import config_hash
+    from uff_port.fsutil import UnsafePath, open_confined
+    from uff_port.hashing import verify_tree
+
+    final = run_dir / layout.FINAL
+    try:
+        with open_confined(run_dir, final / layout.MANIFEST, "rb") as fh:
+            manifest = json.loads(fh.read(1 << 24))
+        if not isinstance(manifest, dict):
+            return None
+        step = int(manifest.get("step", -1))
+        # With num_epochs, max_steps comes from the corpus; the same config_hash means the same target.
+        short = cfg.training.num_epochs is None and step < cfg.training.max_steps
+        if short or manifest.get("config_hash") != config_hash(cfg):
+            return None
+        if final.is_symlink() or not verify_tree(final, manifest["files"], exclude=[layout.MANIFEST, "artifact.json"]).ok:
+            return None
+    except (OSError, UnsafePath, ValueError, TypeError, KeyError):
+        return None
+    return manifest

@@ -42,7 +42,8 @@ class Precision:
 def pick_device(cfg: Config) -> torch.device:
     want = cfg.training.device
     if want == "cuda" and not torch.cuda.is_available():
-        raise ModelError(ErrorCode.WONT_FIT, "training.device: 'cuda' was asked for but no CUDA device is visible")
+        raise ModelError(ErrorCode.NOT_AVAILABLE, "no CUDA device: training.device 'cuda' was asked for but no "
+                         "CUDA device is visible")
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))

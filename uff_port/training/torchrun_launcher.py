@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from uff_port.core.config import Config
-from uff_port.procutil import SignalSafeEvent, set_parent_death_signal
+from uff_port.procutil import SignalSafeEvent, set_parent_death_signal, stop_signals
 from uff_port.training.reporting import Reporter
 
 _CHUNK: Final = 1 << 16
@@ -169,7 +169,7 @@ def launch(argv: list[str], cfg: Config, control_fd: int | None, report: Reporte
         if relay.conn is None:  # rank 0 not listening yet: nothing to checkpoint
             proc.send_signal(signal.SIGTERM)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():  # SIGHUP too: an SSH drop checkpoints like a SIGTERM
         saved[sig] = signal.signal(sig, on_signal)
     thread = threading.Thread(target=relay.run, args=(proc,), name="channel-relay", daemon=True)
     thread.start()

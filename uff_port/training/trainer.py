@@ -21,6 +21,7 @@ export (`export`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ class Trainer:
                 f"training.grad_accum_steps: {t.grad_accum_steps} must be divisible by the number of "
                 f"processes ({self.world}) so the global batch stays micro_batch_size * grad_accum_steps",
             )
-        self.set_state("loading", world_size=self.world)
+        self.set_state("loading", world_size=self.world, pid=os.getpid())  # `status` tells a live load from a dead one
         self.device = pick_device(cfg)
         if self.device.type == "cpu" and t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
@@ -138,6 +139,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         self._code_eval_step = -1  # the step eval.suites last ran at
         self.tok_hash = tokenizer_hash(self.tokenizer)
+        self._config_hash = config_hash(cfg)  # as written: before num_epochs becomes max_steps
+        self._scan_data()  # a missing file or a corpus of bad lines is refused before the model loads
         self.model = load_model(cfg, self.device, self.precision)
         self.params = trainable_parameters(self.model)
         if not self.params:  # validation refuses lora off with nf4; this is what the model says
@@ -152,7 +155,7 @@ class Trainer:
             recover_dir(self.run_dir / layout.FINAL)  # an export that died mid-swap
         self.checkpointer = AsyncCheckpointer(self.store, emit=self._on_checkpoint_event)
         self.meta = {
-            "config_hash": config_hash(cfg),
+            "config_hash": self._config_hash,
             "resume_hash": resume_hash(cfg),
             "resume_view": resume_view(cfg),
             "tokenizer_hash": self.tok_hash,
@@ -174,6 +177,25 @@ class Trainer:
                 f"{sum(p.numel() for p in self.params)} trainable parameters, world size {self.world}"
             ),
         )
+
+    def _scan_data(self) -> None:
+        """Scan the corpus with the tokenizer: refuse a bad-line share over data.max_bad_line_fraction
+        (chat records with no chat template, say), and turn training.num_epochs into max_steps."""
+        from uff_port.training.data import SCAN_LINES, scan_corpus
+
+        t = self.cfg.training
+        scan = scan_corpus(self.cfg.data.path, self.tokenizer, self.cfg.data,
+                           max_lines=None if t.num_epochs is not None else SCAN_LINES)
+        refusal = scan.refusal(self.cfg.data)
+        if refusal is not None:
+            raise refusal
+        if t.num_epochs is not None:
+            per_epoch = scan.steps_per_epoch(t.micro_batch_size, t.grad_accum_steps)
+            t.max_steps = max(1, math.ceil(t.num_epochs * per_epoch))
+            self.emit("log", level="info", code="epochs", steps_per_epoch=per_epoch, max_steps=t.max_steps,
+                      message=f"training.num_epochs {t.num_epochs:g}: {scan.train_sequences} rows of "
+                              f"{self.cfg.data.seq_len} tokens per epoch, {per_epoch} steps per epoch, "
+                              f"{t.max_steps} steps in all")
 
     def _become_writer(self) -> None:
         """Hold the run's writer lock for our whole life, before choosing where to resume.
@@ -207,7 +229,7 @@ class Trainer:
                 devices.append({"index": i, "name": props.name, "memory_total": props.total_memory})
         report = check_config(self.cfg, devices)
         if not report.fits:
-            raise TrainError(ErrorCode.WONT_FIT, report.message)
+            raise TrainError(report.code, report.message)
         if self.rank == 0:
             from uff_port.planner.disk import check_disk
 

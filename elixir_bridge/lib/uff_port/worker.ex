@@ -120,9 +120,11 @@ defmodule UffPort.Worker do
   def status(worker, opts \\ []), do: request(worker, "status", %{}, opts)
 
   @doc """
-  Starts a job: args `config` (map) or `config_path`, optional `run_dir`, `overrides`.
+  Starts a job: args `config` (map) or `config_path`, optional `run_dir`, `overrides`, `fresh`
+  (`true`: train from step 0 even over a finished run directory).
   Replies when accepted: `{:ok, %{"job_id", "run_dir", "resumed_from"}}`.
-  Errors: `:busy`, `:invalid_config`, `:invalid_args`, plus the transport ones.
+  Errors: `:busy`, `:invalid_config`, `:invalid_args`, `:data_not_found`, `:not_available`
+  (no CUDA device), `:wont_fit`, plus the transport ones.
   """
   @spec train(worker, map, keyword) :: result
   def train(worker, args, opts \\ []), do: request(worker, "train", args, opts)
