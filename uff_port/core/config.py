@@ -204,7 +204,7 @@ class RewardSpec(_Section):
             kind = allowed.get(key)
             if kind is None:
                 raise ValueError(f"reward {self.name}: option {key!r} unknown; expected some of {sorted(allowed)}")
-            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value <= 0)):
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or (isinstance(value, int) and value <= 0))):
                 raise ValueError(f"reward {self.name}: option {key!r} must be {_OPTION_WORDS[kind]}")
         if self.name == "format":
             import re

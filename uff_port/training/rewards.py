@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from uff_port.core.config import RLConfig, RewardSpec
+from uff_port.core.config import RewardSpec, RLConfig
 from uff_port.eval.scoring import BUILTIN, Scorer, load_scorer
 from uff_port.eval.suites import Task
 

@@ -47,7 +47,6 @@ import torch
 
 from uff_port.core.config import Config
 from uff_port.protocol.errors import ErrorCode
-
 from uff_port.training.channel import Command
 from uff_port.training.control import STOP, STOP_NOSAVE
 from uff_port.training.data import PackedStream
@@ -327,6 +326,12 @@ class RLTrainer(Trainer):
         self._kill_at = os.environ.get(KILL_AT_ENV, "")
         self._prompt_ids = [self._encode(t.prompt) for t in self.tasks]
 
+    @property
+    def cursor(self) -> RLCursor:
+        """`data`, typed: the RL recipe's data is always an RLCursor."""
+        assert isinstance(self.data, RLCursor)
+        return self.data
+
     def _encode(self, text: str) -> list[int]:
         ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         return ids[-self.cfg.rl.max_prompt_tokens:] or [self._pad()]
@@ -364,7 +369,7 @@ class RLTrainer(Trainer):
             return self._finish()
         self.set_state("training", resumed_from=self.resumed_step)
         pending: list[Command] = []
-        data: RLCursor = self.data
+        data = self.cursor
         while self.step < t.max_steps:
             self._boundary(pending)
             t0 = time.monotonic()
@@ -423,7 +428,7 @@ class RLTrainer(Trainer):
 
     def _rollout(self, pending: list[Command]) -> Rollout:
         """Generate, score and prepare one batch (a stop abandons it; it is replayed exactly)."""
-        r, data = self.cfg.rl, self.data
+        r, data = self.cfg.rl, self.cursor
         tasks = [i for i in data.prompts.take(r.prompts_per_step) for _ in range(r.num_generations)]
         prompts = [self._prompt_ids[i] for i in tasks]
         self.set_state("generating")
