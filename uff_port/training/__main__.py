@@ -266,7 +266,12 @@ def run(cfg: Config, run_dir: Path, args: argparse.Namespace, report: Reporter, 
         except ValueError as exc:
             return _refuse(report, ErrorCode.MODEL_NOT_FOUND, f"model.name_or_path: {exc}")
     dist.init_from_env()
-    trainer = Trainer(
+    recipe: type[Trainer] = Trainer
+    if cfg.stage == "rl":
+        from uff_port.training.rl import RLTrainer
+
+        recipe = RLTrainer
+    trainer = recipe(
         cfg, run_dir, reporter=report, inbox=inbox, resume_from=args.resume_from, fresh=args.fresh,
         resume_hint=args.resume_hint, writer_lock_fd=args.writer_lock_fd,
     )  # fmt: skip

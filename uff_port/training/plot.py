@@ -19,7 +19,18 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path | None:
     import matplotlib.pyplot as plt
 
     evals = [e for e in events if e.get("event") == "eval" and e.get("loss") is not None]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    rollouts = [e for e in events if e.get("event") == "rollout" and e.get("reward") is not None]
+    fig, axes = plt.subplots(3 if rollouts else 2, 1, figsize=(8, 8 if rollouts else 6), sharex=True)
+    ax1, ax2 = axes[0], axes[-1]
+    if rollouts:  # an RL run: the mean reward of each generation batch
+        axes[1].plot([e["step"] for e in rollouts], [e["reward"] for e in rollouts], color="tab:orange",
+                     label="mean reward")
+        if any(e.get("pass_rate") is not None for e in rollouts):
+            axes[1].plot([e["step"] for e in rollouts], [e.get("pass_rate") for e in rollouts], ":",
+                         color="tab:red", label="tests pass rate")
+        axes[1].set_ylabel("reward")
+        axes[1].legend()
+        axes[1].grid(alpha=0.3)
     ax1.plot([e["step"] for e in prog], [e["loss"] for e in prog], label="train loss")
     if evals:
         ax1.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval loss")

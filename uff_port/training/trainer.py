@@ -457,24 +457,7 @@ class Trainer:
         pending: list[Command] = []
         window_t0, window_tokens = time.monotonic(), 0
         while self.step < t.max_steps:
-            want = self._poll(pending)
-            if self._should_checkpoint():
-                want = max(want, CKPT)
-            if self._near_deadline():
-                self.emit("log", level="warning", message="training.max_runtime nearly spent: checkpointing")
-                want = max(want, STOP)
-            # Clocks and signals are per rank: all ranks do what the most urgent one asks.
-            if self._checkpoint_hit_full_disk():
-                want = DISK_FULL
-            want = dist.agree_max(want, self.device)
-            if want == DISK_FULL:
-                # Training on would only pile up steps that no checkpoint can keep. The last
-                # durable checkpoint is intact (commits are atomic): resumable once space is freed.
-                raise TrainError(ErrorCode.DISK_FULL, self._disk_full_message(), resumable=True)
-            if want == CKPT and not pending:  # periodic: do not block the loop
-                self.save_checkpoint(wait=False)
-            else:
-                self._act(want, pending)
+            self._boundary(pending)
             t0 = time.monotonic()
             self._step_cursor = self.data.state_dict()
             seqs = self.data.take(self.micro * self.accum)
@@ -516,6 +499,27 @@ class Trainer:
                 self.evaluate()
             self._code_eval(pending, final=False)
         return self._finish()
+
+    def _boundary(self, pending: list[Command]) -> None:
+        """Between two steps: answer the control words, checkpoint when due, stop near the deadline."""
+        want = self._poll(pending)
+        if self._should_checkpoint():
+            want = max(want, CKPT)
+        if self._near_deadline():
+            self.emit("log", level="warning", message="training.max_runtime nearly spent: checkpointing")
+            want = max(want, STOP)
+        # Clocks and signals are per rank: all ranks do what the most urgent one asks.
+        if self._checkpoint_hit_full_disk():
+            want = DISK_FULL
+        want = dist.agree_max(want, self.device)
+        if want == DISK_FULL:
+            # Training on would only pile up steps that no checkpoint can keep. The last
+            # durable checkpoint is intact (commits are atomic): resumable once space is freed.
+            raise TrainError(ErrorCode.DISK_FULL, self._disk_full_message(), resumable=True)
+        if want == CKPT and not pending:  # periodic: do not block the loop
+            self.save_checkpoint(wait=False)
+        else:
+            self._act(want, pending)
 
     def _skip_or_fail(self, bad: NonFiniteStep) -> None:
         """Drop a non-finite batch while `training.skip_nonfinite_steps` allows, else fail.
