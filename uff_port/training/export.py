@@ -32,9 +32,7 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: Config, *, step: 
     if cfg.output.merge and hasattr(model, "merge_and_unload"):
         import copy
 
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(tmp / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "merged")
+        save_model_files(copy.deepcopy(model).merge_and_unload(), tokenizer, tmp / "merged")
     atomic_write_json(
         tmp / layout.MANIFEST,
         {
@@ -48,3 +46,34 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: Config, *, step: 
     replace_dir(tmp, final)
     emit("log", level="info", message=f"final adapter saved to {final}", path=str(final))
     return final
+
+
+def save_model_files(model: Any, tokenizer: Any, dest: Path) -> None:
+    """A full model as transformers and vLLM load it: safetensors shards, config.json, tokenizer."""
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def save_merged(peft_model: Any, tokenizer: Any, out: Path, *, meta: dict[str, Any]) -> Path:
+    """Fold the adapter into the base weights and commit `out` by one rename.
+
+    `out/manifest.json` holds `meta` (base model, adapter and its id) and the
+    sha256 of every file, so a deployment can verify what it serves. `out` must
+    not exist yet: a merge never writes over a directory it did not make.
+    """
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"--out: {out} already exists; pick a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged = peft_model.merge_and_unload() if hasattr(peft_model, "merge_and_unload") else peft_model
+        save_model_files(merged, tokenizer, tmp)
+        atomic_write_json(tmp / layout.MANIFEST, {"kind": "merged", **meta,
+                                                  "files": tree_manifest(tmp, exclude=[layout.MANIFEST])})
+        fsync_tree(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
