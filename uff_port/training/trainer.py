@@ -104,6 +104,7 @@ class Trainer:
         self._ckpt_seconds = 0.0
         self._ckpt_step: int | None = None  # the same on every rank, unlike last_checkpoint
         self.nonfinite_skipped = 0
+        self.sinks: Any = None  # metrics.RunSinks on rank 0, once set up
         self.control = Control(inbox, reporter, self.emit)
 
     # ---- events -------------------------------------------------------------
@@ -164,6 +165,7 @@ class Trainer:
         # state must be the last word, or resumed runs drift from uninterrupted ones.
         torch.manual_seed(t.seed + 1000003 * self.rank)
         self._maybe_resume()
+        self._attach_sinks()
         if t.max_runtime:
             self._deadline = time.monotonic() + t.max_runtime
         self.emit(
@@ -174,6 +176,16 @@ class Trainer:
                 f"{sum(p.numel() for p in self.params)} trainable parameters, world size {self.world}"
             ),
         )
+
+    def _attach_sinks(self) -> None:
+        """metrics.csv, TensorBoard and training.png, for every run whatever started it (rank 0)."""
+        if self.rank != 0:
+            return
+        from uff_port.training.metrics import RunSinks
+
+        self.sinks = RunSinks(self.run_dir, self.cfg.output, resumed_step=self.resumed_step,
+                              warn=lambda message: self.emit("log", level="warning", message=message))
+        self.report.listeners.append(self.sinks)
 
     def _become_writer(self) -> None:
         """Hold the run's writer lock for our whole life, before choosing where to resume.
@@ -643,6 +655,8 @@ class Trainer:
         if self.cfg.output.save_final:
             with zero.gathered(self.params, self.engine.zero_stage):  # every rank, under ZeRO-3
                 final = self.save_final() if self.rank == 0 else None
+        if self.sinks is not None:
+            self.sinks.settle()  # metrics.csv and training.png complete before anyone hears `finished`
         self.emit(
             "finished",
             **finished_fields(
@@ -670,6 +684,9 @@ class Trainer:
 
     def cleanup(self) -> None:
         self.settle()
+        if self.sinks is not None:
+            self.report.listeners.remove(self.sinks)
+            self.sinks.close()
         if hasattr(self, "data"):
             self.data.close()
 
