@@ -655,6 +655,10 @@ class Trainer:
         if self.cfg.output.save_final:
             with zero.gathered(self.params, self.engine.zero_stage):  # every rank, under ZeRO-3
                 final = self.save_final() if self.rank == 0 else None
+        if self.rank == 0:
+            peak, where = _peak_memory(self.device)
+            self.emit("log", level="info", message=f"peak memory {peak / 2**20:,.0f} MiB ({where})",
+                      peak_memory_bytes=peak, peak_memory_of=where)
         if self.sinks is not None:
             self.sinks.settle()  # metrics.csv and training.png complete before anyone hears `finished`
         self.emit(
@@ -689,6 +693,15 @@ class Trainer:
             self.sinks.close()
         if hasattr(self, "data"):
             self.data.close()
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """The most this process held: allocated CUDA memory on a GPU, else resident RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "GPU"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "RAM"
 
 
 def _versions() -> dict[str, str]:
