@@ -3,7 +3,7 @@
 One command (needs a CUDA GPU with >= 16 GiB, torch, transformers, peft; QLoRA rows
 need bitsandbytes):
 
-    python scripts/bench_planner_gpu.py [--seq-len 2048] [--out docs/benchmarks.md]
+    python scripts/bench_planner_gpu.py [--seq-len 2048] [--out docs/benchmarks.md]  (prints; --out replaces only its marked section)
 
 For deepseek-coder-1.3b and -6.7b (random weights, real shapes) it asks the planner
 for the recommended single-GPU config on 1x16GiB, runs 3 real steps of it in a
@@ -28,7 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--models", default="deepseek-coder-1.3b,deepseek-coder-6.7b")
-    ap.add_argument("--out", default="docs/benchmarks.md")
+    ap.add_argument("--out", default=None, help="put the table in its marked section of this doc")
     ns = ap.parse_args()
     try:
         probe_available()
@@ -60,8 +60,11 @@ def main() -> int:
         "| model | recommended | estimated reserved GiB | measured max_memory_reserved GiB | estimate/measured |\n"
         "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
-    Path(ns.out).write_text(text, encoding="utf-8")
     print(text)
+    if ns.out:  # only this script's marked section of the doc (scripts/doc_section.py)
+        from doc_section import replace_section
+
+        replace_section(Path(ns.out), "bench_planner_gpu", text)
     return 0
 
 
