@@ -85,7 +85,7 @@ def _load(args: argparse.Namespace, dtype: str = "float32") -> tuple[Any, Any, A
 
     try:
         target = resolve_target(args.target, args.base_model)
-        model, tokenizer = load(target, args.device, dtype)
+        model, tokenizer = load(target, args.device, dtype, safetensors_only=True)
     except (TargetError, OSError) as exc:
         print(f"target: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND

@@ -134,12 +134,13 @@ def resolve_target(target: str, base_model: str | None = None) -> Target:
     return Target(str(base), str(adapter), str(path))
 
 
-def load(target: Target, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
-    """Tokenizer and model (with its adapter); weights from safetensors only, never a pickle."""
+def load(target: Target, device: str = "cpu", dtype: str = "float32",
+         safetensors_only: bool = False) -> tuple[Any, Any]:
+    """Tokenizer and model (with its adapter); `safetensors_only`: never unpickle any weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if target.adapter_path and not (Path(target.adapter_path) / "adapter_model.safetensors").is_file():
+    if safetensors_only and target.adapter_path and not (Path(target.adapter_path) / "adapter_model.safetensors").is_file():
         raise TargetError(f"{target.adapter_path}: no adapter_model.safetensors (pickled weights are not loaded)")
 
     tok_src = target.adapter_path if target.adapter_path and any(
@@ -149,7 +150,8 @@ def load(target: Target, device: str = "cpu", dtype: str = "float32") -> tuple[A
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForCausalLM.from_pretrained(target.model_path, local_files_only=True, use_safetensors=True,
+    model: Any = AutoModelForCausalLM.from_pretrained(target.model_path, local_files_only=True,
+                                                      use_safetensors=True if safetensors_only else None,
                                                       dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     if target.adapter_path:
         from peft import PeftModel
