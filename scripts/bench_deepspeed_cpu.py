@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2/3 against DDP on 2 CPU processes (gloo), same data and settings.
 
-    python scripts/bench_deepspeed_cpu.py [--steps 30] [--repeats 2] [--out docs/benchmarks.md]
+    python scripts/bench_deepspeed_cpu.py [--steps 30] [--repeats 2] [--out docs/benchmarks.md]  (prints; --out replaces only its marked section)
 
 Each case is a real `python -m uff_port.training` run of the tiny model with
 2 processes; cases alternate within a repeat so they share the machine's load.
@@ -69,7 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
+    ap.add_argument("--out", type=Path, default=None, help="put the markdown table in its marked section of this doc")
     a = ap.parse_args()
     results: dict[str, list[dict[str, float]]] = {name: [] for name in CASES}
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,9 +87,10 @@ def main() -> None:
     lines += [f"| {r['case']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f}x | {r['loss']:.6f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    if a.out:
-        with open(a.out, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+    if a.out:  # only this script's marked section of the doc (scripts/doc_section.py)
+        from doc_section import replace_section
+
+        replace_section(a.out, "bench_deepspeed_cpu", text)
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=4, help="smaller than the presets' to keep the run short")
     ap.add_argument("--peak-tflops", type=float, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
+    ap.add_argument("--out", type=Path, default=None, help="put the markdown table in its marked section of this doc")
     ap.add_argument("--smoke", action="store_true",
                     help="run each case's code on the tiny model on CPU (2 steps): a check of this script")
     ap.add_argument("--no-baseline", action="store_true", help="skip the 1.3B run without packing")
@@ -238,9 +238,10 @@ def main() -> None:
         lines += ["", f"1.3B packing vs no packing (same invocation): **{packed['tokens_per_s'] / baseline['tokens_per_s']:.2f}x** tokens/s"]
     text = "\n".join(lines)
     print(text)
-    if a.out:
-        with open(a.out, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text + "\n")
+    if a.out:  # only this script's marked section of the doc (scripts/doc_section.py)
+        from doc_section import replace_section
+
+        replace_section(a.out, "bench_gpu_training", text)
 
 
 def memory_main(a: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
 One command (needs a CUDA GPU with >= 16 GiB, torch, transformers, peft; QLoRA rows
 need bitsandbytes):
 
-    python scripts/bench_planner_gpu.py [--seq-len 2048] [--out FILE.md] [--json-out FILE.json]
+    python scripts/bench_planner_gpu.py [--seq-len 2048] [--out docs/benchmarks.md] [--json-out FILE.json]  (prints; --out replaces only its marked section)
 
 For deepseek-coder-1.3b and -6.7b (random weights, real shapes) it asks the planner
 for the recommended single-GPU config on 1x16GiB, runs 3 real steps of it in a
@@ -28,8 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--models", default="deepseek-coder-1.3b,deepseek-coder-6.7b")
-    # Never a hand-written doc by default: the section is printed, and written only where asked.
-    ap.add_argument("--out", default=None, help="write the markdown section to this file")
+    ap.add_argument("--out", default=None, help="put the table in its marked section of this doc")
     ap.add_argument("--json-out", default=None, help="write the rows as JSON to this file")
     ns = ap.parse_args()
     try:
@@ -66,13 +65,15 @@ def main() -> int:
         "| model | recommended | estimated reserved GiB | measured max_memory_reserved GiB | estimate/measured |\n"
         "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
-    if ns.out:
-        Path(ns.out).write_text(text, encoding="utf-8")
     if ns.json_out:
         import json
 
         Path(ns.json_out).write_text(json.dumps(records, indent=2, default=str) + "\n", encoding="utf-8")
     print(text)
+    if ns.out:  # only this script's marked section of the doc (scripts/doc_section.py)
+        from doc_section import replace_section
+
+        replace_section(Path(ns.out), "bench_planner_gpu", text)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Training throughput: our trainer vs a plain transformers `Trainer`, and packing vs none.
 
-    python scripts/bench_training.py [--steps 30] [--repeats 2] [--out docs/benchmarks.md]
+    python scripts/bench_training.py [--steps 30] [--repeats 2] [--out docs/benchmarks.md]  (prints; --out replaces only its marked section)
 
 Every figure is a ratio against a baseline measured in the same invocation.
 Each variant runs in its own process (so peak RSS is its own), alternating
@@ -205,9 +205,10 @@ def main() -> None:
             f"{b1['peak_rss_mb']:.0f} / {b0['peak_rss_mb']:.0f} |"
         )
     print("\n".join(text))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text("\n".join(text) + "\n")
+    if a.out:  # only this script's marked section of the doc (scripts/doc_section.py)
+        from doc_section import replace_section
+
+        replace_section(a.out, "bench_training", "\n".join(text))
 
 
 if __name__ == "__main__":

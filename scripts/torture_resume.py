@@ -292,10 +292,19 @@ def torture_worker(
                 break
             want = rng.randint(1, 6)
             deadline = time.monotonic() + timeout
+            ended = False
             while _progress_count(run_dir)[0] - n0 < want:
+                # A short run can end before `want` more steps: that is the run finishing, not a hang.
+                if client.events_named("finished") or client.events_named("failed"):
+                    ended = True
+                    break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"worker segment {res.segments} made no progress")
                 time.sleep(0.03)
+            if ended:
+                res.final_rc = 0 if client.events_named("finished") else 1
+                client.shutdown()
+                break
             time.sleep(rng.uniform(0.0, 0.15))
             trainers = _trainers_of(run_dir)
             client.kill()

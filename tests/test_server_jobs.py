@@ -214,3 +214,14 @@ def test_finished_job_reports_and_writes_artifact_manifest(worker: WorkerClient,
     last = worker.request("status")["last_job"]
     assert last["outcome"] == "finished" and last["step"] == 3
     assert last["last_checkpoint"] == finished["last_checkpoint"]
+
+
+def test_checkpoint_right_after_finished_is_no_job(worker: WorkerClient, runs_root: Path) -> None:
+    """The trainer winds down after `finished`: a checkpoint then is `no_job`, not a trainer failure."""
+    worker.request("train", {"config_path": "tiny", "run_dir": "fin", "overrides": {
+        "training.max_steps": 2, "data.seq_len": 64, "eval.every_steps": None, "checkpoint.every_steps": None}})
+    worker.wait_event(lambda e: e.get("event") in ("finished", "failed"), 180)
+    assert worker.events_named("finished")
+    with pytest.raises(WorkerError) as err:
+        worker.request("checkpoint", timeout=60)
+    assert err.value.code == "no_job", err.value

@@ -311,6 +311,11 @@ class OutputConfig(_Section):
     save_final: bool = True
     merge: bool = False
     plot: bool = True
+    """RUN_DIR/training.png, drawn by the trainer at each checkpoint and at the end."""
+    metrics_csv: bool = False
+    """RUN_DIR/metrics.csv: one row per reported step (loss, lr, grad norm, tokens/s, eval loss)."""
+    tensorboard: bool = False
+    """RUN_DIR/tensorboard/ event files; needs the `tensorboard` package (the `tensorboard` extra)."""
 
 
 def resolve_deepspeed_config(name: str) -> tuple[Path | None, list[Path]]:

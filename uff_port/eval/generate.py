@@ -137,9 +137,14 @@ def resolve_target(target: str, base_model: str | None = None) -> Target:
     return Target(str(base), str(adapter), str(path))
 
 
-def load(target: Target, device: str = "cpu") -> tuple[Any, Any]:
+def load(target: Target, device: str = "cpu", dtype: str = "float32",
+         safetensors_only: bool = False) -> tuple[Any, Any]:
+    """Tokenizer and model (with its adapter); `safetensors_only`: never unpickle any weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if safetensors_only and target.adapter_path and not (Path(target.adapter_path) / "adapter_model.safetensors").is_file():
+        raise TargetError(f"{target.adapter_path}: no adapter_model.safetensors (pickled weights are not loaded)")
 
     tok_src = target.adapter_path if target.adapter_path and any(
         (Path(target.adapter_path) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")
@@ -149,7 +154,8 @@ def load(target: Target, device: str = "cpu") -> tuple[Any, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model: Any = AutoModelForCausalLM.from_pretrained(target.model_path, local_files_only=True,
-                                                      dtype=torch.float32)
+                                                      use_safetensors=True if safetensors_only else None,
+                                                      dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     if target.adapter_path:
         from peft import PeftModel
 

@@ -458,6 +458,10 @@ class Worker:
 
     def _cmd_checkpoint(self, _req: Request, reply: Reply) -> Any:
         job = self.slot.active_job()
+        ended = job.info.terminal_event
+        if ended is not None:  # finished/failed already reported: the trainer is only winding down
+            raise CommandError(ErrorCode.NO_JOB, f"the job has {ended}; nothing left to checkpoint",
+                               {"state": ended, "job_id": job.info.job_id})
         if not job.control("checkpoint", {}, reply.from_frame):
             raise CommandError(ErrorCode.TRAINER_FAILED, "the trainer is not reachable")
         threading.Timer(

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from uff_port.core import layout
 from uff_port.core.exits import ExitCode
+from uff_port.protocol.errors import ErrorCode
 
 DEFAULT_CONFIG: Final = "tiny"
 
@@ -69,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"failed ({code}): {message}", file=sys.stderr)
         return ExitCode.REFUSED
     extra = ["--config", str(args.config)] + (["--fresh"] if args.fresh else [])
+    _show_config(args.config, overrides, run_dir, args.quiet)
     return _run_trainer(run_dir, extra, overrides, args.quiet)
 
 
@@ -93,6 +95,21 @@ def _refusal(config: str, overrides: list[str]) -> tuple[str, str] | None:
         return None
     report = check_config(cfg, sample_gpus())
     return None if report.fits else (report.code, report.message)
+
+
+def _show_config(config: str | Path, overrides: list[str], run_dir: Path, quiet: bool) -> None:
+    """One line saying what is about to train; a config that does not load is the trainer's to refuse."""
+    if quiet:
+        return
+    from uff_port.core.config import ConfigError, load_config
+    from uff_port.training.__main__ import parse_overrides
+    from uff_port.training.console import config_line
+
+    try:
+        cfg = load_config(config, parse_overrides(overrides))
+    except (ConfigError, OSError, ValueError):
+        return
+    print(config_line(cfg, run_dir), flush=True)
 
 
 def _cloud_command(run_dir: Path, config: str, overrides: list[str]) -> list[str] | int | None:
@@ -122,24 +139,32 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not (args.run_dir / layout.CONFIG).exists():
         print(f"run_dir: {args.run_dir} has no {layout.CONFIG}; is it a run directory?", file=sys.stderr)
         return 2
+    _show_config(args.run_dir / layout.CONFIG, args.overrides, args.run_dir, args.quiet)
     return _run_trainer(args.run_dir, [], args.overrides, args.quiet)
 
 
 def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: bool, cmd: list[str] | None = None) -> int:
+    from uff_port.fsutil import UnsafePath
     from uff_port.protocol import FrameReader, decode_payload
+    from uff_port.training.console import Display, open_log, summary
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # the trainer's stdout/stderr (library warnings, tracebacks): the run's log, not the terminal
+        log = open_log(run_dir)
+    except (OSError, UnsafePath) as exc:
+        print(f"failed ({ErrorCode.UNSAFE_PATH}): {exc}", file=sys.stderr)
+        return ExitCode.REFUSED
     ours, theirs = socket.socketpair()
     if cmd is None:
         cmd = [sys.executable, "-m", "uff_port.training", "--run-dir", str(run_dir)]
     cmd = cmd + ["--control-fd", str(theirs.fileno())]
     cmd += extra + [a for o in overrides for a in ("--set", o)]
-    proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+    with log:
+        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdout=log, stderr=log)
     theirs.close()
     _forward_hangup(proc)
-    bar = None if quiet else _Bar()
+    bar = Display(quiet)
     reader = FrameReader(ours.fileno())
-    finished: dict[str, Any] | None = None
     try:
         while True:
             try:
@@ -148,14 +173,9 @@ def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: b
                 continue  # the trainer got SIGINT too: wait for its checkpoint
             if payload is None:
                 break
-            ev = decode_payload(payload)
-            if ev.get("event") in ("finished", "failed"):
-                finished = ev
-            if bar is not None:
-                bar.update(ev)
+            bar.update(decode_payload(payload))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     while True:
         try:
             code = proc.wait()
@@ -163,24 +183,25 @@ def _run_trainer(run_dir: Path, extra: list[str], overrides: list[str], quiet: b
         except KeyboardInterrupt:
             continue
     ours.close()
-    png = None
-    try:
+    png: Path | None = run_dir / "training.png"
+    try:  # the trainer draws it; a cloud run's is drawn here from the events it brought home
         from uff_port.training.plot import plot_run
 
-        png = plot_run(run_dir)
+        if png is None or not png.is_file():
+            png = plot_run(run_dir)
     except Exception as exc:  # noqa: BLE001 - a missing plot never fails a run
         print(f"plot: {exc}", file=sys.stderr)
+    artifact = None
     if code == 0:
         try:  # every finished run carries its artifact manifest, as under the worker
+            from uff_port.registry.manifest import load_manifest
             from uff_port.registry.runmanifest import write_run_manifest
 
-            print(f"artifact manifest: {write_run_manifest(run_dir)}", file=sys.stderr)
+            artifact = load_manifest(write_run_manifest(run_dir)).artifact_id
         except Exception as exc:  # noqa: BLE001 - the adapter stands without it
             print(f"artifact manifest: {exc}", file=sys.stderr)
-    if finished and finished.get("event") == "failed":
-        print(f"failed ({finished.get('code')}): {finished.get('message')}", file=sys.stderr)
-    print(f"run dir: {run_dir}  exit {code}" + (f"  plot: {png}" if png else ""), file=sys.stderr)
-    return code
+    summary(bar, run_dir, code, artifact=artifact, plot=png)
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's 128 + N
 
 
 def _forward_hangup(proc: subprocess.Popen[bytes]) -> None:
@@ -205,63 +226,6 @@ def _forward_hangup(proc: subprocess.Popen[bytes]) -> None:
             pass
 
     signal.signal(signal.SIGHUP, on_hup)
-
-
-class _Bar:
-    """rich progress bar fed by trainer events."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.p = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self.task = self.p.add_task("loading", total=None, info="")
-        self.p.start()
-
-    def update(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("event")
-        if kind == "progress":
-            info = f"loss {ev.get('loss') or float('nan'):.4f}  {ev.get('tokens_per_s') or 0:,.0f} tok/s"
-            self.p.update(self.task, description="training", completed=ev["step"], total=ev["max_steps"], info=info)
-        elif kind == "state":
-            self.p.update(self.task, description=str(ev.get("state")))
-        elif kind == "cloud_verified" and isinstance(ev.get("step"), int):
-            # Remote sessions report progress when they come home verified.
-            self.p.update(self.task, description="cloud", completed=ev["step"])
-            self.p.console.print(_line(ev))
-        elif kind in ("eval", "checkpoint", "log", "failed", "finished", "cloud_submitted", "cloud_status", "quota"):
-            self.p.console.print(_line(ev))
-
-    def close(self) -> None:
-        self.p.stop()
-
-
-def _line(ev: dict[str, Any]) -> str:
-    kind = ev.get("event")
-    if kind == "eval":
-        return f"eval  step {ev.get('step')}: loss {ev.get('loss')}, perplexity {ev.get('perplexity')}"
-    if kind == "checkpoint":
-        return f"checkpoint step {ev.get('step')} -> {ev.get('path')} ({ev.get('seconds')} s)"
-    if kind == "finished":
-        return f"finished at step {ev.get('step')}: loss {ev.get('loss')}, adapter {ev.get('final')}"
-    if kind == "failed":
-        return f"[red]failed[/red] {ev.get('code')}: {ev.get('message')}"
-    if kind and kind.startswith("cloud_") or kind == "quota":
-        fields = {k: v for k, v in ev.items() if k not in ("event", "ts", "budgets") and v is not None}
-        return f"{kind} " + " ".join(f"{k}={v}" for k, v in fields.items())
-    return f"{ev.get('level', 'info')}: {ev.get('message')}"
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from uff_port.core import layout
 from uff_port.core.config import Config
-from uff_port.fsutil import atomic_write_text, fsync_tree, replace_dir
+from uff_port.fsutil import atomic_write_json, atomic_write_text, fsync_tree, replace_dir
 from uff_port.hashing import canonical_json, canonicalize_json_files, tree_manifest
 
 
@@ -35,9 +35,7 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, cfg: Config, *, step: 
     if cfg.output.merge and hasattr(model, "merge_and_unload"):
         # The export is the model's last use (the adapter is saved above), so the merge
         # happens in place: a copy would double peak memory (+5.4 GB for 1.3B in fp32).
-        merged = model.merge_and_unload()
-        merged.save_pretrained(tmp / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "merged")
+        save_model_files(model.merge_and_unload(), tokenizer, tmp / "merged")
     # peft writes target_modules in set (hash) order: one byte form for every JSON file we
     # export, so the same weights and config give the same artifact id on every run.
     canonicalize_json_files(tmp)
@@ -85,3 +83,34 @@ def finished_export(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     except (OSError, UnsafePath, ValueError, TypeError, KeyError):
         return None
     return manifest
+
+
+def save_model_files(model: Any, tokenizer: Any, dest: Path) -> None:
+    """A full model as transformers and vLLM load it: safetensors shards, config.json, tokenizer."""
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def save_merged(peft_model: Any, tokenizer: Any, out: Path, *, meta: dict[str, Any]) -> Path:
+    """Fold the adapter into the base weights and commit `out` by one rename.
+
+    `out/manifest.json` holds `meta` (base model, adapter and its id) and the
+    sha256 of every file, so a deployment can verify what it serves. `out` must
+    not exist yet: a merge never writes over a directory it did not make.
+    """
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"--out: {out} already exists; pick a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged = peft_model.merge_and_unload() if hasattr(peft_model, "merge_and_unload") else peft_model
+        save_model_files(merged, tokenizer, tmp)
+        atomic_write_json(tmp / layout.MANIFEST, {"kind": "merged", **meta,
+                                                  "files": tree_manifest(tmp, exclude=[layout.MANIFEST])})
+        fsync_tree(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

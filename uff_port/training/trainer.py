@@ -105,6 +105,7 @@ class Trainer:
         self._ckpt_seconds = 0.0
         self._ckpt_step: int | None = None  # the same on every rank, unlike last_checkpoint
         self.nonfinite_skipped = 0
+        self.sinks: Any = None  # metrics.RunSinks on rank 0, once set up
         self.control = Control(inbox, reporter, self.emit)
 
     # ---- events -------------------------------------------------------------
@@ -167,6 +168,7 @@ class Trainer:
         # state must be the last word, or resumed runs drift from uninterrupted ones.
         torch.manual_seed(t.seed + 1000003 * self.rank)
         self._maybe_resume()
+        self._attach_sinks()
         if t.max_runtime:
             self._deadline = time.monotonic() + t.max_runtime
         self.emit(
@@ -196,6 +198,16 @@ class Trainer:
                       message=f"training.num_epochs {t.num_epochs:g}: {scan.train_sequences} rows of "
                               f"{self.cfg.data.seq_len} tokens per epoch, {per_epoch} steps per epoch, "
                               f"{t.max_steps} steps in all")
+
+    def _attach_sinks(self) -> None:
+        """metrics.csv, TensorBoard and training.png, for every run whatever started it (rank 0)."""
+        if self.rank != 0:
+            return
+        from uff_port.training.metrics import RunSinks
+
+        self.sinks = RunSinks(self.run_dir, self.cfg.output, resumed_step=self.resumed_step,
+                              warn=lambda message: self.emit("log", level="warning", message=message))
+        self.report.listeners.append(self.sinks)
 
     def _become_writer(self) -> None:
         """Hold the run's writer lock for our whole life, before choosing where to resume.
@@ -676,6 +688,12 @@ class Trainer:
         if self.cfg.output.save_final:
             with zero.gathered(self.params, self.engine.zero_stage):  # every rank, under ZeRO-3
                 final = self.save_final() if self.rank == 0 else None
+        if self.rank == 0:
+            peak, where = _peak_memory(self.device)
+            self.emit("log", level="info", message=f"peak memory {peak / 2**20:,.0f} MiB ({where})",
+                      peak_memory_bytes=peak, peak_memory_of=where)
+        if self.sinks is not None:
+            self.sinks.settle()  # metrics.csv and training.png complete before anyone hears `finished`
         self.emit(
             "finished",
             **finished_fields(
@@ -703,8 +721,20 @@ class Trainer:
 
     def cleanup(self) -> None:
         self.settle()
+        if self.sinks is not None:
+            self.report.listeners.remove(self.sinks)
+            self.sinks.close()
         if hasattr(self, "data"):
             self.data.close()
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """The most this process held: allocated CUDA memory on a GPU, else resident RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "GPU"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "RAM"
 
 
 def _versions() -> dict[str, str]:
