@@ -22,6 +22,7 @@ COMMAND_MODULES: Final = (
     "uff_port.cloud.cli",  # plan-week, cloud
     "uff_port.registry.cli",  # register, promote, rollback, federate, ...
     "uff_port.eval.cli",  # eval, compare
+    "uff_port.campaign.cli",  # campaign status
 )
 
 

@@ -66,6 +66,9 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    init_adapter: str | None = None
+    """A LoRA adapter directory (adapter_model.safetensors) the new adapter starts from; a
+    fresh start only (a resume loads its checkpoint). Recorded as `lineage.parent`."""
 
 
 class DataConfig(_Section):

@@ -209,6 +209,19 @@ def refuse_symlinks(artifact_dir: Path) -> None:
         )
 
 
+def _parent(init_adapter: object) -> str | None:
+    """The artifact a run's adapter started from: its id when the directory has a manifest."""
+    if not isinstance(init_adapter, str) or not init_adapter:
+        return None
+    try:
+        raw = json.loads((Path(init_adapter) / "artifact.json").read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and isinstance(raw.get("artifact_id"), str):
+            return raw["artifact_id"]
+    except (OSError, ValueError):
+        pass
+    return init_adapter
+
+
 def build_manifest(
     artifact_dir: Path,
     *,
@@ -252,6 +265,7 @@ def build_manifest(
             "attempts": attempts_from_events(events),
             "backend": str(cfg.get("strategy") or "local"),
             "final_step": final_step if final_step is None or final_step >= 0 else None,
+            "parent": _parent(model_cfg.get("init_adapter")),
         },
         "metrics": {**metrics_from_events(events), **suite_metrics(run_dir)},
         "interface": interface,
