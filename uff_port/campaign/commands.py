@@ -79,7 +79,7 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
             overrides.pop("cloud", None)
         preset = _resolve_preset(m.preset, path)
         cfg = validate_config(load_config_file(preset), overrides)
-        gates = m.gates or spec.promotion.gates
+        gates = _stage_gates(m.gates or spec.promotion.gates, path, Path(ctx.runs_root), spec.name, m.name)
         jobs.append({
             "name": m.name,
             "role": spec.role_of(m),
@@ -94,7 +94,7 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
             "run_dir": f"{CAMPAIGNS_DIR}/{spec.name}/{m.name}",
             "train": {"config_path": preset, "overrides": overrides},
             "eval": m.eval.model_dump() if m.eval.suites else None,
-            "gates": _resolve_preset(gates, path) if gates else None,
+            "gates": gates,
         })
     return {
         "name": spec.name,
@@ -107,6 +107,32 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
         "placement": week.to_dict() if week is not None else {"entries": [], "unscheduled": {}},
         "placement_text": week.render() if week is not None else "",
     }
+
+
+def _stage_gates(gates: str | None, spec_path: Path | None, runs_root: Path, campaign: str, job: str) -> str | None:
+    """Validate a job's gates file and put a copy in the campaign's directory.
+
+    `promote` reads gates only from under the runs root; the copy is also what
+    the campaign promoted with, kept next to its journal. Returns its path
+    relative to the runs root.
+    """
+    if not gates:
+        return None
+    from uff_port.fsutil import atomic_write_text
+    from uff_port.registry.errors import RegistryError
+    from uff_port.registry.gates import load_gates
+
+    src = Path(_resolve_preset(gates, spec_path))
+    try:
+        load_gates(src)
+    except RegistryError as exc:
+        raise CommandError(ErrorCode.INVALID_CONFIG, f"models.{job}.gates: {exc.message}",
+                           {"problems": [f"gates: {exc.message}"]}) from None
+    rel = f"{CAMPAIGNS_DIR}/{campaign}/gates/{job}.yaml"
+    dst = confine(runs_root, rel)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dst, src.read_text(encoding="utf-8"))
+    return rel
 
 
 def _next_version(releases: Path) -> str:
