@@ -35,7 +35,9 @@ defmodule UffPort.CampaignTest do
       # the torn bytes are gone: the next record follows the last whole one
       {:ok, j, _} = CampaignJournal.append(j, %{"kind" => "c"})
       CampaignJournal.close(j)
-      assert {:ok, [%{"kind" => "a"}, %{"kind" => "c", "seq" => 2}], 0} = CampaignJournal.read(dir)
+
+      assert {:ok, [%{"kind" => "a"}, %{"kind" => "c", "seq" => 2}], 0} =
+               CampaignJournal.read(dir)
     end
 
     garbage_tail = whole <> <<3::32, 0xC1, 0xC1, 0xC1>>
@@ -48,10 +50,19 @@ defmodule UffPort.CampaignTest do
 
     # the Python reader agrees (uff_port.campaign.journal)
     File.write!(path, whole <> <<0, 0>>)
+
     {out, 0} =
-      System.cmd(python(), ["-c", "import sys,json;from uff_port.campaign.journal import load;j=load(sys.argv[1]);" <>
-        "print(json.dumps([[r['kind'] for r in j.records], j.torn_tail_bytes]))", dir],
-        env: [{"PYTHONPATH", @repo}])
+      System.cmd(
+        python(),
+        [
+          "-c",
+          "import sys,json;from uff_port.campaign.journal import load;j=load(sys.argv[1]);" <>
+            "print(json.dumps([[r['kind'] for r in j.records], j.torn_tail_bytes]))",
+          dir
+        ],
+        env: [{"PYTHONPATH", @repo}]
+      )
+
     assert String.trim(out) == ~s([["a", "b"], 2])
     <<n::32, body::binary-size(n), _::binary>> = whole
     assert {:ok, %{"kind" => "a", "x" => 1, "seq" => 1}} = Msgpack.decode(body)
@@ -120,10 +131,25 @@ defmodule UffPort.CampaignTest do
 
     send(collector, {:events, self()})
     events = receive do: ({:events, evs} -> evs)
-    assert [%{"reasons" => [r | _], "gates" => [_ | _]}] = for(%{"event" => "campaign_job_refused", "job" => "main"} = e <- events, do: e)
+
+    assert [%{"reasons" => [r | _], "gates" => [_ | _]}] =
+             for(%{"event" => "campaign_job_refused", "job" => "main"} = e <- events, do: e)
+
     assert r =~ "quality"
-    assert Enum.any?(events, &match?(%{"event" => "campaign_job_started", "job" => "main", "backend" => "local"}, &1))
-    assert Enum.any?(events, &match?(%{"event" => "campaign_job_finished", "job" => "main", "step" => 4}, &1))
+
+    assert Enum.any?(
+             events,
+             &match?(
+               %{"event" => "campaign_job_started", "job" => "main", "backend" => "local"},
+               &1
+             )
+           )
+
+    assert Enum.any?(
+             events,
+             &match?(%{"event" => "campaign_job_finished", "job" => "main", "step" => 4}, &1)
+           )
+
     assert Enum.any?(events, &match?(%{"event" => "campaign_job_skipped", "job" => "ufm"}, &1))
     assert Enum.any?(events, &match?(%{"event" => "campaign_job_failed", "job" => "ucm"}, &1))
     refute Enum.any?(events, &match?(%{"event" => "campaign_job_promoted"}, &1))
@@ -132,9 +158,15 @@ defmodule UffPort.CampaignTest do
 
     # a finished campaign started again does nothing but say so
     {:ok, records, 0} = CampaignJournal.read(Path.join([tmp, "runs", "campaigns", "outcomes"]))
-    assert {:ok, again} = TrainingCoordinator.run_campaign(spec, worker: worker_opts(tmp), timeout: 60_000)
+
+    assert {:ok, again} =
+             TrainingCoordinator.run_campaign(spec, worker: worker_opts(tmp), timeout: 60_000)
+
     assert again["jobs"] == done["jobs"]
-    {:ok, after_records, 0} = CampaignJournal.read(Path.join([tmp, "runs", "campaigns", "outcomes"]))
+
+    {:ok, after_records, 0} =
+      CampaignJournal.read(Path.join([tmp, "runs", "campaigns", "outcomes"]))
+
     assert Enum.count(after_records, &(&1["kind"] == "job" and &1["state"] == "training")) ==
              Enum.count(records, &(&1["kind"] == "job" and &1["state"] == "training"))
   end
@@ -215,19 +247,42 @@ defmodule UffPort.CampaignTest do
 
     port =
       Port.open({:spawn_executable, elixir}, [
-        :binary, :exit_status,
-        args: ["-pa", ebin, runner, "run", spec, "--runs-root", runs, "--python", python(), "--heartbeat-interval", "0.5", "--quiet"]
+        :binary,
+        :exit_status,
+        args: [
+          "-pa",
+          ebin,
+          runner,
+          "run",
+          spec,
+          "--runs-root",
+          runs,
+          "--python",
+          python(),
+          "--heartbeat-interval",
+          "0.5",
+          "--quiet"
+        ]
       ])
 
     {:os_pid, vm} = Port.info(port, :os_pid)
-    wait_until(180_000, fn -> journal_has?(dir, &match?(%{"kind" => "job", "job" => "main", "step" => s} when is_integer(s), &1)) end)
+
+    wait_until(180_000, fn ->
+      journal_has?(
+        dir,
+        &match?(%{"kind" => "job", "job" => "main", "step" => s} when is_integer(s), &1)
+      )
+    end)
+
     UffPort.OsProcess.signal(vm, :kill)
     assert_receive {^port, {:exit_status, _}}, 10_000
     # its workers see EOF and go; their trainers checkpoint on the parent-death signal
     Process.sleep(3_000)
 
     # 2. Started again in this VM with the same spec; its campaign process killed at three random transitions.
-    seed = String.to_integer(System.get_env("UFF_CAMPAIGN_SEED") || "#{:erlang.phash2(tmp, 1000)}")
+    seed =
+      String.to_integer(System.get_env("UFF_CAMPAIGN_SEED") || "#{:erlang.phash2(tmp, 1000)}")
+
     :rand.seed(:exsss, {seed, 17, 42})
     kills = [Enum.random(3..8), Enum.random(12..22), Enum.random(28..40)]
     IO.puts("campaign kill drill: seed #{seed}, kills at transitions #{inspect(kills)}")
@@ -246,7 +301,10 @@ defmodule UffPort.CampaignTest do
 
     jobs = done["jobs"]
     assert map_size(jobs) == 7
-    assert Enum.all?(jobs, fn {_, s} -> s in ~w(promoted refused) end), inspect(done["details"], pretty: true)
+
+    assert Enum.all?(jobs, fn {_, s} -> s in ~w(promoted refused) end),
+           inspect(done["details"], pretty: true)
+
     details = done["details"]
 
     for {name, d} <- details do
@@ -259,7 +317,7 @@ defmodule UffPort.CampaignTest do
     main_art = details["main"]["artifact_id"]
     for m <- @managers, do: assert(details[m]["parent_artifact"] == main_art, m)
 
-    backends = for {_, d} <- details, do: d["plan"]["backend"]
+    backends = for {_, d} <- details, do: d["backend"]
     assert "local" in backends and "kaggle" in backends and "sagemaker" in backends
 
     # the release lists all seven
@@ -268,17 +326,22 @@ defmodule UffPort.CampaignTest do
 
     # zero duplicate submissions: every provider submission is one journaled session
     {out, 0} =
-      System.cmd(python(), ["-c", """
-      import json, pathlib, sys
-      runs, fake = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-      sessions = {"kaggle": 0, "sagemaker": 0}
-      for j in runs.glob("campaigns/week/*/cloud/journal.json"):
-          for s in json.loads(j.read_text())["sessions"]:
-              sessions[s["backend"]] += 1
-      creations = (fake / "sagemaker" / "creations.log").read_text().split()
-      pushes = len(list((fake / "kaggle" / "kernels").glob("*/v*")))
-      print(json.dumps({"sessions": sessions, "sm": len(creations), "sm_unique": len(set(creations)), "kg": pushes}))
-      """, runs, fake])
+      System.cmd(python(), [
+        "-c",
+        """
+        import json, pathlib, sys
+        runs, fake = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        sessions = {"kaggle": 0, "sagemaker": 0}
+        for j in runs.glob("campaigns/week/*/cloud/journal.json"):
+            for s in json.loads(j.read_text())["sessions"]:
+                sessions[s["backend"]] += 1
+        creations = (fake / "sagemaker" / "creations.log").read_text().split()
+        pushes = len(list((fake / "kaggle" / "kernels").glob("*/v*")))
+        print(json.dumps({"sessions": sessions, "sm": len(creations), "sm_unique": len(set(creations)), "kg": pushes}))
+        """,
+        runs,
+        fake
+      ])
 
     counts = parse_counts(out)
     assert counts["sm"] == counts["sm_unique"]
@@ -286,8 +349,13 @@ defmodule UffPort.CampaignTest do
     assert counts["kg"] == counts["kaggle"]
 
     # the journal says what happened, to Python as well
-    {status, 0} = System.cmd(python(), ["-m", "uff_port", "campaign", "status", dir, "--png", Path.join(tmp, "week.png")],
-                             env: [{"COLUMNS", "200"}])
+    {status, 0} =
+      System.cmd(
+        python(),
+        ["-m", "uff_port", "campaign", "status", dir, "--png", Path.join(tmp, "week.png")],
+        env: [{"COLUMNS", "200"}]
+      )
+
     assert status =~ "promoted"
     assert File.read!(Path.join(tmp, "week.png")) |> binary_part(0, 4) == <<0x89, "PNG">>
     {:ok, records, _} = CampaignJournal.read(dir)
@@ -323,13 +391,17 @@ defmodule UffPort.CampaignTest do
       _other ->
         drive(sup, kills, seen, killed, timeout)
     after
-      timeout -> flunk("the campaign did not finish (#{seen} transitions, kills #{inspect(killed)})")
+      timeout ->
+        flunk("the campaign did not finish (#{seen} transitions, kills #{inspect(killed)})")
     end
   end
 
   defp parse_counts(out) do
     # {"sessions": {"kaggle": K, "sagemaker": S}, "sm": N, "sm_unique": U, "kg": P}
-    nums = Regex.scan(~r/"(\w+)": (\d+)/, out) |> Map.new(fn [_, k, v] -> {k, String.to_integer(v)} end)
+    nums =
+      Regex.scan(~r/"(\w+)": (\d+)/, out)
+      |> Map.new(fn [_, k, v] -> {k, String.to_integer(v)} end)
+
     nums
   end
 
@@ -353,14 +425,23 @@ defmodule UffPort.CampaignTest do
       %{"kind" => "plan", "jobs" => [%{"name" => "a"}, %{"name" => "b"}]},
       %{"kind" => "job", "job" => "a", "state" => "training"},
       %{"kind" => "job", "job" => "a", "step" => 2},
-      %{"kind" => "job", "job" => "a", "state" => "promoting", "artifact_id" => "x", "expect" => nil},
+      %{
+        "kind" => "job",
+        "job" => "a",
+        "state" => "promoting",
+        "artifact_id" => "x",
+        "expect" => nil
+      },
       %{"kind" => "job", "job" => "ghost", "state" => "failed"},
       %{"kind" => "release", "state" => "intent"}
     ]
 
     f = Campaign.fold(recs)
     assert f.order == ["a", "b"]
-    assert f.jobs["a"].state == "promoting" and f.jobs["a"].info["step"] == 2 and f.jobs["a"].info["artifact_id"] == "x"
+
+    assert f.jobs["a"].state == "promoting" and f.jobs["a"].info["step"] == 2 and
+             f.jobs["a"].info["artifact_id"] == "x"
+
     assert f.jobs["b"].state == "pending"
     refute Map.has_key?(f.jobs, "ghost")
     assert f.release["state"] == "intent" and not f.finished

@@ -65,7 +65,13 @@ defmodule UffPort.Campaign do
   def snapshot(c), do: GenServer.call(c, :snapshot)
 
   @doc "Job states folded from journal records (also what `mix uff.campaign status` shows)."
-  @spec fold([map]) :: %{jobs: map, order: [String.t()], release: map | nil, finished: boolean, plan: map | nil}
+  @spec fold([map]) :: %{
+          jobs: map,
+          order: [String.t()],
+          release: map | nil,
+          finished: boolean,
+          plan: map | nil
+        }
   def fold(records) do
     Enum.reduce(records, %{jobs: %{}, order: [], release: nil, finished: false, plan: nil}, fn
       %{"kind" => "plan", "jobs" => jobs} = rec, acc when is_list(jobs) and is_nil(acc.plan) ->
@@ -147,15 +153,19 @@ defmodule UffPort.Campaign do
 
   @impl true
   def handle_call(:snapshot, _from, state) do
-    jobs = Map.new(state.jobs, fn {n, j} -> {n, Map.put(j.info, "state", j.state)} end)
-    {:reply, %{name: state.name, jobs: jobs, release: state.release, finished: state.finished}, state}
+    {:reply,
+     %{name: state.name, jobs: details(state), release: state.release, finished: state.finished},
+     state}
   end
 
   @impl true
   def handle_info({:step_done, pid, job, phase, result}, state) do
     case Map.pop(state.steps, pid) do
-      {{^job, ^phase}, steps} -> {:noreply, %{state | steps: steps} |> on_result(job, phase, result) |> advance()}
-      _ -> {:noreply, state}
+      {{^job, ^phase}, steps} ->
+        {:noreply, %{state | steps: steps} |> on_result(job, phase, result) |> advance()}
+
+      _ ->
+        {:noreply, state}
     end
   end
 
@@ -199,7 +209,9 @@ defmodule UffPort.Campaign do
         "spec_path" => state.spec_path,
         "budgets" => plan["budgets"]
       })
-      |> record(Map.put(Map.take(plan, ~w(jobs schedule promotion release placement)), "kind", "plan"))
+      |> record(
+        Map.put(Map.take(plan, ~w(jobs schedule promotion release placement)), "kind", "plan")
+      )
 
     folded = fold([%{"kind" => "plan", "jobs" => plan["jobs"]}])
     %{state | plan: plan, jobs: folded.jobs, order: folded.order}
@@ -211,15 +223,14 @@ defmodule UffPort.Campaign do
     journaled = folded.plan || %{"jobs" => plan["jobs"]}
     plan = Map.merge(plan, Map.take(journaled, ~w(jobs schedule promotion release placement)))
 
-    state =
-      %{
-        state
-        | plan: plan,
-          jobs: folded.jobs,
-          order: folded.order,
-          release: folded.release,
-          finished: folded.finished
-      }
+    state = %{
+      state
+      | plan: plan,
+        jobs: folded.jobs,
+        order: folded.order,
+        release: folded.release,
+        finished: folded.finished
+    }
 
     record(state, %{
       "kind" => "campaign_started",
@@ -320,7 +331,12 @@ defmodule UffPort.Campaign do
 
   defp slot_free?(state, job) do
     backend = job.plan["backend"]
-    running = Enum.count(state.steps, fn {_, {j, p}} -> p == "training" and state.jobs[j].plan["backend"] == backend end)
+
+    running =
+      Enum.count(state.steps, fn {_, {j, p}} ->
+        p == "training" and state.jobs[j].plan["backend"] == backend
+      end)
+
     running < slots(state, backend)
   end
 
@@ -360,7 +376,8 @@ defmodule UffPort.Campaign do
     me = self()
     ctx = step_context(state, name, phase)
 
-    state = if phase == "training", do: %{state | gpus: Map.put(state.gpus, name, ctx.gpu)}, else: state
+    state =
+      if phase == "training", do: %{state | gpus: Map.put(state.gpus, name, ctx.gpu)}, else: state
 
     pid =
       spawn_link(fn ->
@@ -379,7 +396,12 @@ defmodule UffPort.Campaign do
     if phase == "training" do
       job = state.jobs[name]
       attempt = Map.get(state.retries, name, 0) + 1
-      notify(state, "campaign_job_started", %{"job" => name, "backend" => job.plan["backend"], "attempt" => attempt})
+
+      notify(state, "campaign_job_started", %{
+        "job" => name,
+        "backend" => job.plan["backend"],
+        "attempt" => attempt
+      })
     end
 
     state
@@ -428,12 +450,17 @@ defmodule UffPort.Campaign do
         "run_dir" => plan["run_dir"]
       }
 
-      worker = if ctx.gpu, do: Keyword.put(ctx.worker_opts, :cuda_visible_devices, "#{ctx.gpu}"), else: ctx.worker_opts
+      worker =
+        if ctx.gpu,
+          do: Keyword.put(ctx.worker_opts, :cuda_visible_devices, "#{ctx.gpu}"),
+          else: ctx.worker_opts
+
       campaign = ctx.campaign
       name = ctx.name
 
       on_event = fn _attempt, ev ->
-        if ev["event"] == "checkpoint" and is_integer(ev["step"]), do: send(campaign, {:progress, name, ev["step"]})
+        if ev["event"] == "checkpoint" and is_integer(ev["step"]),
+          do: send(campaign, {:progress, name, ev["step"]})
       end
 
       opts =
@@ -442,7 +469,12 @@ defmodule UffPort.Campaign do
 
       case TrainingCoordinator.run_job(train, :local, opts) do
         {:ok, s} ->
-          {:ok, %{"step" => s.final_step, "loss" => s.final_loss, "parent_artifact" => init && Path.basename(init)}}
+          {:ok,
+           %{
+             "step" => s.final_step,
+             "loss" => s.final_loss,
+             "parent_artifact" => init && Path.basename(init)
+           }}
 
         {:error, {{:train_refused, %Error{} = e}, _}} ->
           {:fail, "train refused: #{e.code}: #{e.message}"}
@@ -464,14 +496,24 @@ defmodule UffPort.Campaign do
 
     Enum.reduce_while(ev["suites"] || [], {:ok, %{}}, fn suite, {:ok, acc} ->
       args =
-        %{"suite" => suite, "target" => ctx.job.plan["run_dir"], "n" => ev["n"] || 1,
-          "max_new_tokens" => ev["max_new_tokens"] || 128, "timeout" => ev["timeout"] || 10.0}
+        %{
+          "suite" => suite,
+          "target" => ctx.job.plan["run_dir"],
+          "n" => ev["n"] || 1,
+          "max_new_tokens" => ev["max_new_tokens"] || 128,
+          "timeout" => ev["timeout"] || 10.0
+        }
         |> then(fn a -> if ev["limit"], do: Map.put(a, "limit", ev["limit"]), else: a end)
 
       case Worker.request(ctx.control, "eval", args, timeout: ctx.timeout) do
-        {:ok, res} -> {:cont, {:ok, Map.put(acc, suite, res["metrics"] || %{})}}
-        {:error, %Error{code: :worker_down} = e} -> {:halt, {:retry, "eval #{suite}: #{e.message}"}}
-        {:error, e} -> {:halt, {:fail, "eval #{suite}: #{describe(e)}"}}
+        {:ok, res} ->
+          {:cont, {:ok, Map.put(acc, suite, res["metrics"] || %{})}}
+
+        {:error, %Error{code: :worker_down} = e} ->
+          {:halt, {:retry, "eval #{suite}: #{e.message}"}}
+
+        {:error, e} ->
+          {:halt, {:fail, "eval #{suite}: #{describe(e)}"}}
       end
     end)
   end
@@ -481,11 +523,16 @@ defmodule UffPort.Campaign do
     target = target_alias(ctx)
 
     with {:ok, reg} <-
-           Worker.request(ctx.control, "register", %{"run_dir" => ctx.job.plan["run_dir"], "role" => role},
+           Worker.request(
+             ctx.control,
+             "register",
+             %{"run_dir" => ctx.job.plan["run_dir"], "role" => role},
              timeout: ctx.timeout
            ),
-         {:ok, view} <- Worker.request(ctx.control, "releases", %{"role" => role}, timeout: ctx.timeout) do
-      {:ok, %{"artifact_id" => reg["artifact_id"], "expect" => get_in(view, ["aliases", role, target])}}
+         {:ok, view} <-
+           Worker.request(ctx.control, "releases", %{"role" => role}, timeout: ctx.timeout) do
+      {:ok,
+       %{"artifact_id" => reg["artifact_id"], "expect" => get_in(view, ["aliases", role, target])}}
     else
       {:error, %Error{code: :worker_down} = e} -> {:retry, "register: #{e.message}"}
       {:error, e} -> {:fail, "register: #{describe(e)}"}
@@ -515,7 +562,13 @@ defmodule UffPort.Campaign do
           {:ok, view} ->
             if get_in(view, ["aliases", role, target]) == art,
               do: {:ok, %{"verdict" => verdict(target), "gates" => [], "recovered" => true}},
-              else: {:ok, %{"verdict" => "refused", "reason" => "#{target} moved by someone else: #{e.message}", "gates" => []}}
+              else:
+                {:ok,
+                 %{
+                   "verdict" => "refused",
+                   "reason" => "#{target} moved by someone else: #{e.message}",
+                   "gates" => []
+                 }}
 
           {:error, e2} ->
             {:retry, "releases: #{describe(e2)}"}
@@ -531,12 +584,17 @@ defmodule UffPort.Campaign do
 
   defp run_step("release", ctx) do
     case Worker.request(ctx.control, "campaign_release", ctx.args, timeout: ctx.timeout) do
-      {:ok, rel} -> {:ok, Map.take(rel, ~w(name path roles missing release_id created kept version))}
-      {:error, e} -> {:fail, describe(e)}
+      {:ok, rel} ->
+        {:ok, Map.take(rel, ~w(name path roles missing release_id created kept version))}
+
+      {:error, e} ->
+        {:fail, describe(e)}
     end
   end
 
-  defp target_alias(ctx), do: if(ctx.promotion["policy"] == "candidate", do: "candidate", else: "stable")
+  defp target_alias(ctx),
+    do: if(ctx.promotion["policy"] == "candidate", do: "candidate", else: "stable")
+
   defp verdict("candidate"), do: "candidate"
   defp verdict(_), do: "promoted"
 
@@ -561,7 +619,9 @@ defmodule UffPort.Campaign do
       {:ok, Path.join([Path.expand(root), "artifacts", art])}
     else
       why = parent.info["reason"] || parent.state
-      {:skip, "parent #{parent.name} #{parent.state} (#{why}) and no promoted #{parent.plan["role"]} adapter to start from"}
+
+      {:skip,
+       "parent #{parent.name} #{parent.state} (#{why}) and no promoted #{parent.plan["role"]} adapter to start from"}
     end
   end
 
@@ -581,12 +641,19 @@ defmodule UffPort.Campaign do
 
   defp on_result(state, job, "training", {:ok, res}) do
     next = if state.jobs[job].plan["eval"], do: "evaluating", else: "registering"
-    notify(state, "campaign_job_finished", %{"job" => job, "step" => res["step"], "loss" => res["loss"]})
+
+    notify(state, "campaign_job_finished", %{
+      "job" => job,
+      "step" => res["step"],
+      "loss" => res["loss"]
+    })
+
     record(state, Map.merge(res, %{"kind" => "job", "job" => job, "state" => next}))
   end
 
   defp on_result(state, job, "evaluating", {:ok, scores}),
-    do: record(state, %{"kind" => "job", "job" => job, "state" => "registering", "scores" => scores})
+    do:
+      record(state, %{"kind" => "job", "job" => job, "state" => "registering", "scores" => scores})
 
   defp on_result(state, job, "registering", {:ok, reg}),
     do: record(state, Map.merge(reg, %{"kind" => "job", "job" => job, "state" => "promoting"}))
@@ -595,14 +662,38 @@ defmodule UffPort.Campaign do
     art = state.jobs[job].info["artifact_id"]
     reasons = for %{"status" => "fail"} = g <- out["gates"], do: "#{g["gate"]}: #{g["detail"]}"
     reasons = if reasons == [], do: [out["reason"]], else: reasons
-    notify(state, "campaign_job_refused", %{"job" => job, "artifact_id" => art, "reasons" => reasons, "gates" => out["gates"]})
-    record(state, %{"kind" => "job", "job" => job, "state" => "refused", "reason" => Enum.join(reasons, "; "), "gates" => out["gates"]})
+
+    notify(state, "campaign_job_refused", %{
+      "job" => job,
+      "artifact_id" => art,
+      "reasons" => reasons,
+      "gates" => out["gates"]
+    })
+
+    record(state, %{
+      "kind" => "job",
+      "job" => job,
+      "state" => "refused",
+      "reason" => Enum.join(reasons, "; "),
+      "gates" => out["gates"]
+    })
   end
 
   defp on_result(state, job, "promoting", {:ok, out}) do
     art = state.jobs[job].info["artifact_id"]
-    notify(state, "campaign_job_promoted", %{"job" => job, "artifact_id" => art, "alias" => out["verdict"]})
-    record(state, %{"kind" => "job", "job" => job, "state" => out["verdict"], "gates" => out["gates"]})
+
+    notify(state, "campaign_job_promoted", %{
+      "job" => job,
+      "artifact_id" => art,
+      "alias" => out["verdict"]
+    })
+
+    record(state, %{
+      "kind" => "job",
+      "job" => job,
+      "state" => out["verdict"],
+      "gates" => out["gates"]
+    })
   end
 
   defp on_result(state, job, _phase, {:skip, why}), do: fail(state, job, "skipped", why)
@@ -619,8 +710,14 @@ defmodule UffPort.Campaign do
       phase == "training" ->
         delay = Keyword.get(state.opts, :retry_backoff, 1000) * Integer.pow(2, n - 1)
         Process.send_after(self(), :tick, delay)
-        record(state, %{"kind" => "job", "job" => job, "state" => "waiting", "reason" => why,
-                        "retry_at" => state.clock.() + delay / 1000})
+
+        record(state, %{
+          "kind" => "job",
+          "job" => job,
+          "state" => "waiting",
+          "reason" => why,
+          "retry_at" => state.clock.() + delay / 1000
+        })
 
       true ->
         # other phases are re-run in place after the back-off
@@ -656,11 +753,25 @@ defmodule UffPort.Campaign do
         "keep" => get_in(state.plan, ["promotion", "keep_releases"]) || 3
       }
 
-      args = if v = get_in(state.plan, ["release", "version"]), do: Map.put(args, "version", v), else: args
-      state = if state.release, do: state, else: record(state, %{"kind" => "release", "state" => "intent", "roles" => args["roles"]})
+      args =
+        if v = get_in(state.plan, ["release", "version"]),
+          do: Map.put(args, "version", v),
+          else: args
+
+      state =
+        if state.release,
+          do: state,
+          else:
+            record(state, %{"kind" => "release", "state" => "intent", "roles" => args["roles"]})
+
       state = %{state | release: state.release || %{"state" => "intent"}}
       me = self()
-      ctx = %{control: state.control, args: args, timeout: Keyword.get(state.opts, :call_timeout, @call_timeout)}
+
+      ctx = %{
+        control: state.control,
+        args: args,
+        timeout: Keyword.get(state.opts, :call_timeout, @call_timeout)
+      }
 
       pid =
         spawn_link(fn ->
@@ -680,11 +791,26 @@ defmodule UffPort.Campaign do
     end
   end
 
+  defp details(state) do
+    Map.new(state.jobs, fn {n, j} ->
+      {n,
+       Map.merge(j.info, %{
+         "state" => j.state,
+         "backend" => j.plan["backend"],
+         "role" => j.plan["role"],
+         "max_steps" => j.plan["max_steps"]
+       })}
+    end)
+  end
+
   defp job_states(state), do: Map.new(state.jobs, fn {n, j} -> {n, j.state} end)
 
   defp notify_finished(state) do
-    notify(state, "campaign_finished", %{"jobs" => job_states(state), "release" => state.release,
-                                         "details" => Map.new(state.jobs, fn {n, j} -> {n, Map.put(j.info, "state", j.state)} end)})
+    notify(state, "campaign_finished", %{
+      "jobs" => job_states(state),
+      "release" => state.release,
+      "details" => details(state)
+    })
   end
 
   # ------------------------------------------------------------------ journal + events
@@ -701,7 +827,9 @@ defmodule UffPort.Campaign do
         end)
 
       %{"kind" => "job", "job" => name} ->
-        update_in(state, [:jobs, name], fn j -> %{j | info: Map.merge(j.info, Map.drop(rec, ~w(kind job)))} end)
+        update_in(state, [:jobs, name], fn j ->
+          %{j | info: Map.merge(j.info, Map.drop(rec, ~w(kind job)))}
+        end)
 
       _ ->
         state

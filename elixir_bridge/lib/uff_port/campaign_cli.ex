@@ -22,8 +22,10 @@ defmodule UffPort.CampaignCLI do
     if invalid != [], do: usage("bad options #{inspect(invalid)}")
 
     worker =
-      [runs_root: Path.expand(opts[:runs_root] || "runs"),
-       heartbeat_interval: opts[:heartbeat_interval] || 1.0]
+      [
+        runs_root: Path.expand(opts[:runs_root] || "runs"),
+        heartbeat_interval: opts[:heartbeat_interval] || 1.0
+      ]
       |> then(fn w -> if p = opts[:python], do: Keyword.put(w, :python, p), else: w end)
 
     printer = spawn_link(fn -> print_loop(opts[:quiet]) end)
@@ -31,7 +33,13 @@ defmodule UffPort.CampaignCLI do
     case TrainingCoordinator.run_campaign(spec, worker: worker, subscribers: [printer]) do
       {:ok, ev} ->
         IO.puts(table(ev["details"] || %{}))
-        if rel = ev["release"], do: IO.puts("release: #{rel["name"] || rel["state"]} #{rel["path"] || rel["reason"] || ""}")
+
+        if rel = ev["release"],
+          do:
+            IO.puts(
+              "release: #{rel["name"] || rel["state"]} #{rel["path"] || rel["reason"] || ""}"
+            )
+
         0
 
       {:error, {:campaign_stopped, ev}} ->
@@ -48,10 +56,19 @@ defmodule UffPort.CampaignCLI do
     case CampaignJournal.read(dir) do
       {:ok, records, torn} ->
         folded = Campaign.fold(records)
-        details = Map.new(folded.jobs, fn {n, j} -> {n, Map.merge(j.info, %{"state" => j.state, "plan" => j.plan})} end)
+
+        details =
+          Map.new(folded.jobs, fn {n, j} ->
+            {n, Map.merge(j.info, %{"state" => j.state, "plan" => j.plan})}
+          end)
+
         IO.puts(table(details, folded.order))
         IO.puts(hours(records, folded))
-        if r = folded.release, do: IO.puts("release: #{r["state"]} #{r["name"] || ""} #{r["path"] || r["reason"] || ""}")
+
+        if r = folded.release,
+          do:
+            IO.puts("release: #{r["state"]} #{r["name"] || ""} #{r["path"] || r["reason"] || ""}")
+
         if torn > 0, do: IO.puts("(a torn last record of #{torn} bytes is ignored)")
         0
 
@@ -64,8 +81,12 @@ defmodule UffPort.CampaignCLI do
   def main(_), do: usage(nil)
 
   defp usage(why) do
-    IO.puts(:stderr, "usage: uff.campaign run SPEC [--runs-root DIR] [--python PATH] | status DIR" <>
-      if(why, do: " (#{why})", else: ""))
+    IO.puts(
+      :stderr,
+      "usage: uff.campaign run SPEC [--runs-root DIR] [--python PATH] | status DIR" <>
+        if(why, do: " (#{why})", else: "")
+    )
+
     2
   end
 
@@ -75,7 +96,9 @@ defmodule UffPort.CampaignCLI do
         print_loop(quiet)
 
       {:uff_campaign, _n, %{"event" => ev} = e} ->
-        unless quiet, do: IO.puts("#{ev} #{e["job"] || ""} #{e["reason"] || e["artifact_id"] || ""}")
+        unless quiet,
+          do: IO.puts("#{ev} #{e["job"] || ""} #{e["reason"] || e["artifact_id"] || ""}")
+
         print_loop(quiet)
     end
   end
@@ -89,12 +112,24 @@ defmodule UffPort.CampaignCLI do
     rows =
       for n <- order, d = details[n] do
         plan = d["plan"] || %{}
-        [n, plan["role"] || "", plan["backend"] || "", d["state"] || "",
-         "#{d["step"] || "-"}/#{plan["max_steps"] || "?"}", String.slice(to_string(d["reason"] || ""), 0, 70)]
+
+        [
+          n,
+          plan["role"] || "",
+          plan["backend"] || "",
+          d["state"] || "",
+          "#{d["step"] || "-"}/#{plan["max_steps"] || "?"}",
+          String.slice(to_string(d["reason"] || ""), 0, 70)
+        ]
       end
 
-    widths = Enum.map(0..5, fn i -> Enum.max(Enum.map([head | rows], &String.length(Enum.at(&1, i)))) end)
-    fmt = fn row -> Enum.zip(row, widths) |> Enum.map_join("  ", fn {c, w} -> String.pad_trailing(c, w) end) end
+    widths =
+      Enum.map(0..5, fn i -> Enum.max(Enum.map([head | rows], &String.length(Enum.at(&1, i)))) end)
+
+    fmt = fn row ->
+      Enum.zip(row, widths) |> Enum.map_join("  ", fn {c, w} -> String.pad_trailing(c, w) end)
+    end
+
     Enum.map_join([head | rows], "\n", fmt)
   end
 
@@ -120,7 +155,9 @@ defmodule UffPort.CampaignCLI do
 
     now = System.os_time(:millisecond) / 1000
     used = close_all(used, open, now, folded)
-    budgets = Enum.find_value(records, %{}, fn r -> r["kind"] == "campaign_started" && r["budgets"] end)
+
+    budgets =
+      Enum.find_value(records, %{}, fn r -> r["kind"] == "campaign_started" && r["budgets"] end)
 
     "GPU-hours: " <>
       Enum.map_join(~w(local kaggle sagemaker), ", ", fn b ->
@@ -146,5 +183,6 @@ defmodule UffPort.CampaignCLI do
     end
   end
 
-  defp close_all(used, open, t, folded), do: Enum.reduce(Map.keys(open), used, &close(&2, open, &1, t, folded))
+  defp close_all(used, open, t, folded),
+    do: Enum.reduce(Map.keys(open), used, &close(&2, open, &1, t, folded))
 end

@@ -45,7 +45,9 @@ defmodule UffPort.CampaignJournal do
     with {:ok, records, good} <- parse(data),
          :ok <- cut(file, good, byte_size(data)),
          {:ok, fd} <- :file.open(file, [:append, :binary, :raw]) do
-      seq = Enum.reduce(records, 0, fn r, acc -> max(acc, (is_integer(r["seq"]) && r["seq"]) || 0) end)
+      seq =
+        Enum.reduce(records, 0, fn r, acc -> max(acc, (is_integer(r["seq"]) && r["seq"]) || 0) end)
+
       {:ok, %__MODULE__{path: file, fd: fd, seq: seq}, records}
     end
   catch

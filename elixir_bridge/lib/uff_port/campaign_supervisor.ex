@@ -13,7 +13,9 @@ defmodule UffPort.CampaignSupervisor do
 
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
-    Keyword.get(opts, :spec_path) || raise ArgumentError, "UffPort.CampaignSupervisor needs :spec_path"
+    Keyword.get(opts, :spec_path) ||
+      raise ArgumentError, "UffPort.CampaignSupervisor needs :spec_path"
+
     Supervisor.start_link(__MODULE__, opts, Keyword.take(opts, [:name]))
   end
 

@@ -117,10 +117,17 @@ defmodule UffPort.TrainingCoordinator do
 
   defp await_campaign(sup, timeout) do
     receive do
-      {:uff_campaign, _name, %{"event" => "campaign_finished"} = ev} -> {:ok, ev}
-      {:uff_campaign, _name, %{"event" => "campaign_stopped"} = ev} -> {:error, {:campaign_stopped, ev}}
-      {:uff_campaign, _name, _ev} -> await_campaign(sup, timeout)
-      {:EXIT, ^sup, reason} -> {:error, {:supervisor_gave_up, reason}}
+      {:uff_campaign, _name, %{"event" => "campaign_finished"} = ev} ->
+        {:ok, ev}
+
+      {:uff_campaign, _name, %{"event" => "campaign_stopped"} = ev} ->
+        {:error, {:campaign_stopped, ev}}
+
+      {:uff_campaign, _name, _ev} ->
+        await_campaign(sup, timeout)
+
+      {:EXIT, ^sup, reason} ->
+        {:error, {:supervisor_gave_up, reason}}
     after
       timeout -> {:error, :timeout}
     end
