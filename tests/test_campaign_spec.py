@@ -212,3 +212,37 @@ def test_status_cli_table_json_and_png(tmp_path: Path) -> None:
     missing = subprocess.run([*env_cmd[:-1], str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 1 and "no campaign journal" in missing.stderr
     assert msgpack  # the writer's codec is the wire's
+
+
+def test_release_fuses_stable_roles_once_and_keeps_the_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from release_fixtures import role_artifacts
+
+    from uff_port.campaign.commands import campaign_release
+    from uff_port.protocol import CommandError
+    from uff_port.registry.store import Registry
+
+    monkeypatch.delenv("UFF_PORT_REGISTRY", raising=False)
+    runs = tmp_path / "runs"
+    with Registry(runs / "registry") as reg:
+        arts = {r: role_artifacts(reg, tmp_path, r, 4) for r in ("ufm", "ucm")}
+        reg.move_aliases("ufm", {"stable": arts["ufm"][0].artifact_id}, {"stable": None}, "promote")
+    ctx = Ctx(runs)
+    with pytest.raises(CommandError, match="none of ucm"):
+        campaign_release({"roles": ["ucm"]}, ctx)
+    first = campaign_release({"roles": ["ufm", "ucm"], "campaign": "w1"}, ctx)
+    assert first["created"] and first["roles"] == ["ufm"] and first["missing"] == ["ucm"]
+    assert first["version"] == "1.0.0" and Path(first["path"]).is_file()
+    again = campaign_release({"roles": ["ufm", "ucm"]}, ctx)  # the same artifacts: the same release, once
+    assert not again["created"] and again["release_id"] == first["release_id"]
+    names = []
+    for i in range(1, 4):  # three more weeks: only the newest three releases stay
+        with Registry(runs / "registry") as reg:
+            reg.move_aliases("ufm", {"stable": arts["ufm"][i].artifact_id}, {"stable": arts["ufm"][i - 1].artifact_id},
+                             "promote")
+        names.append(campaign_release({"roles": ["ufm"], "keep": 3}, ctx)["name"])
+    kept = sorted(p.name for p in (runs / "releases").glob("*.json"))
+    assert kept == sorted(f"{n}.json" for n in names)
+    assert names[-1].endswith("v1.0.3")
+    for bad in ({"roles": []}, {"roles": ["ufm"], "keep": 0}, {"roles": [3]}):
+        with pytest.raises(CommandError):
+            campaign_release(bad, ctx)
