@@ -420,6 +420,23 @@ defmodule UffPort.CampaignTest do
     end
   end
 
+  test "schedule windows: daily training hours, a weekly promotion window, asap always" do
+    # 2026-11-29 is a Sunday
+    sun_0300 = 1_795_921_200
+    assert Campaign.window_open?(%{"mode" => "asap"}, sun_0300, :train)
+    daily = %{"mode" => "daily", "hour" => 2, "window_hours" => 4}
+    assert Campaign.window_open?(daily, sun_0300, :train)
+    refute Campaign.window_open?(daily, sun_0300 + 4 * 3600, :train)
+    assert Campaign.window_open?(daily, sun_0300 + 23 * 3600, :train)
+    assert Campaign.window_open?(daily, sun_0300 + 4 * 3600, :promote)
+    weekly = %{"mode" => "weekly", "weekday" => "sunday", "hour" => 1, "window_hours" => 6}
+    assert Campaign.window_open?(weekly, sun_0300, :promote)
+    refute Campaign.window_open?(weekly, sun_0300 + 5 * 3600, :promote)
+    refute Campaign.window_open?(weekly, sun_0300 - 86_400, :promote)
+    assert Campaign.window_open?(weekly, sun_0300 + 7 * 86_400, :promote)
+    assert Campaign.window_open?(weekly, sun_0300 - 86_400, :train)
+  end
+
   test "fold keeps the last state and the results of every job" do
     recs = [
       %{"kind" => "plan", "jobs" => [%{"name" => "a"}, %{"name" => "b"}]},

@@ -343,31 +343,38 @@ defmodule UffPort.Campaign do
   defp slots(state, "local"), do: max(1, get_in(state.plan, ["budgets", "local_gpus"]) || 1)
   defp slots(_state, _cloud), do: 1
 
-  defp window_open?(state, phase) do
-    schedule = state.plan["schedule"] || %{}
-    now = state.clock.()
+  defp window_open?(state, phase),
+    do: window_open?(state.plan["schedule"] || %{}, state.clock.(), phase)
+
+  @doc """
+  Whether `phase` (`:train` or `:promote`) may start at `now` (unix seconds)
+  under `schedule` (the spec's map): `daily` opens training from `hour` UTC
+  for `window_hours` every day; `weekly` opens promotion on `weekday` at
+  `hour` for `window_hours`; everything else is always open.
+  """
+  @spec window_open?(map, number, :train | :promote) :: boolean
+  def window_open?(schedule, now, phase) do
     hour = schedule["hour"] || 0
     width = (schedule["window_hours"] || 24) * 3600
 
     case {schedule["mode"], phase} do
       {"daily", :train} ->
-        since = :math.fmod(now - hour * 3600, 86_400)
-        since = if since < 0, do: since + 86_400, else: since
-        since < width
+        since(now, hour * 3600, 86_400) < width
 
       {"weekly", :promote} ->
-        # 1970-01-01 was a Thursday: day 0 of the week counted from Monday is 3
+        # 1970-01-01 was a Thursday (index 3 counting from Monday)
         days = ~w(monday tuesday wednesday thursday friday saturday sunday)
         wd = Enum.find_index(days, &(&1 == schedule["weekday"])) || 6
-        week = 7 * 86_400
-        opens = (wd - 3) * 86_400 + hour * 3600
-        since = :math.fmod(now - opens, week)
-        since = if since < 0, do: since + week, else: since
-        since < width
+        since(now, (wd - 3) * 86_400 + hour * 3600, 7 * 86_400) < width
 
       _ ->
         true
     end
+  end
+
+  defp since(now, opens, period) do
+    s = :math.fmod(now - opens, period)
+    if s < 0, do: s + period, else: s
   end
 
   # ------------------------------------------------------------------ steps
