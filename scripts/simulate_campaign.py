@@ -156,7 +156,24 @@ def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, 
             else:
                 time.sleep(1.0)
     elapsed = time.time() - t0
-    return {"elapsed_s": round(elapsed, 1), "kills": kills, **measure(root)}
+    result = {"elapsed_s": round(elapsed, 1), "kills": kills, **measure(root)}
+    cleanup(root)
+    return result
+
+
+def cleanup(root: Path) -> None:
+    """Nothing of this run may outlive it (a detached fake session, a trainer it restarted)."""
+    for _ in range(3):
+        left = [p for p in psutil.process_iter(["cmdline", "cwd"])
+                if str(root) in " ".join(p.info["cmdline"] or []) + (p.info["cwd"] or "") and p.pid != os.getpid()]
+        if not left:
+            return
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(1.0)
 
 
 def measure(root: Path) -> dict[str, Any]:

@@ -486,6 +486,11 @@ defmodule UffPort.Campaign do
         {:error, {{:train_refused, %Error{} = e}, _}} ->
           {:fail, "train refused: #{e.code}: #{e.message}"}
 
+        # A trainer that died (a signal, a crash) before its first checkpoint is not
+        # resumable for the worker, but a fresh start may well succeed: retried, bounded.
+        {:error, {{:job_failed, %{"code" => "trainer_failed"} = info}, _}} ->
+          {:retry, "job failed: #{describe(info)}"}
+
         {:error, {{:job_failed, info}, _}} ->
           {:fail, "job failed: #{describe(info)}"}
 
