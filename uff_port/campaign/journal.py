@@ -190,6 +190,7 @@ def fold(journal: Journal) -> CampaignView:
             if isinstance(state, str):
                 _close(job, t)
                 job.state = state
+                job.reason = None  # a reason belongs to the state it came with
                 if state == "training":
                     job.attempts += 1
                     job.intervals.append((t, None))

@@ -81,7 +81,8 @@ defmodule UffPort.Campaign do
 
       %{"kind" => "job", "job" => name} = rec, acc when is_map_key(acc.jobs, name) ->
         update_in(acc, [:jobs, name], fn j ->
-          info = Map.merge(j.info, Map.drop(rec, ~w(kind job state seq t)))
+          base = if is_binary(rec["state"]), do: Map.delete(j.info, "reason"), else: j.info
+          info = Map.merge(base, Map.drop(rec, ~w(kind job state seq t)))
           %{j | state: rec["state"] || j.state, info: info}
         end)
 
@@ -834,8 +835,13 @@ defmodule UffPort.Campaign do
 
     case rec do
       %{"kind" => "job", "job" => name, "state" => s} when is_binary(s) ->
+        # a reason belongs to the state it came with (a retried job's old failure is history)
         update_in(state, [:jobs, name], fn j ->
-          %{j | state: s, info: Map.merge(j.info, Map.drop(rec, ~w(kind job state)))}
+          %{
+            j
+            | state: s,
+              info: Map.merge(Map.delete(j.info, "reason"), Map.drop(rec, ~w(kind job state)))
+          }
         end)
 
       %{"kind" => "job", "job" => name} ->
