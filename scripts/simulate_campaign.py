@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The users' week as one campaign, under chaos: random SIGKILLs of trainers and of the BEAM.
 
-    .venv/bin/python scripts/simulate_campaign.py [--max-steps 16] [--trainer-kills 6] [--vm-kills 2] [--seed 3]
+    .venv/bin/python scripts/simulate_campaign.py [--max-steps 40] [--trainer-kills 6] [--vm-kills 2] [--seed 3]
 
 Runs the real Elixir campaign (`UffPort.CampaignCLI` in a VM of its own,
 `elixir_bridge/test/support/campaign_runner.exs`) on seven tiny models: main
@@ -54,10 +54,10 @@ def spec_text(max_steps: int, gates: Path) -> str:
       model.gradient_checkpointing: false
       training.device: cpu
       training.precision: fp32
-      training.micro_batch_size: 2
-      training.grad_accum_steps: 1
+      training.micro_batch_size: 4
+      training.grad_accum_steps: 2
       training.warmup_steps: 1
-      data.seq_len: 128
+      data.seq_len: 256
       lora.dropout: 0.0
 """ for m in MANAGERS)
     return f"""name: sim
@@ -81,7 +81,7 @@ models:
     preset: tiny
     strategy: local
     hours: 12
-    overrides: {{data.seq_len: 128, training.micro_batch_size: 2, training.grad_accum_steps: 1}}
+    overrides: {{data.seq_len: 256, training.micro_batch_size: 4, training.grad_accum_steps: 2}}
 {adapters}"""
 
 
@@ -96,20 +96,23 @@ def start_vm(root: Path, spec: Path, env: dict[str, str], log: Any) -> subproces
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def trainers(root: Path) -> list[psutil.Process]:
-    """Trainer processes of this simulation: local ones and those inside fake provider sessions."""
+def trainers(root: Path, min_age: float) -> list[psutil.Process]:
+    """Trainer processes of this simulation (local, and inside fake provider sessions) past loading."""
     out = []
-    for p in psutil.process_iter(["cmdline", "cwd"]):
+    for p in psutil.process_iter(["cmdline", "cwd", "create_time"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if "uff_port.training" in cmd and "torchrun" not in cmd and (str(root) in cmd or str(root) in (p.info["cwd"] or "")):
+            if ("uff_port.training" in cmd and "torchrun" not in cmd
+                    and (str(root) in cmd or str(root) in (p.info["cwd"] or ""))
+                    and time.time() - p.info["create_time"] >= min_age):
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
 
 
-def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, rng: random.Random) -> dict[str, Any]:
+def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, rng: random.Random,
+                 min_age: float = 10.0) -> dict[str, Any]:
     root.mkdir(parents=True)
     fake = root / "fake"
     (fake / "sagemaker").mkdir(parents=True)
@@ -136,7 +139,7 @@ def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, 
                     break
                 raise SystemExit(f"campaign VM exited {vm.returncode}; see {root / 'vm.log'}")
             if plan:
-                time.sleep(rng.uniform(4.0, 12.0))
+                time.sleep(rng.uniform(3.0, 8.0))
                 if vm.poll() is not None:
                     continue
                 kind = plan[0]
@@ -148,7 +151,7 @@ def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, 
                     time.sleep(2.0)
                     vm = start_vm(root, spec, env, log)
                 else:
-                    found = trainers(root)
+                    found = trainers(root, min_age)
                     if found:
                         rng.choice(found).send_signal(signal.SIGKILL)
                         kills["trainer"] += 1
@@ -226,7 +229,9 @@ def measure(root: Path) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-steps", type=int, default=16)
+    ap.add_argument("--max-steps", type=int, default=40)
+    ap.add_argument("--min-trainer-age", type=float, default=10.0,
+                    help="kill only trainers this old (s): past loading, into their steps")
     ap.add_argument("--trainer-kills", type=int, default=6)
     ap.add_argument("--vm-kills", type=int, default=2)
     ap.add_argument("--seed", type=int, default=3)
@@ -238,7 +243,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="uff-sim-campaign-"))
     out: dict[str, Any] = {"max_steps": args.max_steps, "seed": args.seed, "dir": str(tmp)}
-    out["chaos"] = run_campaign(tmp / "chaos", args.max_steps, args.trainer_kills, args.vm_kills, rng)
+    out["chaos"] = run_campaign(tmp / "chaos", args.max_steps, args.trainer_kills, args.vm_kills, rng,
+                                args.min_trainer_age)
     if not args.no_baseline:
         out["baseline"] = run_campaign(tmp / "baseline", args.max_steps, 0, 0, rng)
     print(json.dumps(out, indent=2))
