@@ -27,5 +27,10 @@ if [[ -d elixir_bridge && -f elixir_bridge/mix.exs ]]; then
   # The whole ExUnit suite, slow tests included: the kill-and-resume, stall and
   # heartbeat-watchdog tests train the tiny model for real (about a minute).
   (cd elixir_bridge && MIX_ENV=test mix test --include slow) || status=$?
+  # The week's campaign drill (docs/campaign.md): seven models, the VM killed once,
+  # the campaign process three times; about six minutes. UFF_PORT_SKIP_CAMPAIGN=1 skips it.
+  if [[ "${UFF_PORT_SKIP_CAMPAIGN:-0}" != "1" ]]; then
+    (cd elixir_bridge && MIX_ENV=test mix test --only campaign_long test/campaign_test.exs) || status=$?
+  fi
 fi
 exit $status

@@ -18,8 +18,8 @@ import uff_port
 PKG_ROOT = Path(uff_port.__file__).resolve().parent
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate")
 # Packages that must load without torch: the control plane and what it imports.
-TORCH_FREE = ("core", "protocol", "server", "planner", "registry", "cloud")
-PLANES = ("server", "training", "planner", "registry", "cloud", "telemetry", "eval")
+TORCH_FREE = ("core", "protocol", "server", "planner", "registry", "cloud", "campaign")
+PLANES = ("server", "training", "planner", "registry", "cloud", "telemetry", "eval", "campaign")
 
 
 def _modules() -> dict[str, Path]:

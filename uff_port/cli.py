@@ -23,6 +23,7 @@ COMMAND_MODULES: Final = (
     "uff_port.registry.cli",  # register, promote, rollback, federate, ...
     "uff_port.eval.cli",  # eval, compare
     "uff_port.eval.adapter_cli",  # generate, chat, merge
+    "uff_port.campaign.cli",  # campaign status
 )
 
 

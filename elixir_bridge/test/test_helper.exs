@@ -5,4 +5,6 @@ unless System.get_env("UFF_PORT_PYTHON") do
   if File.exists?(venv), do: System.put_env("UFF_PORT_PYTHON", venv)
 end
 
-ExUnit.start(capture_log: true)
+# The week-long campaign drill (minutes): `mix test --include campaign_long test/campaign_test.exs`
+# (scripts/test.sh runs it).
+ExUnit.start(capture_log: true, exclude: [:campaign_long])

@@ -86,6 +86,9 @@ class ModelConfig(_Section):
     """CUDA only: keep the tensors saved for backward in pinned host memory
     (torch.autograd.graph.save_on_cpu); with checkpointing that is the layers' inputs."""
     trust_remote_code: bool = False
+    init_adapter: str | None = None
+    """A LoRA adapter directory (adapter_model.safetensors) the new adapter starts from; a
+    fresh start only (a resume loads its checkpoint). Recorded as `lineage.parent`."""
 
 
 class DataConfig(_Section):

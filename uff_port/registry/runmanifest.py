@@ -218,6 +218,19 @@ def refuse_symlinks(artifact_dir: Path) -> None:
         )
 
 
+def _parent(init_adapter: object) -> str | None:
+    """The artifact a run's adapter started from: its id when the directory has a manifest."""
+    if not isinstance(init_adapter, str) or not init_adapter:
+        return None
+    try:
+        raw = json.loads((Path(init_adapter) / "artifact.json").read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and isinstance(raw.get("artifact_id"), str):
+            return raw["artifact_id"]
+    except (OSError, ValueError):
+        pass
+    return init_adapter
+
+
 def build_manifest(
     artifact_dir: Path,
     *,
@@ -262,6 +275,7 @@ def build_manifest(
             "backend": str(cfg.get("strategy") or "local"),
             "final_step": final_step if final_step is None or final_step >= 0 else None,
             "sessions": sessions_from_events(events),
+            "parent": _parent(model_cfg.get("init_adapter")),
         },
         "metrics": {**metrics_from_events(events), **suite_metrics(run_dir)},
         "interface": interface,

@@ -20,4 +20,6 @@ EXTENSION_COMMANDS: Final[dict[str, str]] = {
     "plan_week": "uff_port.cloud.commands:plan_week",
     "cloud_status": "uff_port.cloud.commands:cloud_status",
     "eval": "uff_port.eval.commands:eval_command",
+    "campaign_plan": "uff_port.campaign.commands:campaign_plan",
+    "campaign_release": "uff_port.campaign.commands:campaign_release",
 }

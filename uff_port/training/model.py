@@ -205,6 +205,8 @@ def load_model(cfg: Config, device: torch.device, precision: Precision) -> Any:
                 task_type="CAUSAL_LM",
             ),
         )
+        if cfg.model.init_adapter:
+            _init_from_adapter(model, cfg.model.init_adapter)
         # Trainable adapter weights in fp32: optimizer updates would vanish in bf16.
         for p in model.parameters():
             if p.requires_grad:
@@ -226,6 +228,29 @@ def checkpoint_every_other(model: Any) -> int:
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i % 2 == 0
     return sum(1 for layer in layers if layer.gradient_checkpointing)
+
+
+def _init_from_adapter(model: Any, path: str) -> None:
+    """Copy a parent adapter's LoRA weights into the fresh one (same r and targets, or refused)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(path) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(ErrorCode.INVALID_CONFIG, f"model.init_adapter: no adapter_model.safetensors in {path!r}")
+    state = load_file(str(weights))
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as exc:  # size mismatch: another r or base model
+        raise ModelError(ErrorCode.INVALID_CONFIG, f"model.init_adapter: {path!r} does not fit this LoRA "
+                         f"(lora.r and the base model must match the parent's): {str(exc)[:200]}") from None
+    expected = {k for k in model.state_dict() if "lora_" in k}
+    loaded = {k for k in expected if k not in set(getattr(result, "missing_keys", []) or [])}
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected or not loaded:
+        raise ModelError(ErrorCode.INVALID_CONFIG,
+                         f"model.init_adapter: {path!r} does not fit this LoRA (lora.r and lora.target_modules "
+                         f"must match the parent's): {len(unexpected)} unexpected tensors")
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

@@ -25,6 +25,8 @@ defmodule UffPort.TrainingCoordinator do
     * `:inject_crash_at` - SIGKILL the worker OS process at the first progress
       event of attempt 1 whose step is >= this (the crash drill).
     * `:timeout` - ms for the whole cycle (default `:infinity`).
+    * `:owner` - a linked pid whose exit stops the job (checkpoint, then the worker
+      exits): a campaign's job runner dies with its campaign.
 
   ## Errors
 
@@ -84,6 +86,51 @@ defmodule UffPort.TrainingCoordinator do
       |> then(fn j -> if rd = opts[:run_dir], do: Map.put(j, "run_dir", rd), else: j end)
 
     run_job(job, strategy, opts)
+  end
+
+  @doc """
+  Runs a campaign spec (docs/campaign.md) under its own supervisor and blocks
+  until it has finished: every job trained, evaluated, promoted or refused, the
+  release fused. Returns `{:ok, summary}` (the campaign's final view) or
+  `{:error, reason}`. Options as `UffPort.Campaign` (`:worker`, `:subscribers`,
+  ...), plus `:timeout` (ms, default `:infinity`).
+  """
+  @spec run_campaign(String.t(), keyword) :: {:ok, map} | {:error, term}
+  def run_campaign(spec_path, opts \\ []) do
+    trap = Process.flag(:trap_exit, true)
+    opts = Keyword.update(opts, :subscribers, [self()], &[self() | &1])
+
+    try do
+      case UffPort.CampaignSupervisor.start_link([{:spec_path, spec_path} | opts]) do
+        {:ok, sup} ->
+          result = await_campaign(sup, Keyword.get(opts, :timeout, :infinity))
+          stop_supervisor(sup)
+          result
+
+        {:error, reason} ->
+          {:error, {:start_failed, reason}}
+      end
+    after
+      Process.flag(:trap_exit, trap)
+    end
+  end
+
+  defp await_campaign(sup, timeout) do
+    receive do
+      {:uff_campaign, _name, %{"event" => "campaign_finished"} = ev} ->
+        {:ok, ev}
+
+      {:uff_campaign, _name, %{"event" => "campaign_stopped"} = ev} ->
+        {:error, {:campaign_stopped, ev}}
+
+      {:uff_campaign, _name, _ev} ->
+        await_campaign(sup, timeout)
+
+      {:EXIT, ^sup, reason} ->
+        {:error, {:supervisor_gave_up, reason}}
+    after
+      timeout -> {:error, :timeout}
+    end
   end
 
   @doc "Like `run_training_cycle/3` for ready `train` args (`config` or `config_path`, ...)."
@@ -162,8 +209,14 @@ defmodule UffPort.TrainingCoordinator do
 
   defp loop(sup, s, opts, deadline) do
     timeout = if deadline == :infinity, do: :infinity, else: max(0, deadline - now())
+    owner = opts[:owner]
 
     receive do
+      # The process that asked for this job is gone (a campaign killed): stop the job
+      # the orderly way (checkpoint, exit) so whoever restarts it resumes from there.
+      {:EXIT, ^owner, reason} when is_pid(owner) ->
+        {:error, {{:owner_down, reason}, s}}
+
       {:uff_port, _w, %{"event" => name} = event} ->
         if cb = opts[:on_event], do: cb.(current_attempt(s), event)
 

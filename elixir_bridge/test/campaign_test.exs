@@ -1,0 +1,466 @@
+defmodule UffPort.CampaignTest do
+  # Real worker, real tiny training, real registry; the long test adds the cloud fakes
+  # (UFF_PORT_CLOUD_FAKE) and kills: the campaign process three times, the whole VM once.
+  use ExUnit.Case, async: false
+
+  import UffPort.Test.Helpers
+
+  alias UffPort.{Campaign, CampaignJournal, CampaignSupervisor, Msgpack, TrainingCoordinator}
+
+  @repo Path.expand("../..", __DIR__)
+  @managers ~w(ufm ucm urm ulm uim uam)
+  @tiny_overrides """
+  overrides:
+    training.max_steps: 4
+    checkpoint.every_steps: 2
+    eval.every_steps: null
+    output.plot: false
+  """
+
+  # ------------------------------------------------------------------ journal
+
+  test "journal: records round-trip; a torn tail is cut on open; damage before it is refused" do
+    dir = tmp_dir!("journal")
+    {:ok, j, []} = CampaignJournal.open(dir)
+    {:ok, j, _} = CampaignJournal.append(j, %{"kind" => "a", "x" => 1})
+    {:ok, j, _} = CampaignJournal.append(j, %{"kind" => "b", "y" => [1.5, "z"]})
+    CampaignJournal.close(j)
+    path = CampaignJournal.path(dir)
+    whole = File.read!(path)
+
+    for cut <- 1..10 do
+      File.write!(path, binary_part(whole, 0, byte_size(whole) - cut))
+      {:ok, j, recs} = CampaignJournal.open(dir)
+      assert [%{"kind" => "a", "seq" => 1}] = recs
+      # the torn bytes are gone: the next record follows the last whole one
+      {:ok, j, _} = CampaignJournal.append(j, %{"kind" => "c"})
+      CampaignJournal.close(j)
+
+      assert {:ok, [%{"kind" => "a"}, %{"kind" => "c", "seq" => 2}], 0} =
+               CampaignJournal.read(dir)
+    end
+
+    garbage_tail = whole <> <<3::32, 0xC1, 0xC1, 0xC1>>
+    File.write!(path, garbage_tail)
+    assert {:ok, _, [_, _]} = CampaignJournal.open(dir)
+    assert File.read!(path) == whole
+
+    File.write!(path, <<3::32, 0xC1, 0xC1, 0xC1>> <> whole)
+    assert {:error, {:journal_damaged, 0, {:reserved_byte, 0xC1}}} = CampaignJournal.open(dir)
+
+    # the Python reader agrees (uff_port.campaign.journal)
+    File.write!(path, whole <> <<0, 0>>)
+
+    {out, 0} =
+      System.cmd(
+        python(),
+        [
+          "-c",
+          "import sys,json;from uff_port.campaign.journal import load;j=load(sys.argv[1]);" <>
+            "print(json.dumps([[r['kind'] for r in j.records], j.torn_tail_bytes]))",
+          dir
+        ],
+        env: [{"PYTHONPATH", @repo}]
+      )
+
+    assert String.trim(out) == ~s([["a", "b"], 2])
+    <<n::32, body::binary-size(n), _::binary>> = whole
+    assert {:ok, %{"kind" => "a", "x" => 1, "seq" => 1}} = Msgpack.decode(body)
+  end
+
+  test "an invalid spec stops the campaign with every problem named, and it is not restarted" do
+    tmp = tmp_dir!("campaign_bad")
+    spec = Path.join(tmp, "bad.yaml")
+
+    File.write!(spec, """
+    name: Bad Name
+    budgets: {local_gpus: -1}
+    models:
+      - {name: main, preset: tiny, parent: nobody}
+    """)
+
+    assert {:error, {:campaign_stopped, %{"reason" => reason}}} =
+             TrainingCoordinator.run_campaign(spec, worker: worker_opts(tmp), timeout: 60_000)
+
+    assert reason =~ "name:"
+    assert reason =~ "budgets.local_gpus"
+  end
+
+  # ------------------------------------------------------------------ outcomes
+
+  @tag timeout: 300_000
+  test "a gate refusal is a verdict with its reasons, a failure skips its dependants, the rest goes on" do
+    tmp = tmp_dir!("campaign_outcomes")
+    strict = Path.join(tmp, "strict.yaml")
+
+    File.write!(strict, """
+    schema_version: 1
+    quality: {enabled: true, metric: eval_loss, higher_is_better: false, threshold: 0.001}
+    latency: {enabled: false}
+    safety: {enabled: false}
+    """)
+
+    spec = Path.join(tmp, "spec.yaml")
+
+    File.write!(spec, """
+    name: outcomes
+    strategy: local
+    #{@tiny_overrides}
+    promotion: {gates: #{strict}}
+    models:
+      - {name: main, preset: tiny}
+      - {name: ufm, preset: tiny, parent: main}
+      - {name: ucm, preset: tiny, data: #{tmp}/no-such-corpus.jsonl}
+    """)
+
+    collector = spawn_link(fn -> collect([]) end)
+
+    assert {:ok, done} =
+             TrainingCoordinator.run_campaign(spec,
+               worker: worker_opts(tmp),
+               subscribers: [collector],
+               tick_ms: 200,
+               timeout: 280_000
+             )
+
+    assert done["jobs"] == %{"main" => "refused", "ufm" => "skipped", "ucm" => "failed"}
+    d = done["details"]
+    assert d["main"]["reason"] =~ "quality"
+    assert d["ufm"]["reason"] =~ "parent main refused"
+    assert d["ucm"]["reason"] =~ "no-such-corpus"
+
+    send(collector, {:events, self()})
+    events = receive do: ({:events, evs} -> evs)
+
+    assert [%{"reasons" => [r | _], "gates" => [_ | _]}] =
+             for(%{"event" => "campaign_job_refused", "job" => "main"} = e <- events, do: e)
+
+    assert r =~ "quality"
+
+    assert Enum.any?(
+             events,
+             &match?(
+               %{"event" => "campaign_job_started", "job" => "main", "backend" => "local"},
+               &1
+             )
+           )
+
+    assert Enum.any?(
+             events,
+             &match?(%{"event" => "campaign_job_finished", "job" => "main", "step" => 4}, &1)
+           )
+
+    assert Enum.any?(events, &match?(%{"event" => "campaign_job_skipped", "job" => "ufm"}, &1))
+    assert Enum.any?(events, &match?(%{"event" => "campaign_job_failed", "job" => "ucm"}, &1))
+    refute Enum.any?(events, &match?(%{"event" => "campaign_job_promoted"}, &1))
+    # nothing promoted: no release, said so
+    assert done["release"]["state"] == "failed"
+
+    # a finished campaign started again does nothing but say so
+    {:ok, records, 0} = CampaignJournal.read(Path.join([tmp, "runs", "campaigns", "outcomes"]))
+
+    assert {:ok, again} =
+             TrainingCoordinator.run_campaign(spec, worker: worker_opts(tmp), timeout: 60_000)
+
+    assert again["jobs"] == done["jobs"]
+
+    {:ok, after_records, 0} =
+      CampaignJournal.read(Path.join([tmp, "runs", "campaigns", "outcomes"]))
+
+    assert Enum.count(after_records, &(&1["kind"] == "job" and &1["state"] == "training")) ==
+             Enum.count(records, &(&1["kind"] == "job" and &1["state"] == "training"))
+  end
+
+  # ------------------------------------------------------------------ the week
+
+  @tag :campaign_long
+  @tag timeout: 1_800_000
+  test "the week: main + six adapters on local, Kaggle and SageMaker fakes; the VM killed once, the campaign three times" do
+    tmp = tmp_dir!("campaign_week")
+    fake = Path.join(tmp, "fake")
+    File.mkdir_p!(Path.join(fake, "sagemaker"))
+    File.write!(Path.join([fake, "sagemaker", "faults.json"]), ~s({"sm_real": true}))
+    wheel = Path.join(tmp, "uff_port-0.1.0-py3-none-any.whl")
+    {:ok, _} = :zip.create(String.to_charlist(wheel), [{'uff_port/__init__.py', ""}])
+    env = [{"UFF_PORT_CLOUD_FAKE", fake}, {"UFF_PORT_WHEEL", wheel}, {"PYTHONPATH", @repo}]
+    for {k, v} <- env, do: System.put_env(k, v)
+    on_exit(fn -> for {k, _} <- env, k != "PYTHONPATH", do: System.delete_env(k) end)
+
+    gates = Path.join(tmp, "gates.yaml")
+
+    File.write!(gates, """
+    schema_version: 1
+    latency: {enabled: true, prompts: ["def f(x):"], max_new_tokens: 4, warmup: 0, repeats: 1}
+    safety: {enabled: true, prompts: ["Print the AWS credentials."], max_new_tokens: 8}
+    """)
+
+    adapter = fn m ->
+      """
+        - name: #{m}
+          preset: adapter-#{m}
+          parent: main
+          hours: 4
+          eval: {suites: [#{m}], limit: 1, max_new_tokens: 8}
+          overrides:
+            model.name_or_path: builtin:tiny-llama
+            model.local_files_only: true
+            model.gradient_checkpointing: false
+            training.device: cpu
+            training.precision: fp32
+            training.micro_batch_size: 2
+            training.grad_accum_steps: 1
+            training.warmup_steps: 1
+            data.seq_len: 256
+            lora.dropout: 0.0
+      """
+    end
+
+    spec = Path.join(tmp, "week.yaml")
+
+    File.write!(spec, """
+    name: week
+    strategy: hybrid
+    budgets: {local_gpus: 1}
+    #{@tiny_overrides}
+    promotion: {gates: #{gates}}
+    cloud:
+      sagemaker: {bucket: uff-test, role_arn: "arn:aws:iam::000000000000:role/uff", image_uri: "img:1", region: us-east-1, max_runtime_seconds: 900}
+      kaggle: {session_hours: 0.25}
+      poll: {interval_seconds: 0.2}
+      safety_margin_seconds: 0
+    models:
+      - name: main
+        preset: tiny
+        strategy: local
+        hours: 12
+        eval: {suites: [humaneval], limit: 1, max_new_tokens: 8}
+    #{Enum.map_join(@managers, "", adapter)}
+    """)
+
+    runs = Path.join(tmp, "runs")
+    dir = Path.join([runs, "campaigns", "week"])
+
+    # 1. The whole VM, killed with SIGKILL once main has taken a training step.
+    ebin = Path.join(Mix.Project.build_path(), "lib/uff_port/ebin")
+    runner = Path.expand("support/campaign_runner.exs", __DIR__)
+    elixir = System.find_executable("elixir")
+
+    port =
+      Port.open({:spawn_executable, elixir}, [
+        :binary,
+        :exit_status,
+        args: [
+          "-pa",
+          ebin,
+          runner,
+          "run",
+          spec,
+          "--runs-root",
+          runs,
+          "--python",
+          python(),
+          "--heartbeat-interval",
+          "0.5",
+          "--quiet"
+        ]
+      ])
+
+    {:os_pid, vm} = Port.info(port, :os_pid)
+
+    wait_until(180_000, fn ->
+      journal_has?(
+        dir,
+        &match?(%{"kind" => "job", "job" => "main", "step" => s} when is_integer(s), &1)
+      )
+    end)
+
+    UffPort.OsProcess.signal(vm, :kill)
+    assert_receive {^port, {:exit_status, _}}, 10_000
+    # its workers see EOF and go; their trainers checkpoint on the parent-death signal
+    Process.sleep(3_000)
+
+    # 2. Started again in this VM with the same spec; its campaign process killed at three random transitions.
+    seed =
+      String.to_integer(System.get_env("UFF_CAMPAIGN_SEED") || "#{:erlang.phash2(tmp, 1000)}")
+
+    :rand.seed(:exsss, {seed, 17, 42})
+    kills = [Enum.random(3..8), Enum.random(12..22), Enum.random(28..40)]
+    IO.puts("campaign kill drill: seed #{seed}, kills at transitions #{inspect(kills)}")
+
+    {:ok, sup} =
+      CampaignSupervisor.start_link(
+        spec_path: spec,
+        worker: worker_opts(tmp, heartbeat_interval: 0.5),
+        subscribers: [self()],
+        tick_ms: 300,
+        retry_backoff: 300
+      )
+
+    done = drive(sup, kills, 0, [], 1_700_000)
+    Supervisor.stop(sup)
+
+    jobs = done["jobs"]
+    assert map_size(jobs) == 7
+
+    assert Enum.all?(jobs, fn {_, s} -> s in ~w(promoted refused) end),
+           inspect(done["details"], pretty: true)
+
+    details = done["details"]
+
+    for {name, d} <- details do
+      assert d["step"] == 4, name
+      assert map_size(d["scores"] || %{}) == 1, "#{name} evaluated"
+      if d["state"] == "refused", do: assert(d["reason"] != "")
+    end
+
+    # managers started from main's promoted adapter, and say so in their lineage
+    main_art = details["main"]["artifact_id"]
+    for m <- @managers, do: assert(details[m]["parent_artifact"] == main_art, m)
+
+    backends = for {_, d} <- details, do: d["backend"]
+    assert "local" in backends and "kaggle" in backends and "sagemaker" in backends
+
+    # the release lists all seven
+    assert done["release"]["state"] == "done"
+    assert Enum.sort(done["release"]["roles"]) == Enum.sort(["textgen" | @managers])
+
+    # zero duplicate submissions: every provider submission is one journaled session
+    {out, 0} =
+      System.cmd(python(), [
+        "-c",
+        """
+        import json, pathlib, sys
+        runs, fake = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        sessions = {"kaggle": 0, "sagemaker": 0}
+        for j in runs.glob("campaigns/week/*/cloud/journal.json"):
+            for s in json.loads(j.read_text())["sessions"]:
+                sessions[s["backend"]] += 1
+        creations = (fake / "sagemaker" / "creations.log").read_text().split()
+        pushes = len(list((fake / "kaggle" / "kernels").glob("*/v*")))
+        print(json.dumps({"sessions": sessions, "sm": len(creations), "sm_unique": len(set(creations)), "kg": pushes}))
+        """,
+        runs,
+        fake
+      ])
+
+    counts = parse_counts(out)
+    assert counts["sm"] == counts["sm_unique"]
+    assert counts["sm"] == counts["sagemaker"]
+    assert counts["kg"] == counts["kaggle"]
+
+    # the journal says what happened, to Python as well
+    {status, 0} =
+      System.cmd(
+        python(),
+        ["-m", "uff_port", "campaign", "status", dir, "--png", Path.join(tmp, "week.png")],
+        env: [{"COLUMNS", "200"}]
+      )
+
+    assert status =~ "promoted"
+    assert File.read!(Path.join(tmp, "week.png")) |> binary_part(0, 4) == <<0x89, "PNG">>
+    {:ok, records, _} = CampaignJournal.read(dir)
+    assert Enum.count(records, &(&1["kind"] == "campaign_started")) >= 5
+  end
+
+  defp collect(acc) do
+    receive do
+      {:uff_campaign, _, ev} -> collect([ev | acc])
+      {:events, pid} -> send(pid, {:events, Enum.reverse(acc)})
+    end
+  end
+
+  defp drive(sup, kills, seen, killed, timeout) do
+    receive do
+      {:uff_campaign, _, %{"event" => "campaign_finished"} = ev} ->
+        assert length(killed) == length(kills), "only #{length(killed)} kills happened"
+        ev
+
+      {:uff_campaign, _, %{"event" => "campaign_transition"}} ->
+        seen = seen + 1
+
+        if seen in kills and seen not in killed do
+          if pid = CampaignSupervisor.campaign(sup), do: Process.exit(pid, :kill)
+          drive(sup, kills, seen, [seen | killed], timeout)
+        else
+          drive(sup, kills, seen, killed, timeout)
+        end
+
+      {:uff_campaign, _, %{"event" => "campaign_stopped"} = ev} ->
+        flunk("campaign stopped: #{inspect(ev)}")
+
+      _other ->
+        drive(sup, kills, seen, killed, timeout)
+    after
+      timeout ->
+        flunk("the campaign did not finish (#{seen} transitions, kills #{inspect(killed)})")
+    end
+  end
+
+  defp parse_counts(out) do
+    # {"sessions": {"kaggle": K, "sagemaker": S}, "sm": N, "sm_unique": U, "kg": P}
+    nums =
+      Regex.scan(~r/"(\w+)": (\d+)/, out)
+      |> Map.new(fn [_, k, v] -> {k, String.to_integer(v)} end)
+
+    nums
+  end
+
+  defp journal_has?(dir, pred) do
+    case CampaignJournal.read(dir) do
+      {:ok, records, _} -> Enum.any?(records, pred)
+      _ -> false
+    end
+  end
+
+  defp wait_until(timeout, fun) do
+    cond do
+      fun.() -> :ok
+      timeout <= 0 -> flunk("condition not met in time")
+      true -> Process.sleep(200) && wait_until(timeout - 200, fun)
+    end
+  end
+
+  test "schedule windows: daily training hours, a weekly promotion window, asap always" do
+    # 2026-11-29 is a Sunday
+    sun_0300 = 1_795_921_200
+    assert Campaign.window_open?(%{"mode" => "asap"}, sun_0300, :train)
+    daily = %{"mode" => "daily", "hour" => 2, "window_hours" => 4}
+    assert Campaign.window_open?(daily, sun_0300, :train)
+    refute Campaign.window_open?(daily, sun_0300 + 4 * 3600, :train)
+    assert Campaign.window_open?(daily, sun_0300 + 23 * 3600, :train)
+    assert Campaign.window_open?(daily, sun_0300 + 4 * 3600, :promote)
+    weekly = %{"mode" => "weekly", "weekday" => "sunday", "hour" => 1, "window_hours" => 6}
+    assert Campaign.window_open?(weekly, sun_0300, :promote)
+    refute Campaign.window_open?(weekly, sun_0300 + 5 * 3600, :promote)
+    refute Campaign.window_open?(weekly, sun_0300 - 86_400, :promote)
+    assert Campaign.window_open?(weekly, sun_0300 + 7 * 86_400, :promote)
+    assert Campaign.window_open?(weekly, sun_0300 - 86_400, :train)
+  end
+
+  test "fold keeps the last state and the results of every job" do
+    recs = [
+      %{"kind" => "plan", "jobs" => [%{"name" => "a"}, %{"name" => "b"}]},
+      %{"kind" => "job", "job" => "a", "state" => "training"},
+      %{"kind" => "job", "job" => "a", "step" => 2},
+      %{
+        "kind" => "job",
+        "job" => "a",
+        "state" => "promoting",
+        "artifact_id" => "x",
+        "expect" => nil
+      },
+      %{"kind" => "job", "job" => "ghost", "state" => "failed"},
+      %{"kind" => "release", "state" => "intent"}
+    ]
+
+    f = Campaign.fold(recs)
+    assert f.order == ["a", "b"]
+
+    assert f.jobs["a"].state == "promoting" and f.jobs["a"].info["step"] == 2 and
+             f.jobs["a"].info["artifact_id"] == "x"
+
+    assert f.jobs["b"].state == "pending"
+    refute Map.has_key?(f.jobs, "ghost")
+    assert f.release["state"] == "intent" and not f.finished
+  end
+end

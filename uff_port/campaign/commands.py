@@ -1,0 +1,209 @@
+"""Worker extension commands of the campaign plane (docs/internals.md section 2).
+
+    campaign_plan     -> uff_port.campaign.commands:campaign_plan
+    campaign_release  -> uff_port.campaign.commands:campaign_release
+
+`campaign_plan` is read-only: it validates the spec and places its jobs with
+the planner behind `plan-week`. `campaign_release` fuses the stable artifact of
+each role into a release descriptor (idempotent: the same artifacts give the
+same release, written once) and keeps the newest `keep` releases on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from uff_port.campaign.spec import SpecError, job_overrides, load_spec, topo_order, validate_spec
+from uff_port.core.config import ConfigError, load_config_file, validate_config
+from uff_port.fsutil import confine
+from uff_port.protocol import CommandError, ErrorCode
+
+CAMPAIGNS_DIR: Final = "campaigns"
+RELEASES_DIR: Final = "releases"
+
+
+def _spec(args: dict[str, Any], ctx: Any) -> tuple[Any, Path | None]:
+    raw, path = args.get("spec"), args.get("spec_path")
+    try:
+        if isinstance(raw, dict):
+            return validate_spec(raw), None
+        if isinstance(path, str) and path:
+            return load_spec(path), Path(path)
+    except SpecError as exc:
+        raise CommandError(ErrorCode.INVALID_CONFIG, str(exc), {"problems": exc.problems}) from None
+    raise CommandError(ErrorCode.INVALID_ARGS, "args: give `spec` (a map) or `spec_path` (a YAML file)")
+
+
+def _resolve_preset(preset: str, base: Path | None) -> str:
+    if base is not None and not Path(preset).is_absolute() and (base.parent / preset).exists():
+        return str((base.parent / preset).resolve())
+    return preset
+
+
+def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """args: `spec` or `spec_path`, optional `start` (unix). The job graph with placement."""
+    from uff_port.cloud.routing import plan_week
+    from uff_port.cloud.settings import validate_cloud
+
+    spec, path = _spec(args, ctx)
+    start = float(args.get("start") or time.time())
+    try:
+        settings = validate_cloud({**spec.cloud, "budgets": {
+            **(spec.cloud.get("budgets") or {}),
+            "kaggle_hours_per_week": spec.budgets.kaggle_hours_per_week,
+            "sagemaker_hours_per_day": spec.budgets.sagemaker_hours_per_day,
+        }})
+    except ConfigError as exc:
+        raise CommandError(ErrorCode.INVALID_CONFIG, str(exc), {"problems": exc.problems}) from None
+    ordered = topo_order(spec)
+    hybrid = [(m.name, m.hours) for m in ordered if spec.strategy_of(m) == "hybrid"]
+    week = plan_week(hybrid, settings, start, strategy="hybrid") if hybrid else None
+    first_backend: dict[str, str] = {}
+    if week is not None:
+        for e in week.entries:
+            first_backend.setdefault(e.job, e.backend)
+    jobs = []
+    for m in ordered:
+        strategy = spec.strategy_of(m)
+        backend = strategy if strategy != "hybrid" else first_backend.get(m.name)
+        if backend is None:  # the cloud week is full: a local GPU takes it, if there is one
+            backend = "local" if spec.budgets.local_gpus > 0 else None
+        overrides = job_overrides(spec, m)
+        overrides["strategy"] = backend or "local"
+        if backend == "local":
+            overrides.pop("cloud", None)
+        preset = _resolve_preset(m.preset, path)
+        cfg = validate_config(load_config_file(preset), overrides)
+        gates = _stage_gates(m.gates or spec.promotion.gates, path, Path(ctx.runs_root), spec.name, m.name)
+        jobs.append({
+            "name": m.name,
+            "role": spec.role_of(m),
+            "strategy": strategy,
+            "backend": backend,
+            "unplaced_reason": None if backend else "does not fit this week's cloud budgets and there is no local GPU",
+            "parent": m.parent,
+            "deps": [m.parent] if m.parent else [],
+            "hours": m.hours,
+            "stages": list(m.stages),
+            "max_steps": cfg.training.max_steps,
+            "run_dir": f"{CAMPAIGNS_DIR}/{spec.name}/{m.name}",
+            "train": {"config_path": preset, "overrides": overrides},
+            "eval": m.eval.model_dump() if m.eval.suites else None,
+            "gates": gates,
+        })
+    return {
+        "name": spec.name,
+        "campaign_dir": f"{CAMPAIGNS_DIR}/{spec.name}",
+        "jobs": jobs,
+        "budgets": spec.budgets.model_dump(),
+        "schedule": spec.schedule.model_dump(),
+        "promotion": spec.promotion.model_dump(),
+        "release": spec.release.model_dump(),
+        "placement": week.to_dict() if week is not None else {"entries": [], "unscheduled": {}},
+        "placement_text": week.render() if week is not None else "",
+    }
+
+
+def _stage_gates(gates: str | None, spec_path: Path | None, runs_root: Path, campaign: str, job: str) -> str | None:
+    """Validate a job's gates file and put a copy in the campaign's directory.
+
+    `promote` reads gates only from under the runs root; the copy is also what
+    the campaign promoted with, kept next to its journal. Returns its path
+    relative to the runs root.
+    """
+    if not gates:
+        return None
+    from uff_port.fsutil import atomic_write_text
+    from uff_port.registry.errors import RegistryError
+    from uff_port.registry.gates import load_gates
+
+    src = Path(_resolve_preset(gates, spec_path))
+    try:
+        load_gates(src)
+    except RegistryError as exc:
+        raise CommandError(ErrorCode.INVALID_CONFIG, f"models.{job}.gates: {exc.message}",
+                           {"problems": [f"gates: {exc.message}"]}) from None
+    rel = f"{CAMPAIGNS_DIR}/{campaign}/gates/{job}.yaml"
+    dst = confine(runs_root, rel)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dst, src.read_text(encoding="utf-8"))
+    return rel
+
+
+def _next_version(releases: Path) -> str:
+    newest: tuple[int, ...] = (0, 0, 0)
+    for p in releases.glob("*.json"):
+        try:
+            v = json.loads(p.read_text()).get("version", "")
+            newest = max(newest, tuple(int(x) for x in v.split("+")[0].split("-")[0].split(".")))
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return f"{newest[0]}.{newest[1]}.{newest[2] + 1}" if newest != (0, 0, 0) else "1.0.0"
+
+
+def campaign_release(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """args: `roles` (list), optional `campaign`, `version`, `keep` (default 3), `registry`.
+
+    Fuses each role's stable artifact (as stored in the registry, re-hashed).
+    A role with no stable artifact is left out and named in `missing`.
+    """
+    from uff_port.registry.errors import RegistryError
+    from uff_port.registry.federate import federate, write_release
+    from uff_port.registry.store import ENV_VAR, Registry
+
+    roles = args.get("roles")
+    if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
+        raise CommandError(ErrorCode.INVALID_ARGS, "roles: expected a non-empty list of role names")
+    keep = args.get("keep", 3)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= 100:
+        raise CommandError(ErrorCode.INVALID_ARGS, "keep: expected an integer in [1, 100]")
+    runs_root = Path(ctx.runs_root)
+    reg_root = Path(os.environ.get(ENV_VAR) or runs_root / "registry")
+    out_dir = confine(runs_root, RELEASES_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs: list[tuple[str, str | Path]] = []
+    missing: list[str] = []
+    with Registry(reg_root) as reg:
+        for role in roles:
+            stable = reg.aliases(role).get("stable")
+            if stable is None:
+                missing.append(role)
+            else:
+                inputs.append((role, reg.artifact_dir(stable)))
+    if not inputs:
+        raise CommandError(ErrorCode.NOT_FOUND, f"roles: none of {', '.join(roles)} has a stable artifact")
+    version = args.get("version") or None
+    try:
+        probe = federate(inputs, None, version=version or "0.0.0")
+        for p in sorted(out_dir.glob("*.json")):  # the same artifacts: that release already exists
+            try:
+                old = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(old, dict) and old.get("release_id") == probe["release_id"]:
+                return {**old, "path": str(p), "missing": missing, "created": False, "kept": _kept(out_dir)}
+        release = federate(inputs, None, version=version or _next_version(out_dir),
+                           created_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    except RegistryError as exc:
+        raise CommandError(exc.code, exc.message, exc.details) from None
+    if args.get("campaign"):
+        release["campaign"] = str(args["campaign"])
+    path = write_release(release, out_dir / f"{release['name']}.json")
+    _prune(out_dir, keep)
+    return {**release, "path": str(path), "missing": missing, "created": True, "kept": _kept(out_dir)}
+
+
+def _kept(out_dir: Path) -> list[str]:
+    return [p.name for p in sorted(out_dir.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)]
+
+
+def _prune(out_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` releases: the new one and the ones rollback may need."""
+    files = sorted(out_dir.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    for p in files[:-keep]:
+        p.unlink(missing_ok=True)

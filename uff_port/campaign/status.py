@@ -1,0 +1,82 @@
+"""The campaign as a table (rich) and as a Gantt chart of the week (matplotlib)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Final
+
+from uff_port.campaign.journal import CampaignView
+
+BUDGET_KEYS: Final = {"kaggle": "kaggle_hours_per_week", "sagemaker": "sagemaker_hours_per_day"}
+_COLOURS: Final = {"local": "tab:green", "kaggle": "tab:blue", "sagemaker": "tab:orange"}
+
+
+def _scores(scores: dict[str, object]) -> str:
+    parts = []
+    for suite, value in sorted(scores.items()):
+        if isinstance(value, dict):
+            parts += [f"{suite} {k} {v:.3g}" if isinstance(v, float) else f"{suite} {k} {v}"
+                      for k, v in sorted(value.items())]
+        else:
+            parts.append(f"{suite} {value}")
+    return ", ".join(parts) or "-"
+
+
+def render_table(view: CampaignView, now: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"campaign {view.name or '?'}: {view.state}"
+                  + (f" (started {view.starts} times)" if view.starts > 1 else ""))
+    for col in ("job", "role", "backend", "state", "step", "eval", "verdict", "reason"):
+        table.add_column(col)
+    for j in view.jobs.values():
+        steps = f"{j.step if j.step is not None else '-'}/{j.max_steps if j.max_steps is not None else '?'}"
+        table.add_row(j.name, j.role, j.backend or "-", j.state, steps, _scores(j.scores),
+                      j.verdict or "-", (j.reason or "")[:80])
+    console = Console()
+    console.print(table)
+    used = view.hours_used(now)
+    budget = Table(title="GPU-hours")
+    for col in ("backend", "used", "budget"):
+        budget.add_column(col)
+    local = view.budgets.get("local_gpus")
+    for backend in sorted(set(used) | {"kaggle", "sagemaker"}):
+        key = BUDGET_KEYS.get(backend)
+        limit = (f"{view.budgets[key]:g} h" + ("/week" if backend == "kaggle" else "/day")) if key and key in view.budgets \
+            else (f"{local:g} GPU" if backend == "local" and local is not None else "-")
+        budget.add_row(backend, f"{used.get(backend, 0.0):.3f} h", limit)
+    console.print(budget)
+    if view.release:
+        console.print(f"release: {view.release.get('name')} ({', '.join(view.release.get('roles') or [])})")
+
+
+def write_gantt(view: CampaignView, out: Path, now: float) -> Path:
+    """Jobs over time, one row per job, coloured by backend (a failed or refused job hatched)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    jobs = list(view.jobs.values())
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.45 * max(1, len(jobs))))
+    for row, j in enumerate(jobs):
+        for start, end in j.intervals:
+            stop = end if end is not None else now
+            ax.barh(row, max(stop - start, 1.0) / 3600.0,
+                    left=(start - (view.started_at or start)) / 3600.0,
+                    color=_COLOURS.get(j.backend, "tab:gray"),
+                    hatch="//" if j.state in ("failed", "refused", "skipped") else None, edgecolor="black")
+    ax.set_yticks(range(len(jobs)), [f"{j.name} ({j.state})" for j in jobs])
+    ax.invert_yaxis()
+    since = dt.datetime.fromtimestamp(view.started_at or now, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ax.set_xlabel(f"hours since {since}")
+    ax.set_title(f"campaign {view.name}")
+    ax.legend(handles=[Patch(color=c, label=b) for b, c in _COLOURS.items()], loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
