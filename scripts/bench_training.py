@@ -1,10 +1,12 @@
 """Training throughput: our trainer vs a plain transformers `Trainer`, and packing vs none.
 
-    python scripts/bench_training.py [--steps 30] [--repeats 2] [--out docs/benchmarks.md]  (prints; --out replaces only its marked section)
+    python scripts/bench_training.py [--steps 30] [--rounds 5] [--out docs/benchmarks.md]  (prints; --out replaces only its marked section)
 
 Every figure is a ratio against a baseline measured in the same invocation.
-Each variant runs in its own process (so peak RSS is its own), alternating
-with its baseline, best of `--repeats`:
+Each variant runs in its own process (so peak RSS is its own). In each of
+`--rounds` rounds a variant and its baseline run back to back, in alternating
+order (ABBA), and give one ratio; the table shows the median ratio with its
+spread (min..max) and the median tokens/s:
 
 * ours vs hf: the same tiny Llama + LoRA, the same packed sequences, micro
   batch, accumulation, optimizer and schedule; tokens/s over target tokens.
@@ -163,14 +165,15 @@ def spawn(kind: str, cfg_raw: dict[str, Any]) -> dict[str, Any]:
     raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
 
 
-def best(results: list[dict[str, Any]]) -> dict[str, Any]:
-    return max(results, key=lambda r: r["tokens_per_s"])
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
@@ -186,23 +189,31 @@ def main() -> None:
         }
         rows = []
         for name, ((k1, c1), (k0, c0)) in pairs.items():
-            r1, r0 = [], []
-            for _ in range(a.repeats):  # alternate, so drifting machine load hits both
-                r1.append(spawn(k1, c1))
-                r0.append(spawn(k0, c0))
-            b1, b0 = best(r1), best(r0)
-            rows.append((name, b1, b0, b1["tokens_per_s"] / b0["tokens_per_s"]))
+            r1, r0, ratios = [], [], []
+            for i in range(a.rounds):  # back to back, order alternating: drifting load hits both alike
+                if i % 2:
+                    r0.append(spawn(k0, c0))
+                    r1.append(spawn(k1, c1))
+                else:
+                    r1.append(spawn(k1, c1))
+                    r0.append(spawn(k0, c0))
+                ratios.append(r1[-1]["tokens_per_s"] / r0[-1]["tokens_per_s"])
+                print(f"{name} round {i + 1}: {r1[-1]['tokens_per_s']:.0f} vs {r0[-1]['tokens_per_s']:.0f} tokens/s, "
+                      f"{ratios[-1]:.2f}x", file=sys.stderr, flush=True)
+            rows.append((name, r1, r0, ratios))
     cmd = "python scripts/bench_training.py " + " ".join(sys.argv[1:])
     text = [
         f"Command: `{cmd.strip()}` (CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')})",
         "",
-        "| comparison | tokens/s | baseline tokens/s | ratio | peak RSS MB (ours / baseline) |",
+        f"| comparison | tokens/s (median) | baseline tokens/s (median) | ratio, median of {a.rounds} rounds "
+        "(min..max) | peak RSS MB (ours / baseline) |",
         "|---|---|---|---|---|",
     ]
-    for name, b1, b0, ratio in rows:
+    for name, r1, r0, ratios in rows:
         text.append(
-            f"| {name} | {b1['tokens_per_s']:.0f} | {b0['tokens_per_s']:.0f} | **{ratio:.2f}x** | "
-            f"{b1['peak_rss_mb']:.0f} / {b0['peak_rss_mb']:.0f} |"
+            f"| {name} | {median([r['tokens_per_s'] for r in r1]):.0f} | {median([r['tokens_per_s'] for r in r0]):.0f} "
+            f"| **{median(ratios):.2f}x** ({min(ratios):.2f}..{max(ratios):.2f}) | "
+            f"{max(r['peak_rss_mb'] for r in r1):.0f} / {max(r['peak_rss_mb'] for r in r0):.0f} |"
         )
     print("\n".join(text))
     if a.out:  # only this script's marked section of the doc (scripts/doc_section.py)

@@ -315,9 +315,10 @@ class OutputConfig(_Section):
     merge: bool = False
     plot: bool = True
     """RUN_DIR/training.png, drawn by the trainer at each checkpoint and at the end."""
-    metrics_csv: bool = False
+    # Left out of the dump when off, so configs that do not use them keep their config_hash.
+    metrics_csv: bool = Field(False, exclude_if=lambda v: not v)
     """RUN_DIR/metrics.csv: one row per reported step (loss, lr, grad norm, tokens/s, eval loss)."""
-    tensorboard: bool = False
+    tensorboard: bool = Field(False, exclude_if=lambda v: not v)
     """RUN_DIR/tensorboard/ event files; needs the `tensorboard` package (the `tensorboard` extra)."""
 
 
@@ -470,7 +471,7 @@ _RESUME_NEUTRAL: Final = {
 }
 
 
-_BOUND_WHEN_SET: Final = {"data": {"chat_template"}}
+_BOUND_WHEN_SET: Final = {"data": {"chat_template"}, "model": {"init_adapter"}}
 """Keys that bind a checkpoint only when set (they did not exist when older runs started)."""
 
 CHAT_TEMPLATES: Final[dict[str, str]] = {
