@@ -45,12 +45,14 @@ def test_every_problem_is_listed_by_path() -> None:
     raw = week_spec(budgets={"local_gpus": -1, "kaggle_hours_per_week": "30"}, schedule={"mode": "hourly"}, bogus=1)
     raw["models"][1]["parent"] = "nobody"
     raw["models"][2]["stages"] = ["rl"]
+    raw["models"][4]["stages"] = ["sft", "rl"]
     raw["models"][3]["name"] = "Bad Name"
     out = problems(raw)
     joined = "\n".join(out)
     for path in ("budgets.local_gpus", "budgets.kaggle_hours_per_week", "schedule.mode", "bogus",
-                 "models.2.stages", "models.3.name"):
+                 "models.2.stages", "models.3.name", "models.4.stages"):
         assert path in joined, (path, out)
+    assert any(p.startswith("models.4.stages: rl: campaigns run the sft stage only") for p in out), out
     # graph problems come once the shape is right
     raw = week_spec()
     raw["models"][1]["parent"] = "nobody"

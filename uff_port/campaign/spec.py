@@ -79,6 +79,10 @@ class ModelSpec(_Strict):
     def _stages(cls, v: list[str]) -> list[str]:
         if v[0] != "sft" or len(set(v)) != len(v):
             raise ValueError("expected [sft] or [sft, rl]")
+        if "rl" in v:
+            # Refused rather than skipped: a campaign never claims a stage it did not run.
+            raise ValueError("rl: campaigns run the sft stage only in this version; run the RL stage "
+                             "on the promoted adapter with `uff-port train CONFIG --set stage=rl` (docs/rl.md)")
         return v
 
 
