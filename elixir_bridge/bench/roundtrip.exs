@@ -16,7 +16,9 @@ alias UffPort.{JobSupervisor, Msgpack, OsProcess, Worker}
 Logger.configure(level: :critical)
 
 {opts, _, _} =
-  OptionParser.parse(System.argv(), strict: [pings: :integer, rounds: :integer, recovery: :boolean])
+  OptionParser.parse(System.argv(),
+    strict: [pings: :integer, rounds: :integer, recovery: :boolean]
+  )
 
 pings = Keyword.get(opts, :pings, 2_000)
 rounds = Keyword.get(opts, :rounds, 5)
@@ -102,11 +104,17 @@ IO.puts("| round | echo p50 | ping p50 | ratio p50 |\n|---|---|---|---|")
 ratios =
   for {{echo_s, ping_s}, r} <- Enum.with_index(per_round, 1) do
     ratio = Bench.pct(ping_s, 50) / max(Bench.pct(echo_s, 50), 1)
-    IO.puts("| #{r} | #{Bench.pct(echo_s, 50)} | #{Bench.pct(ping_s, 50)} | #{Float.round(ratio, 2)}x |")
+
+    IO.puts(
+      "| #{r} | #{Bench.pct(echo_s, 50)} | #{Bench.pct(ping_s, 50)} | #{Float.round(ratio, 2)}x |"
+    )
+
     ratio
   end
 
-{all_echo, all_ping} = {Enum.flat_map(per_round, &elem(&1, 0)), Enum.flat_map(per_round, &elem(&1, 1))}
+{all_echo, all_ping} =
+  {Enum.flat_map(per_round, &elem(&1, 0)), Enum.flat_map(per_round, &elem(&1, 1))}
+
 IO.puts("\n| path | n | p50 | p99 |\n|---|---|---|---|")
 IO.puts(row.("bare Port echo (baseline)", all_echo))
 IO.puts(row.("UffPort.Worker.ping/1", all_ping))
