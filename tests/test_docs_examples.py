@@ -166,7 +166,7 @@ def hand_written(text: str) -> str:
 
 
 def _params(mode: str) -> list[object]:
-    marks = [pytest.mark.slow, pytest.mark.timeout(SLOW_TIMEOUT + 60)] if mode == "slow" else []
+    marks = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(SLOW_TIMEOUT + 60)] if mode == "slow" else []
     return [pytest.param(e, id=e.id, marks=marks) for e in EXAMPLES if e.mode == mode]
 
 
