@@ -204,3 +204,19 @@ def test_rl_run_stopped_and_resumed_through_the_worker(tmp_path: Path) -> None:
     assert len({v for vs in seen.values() for v in vs}) == sum(1 for _ in seen)  # replays agree
     assert any(e.get("event") == "rollout" for e in torture_resume.read_events(root / "rl"))
     assert (root / "rl" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_planner_counts_the_rollout_kv_cache() -> None:
+    """A generation batch whose KV cache outgrows the update's working set raises the estimate."""
+    from uff_port.core.config import load_config
+    from uff_port.planner.guard import check_config
+
+    gpu = [{"index": 0, "name": "16 GB", "memory_total": 16 * 2**30}]
+    base = load_config("deepseek-coder-1.3b-grpo-16gb")
+    ok = check_config(base, gpu)
+    assert ok.fits and ok.estimate["gpu"]["rollout_kv_cache"] == 0
+    big = load_config("deepseek-coder-1.3b-grpo-16gb", {"rl.num_generations": 64, "rl.max_new_tokens": 1536})
+    report = check_config(big, gpu)
+    assert not report.fits and "will not fit" in report.message, report.message
+    kv = report.estimate["gpu"]["rollout_kv_cache"]
+    assert kv > 30 * 2**30  # 2 x 24 layers x 2048 x 2 B x 128 rows x 2048 tokens, less the update's part

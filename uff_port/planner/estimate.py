@@ -99,6 +99,10 @@ class Workload:
     """`training.loss`: chunked never holds the [tokens, vocab] logits (training/loss.py)."""
     packing: bool = True
     """Packed rows: SDPA/eager get a block-diagonal [mb, 1, s, s] mask; flash attention none."""
+    rollout_rows: int = 0
+    """RL stage: completions generated at once (prompts_per_step x num_generations); 0 = SFT."""
+    rollout_len: int = 0
+    """RL stage: prompt + completion tokens of one row (the KV cache's length)."""
 
 
 @dataclass
@@ -314,6 +318,13 @@ def estimate(arch: Arch, cand: Candidate, wl: Workload) -> Estimate:
         "overhead": int(FRAGMENTATION * (dynamic + grad) + CUBLAS_WORKSPACE + comm + dequant),
         "cuda_context": CUDA_CONTEXT + (NCCL_BUFFERS if n > 1 else 0),
     }
+    if wl.rollout_rows:
+        # RL generation (docs/rl.md): the KV cache of every row at full length, plus one
+        # step's fp32 logits and their softmax. It lives while no activations do, so only
+        # what it needs beyond the update's dynamic part is added.
+        kv = 2 * arch.layers * arch.kv_dim * p * wl.rollout_rows * wl.rollout_len
+        gen = kv + 2 * 4 * wl.rollout_rows * arch.vocab
+        gpu["rollout_kv_cache"] = int(max(0.0, gen - dynamic))
     if wl.device == "cpu":
         gpu = {}
     host = _host(arch, cand, wl, n_train, base, gpu_state=(train_param, grad, optim, dynamic))

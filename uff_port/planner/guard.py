@@ -54,7 +54,7 @@ def workload_of(cfg: Config, on_gpu: bool) -> Workload:
     else:
         p = 2 if prec == "bf16" else 4
     return Workload(
-        seq_len=cfg.data.seq_len,
+        seq_len=max(cfg.data.seq_len, cfg.rl.max_prompt_tokens + cfg.rl.max_new_tokens) if cfg.stage == "rl" else cfg.data.seq_len,
         device="cuda" if on_gpu else "cpu",
         compute_bytes=p,
         lora_r=cfg.lora.r,
@@ -65,7 +65,17 @@ def workload_of(cfg: Config, on_gpu: bool) -> Workload:
         ds_reduce_bucket=_reduce_bucket(cfg),
         loss=cfg.training.loss,
         packing=cfg.data.packing,
+        **_rollout(cfg),
     )
+
+
+def _rollout(cfg: Config) -> dict[str, int]:
+    """The RL stage's generation batch, for the KV-cache term of the estimate."""
+    if cfg.stage != "rl":
+        return {}
+    r = cfg.rl
+    return {"rollout_rows": r.prompts_per_step * r.num_generations,
+            "rollout_len": r.max_prompt_tokens + r.max_new_tokens}
 
 
 def _reduce_bucket(cfg: Config) -> int:
