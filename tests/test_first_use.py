@@ -338,6 +338,7 @@ def _no_cuda() -> bool:
     (["tyni"], "invalid_config", "did you mean 'tiny'?"),
     (["tiny", "--set", "data.path=missing/corpus.jsonl"], "data_not_found", "no such file 'missing/corpus.jsonl'"),
     (["tiny", "--set", "training.num_epochs=1"], "invalid_config", "give max_steps or num_epochs, not both"),
+    (["tiny", "--set", "data.chat_template={% for m in messages %}"], "invalid_config", "does not parse"),
 ])
 def test_cli_refuses_early_with_a_hint_and_makes_no_run_dir(tmp_path: Path, args: list[str], code: str, words: str) -> None:
     t0 = time.monotonic()

@@ -33,7 +33,7 @@ EXIT_FILE_ENV: Final = "UFF_PORT_EXIT_FILE"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`--set training.max_steps=40`: values are YAML scalars (numbers, bools, lists)."""
+    """`--set training.max_steps=40`: values are YAML scalars (numbers, bools, lists), else plain text."""
     import yaml
 
     out: dict[str, Any] = {}
@@ -41,7 +41,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError([f"{item}: overrides look like dotted.key=value"])
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:  # not a YAML scalar (a Jinja template, say): the text as given
+            out[key.strip()] = value
     return out
 
 
