@@ -458,3 +458,29 @@ def test_the_2x16gb_story_is_one_across_planner_preset_and_docs() -> None:
     row = next(line for line in docs.splitlines() if line.startswith("| `deepseek-coder-6.7b-2x16gb.yaml`"))
     assert "QLoRA" in row and "DDP" in row and "micro-batch 4" in row
     assert "ZeRO-3" in docs and "--cpu-ram 32GiB" in docs
+
+
+def test_canonical_json_is_one_byte_form_whatever_the_order() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from uff_port.hashing import canonical_json
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
+                       st.floats(allow_nan=False, allow_infinity=False))
+    doc = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                       max_leaves=20)
+
+    @settings(max_examples=200, deadline=None)
+    @given(doc, st.lists(st.text(max_size=6), max_size=6, unique=True), st.randoms())
+    def check(body: Any, modules: list[str], rnd: Any) -> None:
+        a = {"target_modules": modules, "body": body}
+        shuffled = list(modules)
+        rnd.shuffle(shuffled)
+        b = dict(reversed(list({"body": body, "target_modules": shuffled}.items())))
+        text = canonical_json(a)
+        assert text == canonical_json(b) == canonical_json(json.loads(text))  # order-free and idempotent
+        assert json.loads(text)["target_modules"] == sorted(modules)
+
+    check()
