@@ -338,6 +338,7 @@ def _no_cuda() -> bool:
     (["tyni"], "invalid_config", "did you mean 'tiny'?"),
     (["tiny", "--set", "data.path=missing/corpus.jsonl"], "data_not_found", "no such file 'missing/corpus.jsonl'"),
     (["tiny", "--set", "training.num_epochs=1"], "invalid_config", "give max_steps or num_epochs, not both"),
+    (["tiny", "--set", "data.chat_template={% for m in messages %}"], "invalid_config", "does not parse"),
 ])
 def test_cli_refuses_early_with_a_hint_and_makes_no_run_dir(tmp_path: Path, args: list[str], code: str, words: str) -> None:
     t0 = time.monotonic()
@@ -457,3 +458,29 @@ def test_the_2x16gb_story_is_one_across_planner_preset_and_docs() -> None:
     row = next(line for line in docs.splitlines() if line.startswith("| `deepseek-coder-6.7b-2x16gb.yaml`"))
     assert "QLoRA" in row and "DDP" in row and "micro-batch 4" in row
     assert "ZeRO-3" in docs and "--cpu-ram 32GiB" in docs
+
+
+def test_canonical_json_is_one_byte_form_whatever_the_order() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from uff_port.hashing import canonical_json
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
+                       st.floats(allow_nan=False, allow_infinity=False))
+    doc = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                       max_leaves=20)
+
+    @settings(max_examples=200, deadline=None)
+    @given(doc, st.lists(st.text(max_size=6), max_size=6, unique=True), st.randoms())
+    def check(body: Any, modules: list[str], rnd: Any) -> None:
+        a = {"target_modules": modules, "body": body}
+        shuffled = list(modules)
+        rnd.shuffle(shuffled)
+        b = dict(reversed(list({"body": body, "target_modules": shuffled}.items())))
+        text = canonical_json(a)
+        assert text == canonical_json(b) == canonical_json(json.loads(text))  # order-free and idempotent
+        assert json.loads(text)["target_modules"] == sorted(modules)
+
+    check()

@@ -116,6 +116,11 @@ SORTED_LISTS = frozenset({"target_modules", "modules_to_save", "exclude_modules"
 """List-valued keys that mean sets (peft writes a Python set in hash order): sorted when canonical."""
 
 
+def _sort_key(value: object) -> tuple[int, str]:
+    """Strings (module names) in plain string order; anything else after them, by its JSON."""
+    return (0, value) if isinstance(value, str) else (1, json.dumps(value, sort_keys=True))
+
+
 def canonical_json(obj: object) -> str:
     """The one byte form of a JSON document: sorted keys, set-like lists sorted, fixed separators.
 
@@ -125,7 +130,7 @@ def canonical_json(obj: object) -> str:
 
     def norm(value: object) -> object:
         if isinstance(value, dict):
-            return {str(k): (sorted(map(norm, v), key=json.dumps) if k in SORTED_LISTS and isinstance(v, list)  # type: ignore[arg-type]
+            return {str(k): (sorted(map(norm, v), key=_sort_key) if k in SORTED_LISTS and isinstance(v, list)
                              else norm(v)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [norm(v) for v in value]

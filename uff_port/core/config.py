@@ -116,7 +116,15 @@ class DataConfig(_Section):
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, v: str | None) -> str | None:
-        if v is None or "{{" in v or "{%" in v or v in CHAT_TEMPLATES:
+        if v is None or v in CHAT_TEMPLATES:
+            return v
+        if "{{" in v or "{%" in v:
+            import jinja2  # light; a template that does not parse is refused here, not per line
+
+            try:
+                jinja2.Environment().parse(v)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"the Jinja template does not parse (line {exc.lineno}: {exc.message})") from None
             return v
         raise ValueError(f"unknown chat template {v!r}{did_you_mean(v, CHAT_TEMPLATES)}; expected one of "
                          f"{', '.join(sorted(CHAT_TEMPLATES))} or a Jinja string")

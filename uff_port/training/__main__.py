@@ -33,7 +33,7 @@ EXIT_FILE_ENV: Final = "UFF_PORT_EXIT_FILE"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`--set training.max_steps=40`: values are YAML scalars (numbers, bools, lists)."""
+    """`--set training.max_steps=40`: values are YAML scalars (numbers, bools, lists), else plain text."""
     from uff_port.core.config_io import ConfigLimitError, parse_yaml_value
 
     out: dict[str, Any] = {}
@@ -44,7 +44,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = parse_yaml_value(value, f"--set {key.strip()}")
         except ConfigLimitError as exc:
-            raise ConfigError([exc.problem]) from None
+            if "is not valid YAML" not in exc.problem:
+                raise ConfigError([exc.problem]) from None  # over a limit (an alias bomb): refused
+            out[key.strip()] = value  # not a YAML scalar (a Jinja template, say): the text as given
     return out
 
 

@@ -436,7 +436,7 @@ class PackedStream:
         return out
 
 
-SCAN_LINES: Final = 20_000
+SCAN_LINES: Final = 5_000
 """Lines the trainer scans before loading the model (all of them when training.num_epochs is set)."""
 
 
