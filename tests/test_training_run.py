@@ -358,8 +358,9 @@ def test_global_batch_must_split_evenly_across_processes(tmp_path: Path, env: di
 def test_every_preset_is_a_valid_config() -> None:
     from uff_port.core.config import load_config
 
-    names = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name.startswith(("tiny", "deepseek", "adapter")))
-    assert len(names) == 10
+    names = sorted(p for p in (ROOT / "configs").glob("*.yaml")
+                   if p.name.startswith(("tiny", "deepseek", "adapter", "rl-")))
+    assert len(names) == 13
     for p in names:
         cfg = load_config(p)
         assert p.read_text().startswith("#"), f"{p.name} must say its hardware and memory in a comment"

@@ -130,6 +130,29 @@ defmodule UffPort.TrainingTest do
     assert {:ok, _} = Worker.stop(w, %{"checkpoint" => false})
   end
 
+  test "an RL job (stage rl, configs/rl-tiny.yaml) is stopped and resumed through the bridge",
+       %{tmp: tmp} do
+    w = start_supervised!({Worker, worker_opts(tmp, subscribers: [self()])}, restart: :temporary)
+    rl = Path.expand("../../configs/rl-tiny.yaml", __DIR__)
+
+    overrides = %{
+      "training.max_steps" => 500,
+      "checkpoint.every_steps" => 1000,
+      "training.progress_every_seconds" => 0
+    }
+
+    {:ok, %{"run_dir" => run_dir, "resumed_from" => nil}} =
+      Worker.train(w, %{"config_path" => rl, "run_dir" => "rl", "overrides" => overrides})
+
+    await_event(%{"event" => "rollout"}, 120_000)
+    assert {:ok, %{"step" => s}} = Worker.status(w)
+    assert {:ok, %{"step" => stopped_at}} = Worker.stop(w, %{"checkpoint" => true})
+    assert stopped_at >= s
+    assert {:ok, %{"resumed_from" => ^stopped_at}} = Worker.resume(w, %{"run_dir" => run_dir})
+    await_progress_after(stopped_at, run_dir, tmp)
+    assert {:ok, _} = Worker.stop(w, %{"checkpoint" => false})
+  end
+
   # The resumed job's first step past `step`; a job that ends or a worker that goes
   # down instead fails the test at once, with what the trainer and worker wrote.
   defp await_progress_after(step, run_dir, tmp) do
