@@ -184,6 +184,18 @@ def ratio_stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def loss_part_only(model: Any, micro: int, seq: int, device: str = "cpu") -> dict[str, Any]:
+    """The loss part's peak per variant, nothing else (`--loss-only`: minutes less a shape)."""
+    batch = packed_batch(micro, seq, seed=micro * 10007 + seq, device=device)
+    lossp = {}
+    for v in VARIANTS:
+        hi, start = profiled_peak(loss_part(model, batch, v), device)
+        lossp[v] = hi - start
+    return {"micro": micro, "seq": seq, "tokens": micro * seq, "loss_part_bytes": lossp,
+            "loss_part_cut_vs_hf": lossp["hf"] / max(lossp["chunked"], 1),
+            "loss_part_cut_vs_full": lossp["full"] / max(lossp["chunked"], 1)}
+
+
 def bench_shape(model: Any, micro: int, seq: int, rounds: int, device: str = "cpu",
                 time_it: bool = True) -> dict[str, Any]:
     batch = packed_batch(micro, seq, seed=micro * 10007 + seq, device=device)
@@ -253,7 +265,8 @@ def table(results: list[dict[str, Any]], layers: int, device: str = "cpu") -> st
 
 
 def run(layers: int, seqs: list[int], micros: list[int], rounds: int, device: str = "cpu",
-        time_max_tokens: int | None = None, json_path: str | None = None) -> list[dict[str, Any]]:
+        time_max_tokens: int | None = None, json_path: str | None = None,
+        loss_only: bool = False) -> list[dict[str, Any]]:
     """Every (micro, seq) shape in one invocation; prints each result as it comes."""
     warnings.simplefilter("ignore")
     model = build(layers, device)
@@ -262,7 +275,8 @@ def run(layers: int, seqs: list[int], micros: list[int], rounds: int, device: st
         for seq in seqs:
             t0 = time.perf_counter()
             timed = time_max_tokens is None or micro * seq <= time_max_tokens
-            r = bench_shape(model, micro, seq, rounds, device, time_it=timed)
+            r = (loss_part_only(model, micro, seq, device) if loss_only
+                 else bench_shape(model, micro, seq, rounds, device, time_it=timed))
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "seconds"}), f"({time.perf_counter() - t0:.0f} s)",
                   flush=True)
@@ -281,13 +295,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--loss-only", action="store_true", help="only the loss part's peak memory")
     ap.add_argument("--time-max-tokens", type=int, default=None,
                     help="measure only memory for larger micro x seq (a busy 2-core host: 4 x 2048 takes minutes a step)")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     results = run(args.layers, [int(x) for x in args.seqs.split(",")], [int(x) for x in args.micro.split(",")],
-                  args.rounds, args.device, args.time_max_tokens, args.json)
+                  args.rounds, args.device, args.time_max_tokens, args.json, args.loss_only)
+    if args.loss_only:
+        for r in results:
+            lp = r["loss_part_bytes"]
+            print(f"{r['micro']} x {r['seq']}: loss part hf / full / chunked "
+                  f"{lp['hf'] / 2**30:.2f} / {lp['full'] / 2**30:.2f} / {lp['chunked'] / 2**30:.3f} GiB, "
+                  f"cut vs hf {r['loss_part_cut_vs_hf']:.1f}x")
+        return
     print(table(results, args.layers, args.device))
 
 
