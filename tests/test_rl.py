@@ -167,7 +167,8 @@ def test_sft_share_keeps_the_sft_loss_from_drifting_up(tmp_path: Path) -> None:
     from uff_port.training.rl import rollout_rewards
 
     cfg = apply_overrides(load_config_file("rl-tiny"),
-                          {"training.max_steps": 50, "rl.sft_ratio": 0.5, "eval.every_steps": 10})
+                          {"training.max_steps": 50, "rl.sft_ratio": 0.5, "eval.every_steps": 10,
+                           "training.progress_every_seconds": 0})  # a progress event for every step
     run = tmp_path / "run"
     assert torture_resume.start(run, torture_resume.write_config(run, cfg)).wait(600) == 0
     events = torture_resume.read_events(run)

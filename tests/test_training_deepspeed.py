@@ -50,6 +50,15 @@ def reference(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> 
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def reference_full_loss(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
+    """The same with `training.loss: full`, which ZeRO-3 uses (docs/memory.md): the chunked
+    loss of the plain run rounds differently in the last bits."""
+    rc, run_dir = run(tmp_path_factory.mktemp("ref-full"), "ref", env, ["training.loss=full"])
+    assert rc == 0
+    return run_dir
+
+
 def assert_same_losses(got: dict[int, float], ref: dict[int, float]) -> None:
     assert sorted(got) == sorted(ref)
     for step, loss in ref.items():
@@ -101,9 +110,10 @@ def test_zero2_on_two_processes_killed_mid_commit_resumes_exactly(
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["zero3.json", "zero3-offload.json"])
 def test_zero3_shards_weights_and_still_matches_one_process(
-    tmp_path: Path, env: dict[str, str], reference: Path, preset: str
+    tmp_path: Path, env: dict[str, str], reference_full_loss: Path, preset: str
 ) -> None:
     """ZeRO-3, and ZeRO-3 with parameters and optimizer on the host (DeepSpeed's CPU Adam)."""
+    reference = reference_full_loss
     rc, run_dir = run(tmp_path, "z3", env, DS2 + [f"distributed.deepspeed_config=configs/deepspeed/{preset}"])
     assert rc == 0
     assert_same_losses(losses(run_dir), losses(reference))

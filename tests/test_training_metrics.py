@@ -81,7 +81,7 @@ def test_csv_and_tensorboard_hold_each_step_once_across_a_resume(tmp_path: Path,
 def test_a_run_started_through_the_worker_gets_its_plot(worker: WorkerClient, runs_root: Path) -> None:
     worker.request("train", {"config_path": "tiny", "run_dir": "w", "overrides": {
         "training.max_steps": 4, "data.seq_len": 128, "checkpoint.every_steps": 2, "eval.every_steps": 2,
-        "output.metrics_csv": True}})
+        "training.progress_every_seconds": 0, "output.metrics_csv": True}})  # a row for every step
     worker.wait_event(lambda e: e.get("event") in ("finished", "failed"), 240)
     assert worker.events_named("finished"), worker.events_named("failed")
     assert (runs_root / "w" / "training.png").stat().st_size > 1000

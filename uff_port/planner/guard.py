@@ -176,14 +176,12 @@ def _nearest(cfg: Config, cur: Candidate, wl: Workload, arch: Any, n_gpus: int,
 
 def cuda_need(cfg: Config) -> str | None:
     """Why `cfg` needs a CUDA device (the setting, in words), or None when a CPU will do."""
+    # nf4 (bitsandbytes >= 0.48 runs 4-bit layers on a CPU) and DeepSpeed (gloo on CPU) do not
+    # need one: both are tested on CPU; only an explicit cuda device and fp16 autocast do.
     if cfg.training.device == "cuda":
         return "training.device: cuda"
-    if cfg.quantization.mode == "nf4":
-        return "quantization.mode: nf4 (bitsandbytes 4-bit is GPU only)"
     if cfg.training.precision == "fp16":
         return "training.precision: fp16"
-    if cfg.distributed.backend == "deepspeed":
-        return "distributed.backend: deepspeed"
     return None
 
 

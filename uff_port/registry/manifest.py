@@ -58,8 +58,11 @@ class Lineage(_Strict):
     backend: str = Field(min_length=1)
     final_step: int | None = Field(default=None, ge=0)
     parent: str | None = None
-    sessions: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=10_000)
-    """Cloud sessions that trained it, in order (from the merged events' `session` tags); [] for a local run."""
+    sessions: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=10_000, exclude_if=lambda v: not v
+    )
+    """Cloud sessions that trained it, in order (from the merged events' `session` tags); left out
+    for a local run, so manifests without sessions keep their bytes."""
 
 
 class Interface(_Strict):
