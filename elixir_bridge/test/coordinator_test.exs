@@ -36,8 +36,9 @@ defmodule UffPort.CoordinatorTest do
   end
 
   @tag :slow
-  test "a job that fails for good (missing data) comes back as job_failed", %{tmp: tmp} do
-    assert {:error, {{:job_failed, %{"code" => code, "resumable" => false}}, _}} =
+  test "a job that fails for good (missing data) is refused at train, before a trainer starts, once",
+       %{tmp: tmp} do
+    assert {:error, {{:train_refused, %UffPort.Error{code: :data_not_found}}, summary}} =
              TrainingCoordinator.run_training_cycle(Path.join(tmp, "missing.jsonl"), :local,
                config: @tiny,
                run_dir: "nodata",
@@ -45,7 +46,9 @@ defmodule UffPort.CoordinatorTest do
                timeout: 120_000
              )
 
-    assert is_binary(code)
+    # A refusal is final: the supervisor does not start the job again.
+    assert [%{attempt: 1}] = summary.attempts
+    refute File.exists?(Path.join([tmp, "runs", "nodata"]))
   end
 
   test "a cloud strategy reaches the worker inside the job's config; a missing SDK ends the cycle without restarts",
