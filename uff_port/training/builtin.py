@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from uff_port.fsutil import atomic_write_text, fsync_dir
 
@@ -120,30 +120,44 @@ def _corpus_texts() -> list[str]:
     return out
 
 
-def _build_tiny_llama(out: Path) -> None:
-    import torch
+def train_bpe(vocab_size: int) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` trained on the bundled corpus (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus_texts(), trainer=trainer)
+    return tok
+
+
+def fast_tokenizer(tok: Any, model_max_length: int) -> Any:
+    """`tok` as a transformers tokenizer with our special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         additional_special_tokens=list(SPECIAL_TOKENS[3:]),
-        model_max_length=2048,
+        model_max_length=model_max_length,
     )
     fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _build_tiny_llama(out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = fast_tokenizer(train_bpe(_VOCAB_SIZE), model_max_length=2048)
     fast.save_pretrained(out)
 
     cfg = LlamaConfig(

@@ -125,34 +125,16 @@ def ensure_real_arch(size: str, root: Path | None = None, device: str = "cpu") -
 
 def build_tokenizer(out: Path | None = None) -> Any:
     """Byte-level BPE on the sample corpus, padded with added tokens to exactly 32256 entries."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken
 
-    from uff_port.training.builtin import CHAT_TEMPLATE, SPECIAL_TOKENS, _corpus_texts
+    from uff_port.training.builtin import fast_tokenizer, train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus_texts(), trainer=trainer)
+    tok = train_bpe(_BPE_VOCAB)
     missing = VOCAB_SIZE - tok.get_vocab_size(with_added_tokens=True)
     if missing < 0:
         raise RuntimeError(f"the BPE vocabulary overshot {VOCAB_SIZE}: lower _BPE_VOCAB")
     tok.add_special_tokens([AddedToken(_PAD_TOKEN.format(i), special=True) for i in range(missing)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=list(SPECIAL_TOKENS[3:]),
-        model_max_length=16384,
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    fast = fast_tokenizer(tok, model_max_length=16384)
     if len(fast) != VOCAB_SIZE:
         raise RuntimeError(f"tokenizer has {len(fast)} entries, expected {VOCAB_SIZE}")
     if out is not None:
