@@ -152,20 +152,28 @@ class TorchEngine(StepEngine):
                 scaled = s * (self.world / denom)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += s.detach()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        # Checked before the optimizer moves, so a bad batch never reaches the weights.
         # Every rank sees the same reduced loss and gradients, so all decide alike.
         global_sum = float(dist.all_reduce_sum(loss_sum))
+        grad_norm = self.apply_gradients(global_sum / denom)
+        return global_sum / denom, int(total), grad_norm
+
+    def apply_gradients(self, loss: float) -> float:
+        """Unscale, clip, check, step: the gradient is in `.grad`; returns its norm.
+
+        Checked before the optimizer moves, so a bad batch never reaches the weights
+        (NonFiniteStep, gradients dropped). fp16's scaler skips overflowing steps itself
+        (and lowers its scale): only the loss counts then.
+        """
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.training.max_grad_norm
         if max_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         else:
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
-        # fp16's scaler skips overflowing steps itself (and lowers its scale): only the loss counts then.
-        if not math.isfinite(global_sum) or (self.scaler is None and not math.isfinite(grad_norm)):
+        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteStep(global_sum / denom, grad_norm)
+            raise NonFiniteStep(loss, grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -173,7 +181,7 @@ class TorchEngine(StepEngine):
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return global_sum / denom, int(total), grad_norm
+        return grad_norm
 
     def check(self, snap: TrainingSnapshot) -> None:
         check_snapshot(snap, model=self.model, optimizer=self.optimizer)

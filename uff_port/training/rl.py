@@ -512,26 +512,7 @@ class RLTrainer(Trainer):
 
     def _apply(self, loss: float) -> float:
         """Clip, check, step: the torch engine's step tail (the gradient is already there)."""
-        eng = self.engine
-        if eng.scaler:
-            eng.scaler.unscale_(eng.optimizer)
-        max_norm = self.cfg.training.max_grad_norm
-        params = self.params
-        if max_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        if not math.isfinite(loss) or (eng.scaler is None and not math.isfinite(grad_norm)):
-            eng.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteStep(loss, grad_norm)
-        if eng.scaler:
-            eng.scaler.step(eng.optimizer)
-            eng.scaler.update()
-        else:
-            eng.optimizer.step()
-        eng.scheduler.step()
-        eng.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return self.engine.apply_gradients(loss)  # type: ignore[attr-defined]  # RL runs on TorchEngine only
 
     def _rollout_event(self, batch: Rollout) -> None:
         tested = [p for p in batch.passed if p is not None]
