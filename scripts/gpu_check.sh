@@ -15,6 +15,9 @@
 #   bench-1.3b     tokens/s, max_memory_reserved, NVML used, MFU, planner estimate: 1.3B LoRA
 #   build-6.7b     the same for 6.7B (13.5 GB of disk)
 #   bench-6.7b-qlora   6.7B QLoRA under set_per_process_memory_fraction(16 GiB), sequence 2048
+#   rl-1.3b        the GRPO preset (configs/deepseek-coder-1.3b-grpo-16gb.yaml) held to 16 GiB:
+#                  generation and update tokens/s, peak GPU memory, planner estimate, SIGKILL
+#                  and resume with every step's reward and loss compared
 #   resume-1.3b    10 steps, SIGKILL after a checkpoint, resume: bit-exact or the deviation,
 #                  checkpoint size and device-to-host (blocked) seconds, PeftModel + merged load
 #   planner        estimated vs measured max_memory_reserved of the planner's picks (16 GiB cap)
@@ -23,7 +26,9 @@
 # Environment: GPU_CHECK_BUDGET_S (default 570), GPU_CHECK_STAGES (space-separated subset),
 # GPU_CHECK_LIMIT_<STAGE> (seconds; stage name upper-cased, '-' and '.' as '_'),
 # GPU_CHECK_MIN_STAGE_S (default 20), GPU_CHECK_WORK (scratch for run dirs), TORCH_SPEC
-# (default torch==2.13.0), UFF_PORT_PYTHON (use this interpreter; no venv is made).
+# (default torch==2.13.0), UFF_PORT_PYTHON (use this interpreter; no venv is made),
+# GPU_CHECK_WHEELS (a folder of wheels installed with --no-index instead of reaching PyPI:
+# a machine with no network; the package itself is then used from this checkout).
 # Files: <stage>.log, <stage>.rc, <stage>.json (figures), nvml.jsonl, heartbeat.json,
 # summary.json (every stage's rc, seconds and figures), gpu_check.log.
 set -uo pipefail
@@ -36,10 +41,12 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-570}
-STAGES=${GPU_CHECK_STAGES:-"setup telemetry build-1.3b bench-1.3b build-6.7b bench-6.7b-qlora resume-1.3b planner zero3-offload"}
+STAGES=${GPU_CHECK_STAGES:-"setup telemetry build-1.3b bench-1.3b rl-1.3b build-6.7b bench-6.7b-qlora resume-1.3b planner zero3-offload"}
 # Large files (models, run directories) stay out of OUT_DIR: it travels back.
 WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")}
-export PYTHONPATH=$ROOT HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+WHEELS=${GPU_CHECK_WHEELS:-}
+SITE=${TMPDIR:-/tmp}/gpu-check-site
+export PYTHONPATH=$ROOT${WHEELS:+:$SITE} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 export UFF_PORT_CACHE=${UFF_PORT_CACHE:-$ROOT/.cache/uff-port}
 PY=${UFF_PORT_PYTHON:-}
 [[ -n "$PY" ]] || { [[ $DRY == 1 ]] && PY=$(command -v python3); }
@@ -89,7 +96,12 @@ setup() {
     (( cuda_torch )) || "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || return 1
   fi
   echo "$PY" > "$OUT/python.path"   # the parent reads which interpreter the stages use
-  "$PY" -m pip install -q -e ".[train]" "bitsandbytes>=0.50" "nvidia-ml-py>=12.0" psutil || return 1
+  if [[ -n "$WHEELS" ]]; then  # no network: what the machine lacks was carried in as wheels
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || return 1
+  else
+    "$PY" -m pip install -q -e ".[train]" "bitsandbytes>=0.50" "nvidia-ml-py>=12.0" psutil || return 1
+  fi
+  "$PY" -c "import pydantic, transformers, peft, msgpack, psutil; print('transformers', transformers.__version__, 'peft', peft.__version__)" || return 1
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
 }
@@ -120,6 +132,21 @@ resume() {
   for run in uninterrupted killed; do
     cp "$WORK/resume-1.3b/$run/events.jsonl" "$OUT/resume-1.3b-$run.events.jsonl" 2>/dev/null
   done
+  return $rc
+}
+
+rl() {  # the GRPO preset as on a 16 GB card; the dry run: rl-tiny on CPU
+  local args=(--out "$WORK/rl-1.3b" --steps 4 --ckpt-every 2)
+  if [[ $DRY == 1 ]]; then
+    args+=(--preset configs/rl-tiny.yaml --model builtin:tiny-llama --device cpu --seq-len 64)
+  else
+    args+=(--preset configs/deepseek-coder-1.3b-grpo-16gb.yaml --device cuda --cap-gib 16 --seq-len 2048
+           --micro-batch 8 --tolerance 1e9)  # CUDA sampling may differ: the deviation is the figure
+  fi
+  "$PY" scripts/real_size_check.py "${args[@]}"
+  local rc=$?
+  cp "$WORK/rl-1.3b/result.json" "$OUT/rl-1.3b.json" 2>/dev/null
+  cp "$WORK/rl-1.3b/uninterrupted/events.jsonl" "$OUT/rl-1.3b-uninterrupted.events.jsonl" 2>/dev/null
   return $rc
 }
 
@@ -155,8 +182,8 @@ print(json.dumps({k: v["rc"] for k, v in stages.items()}))
 EOF
 }
 
-export -f log setup bench build resume planner zero3
-export OUT DRY ROOT WORK START PY
+export -f log setup bench build resume rl planner zero3
+export OUT DRY ROOT WORK START PY WHEELS SITE
 
 log "gpu_check: out=$OUT work=$WORK budget=${BUDGET}s dry_run=$DRY stages: $STAGES"
 stage setup 240 setup
@@ -176,6 +203,7 @@ if [[ " $STAGES " == *" telemetry "* ]]; then
 fi
 stage build-1.3b 120 build 1.3b
 stage bench-1.3b 150 bench 1.3b-lora 2048
+stage rl-1.3b 240 rl
 stage build-6.7b 180 build 6.7b
 stage bench-6.7b-qlora 180 bench 6.7b-qlora 2048
 stage resume-1.3b 200 resume

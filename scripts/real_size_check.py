@@ -3,8 +3,10 @@
     flock /tmp/uff-bigmem.lock python scripts/real_size_check.py --out /tmp/real-1.3b
     python scripts/real_size_check.py --model builtin:tiny-llama --out /tmp/real-tiny   # the same path, seconds
     python scripts/real_size_check.py --device cuda --seq-len 2048 --micro-batch 4 --out OUT   # on a GPU
+    python scripts/real_size_check.py --preset configs/deepseek-coder-1.3b-grpo-16gb.yaml \
+        --device cuda --cap-gib 16 --steps 4 --ckpt-every 2 --out OUT   # GRPO, as on a 16 GB card
 
-Runs configs/deepseek-coder-1.3b-lora-16gb.yaml (LoRA on all projections,
+Runs configs/deepseek-coder-1.3b-lora-16gb.yaml (or `--preset`: LoRA on all projections,
 gradient checkpointing, dropout 0.05) with `model.name_or_path` set to the
 local directory of the real architecture with random weights (built once,
 uff_port/training/real_arch.py), through `python -m uff_port.training`, the
@@ -19,6 +21,11 @@ length, micro-batch, accumulation, steps, fp32 on CPU.
    the final adapters' tensors against each other;
 4. a fresh process loads the base and `PeftModel.from_pretrained(final/)`
    and compares its logits with `final/merged` loaded on its own.
+
+For an RL preset (`stage: rl`) the rollout's mean reward of every step is compared
+too, and the rollout figures (generation and update tokens/s) are reported.
+`--cap-gib` holds the trainer to that much GPU memory
+(`torch.cuda.set_per_process_memory_fraction`), as a 16 GB card would.
 
 Writes OUT/result.json (every figure: s/step, peak RSS of each process via
 wait4, checkpoint bytes and save seconds, export seconds, the planner's CPU
@@ -39,10 +46,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PRESET = ROOT / "configs" / "deepseek-coder-1.3b-lora-16gb.yaml"
+CAP_GIB: float | None = None
 
 
 def overrides(a: argparse.Namespace, model: str, merge: bool) -> dict[str, Any]:
@@ -66,11 +76,19 @@ def overrides(a: argparse.Namespace, model: str, merge: bool) -> dict[str, Any]:
         "eval.every_steps": None,
         "output.merge": merge,
         "output.plot": False,
+        **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)},
     }
 
 
+# The trainer's own entry point, behind a CUDA memory cap (what a smaller card would allow).
+CAPPED = ("import runpy, sys, torch; total = torch.cuda.get_device_properties(0).total_memory; "
+          "torch.cuda.set_per_process_memory_fraction(min(1.0, float(sys.argv.pop(1)) * 2**30 / total), 0); "
+          "runpy.run_module('uff_port.training', run_name='__main__', alter_sys=True)")
+
+
 def _argv(run_dir: Path, ov: dict[str, Any], fresh: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "uff_port.training", "--run-dir", str(run_dir), "--config", str(PRESET)]
+    entry = ["-c", CAPPED, str(CAP_GIB)] if CAP_GIB else ["-m", "uff_port.training"]
+    cmd = [sys.executable, *entry, "--run-dir", str(run_dir), "--config", str(PRESET)]
     for k, v in ov.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]  # JSON scalars are YAML scalars
     return cmd + (["--fresh"] if fresh else [])
@@ -160,7 +178,29 @@ def figures(run_dir: Path) -> dict[str, Any]:
         "checkpoint_seconds": [e.get("seconds") for e in ckpts],
         "checkpoint_blocked_seconds": [e.get("blocked_seconds") for e in ckpts],
         "final_export_seconds": round(saved[-1] - saving[-1], 2) if saved and saving else None,
+        "peak_memory": [{"bytes": e["peak_memory_bytes"], "of": e.get("peak_memory_of")}
+                        for e in evs if e.get("event") == "log" and "peak_memory_bytes" in e],
+        **_rollout_figures(evs),
     }
+
+
+def _rollout_figures(evs: list[dict[str, Any]]) -> dict[str, Any]:
+    """RL runs: generation and update throughput (first rollout of a process left out), rewards."""
+    ro = [e for e in evs if e.get("event") == "rollout"]
+    if not ro:
+        return {}
+
+    def med(key: str) -> float | None:
+        vals = [float(e[key]) for e in ro[1:] if isinstance(e.get(key), (int, float))]
+        return round(statistics.median(vals), 1) if vals else None
+
+    return {"rollouts": len(ro), "gen_tokens_per_s_median": med("gen_tokens_per_s"),
+            "update_tokens_per_s_median": med("update_tokens_per_s"),
+            "completion_length": [e.get("completion_length") for e in ro]}
+
+
+def rewards(run_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["reward"] for e in events(run_dir) if e.get("event") == "rollout"}
 
 
 def planner_estimate(model: str, ov: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
@@ -168,7 +208,8 @@ def planner_estimate(model: str, ov: dict[str, Any], on_gpu: bool) -> dict[str, 
     from uff_port.planner.guard import check_config
 
     cfg = load_config(PRESET, ov)
-    devices = [{"memory_total": 1 << 50}] if on_gpu else []
+    cap = int((CAP_GIB or 16) * 2**30)
+    devices = [{"memory_total": cap}] if on_gpu else []
     rep = check_config(cfg, devices)
     return {"checked": rep.checked, "estimate": rep.estimate, "message": rep.message}
 
@@ -217,6 +258,7 @@ def load_check(model_dir: str, final: Path, device: str) -> dict[str, Any]:
 
 
 def main() -> int:
+    global PRESET, CAP_GIB
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="builtin:deepseek-coder-1.3b-random",
@@ -229,9 +271,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--ckpt-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--preset", type=Path, default=PRESET, help="the training config (an RL preset too)")
+    ap.add_argument("--cap-gib", type=float, default=None,
+                    help="cuda: hold the trainer to this much GPU memory (a 16 GB card: 16)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another config override (YAML value), e.g. training.deterministic=true")
     ap.add_argument("--tolerance", type=float, default=0.0,
                     help="largest |loss difference| accepted between resumed and uninterrupted runs")
     a = ap.parse_args()
+    PRESET, CAP_GIB = a.preset.resolve(), (a.cap_gib if a.device == "cuda" else None)
     if a.ckpt_every >= a.steps:
         ap.error("--ckpt-every must be below --steps (the kill lands after the first checkpoint)")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +300,8 @@ def main() -> int:
     result["run_b_resumed"] = run_trainer(run_b, merged, fresh=False) | figures(run_b)
     la, lb = losses(run_a), losses(run_b)
     diffs = [abs(la[s] - lb[s]) for s in sorted(la) if s in lb]
+    ra, rb = rewards(run_a), rewards(run_b)
+    rdiffs = [abs(ra[s] - rb[s]) for s in sorted(ra) if s in rb]
     resumed_from = next((e.get("resumed_from") for e in events(run_b)
                          if e.get("event") == "state" and e.get("resumed_from")), None)
     result["resume"] = {
@@ -259,7 +309,9 @@ def main() -> int:
         "losses_uninterrupted": [la[s] for s in sorted(la)],
         "losses_killed_and_resumed": [lb[s] for s in sorted(lb)],
         "steps_compared": len(diffs),
-        "bit_equal": len(diffs) == a.steps and all(d == 0.0 for d in diffs),
+        "bit_equal": len(diffs) == a.steps and all(d == 0.0 for d in diffs + rdiffs),
+        "rewards_compared": len(rdiffs),
+        "max_abs_reward_diff": max(rdiffs) if rdiffs else None,
         "max_abs_loss_diff": max(diffs) if diffs else None,
         "final_adapters_bit_equal": adapter_equal(run_a / "final", run_b / "final")
         if (run_a / "final").exists() and (run_b / "final").exists() else False,

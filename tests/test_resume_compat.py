@@ -26,3 +26,10 @@ def test_an_earlier_releases_checkpoints_still_resume(name: str) -> None:
 def test_a_new_key_binds_once_it_is_set() -> None:
     cfg = load_config(DATA / "tiny.yaml", {"model.init_adapter": "/parent/final"})
     assert resume_hash(cfg) != HASHES["tiny"]
+
+
+def test_deterministic_kernels_do_not_bind_a_checkpoint() -> None:
+    """`training.deterministic` chooses kernels, not what is learned: a run may turn it on at a resume."""
+    cfg = load_config(DATA / "tiny.yaml", {"training.deterministic": True})
+    assert cfg.training.deterministic is True
+    assert resume_hash(cfg) == HASHES["tiny"]

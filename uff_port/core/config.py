@@ -182,6 +182,9 @@ class TrainingConfig(_Section):
     cpu_threads: int | None = Field(None, gt=0)
     """Torch threads when training on CPU; null = torch's default (every core). 1 is
     fastest on a shared, busy machine, where OpenMP threads wait on each other."""
+    deterministic: bool = False
+    """CUDA: deterministic kernels only (`torch.use_deterministic_algorithms`), so two runs,
+    or a run and its resume, give the same bits; slower. CPU kernels already are."""
     loss: Literal["chunked", "full"] = "chunked"
     """`chunked`: cross-entropy a chunk of target tokens at a time, never the whole
     [tokens, vocab] logits (training/loss.py); `full`: from the model's logits, as HF does."""
@@ -469,6 +472,8 @@ _RESUME_NEUTRAL: Final = {
         "skip_nonfinite_steps",
         # The same loss within float rounding (docs/memory.md); memory, not what is learned.
         "loss",
+        # Which kernels, not what is learned: a resume may turn it on to compare bits.
+        "deterministic",
     },
     "model": {"offload_activations"},
     "checkpoint": None,

@@ -98,12 +98,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if not on_cpu:
         torch.cuda.reset_peak_memory_stats(dev)
     ids = torch.randint(0, arch["vocab"], (cand["micro_batch"], wl["seq_len"]), device=dev)
+    # The trainer's loss (training/loss.py), so the probe holds what a step holds: the chunked
+    # loss never builds the [tokens, vocab] logits that `labels=` in HF's forward would.
+    from uff_port.training.loss import loss_sum
+
     loss = float("nan")
     for _ in range(PROBE_STEPS):
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        loss = float(out.loss.detach())
+        out = loss_sum(model, {"input_ids": ids, "labels": ids.clone()}, torch.bfloat16,
+                       wl.get("loss", "chunked")) / ids.numel()
+        out.backward()
+        loss = float(out.detach())
         del out
         opt.step()
         opt.zero_grad(set_to_none=True)
