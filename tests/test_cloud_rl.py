@@ -88,3 +88,29 @@ def test_rl_run_through_the_kaggle_fake_brings_its_adapter_and_rollouts_home(tmp
     rollouts = [e for e in merged if e["event"] == "rollout"]
     assert rollouts and all(e["completions"] == 8 and 0.0 <= e["reward"] <= 1.0 for e in rollouts)
     assert [e for e in merged if e["event"] == "finished"][-1]["step"] == 4
+
+
+@pytest.mark.slow
+def test_rl_session_in_the_sagemaker_job_entry_trains_to_a_verified_model_dir(tmp_path: Path, wheel: Path) -> None:
+    """The job side of SageMaker: the bundle channel (tasks file inside), the entry, the model dir."""
+    import os
+    import subprocess
+    import sys
+
+    from uff_port.cloud.verify import check_pull
+
+    root = tmp_path / "ml"
+    build_bundle(root / "input" / "data" / "bundle", validate_config(rl_tiny(tmp_path)).to_dict(), run_id="sm",
+                 session="s0", wheel=wheel)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "KAGGLE_"))}
+    env.update({"UFF_PORT_SM_ROOT": str(root), "SM_MODEL_DIR": str(root / "model"),
+                "SM_CHANNEL_BUNDLE": str(root / "input" / "data" / "bundle"),
+                "SM_HPS": json.dumps({"uff_max_runtime": "600", "uff_margin": "5", "uff_session": "s0"})})
+    proc = subprocess.run([sys.executable, "-m", "uff_port.cloud.entry"], env=env, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = root / "checkpoints" / "run"
+    assert json.loads((run_dir / "session.json").read_text())["finished"]
+    assert check_pull(root / "model").ok
+    assert (root / "model" / "run" / "final" / "adapter_model.safetensors").is_file()
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "rollout" for e in events) == 3
