@@ -199,6 +199,36 @@ def test_two_ranks_sigkilled_mid_update_resume_bit_for_bit(tmp_path: Path) -> No
     assert torture_resume.adapter_sha(run) == torture_resume.adapter_sha(ref)
 
 
+@pytest.mark.long
+@pytest.mark.timeout(600)
+def test_two_ranks_sigterm_checkpoints_and_resume_bit_for_bit(tmp_path: Path) -> None:
+    """SIGTERM to the launcher of a two-rank RL run: both ranks agree at the next boundary,
+    checkpoint (every rank's sampler in it) and exit 75; the resumed run equals the
+    uninterrupted one at every step."""
+    import time
+
+    cfg = two_rank_config(max_steps=9)
+    cfg["checkpoint"]["every_steps"] = None
+    ref = tmp_path / "ref"
+    assert torture_resume.start(ref, torture_resume.write_config(ref, cfg)).wait(300) == 0
+    run = tmp_path / "run"
+    config = torture_resume.write_config(run, cfg)
+    proc = torture_resume.start(run, config)
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and max(_steps(run) or {0: []}) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 75
+    stopped = [e for e in torture_resume.read_events(run) if e.get("state") == "stopped"][-1]
+    assert 3 <= stopped["step"] < 9 and stopped["checkpoint"]
+    assert torture_resume.start(run, config).wait(300) == 0
+    want = {s: v[-1] for s, v in _steps(ref).items()}
+    seen = _steps(run)
+    assert sorted(seen) == list(range(1, 10))
+    assert [(s, v) for s, vs in seen.items() for v in vs if v != want[s]] == []
+    assert torture_resume.adapter_sha(run) == torture_resume.adapter_sha(ref)
+
+
 # ---- learning ---------------------------------------------------------------------------
 
 
