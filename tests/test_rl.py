@@ -4,6 +4,7 @@ and a run stopped and resumed through the real worker."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import sys
 from pathlib import Path
@@ -56,7 +57,10 @@ def test_sft_configs_keep_their_hash_and_rl_is_checked() -> None:
     assert cfg.stage == "rl" and cfg.rl.iterations == 2 and config_hash(cfg) != config_hash(plain)
     cases = {
         "rl: set, but stage is sft": {"rl": {"iterations": 2}},
-        "distributed.nproc": {**rl_config(), "distributed": {"nproc": 2}},
+        "rl.prompts_per_step: 3 must be divisible": {**rl_config(prompts_per_step=3), "distributed": {"nproc": 2},
+                                                     "training": {**rl_config()["training"], "grad_accum_steps": 2}},
+        "distributed.backend: stage rl does not run under DeepSpeed": {**rl_config(), "distributed": {
+            "backend": "deepspeed"}},
         "lora.enabled": {**rl_config(), "lora": {"enabled": False}},
         "rl.rewards": {**rl_config(rewards=[])},
         "rl.rewards.0: reward format: option 'pattern'": {**rl_config(rewards=[{"name": "format"}])},
@@ -66,6 +70,41 @@ def test_sft_configs_keep_their_hash_and_rl_is_checked() -> None:
         with pytest.raises(ConfigError) as err:
             validate_config(raw)
         assert any(p.startswith(needle) or needle in p for p in err.value.problems), (needle, err.value.problems)
+    two = validate_config(two_rank_config())  # DDP on two processes: each generates for half the prompts
+    assert two.distributed.nproc == 2 and two.stage == "rl"
+
+
+def two_rank_config(max_steps: int = 6) -> dict[str, Any]:
+    """rl_config on two processes (DDP, gloo on CPU): one prompt's group per rank and batch."""
+    cfg = rl_config(max_steps=max_steps)
+    cfg["distributed"] = {"nproc": 2, "backend": "ddp"}
+    cfg["training"]["grad_accum_steps"] = 2  # the SFT share's global batch: one micro-batch per rank
+    return cfg
+
+
+def test_a_checkpoint_resumes_only_with_the_world_size_that_saved_it() -> None:
+    """Every rank's sampler and pending batch are in it: other ranks would have none to continue."""
+    import torch
+
+    from uff_port.training.errors import TrainError
+    from uff_port.training.rl import PromptStream, RLCursor
+
+    def cursor(rank: int, world: int) -> RLCursor:
+        gen = torch.Generator()
+        gen.manual_seed(100 + rank)
+        return RLCursor(PromptStream(list(range(5)), seed=1), gen, None, 0, rank, world)
+
+    one = cursor(0, 1).state_dict()
+    two = {k: v for k, v in one.items() if k not in ("sampler", "batch")}
+    two["ranks"] = [{"sampler": cursor(r, 2).state_dict()["sampler"], "batch": None} for r in range(2)]
+    second = cursor(1, 2)
+    second.sampler.manual_seed(0)
+    second.load_state_dict(two)
+    assert torch.equal(second.sampler.get_state(), cursor(1, 2).sampler.get_state())
+    for state, c in ((two, cursor(0, 1)), (one, cursor(0, 2))):
+        with pytest.raises(TrainError) as err:
+            c.load_state_dict(state)
+        assert err.value.code == "data_cursor_mismatch" and "distributed.nproc" in err.value.message
 
 
 def test_sft_steps_are_spread_evenly() -> None:
@@ -133,6 +172,61 @@ def test_sigkill_in_every_phase_resumes_bit_for_bit(tmp_path: Path, reference: A
     assert bad == []
     assert sum(len(v) for v in seen.values()) > 8  # steps really were replayed after the kills
     assert torture_resume.adapter_sha(run) == sha
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_sigkilled_mid_update_resume_bit_for_bit(tmp_path: Path) -> None:
+    """Two ranks under torchrun (gloo); the whole group SIGKILLed in the update of step 5, when
+    checkpoint 3 holds the half-used generation batch of each rank: the resumed run's reward
+    and loss equal the uninterrupted two-rank run's at every step, and so does the adapter."""
+    ref = tmp_path / "ref"
+    assert torture_resume.start(ref, torture_resume.write_config(ref, two_rank_config())).wait(200) == 0
+    want = {s: v[-1] for s, v in _steps(ref).items()}
+    assert sorted(want) == list(range(1, 7)) and want[4][1] is None  # step 4 is the SFT share
+    rollouts = [e for e in torture_resume.read_events(ref) if e.get("event") == "rollout"]
+    assert rollouts and all(e["completions"] == 8 for e in rollouts)  # global: both ranks' completions
+    run = tmp_path / "run"
+    config = torture_resume.write_config(run, two_rank_config())
+    killed = torture_resume.start(run, config, {"UFF_PORT_RL_KILL_AT": "5:update"})
+    assert killed.wait(200) == -signal.SIGKILL
+    state = json.loads((run / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
+    assert [r["batch"]["done"] for r in state["data_cursor"]["ranks"]] == [1, 1]
+    assert torture_resume.start(run, config).wait(200) == 0
+    seen = _steps(run)
+    assert sorted(seen) == list(range(1, 7)) and len(seen[4]) == 2  # step 4 ran again after the kill
+    assert [(s, v) for s, vs in seen.items() for v in vs if v != want[s]] == []
+    assert torture_resume.adapter_sha(run) == torture_resume.adapter_sha(ref)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(600)
+def test_two_ranks_sigterm_checkpoints_and_resume_bit_for_bit(tmp_path: Path) -> None:
+    """SIGTERM to the launcher of a two-rank RL run: both ranks agree at the next boundary,
+    checkpoint (every rank's sampler in it) and exit 75; the resumed run equals the
+    uninterrupted one at every step."""
+    import time
+
+    cfg = two_rank_config(max_steps=9)
+    cfg["checkpoint"]["every_steps"] = None
+    ref = tmp_path / "ref"
+    assert torture_resume.start(ref, torture_resume.write_config(ref, cfg)).wait(300) == 0
+    run = tmp_path / "run"
+    config = torture_resume.write_config(run, cfg)
+    proc = torture_resume.start(run, config)
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and max(_steps(run) or {0: []}) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 75
+    stopped = [e for e in torture_resume.read_events(run) if e.get("state") == "stopped"][-1]
+    assert 3 <= stopped["step"] < 9 and stopped["checkpoint"]
+    assert torture_resume.start(run, config).wait(300) == 0
+    want = {s: v[-1] for s, v in _steps(ref).items()}
+    seen = _steps(run)
+    assert sorted(seen) == list(range(1, 10))
+    assert [(s, v) for s, vs in seen.items() for v in vs if v != want[s]] == []
+    assert torture_resume.adapter_sha(run) == torture_resume.adapter_sha(ref)
 
 
 # ---- learning ---------------------------------------------------------------------------

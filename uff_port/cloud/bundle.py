@@ -4,7 +4,8 @@ Layout (the same for a Kaggle dataset version and a SageMaker channel):
 
     uff-bundle.json     run id, session name, config and data paths, wheel name
     config.yaml         the run's config, data paths made bundle-relative
-    data/NN-name.jsonl  the corpus
+    data/NN-name.jsonl  the corpus (data.path; with stage rl also rl.sft_path and a tasks file
+                        named by rl.prompts)
     uff_port-*.whl      this package (`pip wheel --no-deps .`)
     resume/             the previous session's verified checkpoint (chaining)
 
@@ -25,7 +26,7 @@ from typing import Any, Final
 import yaml
 
 from uff_port import __version__
-from uff_port.cloud.corpus import CORPUS_PREFIX
+from uff_port.cloud.corpus import CORPUS_PREFIX, data_fields, field_items, set_field
 from uff_port.cloud.credentials import is_secret_file, known_secrets
 from uff_port.cloud.environment import BUNDLE_MARKER
 from uff_port.fsutil import atomic_write_json, atomic_write_text
@@ -71,17 +72,19 @@ def data_files(cfg: dict[str, Any], base: Path) -> list[Path]:
 
 
 def _data_files(cfg: dict[str, Any], base: Path) -> list[str]:
-    paths = cfg.get("data", {}).get("path", "builtin:sample-corpus")
-    items = [paths] if isinstance(paths, str) else list(paths)
+    return [p for section, key in data_fields(cfg) for p in _field_files(cfg, section, key, base)]
+
+
+def _field_files(cfg: dict[str, Any], section: str, key: str, base: Path) -> list[str]:
     out = []
-    for item in items:
+    for item in field_items(cfg, section, key):
         if item.startswith("builtin:"):
             out.append(item)
             continue
         p = Path(item)
         p = p if p.is_absolute() else base / p
         if not p.is_file():
-            raise BundleError(f"data.path: no such file {item!r}")
+            raise BundleError(f"{section}.{key}: no such file {item!r}")
         out.append(str(p))
     return out
 
@@ -105,22 +108,24 @@ def build_bundle(
         shutil.rmtree(dest)
     (dest / "data").mkdir(parents=True)
     cfg = json.loads(json.dumps(cfg))
-    remote_paths = []
-    local_files = 0
-    for i, src in enumerate(_data_files(cfg, data_base or Path.cwd())):
-        if src.startswith("builtin:"):
-            remote_paths.append(src)
-            continue
-        if corpus is not None:
-            remote_paths.append(CORPUS_PREFIX + corpus["files"][local_files])
-            local_files += 1
-            continue
-        name = f"data/{i:02d}-{Path(src).name}"
-        if is_secret_file(Path(src).name):
-            raise BundleError(f"data.path: refusing to upload credential file {Path(src).name}")
-        shutil.copyfile(src, dest / name)
-        remote_paths.append(name)
-    cfg.setdefault("data", {})["path"] = remote_paths if len(remote_paths) != 1 else remote_paths[0]
+    local_files = i = 0
+    for section, key in data_fields(cfg):
+        remote_paths = []
+        for src in _field_files(cfg, section, key, data_base or Path.cwd()):
+            i += 1
+            if src.startswith("builtin:"):
+                remote_paths.append(src)
+                continue
+            if corpus is not None:
+                remote_paths.append(CORPUS_PREFIX + corpus["files"][local_files])
+                local_files += 1
+                continue
+            name = f"data/{i - 1:02d}-{Path(src).name}"
+            if is_secret_file(Path(src).name):
+                raise BundleError(f"{section}.{key}: refusing to upload credential file {Path(src).name}")
+            shutil.copyfile(src, dest / name)
+            remote_paths.append(name)
+        set_field(cfg, section, key, remote_paths)
     atomic_write_text(dest / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     wheel_name = None
     if wheel is not None:

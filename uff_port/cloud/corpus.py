@@ -38,6 +38,34 @@ ENC_SUFFIX: Final = ".aesgcm"
 _NONCE: Final = 12
 
 
+def data_fields(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """The config keys whose values are data files that travel with a session, in corpus order.
+
+    `data.path` always; for `stage: rl` also `rl.sft_path` (the SFT mix's corpus) and
+    `rl.prompts` when it is a tasks file rather than the name of a shipped suite.
+    """
+    from uff_port.eval.suites import suite_names
+
+    fields = [("data", "path")]
+    rl = cfg.get("rl") or {}
+    if cfg.get("stage") == "rl":
+        if rl.get("sft_path"):
+            fields.append(("rl", "sft_path"))
+        if rl.get("prompts", "components") not in suite_names():
+            fields.append(("rl", "prompts"))
+    return fields
+
+
+def field_items(cfg: dict[str, Any], section: str, key: str) -> list[str]:
+    value = (cfg.get(section) or {}).get(key, "builtin:sample-corpus" if (section, key) == ("data", "path") else None)
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def set_field(cfg: dict[str, Any], section: str, key: str, items: list[str]) -> None:
+    """Write `items` back: one path as a string, several as a list."""
+    cfg.setdefault(section, {})[key] = items if len(items) != 1 else items[0]
+
+
 class CorpusError(Exception):
     """The corpus cannot be staged or opened (no key, a wrong key, a damaged file)."""
 

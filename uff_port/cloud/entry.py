@@ -33,7 +33,15 @@ from typing import IO, Any, Final
 
 import yaml
 
-from uff_port.cloud.corpus import CORPUS_PREFIX, CorpusError, find_piece, open_piece
+from uff_port.cloud.corpus import (
+    CORPUS_PREFIX,
+    CorpusError,
+    data_fields,
+    field_items,
+    find_piece,
+    open_piece,
+    set_field,
+)
 from uff_port.cloud.credentials import CORPUS_KEY_ENV
 from uff_port.cloud.environment import (
     BUNDLE_MARKER,
@@ -89,12 +97,10 @@ def _materialize(platform: Platform) -> Platform:
 def _session_config(platform: Platform, budget: float | None, margin: float) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = json.loads((platform.bundle_dir / BUNDLE_MARKER).read_text(encoding="utf-8"))
     cfg = yaml.safe_load((platform.bundle_dir / meta.get("config", "config.yaml")).read_text(encoding="utf-8"))
-    data = cfg.setdefault("data", {})
-    paths = data.get("path", "builtin:sample-corpus")
-    items = [paths] if isinstance(paths, str) else list(paths)
-    resolved = [p if p.startswith(("builtin:", CORPUS_PREFIX)) or Path(p).is_absolute() else str(platform.bundle_dir / p)
-                for p in items]
-    data["path"] = resolved[0] if isinstance(paths, str) else resolved
+    for section, key in data_fields(cfg):  # data.path, and the RL stage's tasks file and SFT corpus
+        set_field(cfg, section, key, [
+            p if p.startswith(("builtin:", CORPUS_PREFIX)) or Path(p).is_absolute() else str(platform.bundle_dir / p)
+            for p in field_items(cfg, section, key)])
     if budget is not None:
         left = budget - margin - (time.monotonic() - _STARTED)
         cfg.setdefault("training", {})["max_runtime"] = max(1.0, left)
@@ -187,11 +193,9 @@ def _map_corpus(platform: Platform, meta: dict[str, Any], cfg: dict[str, Any]) -
                             Path(tempfile.mkdtemp(prefix="uff-corpus-")))
     except CorpusError as exc:
         return str(exc)
-    data = cfg.setdefault("data", {})
-    paths = data.get("path")
-    items = [paths] if isinstance(paths, str) else list(paths or [])
-    mapped = [opened[p[len(CORPUS_PREFIX):]] if p.startswith(CORPUS_PREFIX) else p for p in items]
-    data["path"] = mapped[0] if isinstance(paths, str) else mapped
+    for section, key in data_fields(cfg):
+        set_field(cfg, section, key, [opened[p[len(CORPUS_PREFIX):]] if p.startswith(CORPUS_PREFIX) else p
+                                      for p in field_items(cfg, section, key)])
     return None
 
 

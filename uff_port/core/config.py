@@ -402,11 +402,18 @@ def _rl_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
         if cfg.rl != RLConfig():
             out.append((("rl",), "set, but stage is sft; set stage: rl or remove the rl section"))
         return out
-    d = cfg.distributed
-    if d.nproc * d.nnodes != 1:
-        out.append((("distributed", "nproc"), "stage rl runs in one process for now (nproc 1, nnodes 1)"))
+    d, r = cfg.distributed, cfg.rl
+    world = d.nproc * d.nnodes
     if d.backend == "deepspeed":
-        out.append((("distributed", "backend"), "stage rl does not run under DeepSpeed yet; use auto or ddp"))
+        out.append((("distributed", "backend"), "stage rl does not run under DeepSpeed: generation needs the "
+                    "whole weights on every rank and the update steps the torch optimizer over the LoRA "
+                    "parameters, which are too small for ZeRO's sharding to save memory; use distributed."
+                    "backend: ddp (or auto) with distributed.nproc 2, and quantization.mode: nf4 for a model "
+                    "too big for one GPU in 16-bit (docs/rl.md)"))
+    if r.prompts_per_step % world:
+        out.append((("rl", "prompts_per_step"), f"{r.prompts_per_step} must be divisible by distributed.nproc x "
+                    f"distributed.nnodes ({world}): each process generates for an equal share of the prompts, "
+                    "and a prompt's whole group stays on one process"))
     if not cfg.lora.enabled:
         out.append((("lora", "enabled"), "stage rl needs LoRA: the reference policy is the model with the "
                     "adapter disabled"))
@@ -414,10 +421,11 @@ def _rl_problems(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
         out.append((("rl", "rewards"), "at least one reward function is needed"))
     if cfg.rl.rewards and not any(r.weight for r in cfg.rl.rewards):
         out.append((("rl", "rewards"), "every weight is 0: the reward would be constant"))
-    if cfg.training.micro_batch_size > cfg.rl.prompts_per_step * cfg.rl.num_generations:
+    rows = max(1, r.prompts_per_step // world) * r.num_generations
+    if cfg.training.micro_batch_size > rows:
         out.append((("training", "micro_batch_size"), f"{cfg.training.micro_batch_size} is more than the "
-                    f"{cfg.rl.prompts_per_step * cfg.rl.num_generations} completions of a generation batch "
-                    "(rl.prompts_per_step x rl.num_generations)"))
+                    f"{rows} completions of a generation batch on one process "
+                    "(rl.prompts_per_step / processes x rl.num_generations)"))
     return out
 
 

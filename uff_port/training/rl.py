@@ -28,6 +28,13 @@ rewards, advantages, old and reference log-probabilities) and how many of its st
 are done. A restart continues with the very same samples; a batch abandoned before
 its first step ends is regenerated from the saved generator state, which on CPU is
 the same batch bit for bit.
+
+On N processes (DDP, `distributed.nproc`): the prompt cursor is global and the same
+on every rank; rank r generates for its own `prompts_per_step / N` prompts of the
+batch (whole groups, so advantages see the whole group), scores them, and the update's
+gradient is all-reduced by DDP over every completion token of every rank. Each rank's
+sampler and pending batch are gathered into the checkpoint's cursor (`ranks`), as the
+RNG of every rank is; events carry global figures, from rank 0.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import torch
 
 from uff_port.core.config import Config
 from uff_port.protocol.errors import ErrorCode
+from uff_port.training import dist
 from uff_port.training.channel import Command
 from uff_port.training.control import STOP, STOP_NOSAVE
 from uff_port.training.data import PackedStream
@@ -144,6 +152,9 @@ class Rollout:
     kl: float = 0.0  # sums over the steps taken, for the rollout event
     clip_fraction: float = 0.0
     update_tokens_per_s: float = 0.0
+    world: dict[str, Any] | None = None
+    """Every rank's rewards, scores, passes and lengths, in rank order (N processes), for
+    the events' global figures; None in one process (the rows above are all of them)."""
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,12 +167,14 @@ class Rollout:
 class RLCursor:
     """The RL recipe's `data`: what the checkpoint's data cursor must hold to resume exactly."""
 
-    def __init__(self, prompts: PromptStream, sampler: torch.Generator, sft: PackedStream | None, pad_id: int) -> None:
+    def __init__(self, prompts: PromptStream, sampler: torch.Generator, sft: PackedStream | None, pad_id: int,
+                 rank: int = 0, world: int = 1) -> None:
         self.prompts = prompts
         self.sampler = sampler
         self.sft = sft
         self.pad_id = sft.pad_id if sft is not None else pad_id
         self.batch: Rollout | None = None
+        self.rank, self.world = rank, world
 
     @property
     def epoch(self) -> int:
@@ -176,16 +189,33 @@ class RLCursor:
             "batch": self.batch.to_state() if self.batch is not None else None,
         }
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """`state_dict` with every rank's sampler and pending batch (a collective on N processes)."""
+        state = self.state_dict()
+        if self.world == 1:
+            return state
+        mine = {"sampler": state.pop("sampler"), "batch": state.pop("batch")}
+        ranks: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(ranks, mine)
+        return {**state, "world_size": self.world, "ranks": ranks}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != CURSOR_VERSION:
             raise TrainError(ErrorCode.DATA_CURSOR_MISMATCH, "the checkpoint's data cursor is not an RL cursor "
                              "(a checkpoint of an SFT run?)")
+        ranks = state.get("ranks")
+        saved_world = len(ranks) if ranks is not None else 1
+        if saved_world != self.world:
+            raise TrainError(ErrorCode.DATA_CURSOR_MISMATCH, f"this RL checkpoint was saved by {saved_world} "
+                             f"process(es) and holds each one's sampler and pending generation batch; resume it "
+                             f"with distributed.nproc x nnodes = {saved_world} (this run has {self.world})")
+        own = ranks[self.rank] if ranks is not None else state
         self.prompts.load_state_dict(state["prompts"])
-        raw = bytearray(base64.b64decode(state["sampler"]))
+        raw = bytearray(base64.b64decode(own["sampler"]))
         self.sampler.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
         if self.sft is not None and state.get("sft") is not None:
             self.sft.load_state_dict(state["sft"])
-        self.batch = Rollout.from_state(state["batch"]) if state.get("batch") else None
+        self.batch = Rollout.from_state(own["batch"]) if own.get("batch") else None
 
     def close(self) -> None:
         if self.sft is not None:
@@ -195,6 +225,31 @@ class RLCursor:
 def is_sft_step(step: int, ratio: float) -> bool:
     """Step `step` (1-based) is supervised: floor(step * ratio) ticks up (an even spread)."""
     return ratio > 0 and math.floor(step * ratio + 1e-9) > math.floor((step - 1) * ratio + 1e-9)
+
+
+def _kill_torchrun_group() -> None:
+    """The kill hook under torchrun: SIGKILL torchrun, every rank and the launcher at once,
+    as a machine that loses power would (torchrun first, so it cannot react to the rest)."""
+    torchrun = os.getppid()
+    launcher = _parent_of(torchrun)
+    siblings = [pid for pid in _pids() if _parent_of(pid) == torchrun and pid != os.getpid()]
+    for pid in [torchrun, *siblings, *([launcher] if launcher and launcher > 1 else [])]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 # ---- the model's side ------------------------------------------------------------
@@ -302,6 +357,11 @@ def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
+def batch_reward(batch: Rollout) -> float:
+    """The mean total reward of the generation batch, over every rank's completions."""
+    return statistics.fmean(batch.world["rewards"] if batch.world else batch.rewards)
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
 
@@ -353,10 +413,17 @@ class RLTrainer(Trainer):
                                    rank=self.rank, world_size=self.world)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.cfg.training.seed * 7919 + 104729 * self.rank + 17)
-        return RLCursor(PromptStream(self.tasks, self.cfg.training.seed), gen, sft, self._pad())
+        return RLCursor(PromptStream(self.tasks, self.cfg.training.seed), gen, sft, self._pad(), self.rank, self.world)
+
+    def _checkpoint_cursor(self) -> dict[str, Any]:
+        return self.cursor.checkpoint_state()
 
     def _maybe_die(self, phase: str) -> None:
-        if self._kill_at and self._kill_at == f"{self.step + 1}:{phase}":
+        if not self._kill_at or self._kill_at != f"{self.step + 1}:{phase}":
+            return
+        if self.world > 1 and self.rank == 0:
+            _kill_torchrun_group()
+        if self.world == 1 or self.rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _status(self) -> dict[str, Any]:
@@ -386,7 +453,7 @@ class RLTrainer(Trainer):
                     if data.batch is None:
                         data.batch = self._rollout(pending)
                     loss, n_tokens, grad_norm = self._rl_step(data.batch, pending)
-                    reward, kind = statistics.fmean(data.batch.rewards), "rl"
+                    reward, kind = batch_reward(data.batch), "rl"
             except _Abandon as stop:
                 self.engine.zero_grad()
                 data.load_state_dict(self._step_cursor)
@@ -422,6 +489,8 @@ class RLTrainer(Trainer):
         return self._finish()
 
     def _check_stop(self, pending: list[Command]) -> None:
+        if self.world > 1:  # ranks poll only at step boundaries, where they agree (as in SFT)
+            return
         want = self._poll(pending)
         if want in (STOP, STOP_NOSAVE):
             raise _Abandon(want)
@@ -429,7 +498,9 @@ class RLTrainer(Trainer):
     def _rollout(self, pending: list[Command]) -> Rollout:
         """Generate, score and prepare one batch (a stop abandons it; it is replayed exactly)."""
         r, data = self.cfg.rl, self.cursor
-        tasks = [i for i in data.prompts.take(r.prompts_per_step) for _ in range(r.num_generations)]
+        share = r.prompts_per_step // self.world  # the cursor is global: every rank takes the whole batch
+        mine = data.prompts.take(r.prompts_per_step)[self.rank * share : (self.rank + 1) * share]
+        tasks = [i for i in mine for _ in range(r.num_generations)]
         prompts = [self._prompt_ids[i] for i in tasks]
         self.set_state("generating")
         self._maybe_die("generation")
@@ -455,9 +526,20 @@ class RLTrainer(Trainer):
                 with model.disable_adapter():
                     ref = self._logps_rows(prompts, completions)
         self.set_state("training")
+        world = None
+        if self.world > 1:
+            parts: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(parts, {"rewards": rewards, "scores": scores, "passed": passed,
+                                                        "lengths": [len(c) for c in completions],
+                                                        "gen_tokens_per_s": gen_tps})
+            world = {"rewards": [x for p in parts for x in p["rewards"]],
+                     "scores": {k: [x for p in parts for x in p["scores"][k]] for k in scores},
+                     "passed": [x for p in parts for x in p["passed"]],
+                     "lengths": [x for p in parts for x in p["lengths"]],
+                     "gen_tokens_per_s": sum(p["gen_tokens_per_s"] for p in parts)}  # the ranks run side by side
         return Rollout(tasks=tasks, prompts=prompts, completions=completions, rewards=rewards, scores=scores,
                        passed=passed, advantages=group_advantages(rewards, r.num_generations), old_logps=old,
-                       ref_logps=ref, gen_tokens_per_s=gen_tps)
+                       ref_logps=ref, gen_tokens_per_s=gen_tps, world=world)
 
     def _logps_rows(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         out: list[list[float]] = []
@@ -470,39 +552,31 @@ class RLTrainer(Trainer):
 
     def _rl_step(self, batch: Rollout, pending: list[Command]) -> tuple[float, int, float | None]:
         """One optimizer step of the clipped surrogate (+ KL) over the whole batch."""
-        r, eng = self.cfg.rl, self.engine
+        eng = self.engine
         self._maybe_die("update")
         eng.module.train()
         t0 = time.perf_counter()
         n_rows = len(batch.completions)
-        total = max(1, sum(len(c) for c in batch.completions))
+        local = sum(len(c) for c in batch.completions)
+        # Every completion token of every rank counts once: the loss is their mean.
+        total = max(1, int(dist.all_reduce_sum(torch.tensor(float(local), device=self.device))))
         loss_sum = torch.zeros((), dtype=torch.float64)
         kl_sum = clip_sum = 0.0
-        for k, i in enumerate(range(0, n_rows, self.micro)):
-            if k and self.world == 1:
+        starts = list(range(0, n_rows, self.micro))  # the same count on every rank: equal shares
+        for k, i in enumerate(starts):
+            if k:
                 self._check_stop(pending)
-            rows = slice(i, i + self.micro)
-            comps = batch.completions[rows]
-            logp, mask = completion_logps(eng.module, batch.prompts[rows], comps, pad_id=self._pad(),
-                                          temperature=r.temperature, autocast=eng.autocast)
-            width = logp.shape[1]
-            old = _pad_rows(batch.old_logps[rows], width).to(logp.device) if batch.old_logps else logp.detach()
-            adv = torch.tensor(batch.advantages[rows], dtype=torch.float32, device=logp.device)[:, None]
-            ratio = torch.exp(logp - old)
-            clipped = torch.clamp(ratio, 1 - r.clip_epsilon, 1 + r.clip_epsilon)
-            per_token = -torch.min(ratio * adv, clipped * adv)
-            if batch.ref_logps is not None:
-                ref = _pad_rows(batch.ref_logps[rows], width).to(logp.device)
-                delta = ref - logp
-                kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
-                per_token = per_token + r.kl_beta * kl
-                kl_sum += float((kl.detach() * mask).sum())
-            s = (per_token * mask).sum()
-            scaled = s / total
-            (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
+            with dist.no_sync_unless(eng.module, last=k == len(starts) - 1):  # one all-reduce per step
+                s, kl_part, clip_part = self._surrogate(batch, slice(i, i + self.micro))
+                scaled = s * self.world / total  # DDP averages gradients over ranks: undo it
+                (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
             loss_sum += s.detach().double().cpu()
-            is_clipped = ((ratio < 1 - r.clip_epsilon) & (adv < 0)) | ((ratio > 1 + r.clip_epsilon) & (adv > 0))
-            clip_sum += float((is_clipped.float() * mask).sum())
+            kl_sum += kl_part
+            clip_sum += clip_part
+        if self.world > 1:  # the global figures: every rank decides alike, rank 0 reports them
+            sums = dist.all_reduce_sum(torch.tensor([float(loss_sum), kl_sum, clip_sum], dtype=torch.float64,
+                                                    device=self.device)).cpu()
+            loss_sum, kl_sum, clip_sum = sums[0], float(sums[1]), float(sums[2])
         grad_norm = self._apply(float(loss_sum) / total)
         batch.done += 1
         batch.kl += kl_sum / total
@@ -510,24 +584,47 @@ class RLTrainer(Trainer):
         batch.update_tokens_per_s = total / max(time.perf_counter() - t0, 1e-9)
         return float(loss_sum) / total, total, grad_norm
 
+    def _surrogate(self, batch: Rollout, rows: slice) -> tuple[torch.Tensor, float, float]:
+        """(summed per-token loss of these rows, their KL sum, their clipped-token count)."""
+        r, eng = self.cfg.rl, self.engine
+        logp, mask = completion_logps(eng.module, batch.prompts[rows], batch.completions[rows], pad_id=self._pad(),
+                                      temperature=r.temperature, autocast=eng.autocast)
+        width = logp.shape[1]
+        old = _pad_rows(batch.old_logps[rows], width).to(logp.device) if batch.old_logps else logp.detach()
+        adv = torch.tensor(batch.advantages[rows], dtype=torch.float32, device=logp.device)[:, None]
+        ratio = torch.exp(logp - old)
+        clipped = torch.clamp(ratio, 1 - r.clip_epsilon, 1 + r.clip_epsilon)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        kl_sum = 0.0
+        if batch.ref_logps is not None:
+            ref = _pad_rows(batch.ref_logps[rows], width).to(logp.device)
+            delta = ref - logp
+            kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
+            per_token = per_token + r.kl_beta * kl
+            kl_sum = float((kl.detach() * mask).sum())
+        is_clipped = ((ratio < 1 - r.clip_epsilon) & (adv < 0)) | ((ratio > 1 + r.clip_epsilon) & (adv > 0))
+        return (per_token * mask).sum(), kl_sum, float((is_clipped.float() * mask).sum())
+
     def _apply(self, loss: float) -> float:
         """Clip, check, step: the torch engine's step tail (the gradient is already there)."""
         return self.engine.apply_gradients(loss)  # type: ignore[attr-defined]  # RL runs on TorchEngine only
 
     def _rollout_event(self, batch: Rollout) -> None:
-        tested = [p for p in batch.passed if p is not None]
-        lengths = [len(c) for c in batch.completions]
+        w = batch.world
+        passed = w["passed"] if w else batch.passed
+        tested = [p for p in passed if p is not None]
+        lengths = w["lengths"] if w else [len(c) for c in batch.completions]
         self.emit(
             "rollout",
             step=self.step,
-            reward=statistics.fmean(batch.rewards),
-            rewards={name: _stats(v) for name, v in batch.scores.items()},
+            reward=batch_reward(batch),
+            rewards={name: _stats(v) for name, v in (w["scores"] if w else batch.scores).items()},
             pass_rate=(sum(tested) / len(tested)) if tested else None,
             completion_length=statistics.fmean(lengths),
             completions=len(lengths),
             kl=batch.kl / max(batch.done, 1) if batch.ref_logps is not None else None,
             clip_fraction=batch.clip_fraction / max(batch.done, 1),
-            gen_tokens_per_s=batch.gen_tokens_per_s,
+            gen_tokens_per_s=w["gen_tokens_per_s"] if w else batch.gen_tokens_per_s,
             update_tokens_per_s=batch.update_tokens_per_s,
         )
 

@@ -357,6 +357,10 @@ class Trainer:
             **{"loss_window": self.loss_window.to_counters()},
         }
 
+    def _checkpoint_cursor(self) -> dict[str, Any]:
+        """The data cursor a checkpoint holds; the SFT stream's is the same on every rank."""
+        return self.data.state_dict()
+
     def save_checkpoint(self, *, wait: bool) -> str | None:
         """Snapshot at a step boundary (collective), write in the background on rank 0.
 
@@ -374,7 +378,7 @@ class Trainer:
             snap = snapshot(
                 model=self.model,
                 **self.engine.snapshot_parts(),
-                data_cursor=self.data.state_dict(),
+                data_cursor=self._checkpoint_cursor(),
                 counters=self._counters(),
                 step=self.step,
                 rank=self.rank,
