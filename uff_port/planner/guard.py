@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from uff_port.core.config import Config, resolve_deepspeed_config, validate_config
+from uff_port.core.config import Config, ConfigError, resolve_deepspeed_config, validate_config
 from uff_port.planner.arch import ArchError, resolve_arch
 from uff_port.planner.estimate import (
     DS_REDUCE_BUCKET,
@@ -310,7 +310,10 @@ def _rollout_fix(cfg: Config, cur: Candidate, wl: Workload, arch: Any, n_gpus: i
         base = _nearest(cfg, cur, update_only, arch, n_gpus, gpu_cap, cpu_cap) or {}
         if not base:
             return None
-        cand = candidate_of(validate_config(cfg.to_dict(), base))
+        try:
+            cand = candidate_of(validate_config(cfg.to_dict(), base))
+        except ConfigError:  # e.g. more processes, which the RL stage refuses
+            return None
     limit = rollout_limit(arch, cand, wl, gpu_cap, cpu_cap, r.prompts_per_step, r.num_generations)
     ov = rollout_overrides(limit, r.prompts_per_step, r.num_generations, cand.micro_batch)
     if ov == {}:
