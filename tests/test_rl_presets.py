@@ -49,6 +49,17 @@ def test_rl_adapter_preset_validates_and_fits_as_its_header_says(m: str) -> None
     assert float(said.group(1)) == round(sum(report.estimate["gpu"].values()) / 2**30, 1)
 
 
+@pytest.mark.parametrize("name", ["deepseek-coder-1.3b-grpo-16gb", "deepseek-coder-6.7b-grpo-qlora-16gb"])
+def test_grpo_preset_headers_carry_the_planners_estimate(name: str) -> None:
+    from uff_port.planner.guard import check_config
+
+    header = (ROOT / "configs" / f"{name}.yaml").read_text()
+    said = re.search(r"Memory \(planner[^)]*\): ([\d.]+) GiB of 16", header)
+    report = check_config(load_config(name), GPU16)
+    assert said and report.fits and report.estimate is not None, report.message
+    assert float(said.group(1)) == round(sum(report.estimate["gpu"].values()) / 2**30, 1)
+
+
 def test_one_rl_adapter_trains_on_cpu(tmp_path: Path) -> None:
     """adapter-ufm-grpo, shrunk to the tiny model: a generation batch scored by the ufm tasks'
     tests in the sandbox, its two updates (the preset's rl.iterations) with a supervised step of
