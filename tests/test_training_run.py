@@ -360,12 +360,14 @@ def test_every_preset_is_a_valid_config() -> None:
 
     names = sorted(p for p in (ROOT / "configs").glob("*.yaml")
                    if p.name.startswith(("tiny", "deepseek", "adapter", "rl-")))
-    assert len(names) == 13
+    assert len(names) == 19
     for p in names:
         cfg = load_config(p)
         assert p.read_text().startswith("#"), f"{p.name} must say its hardware and memory in a comment"
         if p.name.startswith("adapter-"):
-            assert cfg.data.managers == [p.stem.removeprefix("adapter-")]
+            manager = p.stem.removeprefix("adapter-").removesuffix("-grpo")
+            assert cfg.data.managers == [manager]
+            assert (cfg.stage == "rl") == p.stem.endswith("-grpo")
     for p in (ROOT / "configs" / "deepspeed").glob("*.json"):
         assert "zero_optimization" in json.loads(p.read_text())
 

@@ -173,7 +173,8 @@ def _epoch(ns: argparse.Namespace, cfg: Any, result: dict[str, Any], gpus: list[
         devices = [{"index": i, "name": "planned", "memory_total": b} for i, b in enumerate(gpus)]
         fit = check_config(cfg, devices)
         out["config"] = {**epoch_estimate(n, candidate_of(cfg), tokens, tflops, util), "name": ns.config,
-                         "fits": fit.fits, "fit": fit.message, "code": None if fit.fits else fit.code}
+                         "fits": fit.fits, "fit": fit.message, "code": None if fit.fits else fit.code,
+                         "nearest_fit": fit.nearest_fit, "rollout": fit.details.get("rollout")}
     return out
 
 
@@ -190,6 +191,14 @@ def _epoch_lines(epoch: dict[str, Any]) -> None:
             f"{e['hours_per_10m_tokens']:.3g} h per 10M tokens"
         fit = "" if kind != "config" else ("  fits" if e["fits"] else f"  does not fit ({e['code']}): {e['fit']}")
         print(f"  {name} ({e['candidate']}): ~{e['tokens_per_s']:,.0f} tokens/s, {hours}{fit}")
+        if kind == "config" and e.get("nearest_fit"):
+            sets = " ".join(f"--set {k}={_set_value(v)}" for k, v in e["nearest_fit"].items())
+            print(f"  to fit: uff-port train {e['name']} {sets}")
+
+
+def _set_value(v: Any) -> str:
+    """A value as `--set` parses it (YAML): true/false/null, numbers, plain strings."""
+    return json.dumps(v) if isinstance(v, (bool, type(None))) or not isinstance(v, str) else v
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from uff_port.core.config import Config, resolve_deepspeed_config
+from uff_port.core.config import Config, ConfigError, resolve_deepspeed_config, validate_config
 from uff_port.planner.arch import ArchError, resolve_arch
 from uff_port.planner.estimate import (
     DS_REDUCE_BUCKET,
@@ -227,6 +227,112 @@ def check_config(cfg: Config, devices: list[dict[str, Any]]) -> FitReport:
         parts.append(f"needs ~{fmt_bytes(s.est.gpu_total)} per GPU, the GPU has {fmt_bytes(gpu_cap or 0)}")
     if not s.fits_cpu:
         parts.append(f"needs ~{fmt_bytes(s.est.cpu_total)} of host RAM, the host has {fmt_bytes(cpu_cap)}")
+    details: dict[str, Any] = {}
+    rollout_note = ""
+    if cfg.stage == "rl":
+        fix = _rollout_fix(cfg, cur, wl, arch, len(devices), gpu_cap, cpu_cap, nearest)
+        if fix is not None:
+            details["rollout"] = fix
+            rollout_note = "; " + fix["message"]
+            if fix["overrides"] is not None:
+                nearest = fix["overrides"]
     hint = f"; nearest config that fits: {nearest}" if nearest else "; no nearby config fits"
-    return FitReport(False, est, f"{arch.name} {cur.label} will not fit: " + " and ".join(parts) + hint,
-                     nearest_fit=nearest)
+    return FitReport(False, est, f"{arch.name} {cur.label} will not fit: " + " and ".join(parts) + rollout_note + hint,
+                     nearest_fit=nearest, details=details)
+
+
+# ---- the RL stage's generation batch ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutLimit:
+    """The largest generation batch one update shape fits with (margin kept)."""
+
+    rows: int
+    """Completions generated at once (prompts_per_step x num_generations) that fit; 0 = none."""
+    num_generations: int | None
+    """The largest G at the config's prompts_per_step (None when below 2)."""
+    prompts_per_step: int | None
+    """The largest prompts_per_step at the config's G (None when below 1)."""
+
+
+def rollout_limit(arch: Any, cand: Candidate, wl: Workload, gpu_cap: int | None, cpu_cap: int | None,
+                  prompts_per_step: int, num_generations: int, margin: float = DEFAULT_MARGIN) -> RolloutLimit:
+    """Largest rows <= wl.rollout_rows that fit (the estimate grows with rows: a bisection).
+
+    The update's micro-batch is capped at the rows (a generation batch smaller than
+    `training.micro_batch_size` is refused at validation), which only lowers the estimate.
+    """
+
+    def fits(rows: int) -> bool:
+        c = replace(cand, micro_batch=min(cand.micro_batch, rows))
+        return judge(estimate(arch, c, replace(wl, rollout_rows=rows)), gpu_cap, cpu_cap, margin).fits
+
+    lo, hi = 0, wl.rollout_rows  # fits(lo) is assumed, fits(hi + 1) is not asked
+    if fits(hi):
+        lo = hi
+    else:
+        while hi - lo > 1:  # invariant: lo fits (or is 0), hi does not
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    g = lo // prompts_per_step
+    return RolloutLimit(lo, g if g >= 2 else None, min(prompts_per_step, lo // num_generations) or None)
+
+
+def rollout_overrides(limit: RolloutLimit, prompts_per_step: int, num_generations: int,
+                      micro_batch: int) -> dict[str, Any] | None:
+    """The smallest change to the generation batch that fits: fewer prompts per batch first
+    (the group size G, which the advantages are normalised over, is kept), then a smaller G
+    at one prompt; None when not even one prompt with G = 2 fits."""
+    if limit.rows >= prompts_per_step * num_generations:
+        return {}
+    if limit.prompts_per_step:
+        ov: dict[str, Any] = {"rl.prompts_per_step": limit.prompts_per_step}
+    elif limit.rows >= 2:
+        ov = {"rl.prompts_per_step": 1, "rl.num_generations": limit.rows}
+    else:
+        return None
+    rows = ov["rl.prompts_per_step"] * ov.get("rl.num_generations", num_generations)
+    if micro_batch > rows:
+        ov["training.micro_batch_size"] = rows
+    return ov
+
+
+def _rollout_fix(cfg: Config, cur: Candidate, wl: Workload, arch: Any, n_gpus: int, gpu_cap: int | None,
+                 cpu_cap: int | None, nearest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the generation batch must shrink to, with the config's update shape when that
+    alone fits, else with the nearest update shape that fits without the rollout."""
+    r = cfg.rl
+    update_only = replace(wl, rollout_rows=0)
+    if judge(estimate(arch, cur, update_only), gpu_cap, cpu_cap, DEFAULT_MARGIN).fits:
+        cand, base = cur, {}
+    else:
+        base = _nearest(cfg, cur, update_only, arch, n_gpus, gpu_cap, cpu_cap) or {}
+        if not base:
+            return None
+        try:
+            cand = candidate_of(validate_config(cfg.to_dict(), base))
+        except ConfigError:  # e.g. more processes, which the RL stage refuses
+            return None
+    limit = rollout_limit(arch, cand, wl, gpu_cap, cpu_cap, r.prompts_per_step, r.num_generations)
+    ov = rollout_overrides(limit, r.prompts_per_step, r.num_generations, cand.micro_batch)
+    if ov == {}:
+        return None  # the rollout is not what breaks it: the update shape's own change suffices
+    rows = r.prompts_per_step * r.num_generations
+    if ov is None:
+        msg = (f"the rollout does not fit even at 1 prompt x G 2 ({r.max_prompt_tokens} + {r.max_new_tokens} "
+               "tokens per row): lower rl.max_new_tokens or rl.max_prompt_tokens")
+    else:
+        largest = []
+        if limit.num_generations:
+            largest.append(f"rl.num_generations {limit.num_generations} (at {r.prompts_per_step} prompts per step)")
+        if limit.prompts_per_step:
+            largest.append(f"rl.prompts_per_step {limit.prompts_per_step} (at G {r.num_generations})")
+        if not largest:
+            largest.append(f"rl.num_generations {limit.rows} at 1 prompt per step")
+        msg = (f"the rollout ({r.prompts_per_step} prompts x G {r.num_generations} = {rows} completions of up to "
+               f"{r.max_prompt_tokens} + {r.max_new_tokens} tokens) fits with at most {limit.rows} "
+               "completions at once: largest "
+               + " or ".join(largest))
+    return {"message": msg, "rows": limit.rows, "num_generations": limit.num_generations,
+            "prompts_per_step": limit.prompts_per_step, "overrides": None if ov is None else {**base, **ov}}
