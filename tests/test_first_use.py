@@ -130,12 +130,18 @@ def status(run_dir: Path) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+def _sighup_default() -> None:
+    """A suite started under `nohup` passes SIGHUP ignored to its children, and the CLI rightly
+    keeps an ignored SIGHUP ignored: these tests are about a terminal that can hang up."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_sighup_to_the_cli_process_group_checkpoints_and_exits_75(tmp_path: Path) -> None:
     run = tmp_path / "hup"
     proc = subprocess.Popen([PY, "-m", "uff_port", "train", "tiny", "--run-dir", str(run), *LONG], cwd=ROOT,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_sighup_default)
     try:
         wait_for(run, lambda e: e.get("event") == "progress" and e["step"] >= 3)
         os.killpg(proc.pid, signal.SIGHUP)  # what a closed terminal or a dropped SSH session sends
@@ -155,7 +161,7 @@ def test_sighup_to_the_cli_alone_is_passed_on_and_the_trainer_checkpoints(tmp_pa
     run = tmp_path / "hup1"
     proc = subprocess.Popen([PY, "-m", "uff_port", "train", "tiny", "--run-dir", str(run), "--quiet", *LONG],
                             cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_sighup_default)
     try:
         wait_for(run, lambda e: e.get("event") == "progress" and e["step"] >= 2)
         proc.send_signal(signal.SIGHUP)  # the CLI only: it must not die and leave the trainer unsaved

@@ -80,6 +80,7 @@ def test_unknown_real_size_is_named() -> None:
 
 
 @pytest.mark.timeout(900)  # ~30 s alone; several trainer processes in a row on a loaded machine
+@pytest.mark.long  # the same script's stages run in the gpu_check dry-run test below
 def test_real_preset_path_on_tiny_model(tmp_path: Path) -> None:
     """The same script as the 1.3B run: train, SIGKILL after a checkpoint, resume bit-exactly,
     PeftModel.from_pretrained, and the merged export agreeing with it."""

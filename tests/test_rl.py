@@ -250,6 +250,7 @@ def test_mean_reward_rises_on_the_toy_task(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a figure (docs/rl.md), 1-2 min; the SFT steps of the mix are in the SIGKILL test
 @pytest.mark.timeout(600)
 def test_sft_share_keeps_the_sft_loss_from_drifting_up(tmp_path: Path) -> None:
     """rl-tiny with sft_ratio 0.5: the reward still rises and the held-out SFT loss does not.
