@@ -188,6 +188,20 @@ class TorchEngine(StepEngine):
 
     def restore(self, point: Path, snap: TrainingSnapshot) -> None:
         apply_snapshot(snap, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        reschedule(self.scheduler)
+
+
+def reschedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the restored step's learning rate from this config's schedule.
+
+    The optimizer state holds the rate the saved schedule gave; a resume with a larger
+    `training.max_steps` (resume-neutral) would run its first step at that rate (0 at the
+    end of a cosine). The same expression LambdaLR uses, so an unchanged config keeps its bits.
+    """
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports before the next step
 
 
 class DeepSpeedEngine(StepEngine):
