@@ -171,6 +171,96 @@ defmodule UffPort.CampaignTest do
              Enum.count(records, &(&1["kind"] == "job" and &1["state"] == "training"))
   end
 
+  # ------------------------------------------------------------------ sft -> rl
+
+  @tag timeout: 300_000
+  test "stages [sft, rl]: the RL job starts from the registered SFT artifact; a kill between the stages resumes, nothing twice" do
+    tmp = tmp_dir!("campaign_rl")
+    gates = Path.join(tmp, "gates.yaml")
+
+    File.write!(gates, """
+    schema_version: 1
+    quality: {enabled: false}
+    latency: {enabled: false}
+    safety: {enabled: false}
+    """)
+
+    lora =
+      "{lora.r: 8, lora.alpha: 16, lora.target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]}"
+
+    spec = Path.join(tmp, "spec.yaml")
+
+    File.write!(spec, """
+    name: sftrl
+    strategy: local
+    #{@tiny_overrides}
+    promotion: {gates: #{gates}}
+    models:
+      - name: main
+        preset: tiny
+        stages: [sft, rl]
+        overrides: #{lora}
+        rl:
+          preset: rl-tiny
+          overrides: {training.max_steps: 2, checkpoint.every_steps: 1, rl.prompts_per_step: 2, rl.num_generations: 4, training.micro_batch_size: 8}
+    """)
+
+    {:ok, sup} =
+      CampaignSupervisor.start_link(
+        spec_path: spec,
+        worker: worker_opts(tmp),
+        subscribers: [self()],
+        tick_ms: 200,
+        retry_backoff: 200
+      )
+
+    # the campaign process killed right after it journaled the rl stage (before or as it starts)
+    receive do
+      {:uff_campaign, _,
+       %{"event" => "campaign_transition", "record" => %{"state" => "training_rl"}}} ->
+        Process.exit(CampaignSupervisor.campaign(sup), :kill)
+    after
+      240_000 -> flunk("no rl stage")
+    end
+
+    # the gates file changed after planning: the campaign promotes with the journaled plan's gates
+    File.write!(gates, """
+    schema_version: 1
+    quality: {enabled: true, metric: eval_loss, higher_is_better: false, threshold: 0.000001}
+    latency: {enabled: true, prompts: ["def f(x):"], max_new_tokens: 4, warmup: 0, repeats: 1, max_p95_ms: 0.001}
+    """)
+
+    done = drive(sup, [], 0, [], 240_000)
+    Supervisor.stop(sup)
+
+    assert done["jobs"] == %{"main" => "promoted"}
+    d = done["details"]["main"]
+    assert d["step"] == 4 and d["rl_step"] == 2
+    sft_art = d["sft_artifact_id"]
+    assert is_binary(sft_art) and d["artifact_id"] != sft_art
+
+    # the promoted artifact is the RL run's, started from the SFT artifact and saying so
+    art = Path.join([tmp, "runs", "registry", "artifacts", d["artifact_id"], "artifact.json"])
+
+    {parent, 0} =
+      System.cmd(python(), [
+        "-c",
+        "import json,sys;print(json.load(open(sys.argv[1]))['lineage']['parent'])",
+        art
+      ])
+
+    assert String.trim(parent) == sft_art
+
+    dir = Path.join([tmp, "runs", "campaigns", "sftrl"])
+    {:ok, records, 0} = CampaignJournal.read(dir)
+    states = for %{"kind" => "job", "state" => s} <- records, do: s
+
+    assert states == ~w(training registering_sft training_rl registering promoting promoted)
+    assert Enum.count(records, &(&1["kind"] == "campaign_started")) == 2
+    # the SFT stage ran once (one `training` above); the RL run directory is its own
+    assert File.exists?(Path.join([tmp, "runs", "campaigns", "sftrl", "main-rl"]))
+  end
+
   # ------------------------------------------------------------------ the week
 
   @tag :campaign_long
