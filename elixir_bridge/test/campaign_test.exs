@@ -114,6 +114,8 @@ defmodule UffPort.CampaignTest do
     """)
 
     collector = spawn_link(fn -> collect([]) end)
+    me = self()
+    sampler = spawn_link(fn -> sample_trainers(tmp, me, []) end)
 
     assert {:ok, done} =
              TrainingCoordinator.run_campaign(spec,
@@ -122,6 +124,9 @@ defmodule UffPort.CampaignTest do
                tick_ms: 200,
                timeout: 280_000
              )
+
+    send(sampler, :stop)
+    samples = receive do: ({:samples, s} -> s)
 
     assert done["jobs"] == %{"main" => "refused", "ufm" => "skipped", "ucm" => "failed"}
     d = done["details"]
@@ -158,6 +163,16 @@ defmodule UffPort.CampaignTest do
 
     # a finished campaign started again does nothing but say so
     {:ok, records, 0} = CampaignJournal.read(Path.join([tmp, "runs", "campaigns", "outcomes"]))
+
+    # one GPU (the default): one local job at a time, seen from the kernel and in the journal;
+    # the trainer keeps the VM's own CUDA_VISIBLE_DEVICES
+    assert samples != [] and Enum.all?(samples, &(length(&1) <= 1)), inspect(samples)
+    inherited = System.get_env("CUDA_VISIBLE_DEVICES")
+    assert Enum.all?(Enum.concat(samples), fn {_, c} -> c == inherited end)
+    order = for %{"kind" => "job", "state" => s} = r <- records, do: {r["job"], s}
+    [first, second] = for {j, "training"} <- order, j in ~w(main ucm), do: j
+    i_first_done = Enum.find_index(order, fn {j, s} -> j == first and s != "training" end)
+    assert i_first_done < Enum.find_index(order, &(&1 == {second, "training"})), inspect(order)
 
     assert {:ok, again} =
              TrainingCoordinator.run_campaign(spec, worker: worker_opts(tmp), timeout: 60_000)
@@ -259,6 +274,88 @@ defmodule UffPort.CampaignTest do
     assert Enum.count(records, &(&1["kind"] == "campaign_started")) == 2
     # the SFT stage ran once (one `training` above); the RL run directory is its own
     assert File.exists?(Path.join([tmp, "runs", "campaigns", "sftrl", "main-rl"]))
+  end
+
+  # ------------------------------------------------------------------ GPUs
+
+  @tag timeout: 300_000
+  test "two GPUs: two local jobs at once, each trainer with a CUDA_VISIBLE_DEVICES of its own" do
+    tmp = tmp_dir!("campaign_gpus")
+    gates = Path.join(tmp, "gates.yaml")
+    File.write!(gates, "schema_version: 1\nlatency: {enabled: false}\nsafety: {enabled: false}\n")
+
+    # (one GPU, one local job at a time: the outcomes test above)
+    spec = Path.join(tmp, "two.yaml")
+
+    File.write!(spec, """
+    name: two
+    strategy: local
+    budgets: {local_gpus: 2}
+    #{@tiny_overrides}
+    promotion: {gates: #{gates}, policy: candidate}
+    release: {enabled: false}
+    models:
+      - {name: main, preset: tiny}
+      - {name: ufm, preset: tiny, overrides: {training.seed: 7}}
+    """)
+
+    # the trainers' environment as the kernel shows it, sampled while the campaign runs
+    me = self()
+    sampler = spawn_link(fn -> sample_trainers(tmp, me, []) end)
+
+    {:ok, done} =
+      TrainingCoordinator.run_campaign(spec,
+        worker: worker_opts(tmp),
+        tick_ms: 200,
+        timeout: 280_000
+      )
+
+    send(sampler, :stop)
+    samples = receive do: ({:samples, s} -> s)
+
+    assert done["jobs"] == %{"main" => "candidate", "ufm" => "candidate"},
+           inspect(done["details"])
+
+    seen = samples |> Enum.concat() |> Enum.uniq()
+    assert Enum.sort(Enum.uniq(for {_, cvd} <- seen, do: cvd)) == ["0", "1"], inspect(seen)
+    # at some moment both trained, never two on one device
+    assert Enum.any?(samples, &(Enum.sort(for {_, c} <- &1, do: c) == ["0", "1"])),
+           inspect(samples)
+
+    for s <- samples, do: assert(length(Enum.uniq_by(s, &elem(&1, 1))) == length(s), inspect(s))
+  end
+
+  defp sample_trainers(tmp, parent, acc) do
+    receive do
+      :stop -> send(parent, {:samples, Enum.reverse(acc)})
+    after
+      50 ->
+        now = trainers_of(tmp)
+        sample_trainers(tmp, parent, if(now == [], do: acc, else: [now | acc]))
+    end
+  end
+
+  # {os pid, CUDA_VISIBLE_DEVICES or nil} of every `python -m uff_port.training` under `tmp`
+  defp trainers_of(tmp) do
+    for pid <- File.ls!("/proc"),
+        pid =~ ~r/^\d+$/,
+        {:ok, cmd} <- [File.read("/proc/#{pid}/cmdline")],
+        String.contains?(cmd, "uff_port.training"),
+        {:ok, cwd} <- [File.read_link("/proc/#{pid}/cwd")],
+        String.starts_with?(cwd, tmp),
+        {:ok, env} <- [File.read("/proc/#{pid}/environ")] do
+      cvd =
+        env
+        |> String.split(<<0>>)
+        |> Enum.find_value(fn kv ->
+          case kv do
+            "CUDA_VISIBLE_DEVICES=" <> v -> v
+            _ -> nil
+          end
+        end)
+
+      {pid, cvd}
+    end
   end
 
   # ------------------------------------------------------------------ the week
