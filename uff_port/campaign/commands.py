@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -58,7 +57,12 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from uff_port.cloud.settings import validate_cloud
 
     spec, path = _spec(args, ctx)
-    start = float(args.get("start") or time.time())
+    from uff_port.cloud.timescale import now
+
+    try:
+        start = float(args.get("start") or now())  # simulated in simulations (uff_port.cloud.timescale)
+    except ValueError as exc:
+        raise CommandError(ErrorCode.INVALID_CONFIG, str(exc)) from None
     try:
         settings = validate_cloud({**spec.cloud, "budgets": {
             **(spec.cloud.get("budgets") or {}),
