@@ -276,6 +276,65 @@ defmodule UffPort.CampaignTest do
     assert File.exists?(Path.join([tmp, "runs", "campaigns", "sftrl", "main-rl"]))
   end
 
+  # ------------------------------------------------------------------ retries
+
+  @tag timeout: 120_000
+  test "the retry count is journaled: a restarted campaign goes on counting" do
+    tmp = tmp_dir!("campaign_retries")
+    spec = Path.join(tmp, "spec.yaml")
+
+    File.write!(spec, """
+    name: retries
+    strategy: local
+    #{@tiny_overrides}
+    schedule: {mode: daily, hour: 2, window_hours: 1}
+    models:
+      - {name: main, preset: tiny}
+    """)
+
+    start = fn clock ->
+      {:ok, sup} =
+        CampaignSupervisor.start_link(
+          spec_path: spec,
+          worker: worker_opts(tmp),
+          subscribers: [self()],
+          clock: fn -> clock end,
+          tick_ms: 200
+        )
+
+      sup
+    end
+
+    # 1. outside the daily window: the plan is journaled, nothing trains
+    sup = start.(1_795_920_000 + 12 * 3600)
+
+    assert_receive {:uff_campaign, _, %{"record" => %{"kind" => "plan"}}}, 60_000
+    Supervisor.stop(sup)
+
+    # 2. as if two trainer_failed retries had happened before the VM went down
+    dir = Path.join([tmp, "runs", "campaigns", "retries"])
+    {:ok, j, _} = CampaignJournal.open(dir)
+
+    {:ok, j, _} =
+      CampaignJournal.append(j, %{
+        "kind" => "job",
+        "job" => "main",
+        "state" => "waiting",
+        "reason" => "job failed: trainer_failed",
+        "resume" => "training",
+        "retries" => 2,
+        "retry_at" => 0
+      })
+
+    CampaignJournal.close(j)
+
+    # 3. started again: the third attempt, not the first
+    sup = start.(1_795_920_000 + 2 * 3600)
+    assert_receive {:uff_campaign, _, %{"event" => "campaign_job_started"} = ev}, 60_000
+    Supervisor.stop(sup)
+    assert ev["attempt"] == 3 and ev["job"] == "main"
+  end
+
   # ------------------------------------------------------------------ GPUs
 
   @tag timeout: 300_000
