@@ -2,6 +2,7 @@
 """The users' week as one campaign, under chaos: random SIGKILLs of trainers and of the BEAM.
 
     .venv/bin/python scripts/simulate_campaign.py [--max-steps 40] [--trainer-kills 6] [--vm-kills 2] [--seed 3]
+    .venv/bin/python scripts/simulate_campaign.py --week [--hour-seconds 10] [--write-docs]
 
 Runs the real Elixir campaign (`UffPort.CampaignCLI` in a VM of its own,
 `elixir_bridge/test/support/campaign_runner.exs`) on seven tiny models: main
@@ -18,6 +19,20 @@ every job, local and cloud session events alike), the slot utilisation (the
 training phases' wall time / the slots' time while any job trained), provider
 submissions against journaled sessions (duplicates), the final states and the
 wall time. Prints one JSON document.
+
+`--week` runs the users' week instead, in compressed time: one simulated
+hour lasts `--hour-seconds` real seconds (`UFF_PORT_TIME_SCALE`, read by the
+worker's cloud jobs and the planner: uff_port/cloud/timescale.py), the spec
+has the users' budgets (30 h a week of Kaggle in 9 h sessions, 4 h a day of
+SageMaker, one local GPU), main is sized to 12 GPU-hours and each adapter to
+`--adapter-hours` of compute at the speed measured on this machine first
+(`--calibrate-jobs` trainers at once: the Kaggle and SageMaker trainers share
+this machine's cores).
+Trainers and the VM are SIGKILLed at random meanwhile. Besides goodput it
+reports the share of the week's budget used: GPU-hours billed per backend
+(the cloud ledger; local: the training phases in the journal) against the
+hours the plan placed there. `--write-docs` puts the figures into
+docs/benchmarks.md (the script's own marked section only).
 """
 
 from __future__ import annotations
@@ -83,6 +98,210 @@ models:
     hours: 12
     overrides: {{data.seq_len: 256, training.micro_batch_size: 4, training.grad_accum_steps: 2}}
 {adapters}"""
+
+
+HOUR = 3600.0
+
+
+def week_spec_text(gates: Path, main_steps: int, adapter_steps: int, adapter_hours: float, ckpt: int) -> str:
+    adapters = "".join(f"""
+  - name: {m}
+    preset: adapter-{m}
+    parent: main
+    hours: {adapter_hours}
+    overrides:
+      model.name_or_path: builtin:tiny-llama
+      model.local_files_only: true
+      model.gradient_checkpointing: false
+      training.device: cpu
+      training.precision: fp32
+      training.max_steps: {adapter_steps}
+      training.micro_batch_size: 4
+      training.grad_accum_steps: 2
+      training.warmup_steps: 1
+      data.seq_len: 256
+      lora.dropout: 0.0
+""" for m in MANAGERS)
+    return f"""name: sim
+strategy: hybrid
+budgets: {{local_gpus: 1, kaggle_hours_per_week: 30, sagemaker_hours_per_day: 4}}
+overrides:
+  training.progress_every_seconds: 0
+  checkpoint.every_steps: {ckpt}
+  checkpoint.keep_last: 2
+  eval.every_steps: null
+  output.plot: false
+promotion: {{gates: {gates}}}
+cloud:
+  sagemaker: {{bucket: sim, role_arn: "arn:aws:iam::000000000000:role/sim", image_uri: "sim:1", region: us-east-1, max_runtime_seconds: 14400}}
+  kaggle: {{session_hours: 9}}
+  budgets: {{min_session_minutes: 60}}
+  poll: {{interval_seconds: 120, max_backoff_seconds: 1800}}
+  safety_margin_seconds: 1800
+models:
+  - name: main
+    preset: tiny
+    strategy: local
+    hours: 12
+    overrides: {{training.max_steps: {main_steps}, data.seq_len: 256, training.micro_batch_size: 4, training.grad_accum_steps: 2}}
+{adapters}"""
+
+
+def calibrate(root: Path, steps: int = 30, jobs: int = 2) -> float:
+    """Real seconds per training step of the adapter shape on this machine, now, with `jobs` trainers at
+    once: in the simulation the Kaggle and SageMaker trainers share this machine's cores (main, before
+    them, trains alone)."""
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = {"name": "cal", "model": {"name_or_path": "builtin:tiny-llama", "local_files_only": True},
+           "data": {"path": "builtin:sample-corpus", "seq_len": 256},
+           "training": {"max_steps": steps, "micro_batch_size": 4, "grad_accum_steps": 2, "device": "cpu",
+                        "precision": "fp32", "progress_every_seconds": 0, "cpu_threads": 1},
+           "checkpoint": {"every_steps": 1000}, "eval": {"every_steps": None}, "output": {"plot": False}}
+    (root / "cal.yaml").write_text(yaml.safe_dump(cfg))
+    procs = [subprocess.Popen([sys.executable, "-m", "uff_port.training", "--run-dir", str(root / f"cal{i}"),
+                               "--config", str(root / "cal.yaml")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for i in range(jobs)]
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit("calibration run failed")
+    rates = []
+    for i in range(jobs):
+        ts = [json.loads(line)["ts"] for line in (root / f"cal{i}" / "events.jsonl").read_text().splitlines()
+              if json.loads(line).get("event") == "progress"]
+        rates.append((ts[-1] - ts[0]) / max(1, len(ts) - 1))
+    return max(1e-3, sorted(rates)[len(rates) // 2])
+
+
+def run_week(root: Path, hour_seconds: float, adapter_hours: float, trainer_kills: int, vm_kills: int,
+             rng: random.Random, ckpt: int, calibrate_jobs: int) -> dict[str, Any]:
+    import datetime as dt
+
+    per_step = calibrate(root / "calibrate", jobs=calibrate_jobs)
+    main_steps = max(10, int(12 * hour_seconds / per_step))
+    adapter_steps = max(10, int(adapter_hours * hour_seconds / per_step))
+    root = root / "week"
+    root.mkdir(parents=True)
+    fake = root / "fake"
+    (fake / "sagemaker").mkdir(parents=True)
+    (fake / "sagemaker" / "faults.json").write_text('{"sm_real": true}')
+    wheel = root / "uff_port-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("uff_port/__init__.py", "")
+    gates = root / "gates.yaml"
+    gates.write_text("schema_version: 1\nlatency: {enabled: false}\nsafety: {enabled: false}\n")
+    spec = root / "sim.yaml"
+    spec.write_text(week_spec_text(gates, main_steps, adapter_steps, adapter_hours, ckpt))
+    # the simulated week starts on a Monday 00:00 UTC (the Kaggle week and a SageMaker day begin together)
+    today = dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    week_start = (today + dt.timedelta(days=7 - today.weekday())).timestamp()
+    origin = time.time()
+    env = {**os.environ, "UFF_PORT_CLOUD_FAKE": str(fake), "UFF_PORT_WHEEL": str(wheel),
+           "PYTHONPATH": str(REPO), "UFF_PORT_PYTHON": sys.executable,
+           "UFF_PORT_TIME_SCALE": str(HOUR / hour_seconds), "UFF_PORT_TIME_ORIGIN": str(origin),
+           "UFF_PORT_TIME_START": str(week_start)}
+    deadline = origin + 7 * 24 * hour_seconds * 1.5
+    plan = ["trainer"] * trainer_kills + ["vm"] * vm_kills
+    rng.shuffle(plan)
+    # the kills spread over the first days, when every backend trains
+    pause = (2 * 24 * hour_seconds) / max(1, len(plan))
+    kills = {"trainer": 0, "vm": 0}
+    finished = False
+    with open(root / "vm.log", "ab") as log:
+        vm = start_vm(root, spec, env, log)
+        next_kill = time.time() + rng.uniform(0.5, 1.5) * pause
+        while time.time() < deadline:
+            if vm.poll() is not None:
+                if vm.returncode == 0:
+                    finished = True
+                    break
+                raise SystemExit(f"campaign VM exited {vm.returncode}; see {root / 'vm.log'}")
+            if plan and time.time() >= next_kill:
+                if plan[0] == "vm":
+                    os.killpg(vm.pid, signal.SIGKILL)
+                    vm.wait()
+                    kills["vm"] += 1
+                    plan.pop(0)
+                    time.sleep(2.0)
+                    vm = start_vm(root, spec, env, log)
+                    next_kill = time.time() + rng.uniform(0.5, 1.5) * pause
+                else:
+                    found = trainers(root, 5.0)
+                    if found:
+                        rng.choice(found).send_signal(signal.SIGKILL)
+                        kills["trainer"] += 1
+                        plan.pop(0)
+                        next_kill = time.time() + rng.uniform(0.5, 1.5) * pause
+            time.sleep(0.5)
+        if vm.poll() is None:
+            os.killpg(vm.pid, signal.SIGKILL)
+            vm.wait()
+    elapsed = time.time() - origin
+    result = {"elapsed_s": round(elapsed, 1), "sim_hours": round(elapsed / hour_seconds, 1), "finished": finished,
+              "hour_seconds": hour_seconds, "seconds_per_step": round(per_step, 4),
+              "steps": {"main": main_steps, "adapter": adapter_steps}, "kills": kills,
+              **measure(root), "budget": budget_share(root, hour_seconds)}
+    cleanup(root)
+    return result
+
+
+def budget_share(root: Path, hour_seconds: float) -> dict[str, Any]:
+    """GPU-hours used per backend against what the plan placed there (and the budgets)."""
+    from uff_port.campaign.journal import fold, load
+    from uff_port.cloud.ledger import QuotaLedger
+
+    cdir = root / "runs" / "campaigns" / "sim"
+    journal = load(cdir)
+    view = fold(journal)
+    planned: dict[str, float] = {"local": 0.0, "kaggle": 0.0, "sagemaker": 0.0}
+    for rec in journal.records:
+        if rec.get("kind") == "plan":
+            for e in (rec.get("placement") or {}).get("entries") or []:
+                planned[e["backend"]] += float(e["hours"])
+            for j in rec.get("jobs") or []:
+                if j.get("backend") == "local":
+                    planned["local"] += float(j.get("hours") or 0)
+            break
+    used = {"local": 0.0, "kaggle": 0.0, "sagemaker": 0.0}
+    for u in QuotaLedger(cdir / ".cloud-ledger.jsonl").usages():
+        if u.final:
+            used[u.backend] += u.seconds / HOUR
+    for j in view.jobs.values():
+        if j.backend == "local":
+            used["local"] += sum(e - s for s, e in j.intervals if e is not None) / hour_seconds
+    cloud_plan = planned["kaggle"] + planned["sagemaker"]
+    cloud_used = used["kaggle"] + used["sagemaker"]
+    return {
+        "planned_hours": {k: round(v, 2) for k, v in planned.items()},
+        "used_hours": {k: round(v, 2) for k, v in used.items()},
+        "share": {k: round(used[k] / planned[k], 3) for k in planned if planned[k]},
+        "cloud_share": round(cloud_used / cloud_plan, 3) if cloud_plan else None,
+        "budget_hours": {"kaggle": 30.0, "sagemaker": 28.0},
+    }
+
+
+def week_table(out: dict[str, Any], cmd: str) -> str:
+    w = out["week"]
+    b = w["budget"]
+    sh = b["share"]
+    return "\n".join([
+        "| command | simulated hours (real s) | kills (trainer / VM) | steps kept / computed | goodput "
+        "| GPU-hours used / planned: local, Kaggle, SageMaker | cloud budget share | finished |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| `{cmd}` (seed {out['seed']}) | {w['sim_hours']} ({w['elapsed_s']} s) | {w['kills']['trainer']} / "
+        f"{w['kills']['vm']} | {w['steps_kept']} / {w['steps_computed']} | **{w['goodput']}** | "
+        + ", ".join(f"{b['used_hours'][k]} / {b['planned_hours'][k]} ({sh.get(k, '-')})"
+                    for k in ("local", "kaggle", "sagemaker"))
+        + f" | **{b['cloud_share']}** | {'yes' if w['finished'] else 'no'} |",
+        "",
+        f"Sizes: {w['hour_seconds']} real s per simulated hour, {w['seconds_per_step']} s per step measured first; "
+        f"main {w['steps']['main']} steps (12 h), each adapter {w['steps']['adapter']} steps; "
+        f"submissions Kaggle {w['submissions']['kaggle']}, SageMaker {w['submissions']['sagemaker']} "
+        f"({w['submissions']['sagemaker_unique']} unique) against journaled sessions "
+        f"{w['journaled_sessions']['kaggle']} / {w['journaled_sessions']['sagemaker']}; final states: "
+        + ", ".join(f"{n} {j['state']} ({j['backend']})" for n, j in w["jobs"].items()) + ".",
+    ])
 
 
 def ebin() -> Path:
@@ -237,12 +456,37 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--week", action="store_true", help="the users' week with its budgets, in compressed time")
+    ap.add_argument("--hour-seconds", type=float, default=10.0, help="--week: real seconds per simulated hour "
+                    "(a session's fixed real overhead, start and model load, is about 15 s: keep it small against 9 h)")
+    ap.add_argument("--adapter-hours", type=float, default=8.0, help="--week: each adapter's GPU-hours")
+    ap.add_argument("--checkpoint-every", type=int, default=5, help="--week: checkpoint.every_steps")
+    ap.add_argument("--calibrate-jobs", type=int, default=2, help="--week: trainers at once while the speed is measured")
+    ap.add_argument("--write-docs", action="store_true", help="--week: put the figures into docs/benchmarks.md")
     args = ap.parse_args()
     global ebin_dir
     ebin_dir = ebin()
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="uff-sim-campaign-"))
     out: dict[str, Any] = {"max_steps": args.max_steps, "seed": args.seed, "dir": str(tmp)}
+    if args.week:
+        out.pop("max_steps")
+        out["week"] = run_week(tmp, args.hour_seconds, args.adapter_hours, args.trainer_kills, args.vm_kills, rng,
+                               args.checkpoint_every, args.calibrate_jobs)
+        print(json.dumps(out, indent=2))
+        if args.write_docs:
+            sys.path.insert(0, str(REPO / "scripts"))
+            from doc_section import replace_section
+
+            cmd = ("python scripts/simulate_campaign.py --week --hour-seconds "
+                   f"{args.hour_seconds:g} --calibrate-jobs {args.calibrate_jobs} --trainer-kills {args.trainer_kills} "
+                   f"--vm-kills {args.vm_kills}")
+            replace_section(REPO / "docs" / "benchmarks.md", "simulate_campaign", week_table(out, cmd))
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     out["chaos"] = run_campaign(tmp / "chaos", args.max_steps, args.trainer_kills, args.vm_kills, rng,
                                 args.min_trainer_age)
     if not args.no_baseline:

@@ -276,6 +276,16 @@ def test_worker_commands(variants: dict[str, Path], tmp_path: Path) -> None:
     view = commands.releases({"role": "textgen"}, ctx)
     assert view["aliases"]["textgen"] == {"stable": ids["a"], "previous": ids["b"]}
     assert [r["artifact_id"] for r in view["releases"]] == [ids["a"], ids["b"], ids["a"]]
+    # gates as a map (what a campaign journals with its plan): the same checks as a file's
+    out = commands.promote({"artifact": ids["worse"], "to": "candidate", "bench_results": "bench.json",
+                            "gates_config": {"quality": {"enabled": False}}}, ctx)
+    assert out["moved"] and all(g["gate"] != "quality" or g["status"] != "fail" for g in out["gates"])
+    with pytest.raises(CommandError) as exc:
+        commands.promote({"artifact": ids["a"], "gates_config": {"quality": {"enabled": "maybe"}}}, ctx)
+    assert exc.value.code == "invalid_gates" and "quality.enabled" in exc.value.message
+    with pytest.raises(CommandError) as exc:
+        commands.promote({"artifact": ids["a"], "gates": "g.yaml", "gates_config": {}}, ctx)
+    assert exc.value.code == "invalid_args"
 
 
 def test_commands_through_the_real_worker(variants: dict[str, Path], runs_root: Path, worker) -> None:  # type: ignore[no-untyped-def]

@@ -114,6 +114,8 @@ defmodule UffPort.CampaignTest do
     """)
 
     collector = spawn_link(fn -> collect([]) end)
+    me = self()
+    sampler = spawn_link(fn -> sample_trainers(tmp, me, []) end)
 
     assert {:ok, done} =
              TrainingCoordinator.run_campaign(spec,
@@ -122,6 +124,9 @@ defmodule UffPort.CampaignTest do
                tick_ms: 200,
                timeout: 280_000
              )
+
+    send(sampler, :stop)
+    samples = receive do: ({:samples, s} -> s)
 
     assert done["jobs"] == %{"main" => "refused", "ufm" => "skipped", "ucm" => "failed"}
     d = done["details"]
@@ -159,6 +164,16 @@ defmodule UffPort.CampaignTest do
     # a finished campaign started again does nothing but say so
     {:ok, records, 0} = CampaignJournal.read(Path.join([tmp, "runs", "campaigns", "outcomes"]))
 
+    # one GPU (the default): one local job at a time, seen from the kernel and in the journal;
+    # the trainer keeps the VM's own CUDA_VISIBLE_DEVICES
+    assert samples != [] and Enum.all?(samples, &(length(&1) <= 1)), inspect(samples)
+    inherited = System.get_env("CUDA_VISIBLE_DEVICES")
+    assert Enum.all?(Enum.concat(samples), fn {_, c} -> c == inherited end)
+    order = for %{"kind" => "job", "state" => s} = r <- records, do: {r["job"], s}
+    [first, second] = for {j, "training"} <- order, j in ~w(main ucm), do: j
+    i_first_done = Enum.find_index(order, fn {j, s} -> j == first and s != "training" end)
+    assert i_first_done < Enum.find_index(order, &(&1 == {second, "training"})), inspect(order)
+
     assert {:ok, again} =
              TrainingCoordinator.run_campaign(spec, worker: worker_opts(tmp), timeout: 60_000)
 
@@ -169,6 +184,237 @@ defmodule UffPort.CampaignTest do
 
     assert Enum.count(after_records, &(&1["kind"] == "job" and &1["state"] == "training")) ==
              Enum.count(records, &(&1["kind"] == "job" and &1["state"] == "training"))
+  end
+
+  # ------------------------------------------------------------------ sft -> rl
+
+  @tag timeout: 300_000
+  test "stages [sft, rl]: the RL job starts from the registered SFT artifact; a kill between the stages resumes, nothing twice" do
+    tmp = tmp_dir!("campaign_rl")
+    gates = Path.join(tmp, "gates.yaml")
+
+    File.write!(gates, """
+    schema_version: 1
+    quality: {enabled: false}
+    latency: {enabled: false}
+    safety: {enabled: false}
+    """)
+
+    lora =
+      "{lora.r: 8, lora.alpha: 16, lora.target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]}"
+
+    spec = Path.join(tmp, "spec.yaml")
+
+    File.write!(spec, """
+    name: sftrl
+    strategy: local
+    #{@tiny_overrides}
+    promotion: {gates: #{gates}}
+    models:
+      - name: main
+        preset: tiny
+        stages: [sft, rl]
+        overrides: #{lora}
+        rl:
+          preset: rl-tiny
+          overrides: {training.max_steps: 2, checkpoint.every_steps: 1, rl.prompts_per_step: 2, rl.num_generations: 4, training.micro_batch_size: 8}
+    """)
+
+    {:ok, sup} =
+      CampaignSupervisor.start_link(
+        spec_path: spec,
+        worker: worker_opts(tmp),
+        subscribers: [self()],
+        tick_ms: 200,
+        retry_backoff: 200
+      )
+
+    # the campaign process killed right after it journaled the rl stage (before or as it starts)
+    receive do
+      {:uff_campaign, _,
+       %{"event" => "campaign_transition", "record" => %{"state" => "training_rl"}}} ->
+        Process.exit(CampaignSupervisor.campaign(sup), :kill)
+    after
+      240_000 -> flunk("no rl stage")
+    end
+
+    # the gates file changed after planning: the campaign promotes with the journaled plan's gates
+    File.write!(gates, """
+    schema_version: 1
+    quality: {enabled: true, metric: eval_loss, higher_is_better: false, threshold: 0.000001}
+    latency: {enabled: true, prompts: ["def f(x):"], max_new_tokens: 4, warmup: 0, repeats: 1, max_p95_ms: 0.001}
+    """)
+
+    done = drive(sup, [], 0, [], 240_000)
+    Supervisor.stop(sup)
+
+    assert done["jobs"] == %{"main" => "promoted"}
+    d = done["details"]["main"]
+    assert d["step"] == 4 and d["rl_step"] == 2
+    sft_art = d["sft_artifact_id"]
+    assert is_binary(sft_art) and d["artifact_id"] != sft_art
+
+    # the promoted artifact is the RL run's, started from the SFT artifact and saying so
+    art = Path.join([tmp, "runs", "registry", "artifacts", d["artifact_id"], "artifact.json"])
+
+    {parent, 0} =
+      System.cmd(python(), [
+        "-c",
+        "import json,sys;print(json.load(open(sys.argv[1]))['lineage']['parent'])",
+        art
+      ])
+
+    assert String.trim(parent) == sft_art
+
+    dir = Path.join([tmp, "runs", "campaigns", "sftrl"])
+    {:ok, records, 0} = CampaignJournal.read(dir)
+    states = for %{"kind" => "job", "state" => s} <- records, do: s
+
+    assert states == ~w(training registering_sft training_rl registering promoting promoted)
+    assert Enum.count(records, &(&1["kind"] == "campaign_started")) == 2
+    # the SFT stage ran once (one `training` above); the RL run directory is its own
+    assert File.exists?(Path.join([tmp, "runs", "campaigns", "sftrl", "main-rl"]))
+  end
+
+  # ------------------------------------------------------------------ retries
+
+  @tag timeout: 120_000
+  test "the retry count is journaled: a restarted campaign goes on counting" do
+    tmp = tmp_dir!("campaign_retries")
+    spec = Path.join(tmp, "spec.yaml")
+
+    File.write!(spec, """
+    name: retries
+    strategy: local
+    #{@tiny_overrides}
+    schedule: {mode: daily, hour: 2, window_hours: 1}
+    models:
+      - {name: main, preset: tiny}
+    """)
+
+    start = fn clock ->
+      {:ok, sup} =
+        CampaignSupervisor.start_link(
+          spec_path: spec,
+          worker: worker_opts(tmp),
+          subscribers: [self()],
+          clock: fn -> clock end,
+          tick_ms: 200
+        )
+
+      sup
+    end
+
+    # 1. outside the daily window: the plan is journaled, nothing trains
+    sup = start.(1_795_920_000 + 12 * 3600)
+
+    assert_receive {:uff_campaign, _, %{"record" => %{"kind" => "plan"}}}, 60_000
+    Supervisor.stop(sup)
+
+    # 2. as if two trainer_failed retries had happened before the VM went down
+    dir = Path.join([tmp, "runs", "campaigns", "retries"])
+    {:ok, j, _} = CampaignJournal.open(dir)
+
+    {:ok, j, _} =
+      CampaignJournal.append(j, %{
+        "kind" => "job",
+        "job" => "main",
+        "state" => "waiting",
+        "reason" => "job failed: trainer_failed",
+        "resume" => "training",
+        "retries" => 2,
+        "retry_at" => 0
+      })
+
+    CampaignJournal.close(j)
+
+    # 3. started again: the third attempt, not the first
+    sup = start.(1_795_920_000 + 2 * 3600)
+    assert_receive {:uff_campaign, _, %{"event" => "campaign_job_started"} = ev}, 60_000
+    Supervisor.stop(sup)
+    assert ev["attempt"] == 3 and ev["job"] == "main"
+  end
+
+  # ------------------------------------------------------------------ GPUs
+
+  @tag timeout: 300_000
+  test "two GPUs: two local jobs at once, each trainer with a CUDA_VISIBLE_DEVICES of its own" do
+    tmp = tmp_dir!("campaign_gpus")
+    gates = Path.join(tmp, "gates.yaml")
+    File.write!(gates, "schema_version: 1\nlatency: {enabled: false}\nsafety: {enabled: false}\n")
+
+    # (one GPU, one local job at a time: the outcomes test above)
+    spec = Path.join(tmp, "two.yaml")
+
+    File.write!(spec, """
+    name: two
+    strategy: local
+    budgets: {local_gpus: 2}
+    #{@tiny_overrides}
+    promotion: {gates: #{gates}, policy: candidate}
+    release: {enabled: false}
+    models:
+      - {name: main, preset: tiny}
+      - {name: ufm, preset: tiny, overrides: {training.seed: 7}}
+    """)
+
+    # the trainers' environment as the kernel shows it, sampled while the campaign runs
+    me = self()
+    sampler = spawn_link(fn -> sample_trainers(tmp, me, []) end)
+
+    {:ok, done} =
+      TrainingCoordinator.run_campaign(spec,
+        worker: worker_opts(tmp),
+        tick_ms: 200,
+        timeout: 280_000
+      )
+
+    send(sampler, :stop)
+    samples = receive do: ({:samples, s} -> s)
+
+    assert done["jobs"] == %{"main" => "candidate", "ufm" => "candidate"},
+           inspect(done["details"])
+
+    seen = samples |> Enum.concat() |> Enum.uniq()
+    assert Enum.sort(Enum.uniq(for {_, cvd} <- seen, do: cvd)) == ["0", "1"], inspect(seen)
+    # at some moment both trained, never two on one device
+    assert Enum.any?(samples, &(Enum.sort(for {_, c} <- &1, do: c) == ["0", "1"])),
+           inspect(samples)
+
+    for s <- samples, do: assert(length(Enum.uniq_by(s, &elem(&1, 1))) == length(s), inspect(s))
+  end
+
+  defp sample_trainers(tmp, parent, acc) do
+    receive do
+      :stop -> send(parent, {:samples, Enum.reverse(acc)})
+    after
+      50 ->
+        now = trainers_of(tmp)
+        sample_trainers(tmp, parent, if(now == [], do: acc, else: [now | acc]))
+    end
+  end
+
+  # {os pid, CUDA_VISIBLE_DEVICES or nil} of every `python -m uff_port.training` under `tmp`
+  defp trainers_of(tmp) do
+    for pid <- File.ls!("/proc"),
+        pid =~ ~r/^\d+$/,
+        {:ok, cmd} <- [File.read("/proc/#{pid}/cmdline")],
+        String.contains?(cmd, "uff_port.training"),
+        {:ok, cwd} <- [File.read_link("/proc/#{pid}/cwd")],
+        String.starts_with?(cwd, tmp),
+        {:ok, env} <- [File.read("/proc/#{pid}/environ")] do
+      cvd =
+        env
+        |> String.split(<<0>>)
+        |> Enum.find_value(fn kv ->
+          case kv do
+            "CUDA_VISIBLE_DEVICES=" <> v -> v
+            _ -> nil
+          end
+        end)
+
+      {pid, cvd}
+    end
   end
 
   # ------------------------------------------------------------------ the week

@@ -3,8 +3,8 @@
     campaign_plan     -> uff_port.campaign.commands:campaign_plan
     campaign_release  -> uff_port.campaign.commands:campaign_release
 
-`campaign_plan` is read-only: it validates the spec and places its jobs with
-the planner behind `plan-week`. `campaign_release` fuses the stable artifact of
+`campaign_plan` is read-only (it writes nothing): it validates the spec and
+places its jobs with the planner behind `plan-week`. `campaign_release` fuses the stable artifact of
 each role into a release descriptor (idempotent: the same artifacts give the
 same release, written once) and keeps the newest `keep` releases on disk.
 """
@@ -14,11 +14,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Final
 
-from uff_port.campaign.spec import SpecError, job_overrides, load_spec, topo_order, validate_spec
+from uff_port.campaign.spec import (
+    SpecError,
+    job_overrides,
+    load_spec,
+    rl_overrides,
+    topo_order,
+    validate_spec,
+)
 from uff_port.core.config import ConfigError, load_config_file, validate_config
 from uff_port.fsutil import confine
 from uff_port.protocol import CommandError, ErrorCode
@@ -51,7 +57,12 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     from uff_port.cloud.settings import validate_cloud
 
     spec, path = _spec(args, ctx)
-    start = float(args.get("start") or time.time())
+    from uff_port.cloud.timescale import now
+
+    try:
+        start = float(args.get("start") or now())  # simulated in simulations (uff_port.cloud.timescale)
+    except ValueError as exc:
+        raise CommandError(ErrorCode.INVALID_CONFIG, str(exc)) from None
     try:
         settings = validate_cloud({**spec.cloud, "budgets": {
             **(spec.cloud.get("budgets") or {}),
@@ -79,7 +90,20 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
             overrides.pop("cloud", None)
         preset = _resolve_preset(m.preset, path)
         cfg = validate_config(load_config_file(preset), overrides)
-        gates = _stage_gates(m.gates or spec.promotion.gates, path, Path(ctx.runs_root), spec.name, m.name)
+        gates = _gates(m.gates or spec.promotion.gates, path, m.name)
+        rl = None
+        if "rl" in m.stages and m.rl is not None:
+            rl_over = rl_overrides(spec, m)
+            rl_over["strategy"] = backend or "local"
+            if backend == "local":
+                rl_over.pop("cloud", None)
+            rl_preset = _resolve_preset(m.rl.preset, path)
+            rl_cfg = validate_config(load_config_file(rl_preset), rl_over)
+            rl = {
+                "run_dir": f"{CAMPAIGNS_DIR}/{spec.name}/{m.name}-rl",
+                "max_steps": rl_cfg.training.max_steps,
+                "train": {"config_path": rl_preset, "overrides": rl_over},
+            }
         jobs.append({
             "name": m.name,
             "role": spec.role_of(m),
@@ -93,6 +117,7 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
             "max_steps": cfg.training.max_steps,
             "run_dir": f"{CAMPAIGNS_DIR}/{spec.name}/{m.name}",
             "train": {"config_path": preset, "overrides": overrides},
+            "rl": rl,
             "eval": m.eval.model_dump() if m.eval.suites else None,
             "gates": gates,
         })
@@ -109,30 +134,24 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     }
 
 
-def _stage_gates(gates: str | None, spec_path: Path | None, runs_root: Path, campaign: str, job: str) -> str | None:
-    """Validate a job's gates file and put a copy in the campaign's directory.
+def _gates(gates: str | None, spec_path: Path | None, job: str) -> dict[str, Any] | None:
+    """A job's gates file, validated and returned as a map.
 
-    `promote` reads gates only from under the runs root; the copy is also what
-    the campaign promoted with, kept next to its journal. Returns its path
-    relative to the runs root.
+    The plan carries the gates themselves (journaled with it; `promote` takes
+    them as `gates_config`), so planning writes nothing and the campaign
+    promotes with the gates it planned with even if the file changes later.
     """
     if not gates:
         return None
-    from uff_port.fsutil import atomic_write_text
     from uff_port.registry.errors import RegistryError
     from uff_port.registry.gates import load_gates
 
     src = Path(_resolve_preset(gates, spec_path))
     try:
-        load_gates(src)
+        return load_gates(src).model_dump(mode="json")
     except RegistryError as exc:
         raise CommandError(ErrorCode.INVALID_CONFIG, f"models.{job}.gates: {exc.message}",
                            {"problems": [f"gates: {exc.message}"]}) from None
-    rel = f"{CAMPAIGNS_DIR}/{campaign}/gates/{job}.yaml"
-    dst = confine(runs_root, rel)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(dst, src.read_text(encoding="utf-8"))
-    return rel
 
 
 def _next_version(releases: Path) -> str:

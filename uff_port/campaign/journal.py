@@ -191,7 +191,7 @@ def fold(journal: Journal) -> CampaignView:
                 _close(job, t)
                 job.state = state
                 job.reason = None  # a reason belongs to the state it came with
-                if state == "training":
+                if state in ("training", "training_rl"):  # the sft and rl stages both hold a slot
                     job.attempts += 1
                     job.intervals.append((t, None))
             if isinstance(rec.get("reason"), str):

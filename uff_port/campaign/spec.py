@@ -55,6 +55,15 @@ class EvalSpec(_Strict):
     timeout: float = Field(default=10.0, gt=0, le=3600)
 
 
+class RLStageSpec(_Strict):
+    """The `rl` stage of a model: a GRPO config started from the model's SFT result."""
+
+    preset: Annotated[str, Field(min_length=1, max_length=500)]
+    """An RL training config (`stage: rl`): a preset name (`rl-tiny`) or a YAML path."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Dotted overrides of the RL config (the campaign's `overrides` are the SFT stage's only)."""
+
+
 class ModelSpec(_Strict):
     name: JobName
     role: str | None = None
@@ -70,6 +79,8 @@ class ModelSpec(_Strict):
     hours: float = Field(default=4.0, gt=0, le=1000)
     """Estimated GPU-hours (placement and budget accounting)."""
     overrides: dict[str, Any] = Field(default_factory=dict)
+    rl: RLStageSpec | None = None
+    """The RL stage's config; required when `stages` has `rl`."""
     eval: EvalSpec = Field(default_factory=EvalSpec)
     gates: str | None = None
     """A gates YAML for this model's promotion (default: the campaign's)."""
@@ -79,10 +90,6 @@ class ModelSpec(_Strict):
     def _stages(cls, v: list[str]) -> list[str]:
         if v[0] != "sft" or len(set(v)) != len(v):
             raise ValueError("expected [sft] or [sft, rl]")
-        if "rl" in v:
-            # Refused rather than skipped: a campaign never claims a stage it did not run.
-            raise ValueError("rl: campaigns run the sft stage only in this version; run the RL stage "
-                             "on the promoted adapter with `uff-port train CONFIG --set stage=rl` (docs/rl.md)")
         return v
 
 
@@ -161,6 +168,11 @@ def _graph_problems(spec: CampaignSpec) -> list[str]:
         elif role in roles:
             problems.append(f"models.{i}.role: {role!r} is also models.{roles[role]}'s (one artifact per role in a release)")
         roles.setdefault(role, i)
+        if "rl" in m.stages and m.rl is None:
+            problems.append(f"models.{i}.rl: required by stages [sft, rl] (rl: {{preset: rl-tiny}}: "
+                            "an RL config with stage: rl; it starts from this model's SFT result)")
+        if m.rl is not None and "rl" not in m.stages:
+            problems.append(f"models.{i}.rl: given, but stages has no rl (stages: [sft, rl])")
         if m.parent is not None:
             if m.parent not in index:
                 problems.append(f"models.{i}.parent: {m.parent!r} is not a model of this campaign")
@@ -181,16 +193,35 @@ def _graph_problems(spec: CampaignSpec) -> list[str]:
 def _config_problems(spec: CampaignSpec, base: Path | None) -> list[str]:
     problems: list[str] = []
     for i, m in enumerate(spec.models):
-        preset = m.preset
-        if base is not None and not Path(preset).is_absolute() and (base / preset).exists():
-            preset = str(base / preset)
-        try:
-            raw = load_config_file(preset)
-            validate_config(raw, job_overrides(spec, m))
-        except ConfigError as exc:
-            problems += [f"models.{i}.{p}" if not p.startswith("config_path") else f"models.{i}.preset{p[11:]}"
-                         for p in exc.problems]
+        sft = _stage_config(m.preset, job_overrides(spec, m), base, f"models.{i}", problems)
+        if m.rl is None or "rl" not in m.stages:
+            continue
+        rl = _stage_config(m.rl.preset, rl_overrides(spec, m), base, f"models.{i}.rl", problems)
+        if sft is None or rl is None:
+            continue
+        where = f"models.{i}.rl"
+        if rl.stage != "rl":
+            problems.append(f"{where}.preset: {m.rl.preset!r} is a {rl.stage} config; the rl stage needs stage: rl")
+        # The RL adapter starts from the SFT one (model.init_adapter): same base and LoRA shape.
+        if rl.model.name_or_path != sft.model.name_or_path:
+            problems.append(f"{where}.model.name_or_path: {rl.model.name_or_path!r} is not the sft stage's "
+                            f"{sft.model.name_or_path!r} (the RL adapter starts from the SFT one)")
+        if rl.lora.r != sft.lora.r or sorted(rl.lora.target_modules or []) != sorted(sft.lora.target_modules or []):
+            problems.append(f"{where}.lora: r {rl.lora.r} on {rl.lora.target_modules} does not match the sft "
+                            f"stage's r {sft.lora.r} on {sft.lora.target_modules} (the RL adapter starts from the SFT one)")
     return problems
+
+
+def _stage_config(preset: str, overrides: dict[str, Any], base: Path | None, where: str,
+                  problems: list[str]) -> Any:
+    if base is not None and not Path(preset).is_absolute() and (base / preset).exists():
+        preset = str(base / preset)
+    try:
+        return validate_config(load_config_file(preset), overrides)
+    except ConfigError as exc:
+        problems += [f"{where}.{p}" if not p.startswith("config_path") else f"{where}.preset{p[11:]}"
+                     for p in exc.problems]
+        return None
 
 
 def job_overrides(spec: CampaignSpec, m: ModelSpec) -> dict[str, Any]:
@@ -198,6 +229,17 @@ def job_overrides(spec: CampaignSpec, m: ModelSpec) -> dict[str, Any]:
     out: dict[str, Any] = {**spec.overrides, **m.overrides}
     if m.data is not None:
         out["data.path"] = m.data
+    strategy = spec.strategy_of(m)
+    out["strategy"] = strategy
+    if strategy != "local" and spec.cloud:
+        out["cloud"] = spec.cloud
+    return out
+
+
+def rl_overrides(spec: CampaignSpec, m: ModelSpec) -> dict[str, Any]:
+    """The dotted overrides `train` gets for model `m`'s RL stage (its own, on the SFT stage's backend)."""
+    assert m.rl is not None
+    out: dict[str, Any] = dict(m.rl.overrides)
     strategy = spec.strategy_of(m)
     out["strategy"] = strategy
     if strategy != "local" and spec.cloud:

@@ -27,6 +27,7 @@ from uff_port.cloud.factory import local_gpu_present, make_backend
 from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.runner import CloudRun, Control
 from uff_port.cloud.settings import validate_cloud
+from uff_port.cloud.timescale import ScaledBackend, ScaledClock, time_scale
 from uff_port.core import layout
 from uff_port.core.config import ConfigError, load_config
 from uff_port.core.exits import ExitCode
@@ -129,16 +130,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.job_id or run_dir.name
     ledger = QuotaLedger(settings.ledger_path or run_dir.parent / ".cloud-ledger.jsonl", settings.budgets)
     control = Control()
+    try:
+        scale = time_scale()  # simulations and tests only (uff_port.cloud.timescale)
+    except ValueError as exc:
+        channel.emit("failed", **failed_fields(ErrorCode.INVALID_CONFIG, str(exc), resumable=False))
+        return ExitCode.REFUSED
+
+    def factory(name: str) -> Any:
+        backend = make_backend(name, settings, run_id, run_dir / layout.CLOUD / "work")
+        return ScaledBackend(backend, scale) if scale else backend
+
     run = CloudRun(
         run_dir,
         cfg,
         settings,
         run_id=run_id,
-        backend_factory=lambda name: make_backend(name, settings, run_id, run_dir / layout.CLOUD / "work"),
+        backend_factory=factory,
         ledger=ledger,
         emit=channel.emit,
         gpu_present=local_gpu_present(settings),
         control=control,
+        clock=ScaledClock(scale) if scale else time.time,
+        time_scale=scale or 1.0,
     )
 
     def on_term(_signum: int, _frame: Any) -> None:

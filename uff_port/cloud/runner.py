@@ -82,6 +82,7 @@ class CloudRun:
         sleep: Callable[[float], None] | None = None,
         gpu_present: bool = False,
         control: Control | None = None,
+        time_scale: float = 1.0,
     ) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
@@ -91,6 +92,8 @@ class CloudRun:
         self.ledger = ledger
         self.emit = emit
         self.clock = clock
+        self.time_scale = time_scale
+        """Simulated seconds per real second of `clock` (uff_port.cloud.timescale); waits shrink by it."""
         self._sleep = sleep
         self.gpu_present = gpu_present
         self.control = control or Control()
@@ -106,6 +109,7 @@ class CloudRun:
 
     # ---- helpers ------------------------------------------------------------
     def wait(self, seconds: float) -> None:
+        seconds /= self.time_scale
         if self._sleep is not None:
             self._sleep(seconds)
         else:

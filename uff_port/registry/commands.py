@@ -71,8 +71,9 @@ def register(args: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
 
 def promote(args: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-    """args: `artifact` (id, prefix or alias), optional `to`, `gates`, `bench_results`, `expect`."""
-    from uff_port.registry.gates import load_evidence, load_gates
+    """args: `artifact` (id, prefix or alias), optional `to`, `gates` (a path) or `gates_config`
+    (the same as a map), `bench_results`, `expect`."""
+    from uff_port.registry.gates import gates_from_map, load_evidence, load_gates
     from uff_port.registry.promotion import UNSET
     from uff_port.registry.promotion import promote as run_promote
 
@@ -83,9 +84,12 @@ def promote(args: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     bench = _path(ctx, args, "bench_results", required=False)
     base_model = _path(ctx, args, "base_model", required=False)
     expect = _str(args, "expect") if "expect" in args else UNSET
+    if gates_path is not None and args.get("gates_config") is not None:
+        raise RegistryError(INVALID_ARGS, "args: give `gates` or `gates_config`, not both")
+    gates = gates_from_map(args["gates_config"]) if args.get("gates_config") is not None else load_gates(gates_path)
     with _registry(args, ctx) as reg:
         result = run_promote(
-            reg, ref, load_gates(gates_path), target=_str(args, "to", "stable") or "stable",
+            reg, ref, gates, target=_str(args, "to", "stable") or "stable",
             evidence=load_evidence(bench) if bench else None, expect=expect,
             base_model=str(base_model) if base_model else None, device=_str(args, "device", "cpu") or "cpu",
             actor="worker",

@@ -137,6 +137,22 @@ def load_gates(path: str | Path | None = None) -> GatesConfig:
         raise RegistryError(INVALID_GATES, f"gates {p}: " + "; ".join(problems), {"problems": problems}) from None
 
 
+def gates_from_map(raw: Any, where: str = "gates_config") -> GatesConfig:
+    """A gates config given as a map (a campaign journals the gates it promotes with)."""
+    from uff_port.core.config_io import check_tree
+
+    if not isinstance(raw, dict):
+        raise RegistryError(INVALID_GATES, f"{where}: expected a map, got {type(raw).__name__}")
+    try:
+        check_tree(raw)
+        return GatesConfig.model_validate(raw)
+    except ConfigLimitError as exc:
+        raise RegistryError(INVALID_GATES, f"{where}: {exc.problem}") from None
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise RegistryError(INVALID_GATES, f"{where}: " + "; ".join(problems), {"problems": problems}) from None
+
+
 def load_evidence(path: str | Path) -> Evidence:
     """Read `{"latency_p95_ms", "tokens_per_s", "outputs": [{"prompt", "output"}]}`."""
     try:

@@ -13,6 +13,12 @@ defmodule UffPort.Campaign do
 
       pending -> training -> evaluating -> registering -> promoting -> promoted | candidate | refused
                      \\-> waiting (a resumable failure, backed off) -> training
+
+  A model with `stages: [sft, rl]` has two more phases between its SFT
+  training and its evaluation: `registering_sft` (the SFT result registered,
+  not promoted) and `training_rl` (the RL config, its adapter initialised from
+  that SFT artifact, on its own run directory); the RL result is what is
+  evaluated, registered and promoted.
       any phase -> failed (not resumable, with the reason); dependants -> skipped (with it)
 
   A phase runs in a linked step process; its result comes back as a message and
@@ -31,7 +37,8 @@ defmodule UffPort.Campaign do
     * `:worker` - `UffPort.Worker` options for the control worker and every job's
       worker (`:runs_root`, `:python`, `:env`, ...).
     * `:subscribers` - pids sent `{:uff_campaign, name, event}`.
-    * `:max_retries` (3), `:retry_backoff` (1000 ms, doubled per retry) - resumable failures.
+    * `:max_retries` (3), `:retry_backoff` (1000 ms, doubled per retry) - resumable failures,
+      counted per job in the journal (a restarted campaign does not start the count again).
     * `:job` - extra `UffPort.TrainingCoordinator.run_job/3` options (`:max_restarts`, `:backoff`).
     * `:clock` - `fn -> unix seconds end` (schedule windows; tests compress time).
     * `:tick_ms` - how often a closed schedule window is looked at again (60 000).
@@ -39,8 +46,8 @@ defmodule UffPort.Campaign do
 
   ## Events
 
-  `campaign_job_started` (`job`, `backend`, `attempt`), `campaign_job_finished`
-  (`job`, `step`, `loss`), `campaign_job_promoted` (`job`, `artifact_id`,
+  `campaign_job_started` (`job`, `backend`, `attempt`, `stage`), `campaign_job_finished`
+  (`job`, `stage`, `step`, `loss`), `campaign_job_promoted` (`job`, `artifact_id`,
   `alias`), `campaign_job_refused` (`job`, `artifact_id`, `reasons`, `gates`),
   `campaign_job_failed` / `campaign_job_skipped` (`job`, `reason`),
   `campaign_transition` (`record`: every journal record as written),
@@ -54,6 +61,7 @@ defmodule UffPort.Campaign do
   alias UffPort.{CampaignJournal, Error, TrainingCoordinator, Worker}
 
   @terminal ~w(promoted candidate refused failed skipped)
+  @training ~w(training training_rl)
   @verdict_ok ~w(promoted candidate)
   @call_timeout 1_800_000
 
@@ -170,8 +178,8 @@ defmodule UffPort.Campaign do
     end
   end
 
-  def handle_info({:progress, job, step}, state) when is_map_key(state.jobs, job) do
-    {:noreply, record(state, %{"kind" => "job", "job" => job, "step" => step})}
+  def handle_info({:progress, job, key, step}, state) when is_map_key(state.jobs, job) do
+    {:noreply, record(state, %{"kind" => "job", "job" => job, key => step})}
   end
 
   def handle_info({:EXIT, pid, reason}, state) do
@@ -224,13 +232,20 @@ defmodule UffPort.Campaign do
     journaled = folded.plan || %{"jobs" => plan["jobs"]}
     plan = Map.merge(plan, Map.take(journaled, ~w(jobs schedule promotion release placement)))
 
+    retries =
+      for {n, j} <- folded.jobs,
+          is_integer(j.info["retries"]),
+          into: %{},
+          do: {n, j.info["retries"]}
+
     state = %{
       state
       | plan: plan,
         jobs: folded.jobs,
         order: folded.order,
         release: folded.release,
-        finished: folded.finished
+        finished: folded.finished,
+        retries: retries
     }
 
     record(state, %{
@@ -283,17 +298,17 @@ defmodule UffPort.Campaign do
 
       job.state == "waiting" ->
         if state.clock.() >= (job.info["retry_at"] || 0),
-          do: start_training(state, name, job, false),
+          do: start_training(state, name, job, false, job.info["resume"] || "training"),
           else: state
 
-      job.state == "training" ->
+      job.state in @training ->
         # journaled but not running: a recovery; it resumes on the same run directory
-        if slot_free?(state, job), do: spawn_step(state, name, "training"), else: state
+        if slot_free?(state, job), do: spawn_step(state, name, job.state), else: state
 
       job.state == "promoting" and not window_open?(state, :promote) ->
         state
 
-      job.state in ~w(evaluating registering promoting) ->
+      job.state in ~w(evaluating registering_sft registering promoting) ->
         spawn_step(state, name, job.state)
 
       true ->
@@ -316,15 +331,15 @@ defmodule UffPort.Campaign do
         state
 
       true ->
-        start_training(state, name, job, true)
+        start_training(state, name, job, true, "training")
     end
   end
 
-  defp start_training(state, name, job, fresh?) do
+  defp start_training(state, name, job, fresh?, phase) do
     if slot_free?(state, job) do
       state
-      |> record(%{"kind" => "job", "job" => name, "state" => "training", "fresh" => fresh?})
-      |> spawn_step(name, "training")
+      |> record(%{"kind" => "job", "job" => name, "state" => phase, "fresh" => fresh?})
+      |> spawn_step(name, phase)
     else
       state
     end
@@ -335,7 +350,7 @@ defmodule UffPort.Campaign do
 
     running =
       Enum.count(state.steps, fn {_, {j, p}} ->
-        p == "training" and state.jobs[j].plan["backend"] == backend
+        p in @training and state.jobs[j].plan["backend"] == backend
       end)
 
     running < slots(state, backend)
@@ -385,7 +400,7 @@ defmodule UffPort.Campaign do
     ctx = step_context(state, name, phase)
 
     state =
-      if phase == "training", do: %{state | gpus: Map.put(state.gpus, name, ctx.gpu)}, else: state
+      if phase in @training, do: %{state | gpus: Map.put(state.gpus, name, ctx.gpu)}, else: state
 
     pid =
       spawn_link(fn ->
@@ -401,14 +416,15 @@ defmodule UffPort.Campaign do
 
     state = %{state | steps: Map.put(state.steps, pid, {name, phase})}
 
-    if phase == "training" do
+    if phase in @training do
       job = state.jobs[name]
       attempt = Map.get(state.retries, name, 0) + 1
 
       notify(state, "campaign_job_started", %{
         "job" => name,
         "backend" => job.plan["backend"],
-        "attempt" => attempt
+        "attempt" => attempt,
+        "stage" => if(phase == "training_rl", do: "rl", else: "sft")
       })
     end
 
@@ -439,23 +455,27 @@ defmodule UffPort.Campaign do
     gpus = get_in(state.plan, ["budgets", "local_gpus"]) || 0
 
     if gpus > 1 do
-      used = for {_, {j, "training"}} <- state.steps, do: state.gpus[j]
+      used = for {_, {j, p}} <- state.steps, p in @training, do: state.gpus[j]
       Enum.find(0..(gpus - 1), fn i -> i not in used end)
     end
   end
 
   defp gpu_for(_state, _job), do: nil
 
-  defp run_step("training", ctx) do
-    with {:ok, init} <- parent_adapter(ctx) do
-      plan = ctx.job.plan
-      overrides = plan["train"]["overrides"] || %{}
+  defp run_step(phase, ctx) when phase in @training do
+    with {:ok, init} <- init_adapter(phase, ctx) do
+      {stage, run_dir, key} =
+        if phase == "training_rl",
+          do: {ctx.job.plan["rl"]["train"], ctx.job.plan["rl"]["run_dir"], "rl_step"},
+          else: {ctx.job.plan["train"], ctx.job.plan["run_dir"], "step"}
+
+      overrides = stage["overrides"] || %{}
       overrides = if init, do: Map.put(overrides, "model.init_adapter", init), else: overrides
 
       train = %{
-        "config_path" => plan["train"]["config_path"],
+        "config_path" => stage["config_path"],
         "overrides" => overrides,
-        "run_dir" => plan["run_dir"]
+        "run_dir" => run_dir
       }
 
       worker =
@@ -468,7 +488,7 @@ defmodule UffPort.Campaign do
 
       on_event = fn _attempt, ev ->
         if ev["event"] == "checkpoint" and is_integer(ev["step"]),
-          do: send(campaign, {:progress, name, ev["step"]})
+          do: send(campaign, {:progress, name, key, ev["step"]})
       end
 
       opts =
@@ -476,6 +496,9 @@ defmodule UffPort.Campaign do
         |> Keyword.merge(ctx.job_opts)
 
       case TrainingCoordinator.run_job(train, :local, opts) do
+        {:ok, s} when phase == "training_rl" ->
+          {:ok, %{"rl_step" => s.final_step, "rl_loss" => s.final_loss}}
+
         {:ok, s} ->
           {:ok,
            %{
@@ -511,7 +534,7 @@ defmodule UffPort.Campaign do
       args =
         %{
           "suite" => suite,
-          "target" => ctx.job.plan["run_dir"],
+          "target" => final_run_dir(ctx.job.plan),
           "n" => ev["n"] || 1,
           "max_new_tokens" => ev["max_new_tokens"] || 128,
           "timeout" => ev["timeout"] || 10.0
@@ -531,6 +554,17 @@ defmodule UffPort.Campaign do
     end)
   end
 
+  defp run_step("registering_sft", ctx) do
+    # registered, not promoted: the RL stage starts from it and names it as its lineage.parent
+    args = %{"run_dir" => ctx.job.plan["run_dir"], "role" => ctx.job.plan["role"]}
+
+    case Worker.request(ctx.control, "register", args, timeout: ctx.timeout) do
+      {:ok, reg} -> {:ok, %{"sft_artifact_id" => reg["artifact_id"]}}
+      {:error, %Error{code: :worker_down} = e} -> {:retry, "register sft: #{e.message}"}
+      {:error, e} -> {:fail, "register sft: #{describe(e)}"}
+    end
+  end
+
   defp run_step("registering", ctx) do
     role = ctx.job.plan["role"]
     target = target_alias(ctx)
@@ -539,7 +573,7 @@ defmodule UffPort.Campaign do
            Worker.request(
              ctx.control,
              "register",
-             %{"run_dir" => ctx.job.plan["run_dir"], "role" => role},
+             %{"run_dir" => final_run_dir(ctx.job.plan), "role" => role},
              timeout: ctx.timeout
            ),
          {:ok, view} <-
@@ -559,7 +593,7 @@ defmodule UffPort.Campaign do
 
     args =
       %{"artifact" => art, "to" => target, "expect" => ctx.job.info["expect"]}
-      |> then(fn a -> if g = ctx.job.plan["gates"], do: Map.put(a, "gates", g), else: a end)
+      |> with_gates(ctx.job.plan["gates"])
 
     case Worker.request(ctx.control, "promote", args, timeout: ctx.timeout) do
       {:ok, out} ->
@@ -605,11 +639,33 @@ defmodule UffPort.Campaign do
     end
   end
 
+  # a plan carries its gates as a map; a journal from before that, as a path under the runs root
+  defp with_gates(args, g) when is_map(g), do: Map.put(args, "gates_config", g)
+  defp with_gates(args, g) when is_binary(g), do: Map.put(args, "gates", g)
+  defp with_gates(args, _), do: args
+
+  defp final_run_dir(%{"rl" => %{"run_dir" => dir}}), do: dir
+  defp final_run_dir(plan), do: plan["run_dir"]
+
   defp target_alias(ctx),
     do: if(ctx.promotion["policy"] == "candidate", do: "candidate", else: "stable")
 
   defp verdict("candidate"), do: "candidate"
   defp verdict(_), do: "promoted"
+
+  defp init_adapter("training_rl", ctx) do
+    case ctx.job.info["sft_artifact_id"] do
+      art when is_binary(art) -> {:ok, artifact_dir(ctx, art)}
+      _ -> {:fail, "rl stage: no registered sft artifact to start from"}
+    end
+  end
+
+  defp init_adapter(_phase, ctx), do: parent_adapter(ctx)
+
+  defp artifact_dir(ctx, art) do
+    root = System.get_env("UFF_PORT_REGISTRY") || Path.join(ctx.runs_root, "registry")
+    Path.join([Path.expand(root), "artifacts", art])
+  end
 
   # The parent's newest promoted adapter: this campaign's, else the registry's stable one.
   defp parent_adapter(%{parent: nil}), do: {:ok, nil}
@@ -628,8 +684,7 @@ defmodule UffPort.Campaign do
       end
 
     if art do
-      root = System.get_env("UFF_PORT_REGISTRY") || Path.join(ctx.runs_root, "registry")
-      {:ok, Path.join([Path.expand(root), "artifacts", art])}
+      {:ok, artifact_dir(ctx, art)}
     else
       why = parent.info["reason"] || parent.state
 
@@ -652,13 +707,21 @@ defmodule UffPort.Campaign do
     |> Map.put(:release, %{"state" => "failed", "reason" => why})
   end
 
-  defp on_result(state, job, "training", {:ok, res}) do
-    next = if state.jobs[job].plan["eval"], do: "evaluating", else: "registering"
+  defp on_result(state, job, phase, {:ok, res}) when phase in @training do
+    plan = state.jobs[job].plan
+
+    next =
+      cond do
+        phase == "training" and is_map(plan["rl"]) -> "registering_sft"
+        plan["eval"] -> "evaluating"
+        true -> "registering"
+      end
 
     notify(state, "campaign_job_finished", %{
       "job" => job,
-      "step" => res["step"],
-      "loss" => res["loss"]
+      "stage" => if(phase == "training_rl", do: "rl", else: "sft"),
+      "step" => res["step"] || res["rl_step"],
+      "loss" => res["loss"] || res["rl_loss"]
     })
 
     record(state, Map.merge(res, %{"kind" => "job", "job" => job, "state" => next}))
@@ -667,6 +730,14 @@ defmodule UffPort.Campaign do
   defp on_result(state, job, "evaluating", {:ok, scores}),
     do:
       record(state, %{"kind" => "job", "job" => job, "state" => "registering", "scores" => scores})
+
+  # journaled before it runs; advance/1 starts it when its backend has a slot (as on a recovery)
+  defp on_result(state, job, "registering_sft", {:ok, reg}),
+    do:
+      record(
+        state,
+        Map.merge(reg, %{"kind" => "job", "job" => job, "state" => "training_rl", "fresh" => true})
+      )
 
   defp on_result(state, job, "registering", {:ok, reg}),
     do: record(state, Map.merge(reg, %{"kind" => "job", "job" => job, "state" => "promoting"}))
@@ -712,6 +783,7 @@ defmodule UffPort.Campaign do
   defp on_result(state, job, _phase, {:skip, why}), do: fail(state, job, "skipped", why)
   defp on_result(state, job, _phase, {:fail, why}), do: fail(state, job, "failed", why)
 
+  # The count is journaled with the retry, so a restarted campaign goes on counting.
   defp on_result(state, job, phase, {:retry, why}) do
     n = Map.get(state.retries, job, 0) + 1
     state = %{state | retries: Map.put(state.retries, job, n)}
@@ -720,7 +792,7 @@ defmodule UffPort.Campaign do
       n > Keyword.get(state.opts, :max_retries, 3) ->
         fail(state, job, "failed", "#{why} (gave up after #{n - 1} retries)")
 
-      phase == "training" ->
+      phase in @training ->
         delay = Keyword.get(state.opts, :retry_backoff, 1000) * Integer.pow(2, n - 1)
         Process.send_after(self(), :tick, delay)
 
@@ -729,6 +801,8 @@ defmodule UffPort.Campaign do
           "job" => job,
           "state" => "waiting",
           "reason" => why,
+          "resume" => phase,
+          "retries" => n,
           "retry_at" => state.clock.() + delay / 1000
         })
 
@@ -736,6 +810,7 @@ defmodule UffPort.Campaign do
         # other phases are re-run in place after the back-off
         delay = Keyword.get(state.opts, :retry_backoff, 1000) * n
         Process.send_after(self(), :tick, delay + 1)
+        state = record(state, %{"kind" => "job", "job" => job, "retries" => n})
         %{state | holds: Map.put(state.holds, job, System.monotonic_time(:millisecond) + delay)}
     end
   end

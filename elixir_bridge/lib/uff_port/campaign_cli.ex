@@ -145,7 +145,12 @@ defmodule UffPort.CampaignCLI do
 
           %{"kind" => "job", "job" => j, "state" => s} when is_binary(s) ->
             used = close(used, open, j, t, folded)
-            open = if s == "training", do: Map.put(open, j, t), else: Map.delete(open, j)
+
+            open =
+              if s in ["training", "training_rl"],
+                do: Map.put(open, j, t),
+                else: Map.delete(open, j)
+
             {used, open, t}
 
           _ ->
