@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -270,14 +271,16 @@ def main(argv: list[str] | None = None) -> int:
                                 timeout=10).stdout.strip() or "?"
     except OSError:
         commit = "?"
-    import torch  # only for its version in the header
-
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
     header = (
         f"Last run: `python scripts/bench_all.py{' --quick' if a.quick else ''}"
         f"{' --only ' + a.only if a.only else ''}{' --skip ' + a.skip if a.skip else ''}` from {started} to {now()}, "
         f"commit {commit}.\n\n"
         f"Machine: {os.cpu_count()} CPU cores ({cpu_model()}), {mem_gib()} RAM, no GPU used; "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch_version}, "
         f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}.\n"
         f"Load average (1/5/15 min): {load0} before, {loadavg()} after (a shared machine: other jobs run "
         f"alongside, so absolute rates move between runs; the interleaved ratios much less).\n"
