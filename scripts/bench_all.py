@@ -8,7 +8,7 @@ printed into that script's own marked section of the doc (scripts/doc_section.py
 command, the wall time and the load average before and after. The section
 `bench_all` says which machine and when. Hand-written text is never rewritten.
 
-    python scripts/bench_all.py                      # full sizes (tens of minutes on 2 cores)
+    python scripts/bench_all.py                      # full sizes (10-30 minutes on 2 cores)
     python scripts/bench_all.py --quick --doc /tmp/b.md   # a smoke test: few rounds, small sizes
     python scripts/bench_all.py --only bench_config,bench_protocol
 
