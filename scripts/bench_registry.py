@@ -9,9 +9,11 @@
    against an atomic JSON rewrite of an aliases file (temp + fsync + rename).
 4. the NaN/Inf scan of an adapter's weights (register and the `weights` gate)
    against the sha256 pass over the same files that register does anyway;
-   interleaved rounds, median and spread.
 
-    python scripts/bench_registry.py [--events 100000] [--adapter-mb 64] [--moves 200]
+Every row: interleaved rounds (the side that goes first alternating), the
+median of the per-round ratios ours/baseline and their spread.
+
+    python scripts/bench_registry.py [--events 100000] [--adapter-mb 64] [--moves 200] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,13 +52,22 @@ def _make_run(root: Path, events: int, adapter_mb: int) -> Path:
     return run
 
 
-def _best(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _rounds(name: str, ours, base, rounds: int, per: int = 1, unit: str = "ms") -> None:  # type: ignore[no-untyped-def]
+    """Time `ours` and `base` in interleaved rounds; print medians and the per-round ratio's median and spread."""
+    o_t, b_t, ratios = [], [], []
+    for r in range(rounds):
+        got = {}
+        for side, fn in ((("ours", ours), ("base", base)) if r % 2 == 0 else (("base", base), ("ours", ours))):
+            start = time.perf_counter()
+            fn()
+            got[side] = (time.perf_counter() - start) / per
+        o_t.append(got["ours"])
+        b_t.append(got["base"])
+        ratios.append(got["ours"] / got["base"])
+    scale = 1000.0
+    fmt = ".2f" if unit == "ms/move" else ".0f"
+    print(f"| {name} | {statistics.median(o_t) * scale:{fmt}} {unit} | {statistics.median(b_t) * scale:{fmt}} {unit} | "
+          f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
 
 
 def main() -> None:
@@ -74,10 +86,13 @@ def main() -> None:
                 [json.loads(line) for line in fh]
             tree_manifest(run / "final")
 
-        base = _best(naive_manifest)
-        ours = _best(lambda: write_run_manifest(run))
-        print(f"write_run_manifest ({args.events} events, {args.adapter_mb} MiB): "
-              f"{ours * 1000:.0f} ms vs naive {base * 1000:.0f} ms, ratio {ours / base:.2f}")
+        print(f"{args.rounds} interleaved rounds; {args.events} events, {args.adapter_mb} MiB adapter, "
+              f"{args.moves} alias moves per round")
+        print()
+        print("| operation (ours vs baseline) | ours (median) | baseline (median) | ours/baseline, median (min-max) |")
+        print("|---|---|---|---|")
+        _rounds("`write_run_manifest` at job end vs json-parse every event line + hash the files",
+                lambda: write_run_manifest(run), naive_manifest, args.rounds)
 
         manifest = load_manifest(run / "final")
         n = [0]
@@ -89,33 +104,35 @@ def main() -> None:
             for f in dest.iterdir():
                 fsync_file(f)
             tree_manifest(dest)
+            shutil.rmtree(dest)
 
         def register() -> None:
             n[0] += 1
             with Registry(root / f"reg-{n[0]}") as reg:
                 reg.register(run / "final", manifest)
+            shutil.rmtree(root / f"reg-{n[0]}")
 
-        base = _best(copy_then_hash)
-        ours = _best(register)
-        print(f"register ({args.adapter_mb} MiB, durable): {ours * 1000:.0f} ms vs copytree+hash "
-              f"{base * 1000:.0f} ms (fsynced too), ratio {ours / base:.2f}")
+        _rounds("`register` (durable: fsync, rename, one transaction) vs `shutil.copytree` + fsync each file + "
+                "sha256 pass", register, copy_then_hash, args.rounds)
 
         with Registry(root / "reg-cas") as reg:
             reg.register(run / "final", manifest)
             aid = manifest.artifact_id
-            start = time.perf_counter()
-            current = None
-            for _ in range(args.moves):
-                new = None if current else aid
-                reg.move_aliases("textgen", {"stable": new}, {"stable": current}, "promote")
-                current = new
-            ours = (time.perf_counter() - start) / args.moves
-        start = time.perf_counter()
-        for i in range(args.moves):
-            atomic_write_json(root / "aliases.json", {"textgen": {"stable": aid if i % 2 else None}})
-        base = (time.perf_counter() - start) / args.moves
-        print(f"alias CAS + audit: {ours * 1000:.2f} ms/move vs atomic JSON rewrite {base * 1000:.2f} ms, "
-              f"ratio {ours / base:.2f}")
+            current: list[str | None] = [None]
+
+            def cas() -> None:
+                for _ in range(args.moves):
+                    new = None if current[0] else aid
+                    reg.move_aliases("textgen", {"stable": new}, {"stable": current[0]}, "promote")
+                    current[0] = new
+
+            def json_rewrite() -> None:
+                for i in range(args.moves):
+                    atomic_write_json(root / "aliases.json", {"textgen": {"stable": aid if i % 2 else None}})
+
+            _rounds("alias compare-and-swap + audit row (SQLite `BEGIN IMMEDIATE`) vs atomic rewrite of an "
+                    "aliases JSON file (temp + fsync + rename)", cas, json_rewrite, args.rounds, per=args.moves,
+                    unit="ms/move")
 
         _bench_weight_scan(root / "weights", args.adapter_mb, args.rounds)
 
@@ -129,21 +146,8 @@ def _bench_weight_scan(where: Path, adapter_mb: int, rounds: int) -> None:
     per = (adapter_mb << 20) // 4 // 64  # 64 float32 tensors, like a LoRA adapter's A/B pairs
     save_file({f"layer{i}.lora": rng.standard_normal(per, dtype=np.float32) for i in range(64)},
               str(where / "adapter_model.safetensors"))
-    ratios, ours_t, base_t = [], [], []
-    for _ in range(rounds):  # interleaved: the machine's load hits both alike
-        t0 = time.perf_counter()
-        tree_manifest(where)
-        t1 = time.perf_counter()
-        assert scan_tree(where).ok
-        t2 = time.perf_counter()
-        base_t.append(t1 - t0)
-        ours_t.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
-    ratios.sort()
-    med = ratios[len(ratios) // 2]
-    print(f"NaN/Inf weight scan ({adapter_mb} MiB, {rounds} rounds): median {sorted(ours_t)[rounds // 2] * 1000:.0f} ms "
-          f"vs sha256 pass {sorted(base_t)[rounds // 2] * 1000:.0f} ms, ratio {med:.2f} "
-          f"(spread {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    _rounds("NaN/Inf scan of an fp32 adapter (`register`'s door check, the `weights` gate) vs the sha256 pass "
+            "over the same file", lambda: scan_tree(where), lambda: tree_manifest(where), rounds)
 
 
 if __name__ == "__main__":

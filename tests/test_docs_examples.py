@@ -4,7 +4,8 @@ Fenced blocks tagged bash/sh/shell, python or elixir are examples; untagged
 blocks are output or diagrams, and yaml/json/toml blocks are data. The line
 before an example may say how it runs:
 
-    <!-- run: slow -->            runs only in the slow suite (it trains a model)
+    <!-- run: slow -->            it trains a model: marked `slow`, with a longer timeout (CI runs it too,
+                                  so it trains a few dozen steps, not a whole preset)
     <!-- not-run: REASON -->      cannot run here (a GPU, credentials, the network); REASON is required
 
 Each example runs in a fresh copy of this checkout (its tracked files, with
@@ -33,7 +34,7 @@ ANNOTATION = re.compile(r"^<!--\s*(not-run|run)\s*:\s*(.*?)\s*-->$")
 FENCE = re.compile(r"^```(\S*)\s*$")
 VENV = Path(sys.executable).parent.parent
 FAST_TIMEOUT = 60
-SLOW_TIMEOUT = 900
+SLOW_TIMEOUT = 300
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,12 @@ def tracked() -> list[str]:
     return _tracked_files()
 
 
+@pytest.fixture(scope="module")
+def elixir_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the first Elixir example leaves the compiled bridge for the others (saves a compile per example)."""
+    return tmp_path_factory.mktemp("elixir-build")
+
+
 def fresh_checkout(dest: Path, files: list[str]) -> Path:
     """A copy of the checkout's tracked files, as a fresh clone has them, plus `.venv`."""
     for rel in files:
@@ -143,7 +150,9 @@ def example_env(checkout: Path) -> dict[str, str]:
     return env
 
 
-def run_example(example: Example, checkout: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_example(example: Example, checkout: Path, timeout: float,
+                build_cache: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one example; Elixir ones reuse `build_cache` (the bridge compiled once) when given."""
     env = example_env(checkout)
     if example.lang == "shell":
         argv, cwd = ["bash", "-e", "-c", example.code], checkout
@@ -151,7 +160,12 @@ def run_example(example: Example, checkout: Path, timeout: float) -> subprocess.
         argv, cwd = [str(VENV / "bin" / "python"), "-c", example.code], checkout
     else:
         bridge = checkout / "elixir_bridge"
+        cached = build_cache is not None and (build_cache / "_build").is_dir()
+        if cached:  # sources keep their mtimes (copy2), so mix finds the copy up to date
+            shutil.copytree(build_cache / "_build", bridge / "_build", symlinks=True)
         subprocess.run(["mix", "compile"], cwd=bridge, env=env, capture_output=True, timeout=300, check=True)
+        if build_cache is not None and not cached:
+            shutil.copytree(bridge / "_build", build_cache / "_build", symlinks=True)
         argv, cwd = ["mix", "run", "-e", example.code], bridge
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
@@ -166,17 +180,17 @@ def hand_written(text: str) -> str:
 
 
 def _params(mode: str) -> list[object]:
-    marks = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(SLOW_TIMEOUT + 60)] if mode == "slow" else []
+    marks = [pytest.mark.slow, pytest.mark.timeout(SLOW_TIMEOUT + 60)] if mode == "slow" else []
     return [pytest.param(e, id=e.id, marks=marks) for e in EXAMPLES if e.mode == mode]
 
 
 @pytest.mark.parametrize("example", _params("run") + _params("slow"))
-def test_example_runs_as_written(example: Example, tmp_path: Path, tracked: list[str]) -> None:
+def test_example_runs_as_written(example: Example, tmp_path: Path, tracked: list[str], elixir_build: Path) -> None:
     if example.lang == "elixir" and shutil.which("mix") is None:
         pytest.skip("Elixir is not installed (scripts/bootstrap.sh installs it)")
     checkout = fresh_checkout(tmp_path / "uff-port", tracked)
     before = {p: hand_written(p.read_text()) for p in (checkout / "docs").glob("*.md")}
-    proc = run_example(example, checkout, SLOW_TIMEOUT if example.mode == "slow" else FAST_TIMEOUT)
+    proc = run_example(example, checkout, SLOW_TIMEOUT if example.mode == "slow" else FAST_TIMEOUT, elixir_build)
     assert proc.returncode == 0, (
         f"{example.id} ({example.lang}) exited {proc.returncode}\n--- code\n{example.code}"
         f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
