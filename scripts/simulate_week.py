@@ -27,20 +27,20 @@ import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 import yaml
 
-from uff_port.cloud.backends.base import Backend, RemoteStatus, SessionSpec
+from uff_port.cloud.backends.base import Backend
 from uff_port.cloud.backends.kaggle import KaggleBackend
 from uff_port.cloud.backends.sagemaker import SageMakerBackend
 from uff_port.cloud.fakes import FakeKaggleApi, FakeS3, FakeSageMakerClient
 from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.runner import CloudRun
 from uff_port.cloud.settings import validate_cloud
+from uff_port.cloud.timescale import ScaledBackend
 from uff_port.core.config import validate_config
 
 HOUR = 3600.0
@@ -80,33 +80,6 @@ class SimClock:
             self.offset += sim_seconds  # nothing runs while waiting for quota: skip ahead
         else:
             time.sleep(max(0.02, sim_seconds / self.factor))
-
-
-class Scaled:
-    """A backend seen through the compressed clock: budgets shrink on the way out, bills grow on the way back."""
-
-    def __init__(self, inner: Backend, factor: float) -> None:
-        self.inner, self.factor, self.name = inner, factor, inner.name
-
-    def _spec(self, spec: SessionSpec) -> SessionSpec:
-        return replace(spec, budget_seconds=spec.budget_seconds / self.factor, margin_seconds=spec.margin_seconds / self.factor)
-
-    def find(self, spec: SessionSpec) -> str | None:
-        return self.inner.find(self._spec(spec))
-
-    def submit(self, spec: SessionSpec) -> str:
-        return self.inner.submit(self._spec(spec))
-
-    def status(self, ref: str) -> RemoteStatus:
-        st = self.inner.status(ref)
-        billed = None if st.billed_seconds is None else st.billed_seconds * self.factor
-        return RemoteStatus(st.state, st.detail, billed, None, None)
-
-    def stop(self, ref: str) -> None:
-        self.inner.stop(ref)
-
-    def pull(self, ref: str, dest: Path) -> None:
-        self.inner.pull(ref, dest)
 
 
 def trainers() -> list[psutil.Process]:
@@ -214,7 +187,7 @@ def main() -> int:
             inner = KaggleBackend(api, settings.kaggle, "week", run_dir / "cloud" / "work", sleep=lambda s: time.sleep(0.05))
         else:
             inner = SageMakerBackend(sm, s3, settings.sagemaker, "week")
-        return Scaled(inner, clock.factor)
+        return ScaledBackend(inner, clock.factor)
 
     run = CloudRun(run_dir, cfg, settings, run_id="week", backend_factory=factory, ledger=ledger,
                    emit=lambda ev, **f: events.append((ev, f)), clock=clock, sleep=clock.sleep)
