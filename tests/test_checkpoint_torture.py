@@ -60,7 +60,9 @@ def test_sigkill_torture_resumes_bit_for_bit(tmp_path: Path, reference: Any) -> 
         assert res.discontinuities == 0  # and the continuity guard stays quiet on exact resumes
         leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
         assert leftovers == []  # what killed writes left behind was swept by the next writer
-    assert sum(kinds.values()) >= KILLS and kinds["mid-write"] >= 3 and kinds["training"] >= 5, kinds
+    # Every 4th kill of a run is mid-write; the others are mostly inside a step.
+    want_mid, want_training = (3, 5) if KILLS >= 20 else (2, 2)
+    assert sum(kinds.values()) >= KILLS and kinds["mid-write"] >= want_mid and kinds["training"] >= want_training, kinds
 
 
 @pytest.mark.slow
