@@ -183,24 +183,15 @@ def run_week(root: Path, hour_seconds: float, adapter_hours: float, trainer_kill
     adapter_steps = max(10, int(adapter_hours * hour_seconds / per_step))
     root = root / "week"
     root.mkdir(parents=True)
-    fake = root / "fake"
-    (fake / "sagemaker").mkdir(parents=True)
-    (fake / "sagemaker" / "faults.json").write_text('{"sm_real": true}')
-    wheel = root / "uff_port-0.1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("uff_port/__init__.py", "")
-    gates = root / "gates.yaml"
-    gates.write_text("schema_version: 1\nlatency: {enabled: false}\nsafety: {enabled: false}\n")
+    gates, env = sandbox(root)
     spec = root / "sim.yaml"
     spec.write_text(week_spec_text(gates, main_steps, adapter_steps, adapter_hours, ckpt))
     # the simulated week starts on a Monday 00:00 UTC (the Kaggle week and a SageMaker day begin together)
     today = dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     week_start = (today + dt.timedelta(days=7 - today.weekday())).timestamp()
     origin = time.time()
-    env = {**os.environ, "UFF_PORT_CLOUD_FAKE": str(fake), "UFF_PORT_WHEEL": str(wheel),
-           "PYTHONPATH": str(REPO), "UFF_PORT_PYTHON": sys.executable,
-           "UFF_PORT_TIME_SCALE": str(HOUR / hour_seconds), "UFF_PORT_TIME_ORIGIN": str(origin),
-           "UFF_PORT_TIME_START": str(week_start)}
+    env |= {"UFF_PORT_TIME_SCALE": str(HOUR / hour_seconds), "UFF_PORT_TIME_ORIGIN": str(origin),
+            "UFF_PORT_TIME_START": str(week_start)}
     deadline = origin + 7 * 24 * hour_seconds * 1.5
     plan = ["trainer"] * trainer_kills + ["vm"] * vm_kills
     rng.shuffle(plan)
@@ -218,21 +209,10 @@ def run_week(root: Path, hour_seconds: float, adapter_hours: float, trainer_kill
                     break
                 raise SystemExit(f"campaign VM exited {vm.returncode}; see {root / 'vm.log'}")
             if plan and time.time() >= next_kill:
-                if plan[0] == "vm":
-                    os.killpg(vm.pid, signal.SIGKILL)
-                    vm.wait()
-                    kills["vm"] += 1
+                vm, landed = kill_one(plan[0], vm, root, spec, env, log, rng, 5.0, kills)
+                if landed:
                     plan.pop(0)
-                    time.sleep(2.0)
-                    vm = start_vm(root, spec, env, log)
                     next_kill = time.time() + rng.uniform(0.5, 1.5) * pause
-                else:
-                    found = trainers(root, 5.0)
-                    if found:
-                        rng.choice(found).send_signal(signal.SIGKILL)
-                        kills["trainer"] += 1
-                        plan.pop(0)
-                        next_kill = time.time() + rng.uniform(0.5, 1.5) * pause
             time.sleep(0.5)
         if vm.poll() is None:
             os.killpg(vm.pid, signal.SIGKILL)
@@ -330,9 +310,9 @@ def trainers(root: Path, min_age: float) -> list[psutil.Process]:
     return out
 
 
-def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, rng: random.Random,
-                 min_age: float = 10.0) -> dict[str, Any]:
-    root.mkdir(parents=True)
+def sandbox(root: Path) -> tuple[Path, dict[str, str]]:
+    """The fake providers, a stand-in wheel and gates that judge only the scores, under `root`;
+    the gates file and the campaign VM's environment."""
     fake = root / "fake"
     (fake / "sagemaker").mkdir(parents=True)
     (fake / "sagemaker" / "faults.json").write_text('{"sm_real": true}')
@@ -341,10 +321,35 @@ def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, 
         zf.writestr("uff_port/__init__.py", "")
     gates = root / "gates.yaml"
     gates.write_text("schema_version: 1\nlatency: {enabled: false}\nsafety: {enabled: false}\n")
-    spec = root / "sim.yaml"
-    spec.write_text(spec_text(max_steps, gates))
     env = {**os.environ, "UFF_PORT_CLOUD_FAKE": str(fake), "UFF_PORT_WHEEL": str(wheel),
            "PYTHONPATH": str(REPO), "UFF_PORT_PYTHON": sys.executable}
+    return gates, env
+
+
+def kill_one(kind: str, vm: subprocess.Popen[bytes], root: Path, spec: Path, env: dict[str, str], log: Any,
+             rng: random.Random, min_age: float, kills: dict[str, int]) -> tuple[subprocess.Popen[bytes], bool]:
+    """One chaos kill: the whole VM (then started again), or a random trainer at least `min_age`
+    seconds old. Returns the VM now running and whether the kill landed (no trainer: it did not)."""
+    if kind == "vm":
+        os.killpg(vm.pid, signal.SIGKILL)
+        vm.wait()
+        kills["vm"] += 1
+        time.sleep(2.0)
+        return start_vm(root, spec, env, log), True
+    found = trainers(root, min_age)
+    if not found:
+        return vm, False
+    rng.choice(found).send_signal(signal.SIGKILL)
+    kills["trainer"] += 1
+    return vm, True
+
+
+def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, rng: random.Random,
+                 min_age: float = 10.0) -> dict[str, Any]:
+    root.mkdir(parents=True)
+    gates, env = sandbox(root)
+    spec = root / "sim.yaml"
+    spec.write_text(spec_text(max_steps, gates))
     t0 = time.time()
     kills = {"trainer": 0, "vm": 0}
     # chaos: a list of (kind) in random order, each after a random pause while training runs
@@ -361,20 +366,9 @@ def run_campaign(root: Path, max_steps: int, trainer_kills: int, vm_kills: int, 
                 time.sleep(rng.uniform(3.0, 8.0))
                 if vm.poll() is not None:
                     continue
-                kind = plan[0]
-                if kind == "vm":
-                    os.killpg(vm.pid, signal.SIGKILL)
-                    vm.wait()
-                    kills["vm"] += 1
+                vm, landed = kill_one(plan[0], vm, root, spec, env, log, rng, min_age, kills)
+                if landed:
                     plan.pop(0)
-                    time.sleep(2.0)
-                    vm = start_vm(root, spec, env, log)
-                else:
-                    found = trainers(root, min_age)
-                    if found:
-                        rng.choice(found).send_signal(signal.SIGKILL)
-                        kills["trainer"] += 1
-                        plan.pop(0)
             else:
                 time.sleep(1.0)
     elapsed = time.time() - t0
