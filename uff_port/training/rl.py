@@ -230,26 +230,16 @@ def is_sft_step(step: int, ratio: float) -> bool:
 def _kill_torchrun_group() -> None:
     """The kill hook under torchrun: SIGKILL torchrun, every rank and the launcher at once,
     as a machine that loses power would (torchrun first, so it cannot react to the rest)."""
-    torchrun = os.getppid()
-    launcher = _parent_of(torchrun)
-    siblings = [pid for pid in _pids() if _parent_of(pid) == torchrun and pid != os.getpid()]
-    for pid in [torchrun, *siblings, *([launcher] if launcher and launcher > 1 else [])]:
+    import psutil
+
+    torchrun = psutil.Process(os.getppid())
+    launcher = torchrun.parent()
+    victims = [torchrun, *(p for p in torchrun.children() if p.pid != os.getpid())]
+    for proc in [*victims, *([launcher] if launcher is not None and launcher.pid > 1 else [])]:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
+            proc.kill()
+        except psutil.Error:
             pass
-
-
-def _pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 # ---- the model's side ------------------------------------------------------------
