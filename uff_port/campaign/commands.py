@@ -84,21 +84,11 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
         backend = strategy if strategy != "hybrid" else first_backend.get(m.name)
         if backend is None:  # the cloud week is full: a local GPU takes it, if there is one
             backend = "local" if spec.budgets.local_gpus > 0 else None
-        overrides = job_overrides(spec, m)
-        overrides["strategy"] = backend or "local"
-        if backend == "local":
-            overrides.pop("cloud", None)
-        preset = _resolve_preset(m.preset, path)
-        cfg = validate_config(load_config_file(preset), overrides)
+        preset, overrides, cfg = _placed_stage(m.preset, job_overrides(spec, m), backend, path)
         gates = _gates(m.gates or spec.promotion.gates, path, m.name)
         rl = None
         if "rl" in m.stages and m.rl is not None:
-            rl_over = rl_overrides(spec, m)
-            rl_over["strategy"] = backend or "local"
-            if backend == "local":
-                rl_over.pop("cloud", None)
-            rl_preset = _resolve_preset(m.rl.preset, path)
-            rl_cfg = validate_config(load_config_file(rl_preset), rl_over)
+            rl_preset, rl_over, rl_cfg = _placed_stage(m.rl.preset, rl_overrides(spec, m), backend, path)
             rl = {
                 "run_dir": f"{CAMPAIGNS_DIR}/{spec.name}/{m.name}-rl",
                 "max_steps": rl_cfg.training.max_steps,
@@ -132,6 +122,16 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
         "placement": week.to_dict() if week is not None else {"entries": [], "unscheduled": {}},
         "placement_text": week.render() if week is not None else "",
     }
+
+
+def _placed_stage(preset: str, overrides: dict[str, Any], backend: str | None,
+                  spec_path: Path | None) -> tuple[str, dict[str, Any], Any]:
+    """A stage's (preset path, overrides, validated config) on the backend the plan placed its model on."""
+    overrides["strategy"] = backend or "local"
+    if backend == "local":
+        overrides.pop("cloud", None)
+    resolved = _resolve_preset(preset, spec_path)
+    return resolved, overrides, validate_config(load_config_file(resolved), overrides)
 
 
 def _gates(gates: str | None, spec_path: Path | None, job: str) -> dict[str, Any] | None:
