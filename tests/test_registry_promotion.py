@@ -286,6 +286,14 @@ def test_worker_commands(variants: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(CommandError) as exc:
         commands.promote({"artifact": ids["a"], "gates": "g.yaml", "gates_config": {}}, ctx)
     assert exc.value.code == "invalid_args"
+    # hostile maps from the wire: not a map, nested past the tree limit, unknown keys
+    deep: dict[str, object] = {}
+    for _ in range(200):
+        deep = {"x": deep}
+    for bad in (["quality"], "quality: {enabled: false}", {"quality": deep}, {"qualty": {"enabled": False}}):
+        with pytest.raises(CommandError) as exc:
+            commands.promote({"artifact": ids["a"], "gates_config": bad}, ctx)
+        assert exc.value.code == "invalid_gates", bad
 
 
 def test_commands_through_the_real_worker(variants: dict[str, Path], runs_root: Path, worker) -> None:  # type: ignore[no-untyped-def]
