@@ -127,6 +127,7 @@ strategy: hybrid
 budgets: {{local_gpus: 1, kaggle_hours_per_week: 30, sagemaker_hours_per_day: 4}}
 overrides:
   training.progress_every_seconds: 0
+  training.cpu_threads: 1
   checkpoint.every_steps: {ckpt}
   checkpoint.keep_last: 2
   eval.every_steps: null
@@ -178,8 +179,10 @@ def run_week(root: Path, hour_seconds: float, adapter_hours: float, trainer_kill
              rng: random.Random, ckpt: int, calibrate_jobs: int) -> dict[str, Any]:
     import datetime as dt
 
+    # main trains alone on the local slot; the adapters two at a time (one session per cloud)
+    main_per_step = calibrate(root / "calibrate-main", jobs=1)
     per_step = calibrate(root / "calibrate", jobs=calibrate_jobs)
-    main_steps = max(10, int(12 * hour_seconds / per_step))
+    main_steps = max(10, int(12 * hour_seconds / main_per_step))
     adapter_steps = max(10, int(adapter_hours * hour_seconds / per_step))
     root = root / "week"
     root.mkdir(parents=True)
@@ -220,6 +223,7 @@ def run_week(root: Path, hour_seconds: float, adapter_hours: float, trainer_kill
     elapsed = time.time() - origin
     result = {"elapsed_s": round(elapsed, 1), "sim_hours": round(elapsed / hour_seconds, 1), "finished": finished,
               "hour_seconds": hour_seconds, "seconds_per_step": round(per_step, 4),
+              "main_seconds_per_step": round(main_per_step, 4),
               "steps": {"main": main_steps, "adapter": adapter_steps}, "kills": kills,
               **measure(root), "budget": budget_share(root, hour_seconds)}
     cleanup(root)
@@ -244,7 +248,7 @@ def budget_share(root: Path, hour_seconds: float) -> dict[str, Any]:
                     planned["local"] += float(j.get("hours") or 0)
             break
     used = {"local": 0.0, "kaggle": 0.0, "sagemaker": 0.0}
-    for u in QuotaLedger(cdir / ".cloud-ledger.jsonl").usages():
+    for u in QuotaLedger(root / "runs" / ".cloud-ledger.jsonl").usages():
         if u.final:
             used[u.backend] += u.seconds / HOUR
     for j in view.jobs.values():
@@ -275,7 +279,8 @@ def week_table(out: dict[str, Any], cmd: str) -> str:
                     for k in ("local", "kaggle", "sagemaker"))
         + f" | **{b['cloud_share']}** | {'yes' if w['finished'] else 'no'} |",
         "",
-        f"Sizes: {w['hour_seconds']} real s per simulated hour, {w['seconds_per_step']} s per step measured first; "
+        f"Sizes: {w['hour_seconds']} real s per simulated hour; s per step measured first: main alone "
+        f"{w['main_seconds_per_step']}, adapters two at once {w['seconds_per_step']}; "
         f"main {w['steps']['main']} steps (12 h), each adapter {w['steps']['adapter']} steps; "
         f"submissions Kaggle {w['submissions']['kaggle']}, SageMaker {w['submissions']['sagemaker']} "
         f"({w['submissions']['sagemaker_unique']} unique) against journaled sessions "

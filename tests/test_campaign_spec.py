@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from uff_port.campaign.commands import campaign_plan
 from uff_port.campaign.journal import JournalError, fold, iter_frames, load, read_records
 from uff_port.campaign.spec import SpecError, load_spec, topo_order, validate_spec
+from uff_port.cloud.ledger import QuotaLedger
 
 MANAGERS = ("ufm", "ucm", "urm", "ulm", "uim", "uam")
 
@@ -126,11 +127,29 @@ def test_plan_places_jobs_and_carries_train_args(tmp_path: Path) -> None:
     plan = campaign_plan({"spec": week_spec(), "start": 1_700_000_000}, Ctx(tmp_path))
     jobs = {j["name"]: j for j in plan["jobs"]}
     assert list(jobs)[0] == "main" and jobs["main"]["backend"] == "local"
-    assert {jobs[m]["backend"] for m in MANAGERS} <= {"kaggle", "sagemaker"}
+    assert {jobs[m]["backend"] for m in MANAGERS} == {"hybrid"}
     assert all(jobs[m]["deps"] == ["main"] and jobs[m]["max_steps"] == 4 for m in MANAGERS)
-    assert jobs["ufm"]["train"]["overrides"]["strategy"] == jobs["ufm"]["backend"]
     assert jobs["main"]["run_dir"] == "campaigns/week-48/main"
+    assert "cloud" not in jobs["main"]["train"]["overrides"]
     assert plan["placement"]["entries"]
+    # a hybrid job routes each session over the clouds only, with the campaign's budgets and the runs root's ledger
+    over = jobs["ufm"]["train"]["overrides"]
+    assert over["strategy"] == "hybrid" and over["cloud"]["local_gpu"] == "no"
+    assert over["cloud"]["ledger_path"] == str(tmp_path.resolve() / ".cloud-ledger.jsonl")
+    assert over["cloud"]["budgets"]["kaggle_hours_per_week"] == 30.0
+
+
+def test_plan_counts_the_hours_the_ledger_already_holds(tmp_path: Path) -> None:
+    """The budgets are the account's: hours another run spent this week are not placed again."""
+    start = 1_700_438_400  # a Monday 00:00 UTC
+    raw = week_spec(budgets={"kaggle_hours_per_week": 20, "sagemaker_hours_per_day": 4})
+    fresh = campaign_plan({"spec": raw, "start": start}, Ctx(tmp_path))
+    assert any(e["backend"] == "kaggle" for e in fresh["placement"]["entries"])
+    QuotaLedger(tmp_path / ".cloud-ledger.jsonl").record("other:s0", "kaggle", start, 20 * 3600)
+    spent = campaign_plan({"spec": raw, "start": start}, Ctx(tmp_path))
+    assert spent["placement"]["entries"] and not any(e["backend"] == "kaggle" for e in spent["placement"]["entries"])
+    ufm = {j["name"]: j for j in spent["jobs"]}["ufm"]
+    assert ufm["train"]["overrides"]["cloud"]["budgets"]["kaggle_hours_per_week"] == 20
 
 
 RL_LORA = {"lora.r": 8, "lora.alpha": 16,
@@ -244,11 +263,25 @@ def test_fold_accepts_any_record_fields(extra: list[dict[str, Any]]) -> None:
 
 
 def test_status_cli_table_json_and_png(tmp_path: Path) -> None:
+    from uff_port.cloud.journal import Journal, JournalData, Session
+
+    outside, tmp_path = tmp_path / "outside", tmp_path / "campaign"
+    tmp_path.mkdir()
     (tmp_path / "journal.bin").write_bytes(_frames(_week_records()) + b"\x00\x00")
+    # a hybrid job's sessions on both clouds are billed where they ran (its RL run too, even through a link
+    # inside the campaign); a run directory linked outside the campaign is not read
+    Journal(tmp_path / "ufm", JournalData("ufm", "hybrid", [
+        Session(0, "kaggle", "s0", state="verified", billed_seconds=3600.0),
+        Session(1, "sagemaker", "s1", state="verified", started_ts=10.0, ended_ts=1810.0)])).save()
+    Journal(tmp_path / "rl", JournalData("x", "kaggle", [Session(0, "kaggle", "s0", billed_seconds=7200.0)])).save()
+    (tmp_path / "ufm-rl").symlink_to(tmp_path / "rl")
+    Journal(outside, JournalData("y", "kaggle", [Session(0, "kaggle", "s0", billed_seconds=99.0 * 3600)])).save()
+    (tmp_path / "main").symlink_to(outside)
     env_cmd = [sys.executable, "-m", "uff_port", "campaign", "status", str(tmp_path)]
     out = subprocess.run([*env_cmd, "--json", "--png", str(tmp_path / "week.png")], capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
     assert data["torn_tail_bytes"] == 2
+    assert data["billed_hours"] == {"kaggle": 1.0 + 2.0, "sagemaker": 0.5}
     assert [j["state"] for j in data["jobs"]] == ["promoted", "refused"]
     assert (tmp_path / "week.png").read_bytes()[:4] == b"\x89PNG"
     table = subprocess.run(env_cmd, capture_output=True, text=True, check=True).stdout

@@ -142,6 +142,28 @@ def test_hybrid_prefers_local_gpu_then_budget_and_waits_when_empty() -> None:
     assert choose_backend("kaggle", ledger, s, MONDAY).wait_until == ledger.next_reset("kaggle", MONDAY)
 
 
+def test_runs_sharing_a_ledger_take_each_backend_one_session_at_a_time() -> None:
+    s = validate_cloud({})
+    ledger = QuotaLedger(None, s.budgets)
+    ledger.reserve("a:s0", "sagemaker", MONDAY, 2 * H)  # run a's session is running on SageMaker
+    # run a itself is not blocked by its own reservation; run b goes to Kaggle instead
+    assert choose_backend("hybrid", ledger, s, MONDAY + 60, run_key="a:").backend == "sagemaker"
+    assert choose_backend("hybrid", ledger, s, MONDAY + 60, run_key="b:").backend == "kaggle"
+    ledger.reserve("b:s0", "kaggle", MONDAY + 60, 9 * H)
+    r = choose_backend("hybrid", ledger, s, MONDAY + 120, run_key="c:")
+    assert r.backend is None and r.wait_until == MONDAY + 2 * H  # the first of them to end
+    assert "busy" in r.reason
+    # a finished session frees its backend at once (its real use replaces the reservation)
+    ledger.record("a:s0", "sagemaker", MONDAY, 0.5 * H)
+    assert choose_backend("hybrid", ledger, s, MONDAY + 120, run_key="c:").backend == "sagemaker"
+    # an explicit backend waits for its own backend only; more sessions at once when the account allows
+    assert choose_backend("kaggle", ledger, s, MONDAY + 120, run_key="c:").wait_until == MONDAY + 60 + 9 * H
+    two = validate_cloud({"kaggle": {"max_concurrent_sessions": 2}})
+    assert choose_backend("kaggle", ledger, two, MONDAY + 120, run_key="c:").backend == "kaggle"
+    # planning (no run key) is not affected
+    assert choose_backend("kaggle", ledger, s, MONDAY + 120).backend == "kaggle"
+
+
 def test_plan_week_spreads_main_and_six_managers_within_budget() -> None:
     s = validate_cloud({})
     jobs = [("main", 14.0)] + [(m, 5.0) for m in ("ufm", "ucm", "urm", "ulm", "uim", "uam")]

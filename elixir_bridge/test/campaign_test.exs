@@ -563,8 +563,8 @@ defmodule UffPort.CampaignTest do
     main_art = details["main"]["artifact_id"]
     for m <- @managers, do: assert(details[m]["parent_artifact"] == main_art, m)
 
-    backends = for {_, d} <- details, do: d["backend"]
-    assert "local" in backends and "kaggle" in backends and "sagemaker" in backends
+    # main on the local GPU; the adapters route each session to whichever cloud is free
+    assert Enum.sort(Enum.uniq(for {_, d} <- details, do: d["backend"])) == ["hybrid", "local"]
 
     # the release lists all seven
     assert done["release"]["state"] == "done"
@@ -590,6 +590,7 @@ defmodule UffPort.CampaignTest do
       ])
 
     counts = parse_counts(out)
+    assert counts["kaggle"] > 0 and counts["sagemaker"] > 0
     assert counts["sm"] == counts["sm_unique"]
     assert counts["sm"] == counts["sagemaker"]
     assert counts["kg"] == counts["kaggle"]

@@ -37,7 +37,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from uff_port.campaign.journal import JournalError, fold, load
-    from uff_port.campaign.status import render_table, write_gantt
+    from uff_port.campaign.status import billed_hours, render_table, write_gantt
 
     try:
         view = fold(load(args.dir))
@@ -45,10 +45,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"campaign status: {exc}", file=sys.stderr)
         return 1
     now = time.time()
+    billed = billed_hours(Path(args.dir), view)
     if args.png:
         write_gantt(view, Path(args.png), now)
     if args.json:
-        print(json.dumps(view.to_dict(now), indent=2, sort_keys=True))
+        print(json.dumps({**view.to_dict(now), "billed_hours": billed}, indent=2, sort_keys=True))
     else:
-        render_table(view, now)
+        render_table(view, now, billed)
     return 0

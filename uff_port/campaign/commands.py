@@ -53,6 +53,7 @@ def _resolve_preset(preset: str, base: Path | None) -> str:
 
 def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """args: `spec` or `spec_path`, optional `start` (unix). The job graph with placement."""
+    from uff_port.cloud.ledger import QuotaLedger
     from uff_port.cloud.routing import plan_week
     from uff_port.cloud.settings import validate_cloud
 
@@ -71,24 +72,27 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
         }})
     except ConfigError as exc:
         raise CommandError(ErrorCode.INVALID_CONFIG, str(exc), {"problems": exc.problems}) from None
+    # One ledger per runs root: the budgets are the account's, shared by every campaign and `train`.
+    ledger_path = settings.ledger_path or str(Path(ctx.runs_root).resolve() / ".cloud-ledger.jsonl")
+    cloud = {**spec.cloud, "budgets": settings.budgets.model_dump(), "ledger_path": ledger_path}
     ordered = topo_order(spec)
     hybrid = [(m.name, m.hours) for m in ordered if spec.strategy_of(m) == "hybrid"]
-    week = plan_week(hybrid, settings, start, strategy="hybrid") if hybrid else None
-    first_backend: dict[str, str] = {}
-    if week is not None:
-        for e in week.entries:
-            first_backend.setdefault(e.job, e.backend)
+    week = None
+    if hybrid:
+        week = plan_week(hybrid, settings, start, strategy="hybrid", ledger=QuotaLedger(ledger_path, settings.budgets))
+    placed = {e.job for e in week.entries} if week is not None else set()
     jobs = []
     for m in ordered:
         strategy = spec.strategy_of(m)
-        backend = strategy if strategy != "hybrid" else first_backend.get(m.name)
+        # A placed hybrid job routes each session itself (the worker's hybrid routing, clouds only).
+        backend = strategy if strategy != "hybrid" else ("hybrid" if m.name in placed else None)
         if backend is None:  # the cloud week is full: a local GPU takes it, if there is one
             backend = "local" if spec.budgets.local_gpus > 0 else None
-        preset, overrides, cfg = _placed_stage(m.preset, job_overrides(spec, m), backend, path)
+        preset, overrides, cfg = _placed_stage(m.preset, job_overrides(spec, m), backend, cloud, path)
         gates = _gates(m.gates or spec.promotion.gates, path, m.name)
         rl = None
         if "rl" in m.stages and m.rl is not None:
-            rl_preset, rl_over, rl_cfg = _placed_stage(m.rl.preset, rl_overrides(spec, m), backend, path)
+            rl_preset, rl_over, rl_cfg = _placed_stage(m.rl.preset, rl_overrides(spec, m), backend, cloud, path)
             rl = {
                 "run_dir": f"{CAMPAIGNS_DIR}/{spec.name}/{m.name}-rl",
                 "max_steps": rl_cfg.training.max_steps,
@@ -124,12 +128,19 @@ def campaign_plan(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     }
 
 
-def _placed_stage(preset: str, overrides: dict[str, Any], backend: str | None,
+def _placed_stage(preset: str, overrides: dict[str, Any], backend: str | None, cloud: dict[str, Any],
                   spec_path: Path | None) -> tuple[str, dict[str, Any], Any]:
-    """A stage's (preset path, overrides, validated config) on the backend the plan placed its model on."""
+    """A stage's (preset path, overrides, validated config) on the backend the plan placed its model on.
+
+    A cloud stage gets the campaign's `cloud:` map with the campaign's budgets
+    and the runs root's ledger; a hybrid one never takes the local GPU behind
+    the campaign's slots (`local_gpu: no`).
+    """
     overrides["strategy"] = backend or "local"
-    if backend == "local":
+    if backend in (None, "local"):
         overrides.pop("cloud", None)
+    else:
+        overrides["cloud"] = {**cloud, **({"local_gpu": "no"} if backend == "hybrid" else {})}
     resolved = _resolve_preset(preset, spec_path)
     return resolved, overrides, validate_config(load_config_file(resolved), overrides)
 

@@ -9,7 +9,32 @@ from typing import Final
 from uff_port.campaign.journal import CampaignView
 
 BUDGET_KEYS: Final = {"kaggle": "kaggle_hours_per_week", "sagemaker": "sagemaker_hours_per_day"}
-_COLOURS: Final = {"local": "tab:green", "kaggle": "tab:blue", "sagemaker": "tab:orange"}
+_COLOURS: Final = {"local": "tab:green", "kaggle": "tab:blue", "sagemaker": "tab:orange", "hybrid": "tab:purple"}
+
+
+def billed_hours(campaign_dir: Path, view: CampaignView) -> dict[str, float]:
+    """Hours the providers billed per cloud backend, from each job's cloud journal.
+
+    The journal's training phases give a job's wall time on the backend it
+    was placed on; a `hybrid` job's sessions go to either cloud, so only the
+    sessions themselves say where its hours were spent.
+    """
+    from uff_port.cloud.journal import Journal
+    from uff_port.fsutil import confine
+
+    out: dict[str, float] = {}
+    for name in view.jobs:
+        for run in (name, f"{name}-rl"):
+            try:
+                journal = Journal.load(confine(campaign_dir, run))
+            except (ValueError, OSError, KeyError, TypeError):
+                continue  # outside the campaign, unreadable or not a cloud journal: nothing billed here
+            for s in journal.data.sessions if journal is not None else []:
+                seconds = s.billed_seconds
+                if seconds is None and s.started_ts is not None and s.ended_ts is not None:
+                    seconds = s.ended_ts - s.started_ts
+                out[s.backend] = out.get(s.backend, 0.0) + max(0.0, seconds or 0.0) / 3600.0
+    return out
 
 
 def _scores(scores: dict[str, object]) -> str:
@@ -23,7 +48,7 @@ def _scores(scores: dict[str, object]) -> str:
     return ", ".join(parts) or "-"
 
 
-def render_table(view: CampaignView, now: float) -> None:
+def render_table(view: CampaignView, now: float, billed: dict[str, float] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -38,15 +63,17 @@ def render_table(view: CampaignView, now: float) -> None:
     console = Console()
     console.print(table)
     used = view.hours_used(now)
+    billed = billed or {}
     budget = Table(title="GPU-hours")
-    for col in ("backend", "used", "budget"):
+    for col in ("backend", "training", "billed", "budget"):
         budget.add_column(col)
     local = view.budgets.get("local_gpus")
-    for backend in sorted(set(used) | {"kaggle", "sagemaker"}):
+    for backend in sorted(set(used) | set(billed) | {"kaggle", "sagemaker"}):
         key = BUDGET_KEYS.get(backend)
         limit = (f"{view.budgets[key]:g} h" + ("/week" if backend == "kaggle" else "/day")) if key and key in view.budgets \
             else (f"{local:g} GPU" if backend == "local" and local is not None else "-")
-        budget.add_row(backend, f"{used.get(backend, 0.0):.3f} h", limit)
+        paid = f"{billed.get(backend, 0.0):.3f} h" if backend in BUDGET_KEYS else "-"
+        budget.add_row(backend, f"{used.get(backend, 0.0):.3f} h", paid, limit)
     console.print(budget)
     if view.release:
         console.print(f"release: {view.release.get('name')} ({', '.join(view.release.get('roles') or [])})")

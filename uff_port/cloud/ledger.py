@@ -140,6 +140,17 @@ class QuotaLedger:
     def remaining_seconds(self, backend: str, now: float) -> float:
         return max(0.0, self.budget_seconds(backend) - self.used_seconds(backend, now))
 
+    def in_flight(self, backend: str, now: float, *, other_than: str = "") -> list[float]:
+        """End times of the sessions on `backend` running at `now` whose key does not start with
+        `other_than` (a run's own sessions): open reservations, which a session holds until its
+        real use replaces them."""
+        return sorted(
+            u.start + u.seconds
+            for u in self.usages()
+            if u.backend == backend and not u.final and u.start <= now < u.start + u.seconds
+            and not (other_than and u.key.startswith(other_than))
+        )
+
     def next_reset(self, backend: str, now: float) -> float:
         return self.window(backend, now)[1]
 

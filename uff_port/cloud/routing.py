@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 from uff_port.cloud.ledger import QuotaLedger
-from uff_port.cloud.settings import HOUR, CloudSettings, session_budget_seconds
+from uff_port.cloud.settings import HOUR, CloudSettings, max_concurrent, session_budget_seconds
 
 CLOUD_BACKENDS: Final = ("kaggle", "sagemaker")
 
@@ -48,8 +48,16 @@ def choose_backend(
     *,
     gpu_present: bool = False,
     need_seconds: float | None = None,
+    run_key: str | None = None,
 ) -> Route:
-    """Pick the backend for the next session of a job with `need_seconds` left."""
+    """Pick the backend for the next session of a job with `need_seconds` left.
+
+    With `run_key` (the prefix of the run's own ledger keys), a backend whose
+    `max_concurrent_sessions` are taken by other runs' sessions is busy: the
+    route waits for the first of them to end (or for a budget reset), so
+    parallel runs of one ledger (a campaign's jobs) share the backends one
+    session at a time, as the week's plan assumes.
+    """
     if strategy == "local" or (strategy == "hybrid" and gpu_present):
         return Route("local", 0.0, None, "a local GPU is present" if strategy == "hybrid" else "strategy local")
     if strategy in CLOUD_BACKENDS:
@@ -62,7 +70,12 @@ def choose_backend(
     # whose budget resets soonest (SageMaker's daily hours vanish at midnight,
     # Kaggle's weekly ones keep); ties go to the longer session.
     best: tuple[float, float, str] | None = None
+    frees: dict[str, float] = {}  # busy backend -> when its first other session ends
     for backend in candidates:
+        others = ledger.in_flight(backend, now, other_than=run_key) if run_key is not None else []
+        if len(others) >= max_concurrent(settings, backend):
+            frees[backend] = others[0]
+            continue
         length = _feasible(ledger, settings, backend, now, need_seconds)
         key = (ledger.next_reset(backend, now), -length)
         if length > 0 and (best is None or key < best[:2]):
@@ -70,8 +83,9 @@ def choose_backend(
     if best is not None:
         name = best[2]
         return Route(name, -best[1], None, f"{name} has {ledger.remaining_seconds(name, now) / HOUR:.2f} h left")
-    wait = min(ledger.next_reset(b, now) for b in candidates)
-    return Route(None, 0.0, wait, f"no budget left on {', '.join(candidates)}; waiting for the next reset")
+    wait = min(frees.get(b, ledger.next_reset(b, now)) for b in candidates)
+    why = [f"{b} busy with another run's session" if b in frees else f"no budget left on {b}" for b in candidates]
+    return Route(None, 0.0, wait, "; ".join(why) + "; waiting")
 
 
 @dataclass(frozen=True)

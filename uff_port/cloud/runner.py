@@ -280,7 +280,8 @@ class CloudRun:
                               resumable=False)
         now = self.clock()
         route = choose_backend(
-            self.cfg.strategy, self.ledger, self.settings, now, gpu_present=self.gpu_present, need_seconds=self._need_seconds()
+            self.cfg.strategy, self.ledger, self.settings, now, gpu_present=self.gpu_present, need_seconds=self._need_seconds(),
+            run_key=f"{self.run_id}:",
         )
         if route.backend == "local":
             return -1  # the caller hands the run to the local trainer

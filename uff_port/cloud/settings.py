@@ -47,6 +47,8 @@ class KaggleSettings(_Section):
     accelerator: str = "NvidiaTeslaT4"
     """Kaggle's machine shape, passed as `kernels_push(acc=...)` and `machine_shape` (T4 sessions get two T4s)."""
     max_sessions: int = Field(20, gt=0)
+    max_concurrent_sessions: int = Field(1, gt=0)
+    """Sessions of this backend at once across the runs sharing a ledger (the planner assumes 1)."""
     internet: bool = False
     """Sessions run offline unless asked: the base weights come from `model_source` or a weights dataset."""
     model_source: str | None = Field(None, pattern=r"^[^/\s]+/[^/\s]+/[^/\s]+/[^/\s]+/[0-9]+$")
@@ -68,6 +70,8 @@ class SageMakerSettings(_Section):
     max_wait_seconds: int | None = Field(None, gt=0)
     """Spot only: must be >= max_runtime_seconds; default 2x max_runtime_seconds."""
     max_sessions: int = Field(20, gt=0)
+    max_concurrent_sessions: int = Field(1, gt=0)
+    """Training jobs at once across the runs sharing a ledger (the account's instance quota; the planner assumes 1)."""
     instance_count: int = Field(1, gt=0, le=64)
     """ResourceConfig.InstanceCount: > 1 runs the trainer under torchrun across the instances."""
     model_s3_uri: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
@@ -165,6 +169,10 @@ def check_for_strategy(settings: CloudSettings, strategy: str) -> None:
         problems.append("cloud.sagemaker.region: required for the sagemaker backend (or set AWS_REGION)")
     if problems and strategy == "sagemaker":
         raise ConfigError(problems)
+
+
+def max_concurrent(settings: CloudSettings, backend: str) -> int:
+    return settings.kaggle.max_concurrent_sessions if backend == "kaggle" else settings.sagemaker.max_concurrent_sessions
 
 
 def session_budget_seconds(settings: CloudSettings, backend: str) -> float:

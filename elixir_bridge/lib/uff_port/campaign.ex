@@ -345,19 +345,23 @@ defmodule UffPort.Campaign do
     end
   end
 
+  # One local job per GPU; one session per cloud backend, and a `hybrid` job (its worker routes
+  # each session to whichever cloud has budget and no other session) takes any free cloud.
+  @clouds ~w(kaggle sagemaker hybrid)
+
   defp slot_free?(state, job) do
     backend = job.plan["backend"]
 
-    running =
-      Enum.count(state.steps, fn {_, {j, p}} ->
-        p in @training and state.jobs[j].plan["backend"] == backend
-      end)
+    training =
+      for {_, {j, p}} <- state.steps, p in @training, do: state.jobs[j].plan["backend"]
 
-    running < slots(state, backend)
+    if backend == "local" do
+      Enum.count(training, &(&1 == "local")) < max(1, get_in(state.plan, ["budgets", "local_gpus"]) || 1)
+    else
+      Enum.count(training, &(&1 in @clouds)) < 2 and
+        (backend == "hybrid" or backend not in training)
+    end
   end
-
-  defp slots(state, "local"), do: max(1, get_in(state.plan, ["budgets", "local_gpus"]) || 1)
-  defp slots(_state, _cloud), do: 1
 
   defp window_open?(state, phase),
     do: window_open?(state.plan["schedule"] || %{}, state.clock.(), phase)
