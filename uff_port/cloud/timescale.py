@@ -57,9 +57,6 @@ class ScaledClock:
     def __call__(self) -> float:
         return self.start + (time.time() - self.origin) * self.scale
 
-    def real(self, sim_seconds: float) -> float:
-        return sim_seconds / self.scale
-
 
 def now() -> float:
     """Unix seconds: simulated when `UFF_PORT_TIME_SCALE` is set, else the wall clock."""
