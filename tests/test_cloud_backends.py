@@ -261,3 +261,43 @@ def test_jobs_that_keep_failing_without_progress_fail_the_run(tmp_path: Path, wh
     assert failed[0]["resumable"] is False  # a supervisor restart would only repeat them
     assert len(sm.creations()) == 3
     assert [s.remote_state for s in run.journal.data.sessions] == ["failed"] * 3
+
+
+def test_two_hybrid_runs_starting_at_once_take_one_cloud_each(tmp_path: Path, wheel: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both see SageMaker free (its daily hours go first) while they build their bundles; the
+    check and the reservation are one step under the ledger's routing lock, so the second to
+    reserve routes again and takes Kaggle instead of a second SageMaker session."""
+    import threading
+
+    from uff_port.cloud.factory import make_backend
+
+    monkeypatch.setenv("UFF_PORT_CLOUD_FAKE", str(tmp_path / "fake"))
+    cloud = {"sagemaker": SM, "local_gpu": "no", "ledger_path": str(tmp_path / "runs" / ".ledger")}
+    cfg = validate_config({"strategy": "hybrid", "training": {"max_steps": 10}, "cloud": cloud})
+    settings = validate_cloud(cfg.cloud)
+    barrier = threading.Barrier(2)
+    runs = []
+    for rid in ("run-a", "run-b"):
+        run_dir = tmp_path / "runs" / rid
+        run_dir.mkdir(parents=True)
+        runs.append(CloudRun(run_dir, cfg, settings, run_id=rid,
+                             backend_factory=lambda name, d=run_dir, r=rid: make_backend(name, settings, r, d / "work"),
+                             ledger=QuotaLedger(settings.ledger_path, settings.budgets), emit=lambda ev, **f: None,
+                             sleep=lambda s: None))
+
+    def start(run: CloudRun) -> None:
+        barrier.wait()
+        for _ in range(3):
+            if run.journal.current is None:
+                run._start_session()
+
+    threads = [threading.Thread(target=start, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    backends = sorted(r.journal.current.backend for r in runs if r.journal.current is not None)
+    assert backends == ["kaggle", "sagemaker"]
+    ledger = QuotaLedger(settings.ledger_path, settings.budgets)
+    assert sorted(u.backend for u in ledger.usages()) == ["kaggle", "sagemaker"]

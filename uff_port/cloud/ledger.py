@@ -12,10 +12,12 @@ SageMaker's per UTC day.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -81,6 +83,22 @@ class QuotaLedger:
             os.write(fd, line)
             # The ledger is what keeps spending inside the free quota: durable now.
             os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def routing_lock(self) -> Iterator[None]:
+        """Held while a run checks the ledger and reserves: two runs routing at once would
+        otherwise both see a backend free and both take it (a lock file of its own, since
+        `_append` locks the ledger itself)."""
+        if self.path is None:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
         finally:
             os.close(fd)
 

@@ -36,7 +36,7 @@ from uff_port.cloud.corpus import CorpusError, load_key, stage_corpus
 from uff_port.cloud.events_merge import merge_events
 from uff_port.cloud.journal import REMOTE_DONE, SETTLED, Journal, crash_point
 from uff_port.cloud.ledger import QuotaLedger
-from uff_port.cloud.routing import choose_backend
+from uff_port.cloud.routing import Route, choose_backend
 from uff_port.cloud.settings import CloudSettings
 from uff_port.cloud.verify import check_pull
 from uff_port.cloud.weights import MODEL_NOT_FOUND, WeightsError, WeightsPlan, plan_weights
@@ -279,10 +279,7 @@ class CloudRun:
             return self._fail(ErrorCode.TRAINER_FAILED, f"{failures} sessions in a row failed remotely; last: {sessions[-1].detail}",
                               resumable=False)
         now = self.clock()
-        route = choose_backend(
-            self.cfg.strategy, self.ledger, self.settings, now, gpu_present=self.gpu_present, need_seconds=self._need_seconds(),
-            run_key=f"{self.run_id}:",
-        )
+        route = self._route(now)
         if route.backend == "local":
             return -1  # the caller hands the run to the local trainer
         if route.backend is None:
@@ -316,10 +313,24 @@ class CloudRun:
             corpus=corpus,
             secrets=[v for v in [os.environ.get(self.settings.encryption.key_env)] if v],
         )
-        self.journal.begin_session(route.backend, name, now=now, budget_seconds=route.session_seconds)
-        self.ledger.reserve(f"{self.run_id}:{name}", route.backend, now, route.session_seconds)
-        self.emit("quota", backend=route.backend, reserved_hours=round(route.session_seconds / 3600, 3), reason=route.reason, budgets=self.ledger.budget_view(now))
+        with self.ledger.routing_lock():
+            # Another run may have taken this backend while the bundle was built: route again
+            # under the lock, so the check and the reservation are one step; if the answer
+            # changed, the next pass starts over (the bundle is rebuilt from the same state).
+            now = self.clock()
+            again = self._route(now)
+            if again.backend != route.backend:
+                return None
+            self.journal.begin_session(route.backend, name, now=now, budget_seconds=again.session_seconds)
+            self.ledger.reserve(f"{self.run_id}:{name}", route.backend, now, again.session_seconds)
+        self.emit("quota", backend=route.backend, reserved_hours=round(again.session_seconds / 3600, 3), reason=again.reason, budgets=self.ledger.budget_view(now))
         return None
+
+    def _route(self, now: float) -> Route:
+        return choose_backend(
+            self.cfg.strategy, self.ledger, self.settings, now, gpu_present=self.gpu_present, need_seconds=self._need_seconds(),
+            run_key=f"{self.run_id}:",
+        )
 
     def _resume_tree(self, ck: tuple[int, Path] | None) -> Path | None:
         if ck is None:
