@@ -276,6 +276,7 @@ defmodule UffPort.CampaignTest do
     assert File.exists?(Path.join([tmp, "runs", "campaigns", "sftrl", "main-rl"]))
   end
 
+  @tag :slow
   @tag timeout: 300_000
   test "stages [sft, rl] on the SageMaker fake: both stages train there, the RL one from the SFT adapter it carries; killed between the stages and in the RL session, nothing twice" do
     tmp = tmp_dir!("campaign_rl_cloud")
