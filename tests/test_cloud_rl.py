@@ -60,6 +60,40 @@ def test_the_tasks_file_and_sft_corpus_travel_in_the_bundle(tmp_path: Path, whee
     assert sorted(p.name for p in (tmp_path / "c" / "data").iterdir()) == ["01-sft.jsonl"]
 
 
+def test_the_init_adapter_travels_in_the_bundle_and_every_session_names_it_alike(tmp_path: Path, wheel: Path) -> None:
+    """model.init_adapter (the SFT stage's adapter, a parent's) is a directory of this machine only."""
+    import shutil
+
+    import yaml
+
+    from uff_port.cloud.bundle import BundleError
+    from uff_port.cloud.entry import _session_config
+    from uff_port.cloud.environment import Platform
+
+    parent = tmp_path / "registry" / "artifacts" / "abc"
+    parent.mkdir(parents=True)
+    (parent / "adapter_model.safetensors").write_bytes(b"lora weights " + tmp_path.name.encode())
+    (parent / "adapter_config.json").write_text("{}")
+    (parent / "tokenizer.json").write_text("{}")
+    cfg = validate_config(rl_tiny(tmp_path, **{"model.init_adapter": str(parent)})).to_dict()
+    build_bundle(tmp_path / "b", cfg, run_id="r", session="s0", wheel=wheel)
+
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["model"]["init_adapter"] == "data/init-adapter"
+    assert sorted(p.name for p in (tmp_path / "b" / "data" / "init-adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    # Two sessions, each with the bundle unpacked somewhere else (Kaggle): one path, as the checkpoints bind it.
+    shutil.copytree(tmp_path / "b", tmp_path / "b2")
+    seen = [_session_config(Platform("kaggle", tmp_path / b, tmp_path, tmp_path, None, {}), None, 0.0)[1]
+            ["model"]["init_adapter"] for b in ("b", "b2")]
+    assert seen[0] == seen[1] and not seen[0].startswith(str(tmp_path))
+    assert (Path(seen[0]) / "adapter_model.safetensors").read_bytes() == (parent / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(seen[0])
+    # No weights there: refused before anything is uploaded, naming the key.
+    (parent / "adapter_model.safetensors").unlink()
+    with pytest.raises(BundleError, match="model.init_adapter"):
+        build_bundle(tmp_path / "c", cfg, run_id="r", session="s0", wheel=wheel)
+
+
 @pytest.mark.slow
 def test_rl_run_through_the_kaggle_fake_brings_its_adapter_and_rollouts_home(tmp_path: Path, wheel: Path) -> None:
     """The corpus piece (content-addressed, uploaded once) carries the tasks file and the SFT corpus."""

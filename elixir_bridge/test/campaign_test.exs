@@ -276,6 +276,169 @@ defmodule UffPort.CampaignTest do
     assert File.exists?(Path.join([tmp, "runs", "campaigns", "sftrl", "main-rl"]))
   end
 
+  @tag :slow
+  @tag timeout: 300_000
+  test "stages [sft, rl] on the SageMaker fake: both stages train there, the RL one from the SFT adapter it carries; killed between the stages and in the RL session, nothing twice" do
+    tmp = tmp_dir!("campaign_rl_cloud")
+    fake = Path.join(tmp, "fake")
+    File.mkdir_p!(Path.join(fake, "sagemaker"))
+    File.write!(Path.join([fake, "sagemaker", "faults.json"]), ~s({"sm_real": true}))
+    wheel = Path.join(tmp, "uff_port-0.1.0-py3-none-any.whl")
+    {:ok, _} = :zip.create(String.to_charlist(wheel), [{'uff_port/__init__.py', ""}])
+    env = [{"UFF_PORT_CLOUD_FAKE", fake}, {"UFF_PORT_WHEEL", wheel}, {"PYTHONPATH", @repo}]
+    before = for {k, _} <- env, do: {k, System.get_env(k)}
+    for {k, v} <- env, do: System.put_env(k, v)
+
+    on_exit(fn ->
+      for {k, v} <- before, do: if(v, do: System.put_env(k, v), else: System.delete_env(k))
+    end)
+
+    gates = Path.join(tmp, "gates.yaml")
+
+    File.write!(gates, """
+    schema_version: 1
+    quality: {enabled: false}
+    latency: {enabled: false}
+    safety: {enabled: false}
+    """)
+
+    lora =
+      "{lora.r: 8, lora.alpha: 16, lora.target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]}"
+
+    spec = Path.join(tmp, "spec.yaml")
+
+    File.write!(spec, """
+    name: sftrlsm
+    strategy: sagemaker
+    #{@tiny_overrides}
+    promotion: {gates: #{gates}}
+    cloud:
+      sagemaker: {bucket: uff-test, role_arn: "arn:aws:iam::000000000000:role/uff", image_uri: "img:1", region: us-east-1, max_runtime_seconds: 900}
+      poll: {interval_seconds: 0.2}
+      safety_margin_seconds: 0
+    models:
+      - name: main
+        preset: tiny
+        stages: [sft, rl]
+        overrides: #{lora}
+        rl:
+          preset: rl-tiny
+          overrides: {training.max_steps: 2, checkpoint.every_steps: 1, rl.prompts_per_step: 2, rl.num_generations: 4, training.micro_batch_size: 8}
+    """)
+
+    {:ok, sup} =
+      CampaignSupervisor.start_link(
+        spec_path: spec,
+        worker: worker_opts(tmp),
+        subscribers: [self()],
+        tick_ms: 200,
+        retry_backoff: 200
+      )
+
+    # the campaign process killed as it journals the rl stage (before its session is submitted) ...
+    receive do
+      {:uff_campaign, _,
+       %{"event" => "campaign_transition", "record" => %{"state" => "training_rl"}}} ->
+        Process.exit(CampaignSupervisor.campaign(sup), :kill)
+    after
+      120_000 -> flunk("no rl stage")
+    end
+
+    # ... and again once the provider has the RL session: the restart picks it up from the run's
+    # cloud journal instead of submitting another
+    rl_journal =
+      Path.join([tmp, "runs", "campaigns", "sftrlsm", "main-rl", "cloud", "journal.json"])
+
+    {:ok, killed} = Agent.start_link(fn -> false end)
+    spawn_link(fn -> kill_in_session(sup, rl_journal, killed, 120_000) end)
+
+    done = drive(sup, [], 0, [], 180_000)
+    Supervisor.stop(sup)
+    assert Agent.get(killed, & &1), "the RL session was never seen submitted"
+
+    assert done["jobs"] == %{"main" => "promoted"}, inspect(done["details"])
+    d = done["details"]["main"]
+    assert d["backend"] == "sagemaker"
+    sft_art = d["sft_artifact_id"]
+    assert is_binary(sft_art) and d["artifact_id"] != sft_art
+
+    dir = Path.join([tmp, "runs", "campaigns", "sftrlsm"])
+    {:ok, records, 0} = CampaignJournal.read(dir)
+    [%{"jobs" => [plan]} | _] = for %{"kind" => "plan"} = r <- records, do: r
+    assert plan["backend"] == "sagemaker" and plan["rl"]["max_steps"] == 2
+    # both stages ran to their last step
+    assert d["step"] == plan["max_steps"] and d["rl_step"] == plan["rl"]["max_steps"]
+
+    # each stage trained on SageMaker (its run directory's cloud journal), both artifacts
+    # say so, the RL one names the SFT one as its parent; every provider submission is
+    # one journaled session, none twice
+    {out, 0} =
+      System.cmd(python(), [
+        "-c",
+        """
+        import json, pathlib, sys, yaml
+        dir, fake, reg = (pathlib.Path(a) for a in sys.argv[1:4])
+        runs = {}
+        for run in ("main", "main-rl"):
+            j = json.loads((dir / run / "cloud" / "journal.json").read_text())
+            runs[run] = sorted({s["backend"] for s in j["sessions"]}) + [len(j["sessions"])]
+        art = lambda a: json.loads((reg / "artifacts" / a / "artifact.json").read_text())["lineage"]
+        creations = (fake / "sagemaker" / "creations.log").read_text().split()
+        sft, rl = art(sys.argv[4]), art(sys.argv[5])
+        # the SFT adapter travels in the RL session's bundle; the trainer there reads that copy
+        init = lambda c: yaml.safe_load(c.read_text())["model"]["init_adapter"]
+        weights = (reg / "artifacts" / sys.argv[4] / "adapter_model.safetensors").read_bytes()
+        carried = [init(b / "config.yaml") == "data/init-adapter"
+                   and (b / "data" / "init-adapter" / "adapter_model.safetensors").read_bytes() == weights
+                   for b in fake.glob("s3/*/*/*/sessions/uff-main-rl-*/bundle")]
+        used = [init(c) for c in fake.glob("sagemaker/containers/uff-main-rl-*/model/run/config.yaml")]
+        print(json.dumps({"runs": runs, "backends": [sft["backend"], rl["backend"]], "rl_parent": rl["parent"],
+                          "carried": carried, "used_copy": bool(used) and all(str(reg) not in u for u in used),
+                          "sm": len(creations), "sm_unique": len(set(creations))}))
+        """,
+        dir,
+        fake,
+        Path.join([tmp, "runs", "registry"]),
+        sft_art,
+        d["artifact_id"]
+      ])
+
+    seen = UffPort.Test.MiniJSON.decode!(out)
+    assert %{"main" => ["sagemaker", n_sft], "main-rl" => ["sagemaker", n_rl]} = seen["runs"]
+    assert seen["backends"] == ["sagemaker", "sagemaker"]
+    assert seen["rl_parent"] == sft_art
+    assert seen["carried"] != [] and Enum.all?(seen["carried"]) and seen["used_copy"]
+    assert seen["sm"] == seen["sm_unique"] and seen["sm"] == n_sft + n_rl
+
+    states = for %{"kind" => "job", "state" => s} <- records, do: s
+    # the SFT stage trained once: one `training`, the restarts went on with `training_rl`
+    assert states == ~w(training registering_sft training_rl registering promoting promoted)
+    assert Enum.count(records, &(&1["kind"] == "campaign_started")) == 3
+  end
+
+  defp kill_in_session(sup, journal, killed, timeout) do
+    submitted? =
+      case File.read(journal) do
+        {:ok, body} -> body =~ ~r/"state": "(submitted|running)"/
+        _ -> false
+      end
+
+    pid = CampaignSupervisor.campaign(sup)
+
+    cond do
+      submitted? and is_pid(pid) ->
+        Process.exit(pid, :kill)
+        Agent.update(killed, fn _ -> true end)
+
+      timeout <= 0 ->
+        :gave_up
+
+      true ->
+        Process.sleep(50)
+        kill_in_session(sup, journal, killed, timeout - 50)
+    end
+  end
+
   # ------------------------------------------------------------------ retries
 
   @tag timeout: 120_000

@@ -6,6 +6,8 @@ Layout (the same for a Kaggle dataset version and a SageMaker channel):
     config.yaml         the run's config, data paths made bundle-relative
     data/NN-name.jsonl  the corpus (data.path; with stage rl also rl.sft_path and a tasks file
                         named by rl.prompts)
+    data/init-adapter/  the LoRA weights model.init_adapter names (a parent or the SFT stage's
+                        adapter), which exist only on this machine
     uff_port-*.whl      this package (`pip wheel --no-deps .`)
     resume/             the previous session's verified checkpoint (chaining)
 
@@ -33,6 +35,9 @@ from uff_port.fsutil import atomic_write_json, atomic_write_text
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 WHEEL_ENV: Final = "UFF_PORT_WHEEL"
+INIT_ADAPTER_DIR: Final = "data/init-adapter"
+"""Where the bundle carries model.init_adapter (under data/: a Kaggle bundle ships data/ in its payload)."""
+INIT_ADAPTER_FILES: Final = ("adapter_model.safetensors", "adapter_config.json")
 
 
 class BundleError(Exception):
@@ -126,6 +131,7 @@ def build_bundle(
             shutil.copyfile(src, dest / name)
             remote_paths.append(name)
         set_field(cfg, section, key, remote_paths)
+    _carry_init_adapter(dest, cfg, data_base or Path.cwd())
     atomic_write_text(dest / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     wheel_name = None
     if wheel is not None:
@@ -148,6 +154,22 @@ def build_bundle(
     atomic_write_json(dest / BUNDLE_MARKER, meta)
     scan_for_secrets(dest, None if secrets is None else [*known_secrets(), *secrets])
     return meta
+
+
+def _carry_init_adapter(dest: Path, cfg: dict[str, Any], base: Path) -> None:
+    """model.init_adapter is a directory of this machine: its weights travel, the config names them bundle-relative."""
+    model = cfg.get("model") or {}
+    init = model.get("init_adapter")
+    if not init:
+        return
+    src = Path(init) if Path(init).is_absolute() else base / init
+    if not (src / INIT_ADAPTER_FILES[0]).is_file():
+        raise BundleError(f"model.init_adapter: no {INIT_ADAPTER_FILES[0]} in {init!r}")
+    (dest / INIT_ADAPTER_DIR).mkdir(parents=True)
+    for name in INIT_ADAPTER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / INIT_ADAPTER_DIR / name)
+    model["init_adapter"] = INIT_ADAPTER_DIR
 
 
 def scan_for_secrets(root: Path, secrets: list[str] | None = None) -> None:

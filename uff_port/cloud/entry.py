@@ -58,6 +58,7 @@ from uff_port.core import layout
 from uff_port.core.checkpoint_store import CheckpointStore
 from uff_port.core.exits import ExitCode
 from uff_port.fsutil import atomic_write_json
+from uff_port.hashing import sha256_file
 from uff_port.protocol import failed_fields
 
 DEFAULT_MARGIN: Final = 60.0
@@ -101,12 +102,41 @@ def _session_config(platform: Platform, budget: float | None, margin: float) -> 
         set_field(cfg, section, key, [
             p if p.startswith(("builtin:", CORPUS_PREFIX)) or Path(p).is_absolute() else str(platform.bundle_dir / p)
             for p in field_items(cfg, section, key)])
+    _map_init_adapter(platform, cfg)
     if budget is not None:
         left = budget - margin - (time.monotonic() - _STARTED)
         cfg.setdefault("training", {})["max_runtime"] = max(1.0, left)
     # Inside the job the trainer *is* the local run of the cloud strategy.
     cfg["strategy"] = "local"
     return meta, cfg
+
+
+def _map_init_adapter(platform: Platform, cfg: dict[str, Any]) -> None:
+    """Point model.init_adapter at the weights the bundle carries (uff_port.cloud.bundle).
+
+    Checkpoints bind model.init_adapter, so every session of a run must name the same
+    path: a Kaggle bundle is unpacked somewhere new each time, so the weights are copied
+    to a directory named by their content under the temporary directory.
+    """
+    model = cfg.get("model") or {}
+    rel = model.get("init_adapter")
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        return
+    src = platform.bundle_dir / rel
+    weights = src / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # the trainer refuses it, naming model.init_adapter
+    dest = Path(tempfile.gettempdir()) / f"uff-init-adapter-{sha256_file(weights)[:16]}"
+    if not dest.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=".uff-init-adapter-"))
+        for item in src.iterdir():
+            if item.is_file():
+                shutil.copyfile(item, tmp / item.name)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another session of this machine put the same weights there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    model["init_adapter"] = str(dest)
 
 
 def sm_hosts() -> tuple[list[str], str] | None:
