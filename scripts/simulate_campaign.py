@@ -58,109 +58,75 @@ RUNNER = BRIDGE / "test" / "support" / "campaign_runner.exs"
 MANAGERS = ("ufm", "ucm", "urm", "ulm", "uim", "uam")
 
 
-def spec_text(max_steps: int, gates: Path) -> str:
-    adapters = "".join(f"""
-  - name: {m}
-    preset: adapter-{m}
-    parent: main
-    overrides:
-      model.name_or_path: builtin:tiny-llama
-      model.local_files_only: true
-      model.gradient_checkpointing: false
-      training.device: cpu
-      training.precision: fp32
-      training.micro_batch_size: 4
-      training.grad_accum_steps: 2
-      training.warmup_steps: 1
-      data.seq_len: 256
-      lora.dropout: 0.0
-""" for m in MANAGERS)
-    return f"""name: sim
-strategy: hybrid
-budgets: {{local_gpus: 1}}
-overrides:
-  training.max_steps: {max_steps}
-  training.progress_every_seconds: 0
-  checkpoint.every_steps: 1
-  checkpoint.keep_last: 2
-  eval.every_steps: null
-  output.plot: false
-promotion: {{gates: {gates}}}
-cloud:
-  sagemaker: {{bucket: sim, role_arn: "arn:aws:iam::000000000000:role/sim", image_uri: "sim:1", region: us-east-1, max_runtime_seconds: 900}}
-  kaggle: {{session_hours: 0.25}}
-  poll: {{interval_seconds: 0.2}}
-  safety_margin_seconds: 0
-models:
-  - name: main
-    preset: tiny
-    strategy: local
-    hours: 12
-    overrides: {{data.seq_len: 256, training.micro_batch_size: 4, training.grad_accum_steps: 2}}
-{adapters}"""
-
-
 HOUR = 3600.0
 
 
-def week_spec_text(gates: Path, main_steps: int, adapter_steps: int, adapter_hours: float, ckpt: int) -> str:
-    adapters = "".join(f"""
-  - name: {m}
-    preset: adapter-{m}
-    parent: main
-    hours: {adapter_hours}
-    overrides:
-      model.name_or_path: builtin:tiny-llama
-      model.local_files_only: true
-      model.gradient_checkpointing: false
-      training.device: cpu
-      training.precision: fp32
-      training.max_steps: {adapter_steps}
-      training.micro_batch_size: 4
-      training.grad_accum_steps: 2
-      training.warmup_steps: 1
-      data.seq_len: 256
-      lora.dropout: 0.0
-""" for m in MANAGERS)
-    return f"""name: sim
-strategy: hybrid
-budgets: {{local_gpus: 1, kaggle_hours_per_week: 30, sagemaker_hours_per_day: 4}}
-overrides:
-  training.progress_every_seconds: 0
-  training.cpu_threads: 1
-  checkpoint.every_steps: {ckpt}
-  checkpoint.keep_last: 2
-  eval.every_steps: null
-  output.plot: false
-promotion: {{gates: {gates}}}
-cloud:
-  sagemaker: {{bucket: sim, role_arn: "arn:aws:iam::000000000000:role/sim", image_uri: "sim:1", region: us-east-1, max_runtime_seconds: 14400}}
-  kaggle: {{session_hours: 9}}
-  budgets: {{min_session_minutes: 60}}
-  poll: {{interval_seconds: 120, max_backoff_seconds: 1800}}
-  safety_margin_seconds: 1800
-models:
-  - name: main
-    preset: tiny
-    strategy: local
-    hours: 12
-    overrides: {{training.max_steps: {main_steps}, data.seq_len: 256, training.micro_batch_size: 4, training.grad_accum_steps: 2}}
-{adapters}"""
+ADAPTER_OVERRIDES = {
+    "model.name_or_path": "builtin:tiny-llama", "model.local_files_only": True, "model.gradient_checkpointing": False,
+    "training.device": "cpu", "training.precision": "fp32", "training.micro_batch_size": 4,
+    "training.grad_accum_steps": 2, "training.warmup_steps": 1, "data.seq_len": 256, "lora.dropout": 0.0,
+}
+MAIN_OVERRIDES = {"data.seq_len": 256, "training.micro_batch_size": 4, "training.grad_accum_steps": 2}
+SIM_SAGEMAKER = {"bucket": "sim", "role_arn": "arn:aws:iam::000000000000:role/sim", "image_uri": "sim:1",
+                 "region": "us-east-1"}
 
 
-def calibrate(root: Path, steps: int = 30, jobs: int = 2) -> float:
-    """Real seconds per training step of the adapter shape on this machine, now, with `jobs` trainers at
-    once: in the simulation the Kaggle and SageMaker trainers share this machine's cores (main, before
-    them, trains alone)."""
+def sim_spec(gates: Path, budgets: dict[str, Any], overrides: dict[str, Any], cloud: dict[str, Any],
+             main: dict[str, Any] | None = None, adapter: dict[str, Any] | None = None) -> str:
+    """The campaign spec: main on the local slot, the six adapters (tiny models from the adapter presets) hybrid;
+    `main` and `adapter` are extra model fields (`hours`) and overrides (`overrides`)."""
     import yaml
 
+    main, adapter = main or {}, adapter or {}
+    spec = {
+        "name": "sim", "strategy": "hybrid", "budgets": budgets, "overrides": overrides,
+        "promotion": {"gates": str(gates)}, "cloud": cloud,
+        "models": [{"name": "main", "preset": "tiny", "strategy": "local", "hours": 12,
+                    "overrides": {**main.get("overrides", {}), **MAIN_OVERRIDES}}]
+        + [{"name": m, "preset": f"adapter-{m}", "parent": "main", **{k: v for k, v in adapter.items() if k != "overrides"},
+            "overrides": {**ADAPTER_OVERRIDES, **adapter.get("overrides", {})}} for m in MANAGERS],
+    }
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
+def spec_text(max_steps: int, gates: Path) -> str:
+    """The chaos run: short sessions, a checkpoint every step."""
+    return sim_spec(
+        gates, {"local_gpus": 1},
+        {"training.max_steps": max_steps, "training.progress_every_seconds": 0, "checkpoint.every_steps": 1,
+         "checkpoint.keep_last": 2, "eval.every_steps": None, "output.plot": False},
+        {"sagemaker": {**SIM_SAGEMAKER, "max_runtime_seconds": 900}, "kaggle": {"session_hours": 0.25},
+         "poll": {"interval_seconds": 0.2}, "safety_margin_seconds": 0})
+
+
+def week_overrides(ckpt: int) -> dict[str, Any]:
+    """The campaign-wide overrides of the week (one CPU thread per trainer: two share this machine)."""
+    return {"training.progress_every_seconds": 0, "training.cpu_threads": 1, "checkpoint.every_steps": ckpt,
+            "checkpoint.keep_last": 2, "eval.every_steps": None, "output.plot": False}
+
+
+def week_spec_text(gates: Path, main_steps: int, adapter_steps: int, adapter_hours: float, ckpt: int) -> str:
+    """The users' week: their budgets, 9 h Kaggle and 4 h SageMaker sessions, jobs sized in steps to their hours."""
+    return sim_spec(
+        gates, {"local_gpus": 1, "kaggle_hours_per_week": 30, "sagemaker_hours_per_day": 4}, week_overrides(ckpt),
+        {"sagemaker": {**SIM_SAGEMAKER, "max_runtime_seconds": 14400}, "kaggle": {"session_hours": 9},
+         "budgets": {"min_session_minutes": 60}, "poll": {"interval_seconds": 120, "max_backoff_seconds": 1800},
+         "safety_margin_seconds": 1800},
+        main={"overrides": {"training.max_steps": main_steps}},
+        adapter={"hours": adapter_hours, "overrides": {"training.max_steps": adapter_steps}})
+
+
+def calibrate(root: Path, preset: str, overrides: dict[str, Any], jobs: int, steps: int = 40) -> float:
+    """Real seconds per training step of a job's own config (its preset and overrides, the week's
+    checkpoint interval included) on this machine, now, with `jobs` trainers at once; the first
+    steps (warm-up) are left out."""
+    import yaml
+
+    from uff_port.core.config import load_config_file, validate_config
+
     root.mkdir(parents=True, exist_ok=True)
-    cfg = {"name": "cal", "model": {"name_or_path": "builtin:tiny-llama", "local_files_only": True},
-           "data": {"path": "builtin:sample-corpus", "seq_len": 256},
-           "training": {"max_steps": steps, "micro_batch_size": 4, "grad_accum_steps": 2, "device": "cpu",
-                        "precision": "fp32", "progress_every_seconds": 0, "cpu_threads": 1},
-           "checkpoint": {"every_steps": 1000}, "eval": {"every_steps": None}, "output": {"plot": False}}
-    (root / "cal.yaml").write_text(yaml.safe_dump(cfg))
+    cfg = validate_config(load_config_file(preset), {**overrides, "training.max_steps": steps})
+    (root / "cal.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     procs = [subprocess.Popen([sys.executable, "-m", "uff_port.training", "--run-dir", str(root / f"cal{i}"),
                                "--config", str(root / "cal.yaml")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for i in range(jobs)]
@@ -170,7 +136,7 @@ def calibrate(root: Path, steps: int = 30, jobs: int = 2) -> float:
     rates = []
     for i in range(jobs):
         ts = [json.loads(line)["ts"] for line in (root / f"cal{i}" / "events.jsonl").read_text().splitlines()
-              if json.loads(line).get("event") == "progress"]
+              if json.loads(line).get("event") == "progress"][5:]
         rates.append((ts[-1] - ts[0]) / max(1, len(ts) - 1))
     return max(1e-3, sorted(rates)[len(rates) // 2])
 
@@ -179,9 +145,11 @@ def run_week(root: Path, hour_seconds: float, adapter_hours: float, trainer_kill
              rng: random.Random, ckpt: int, calibrate_jobs: int) -> dict[str, Any]:
     import datetime as dt
 
-    # main trains alone on the local slot; the adapters two at a time (one session per cloud)
-    main_per_step = calibrate(root / "calibrate-main", jobs=1)
-    per_step = calibrate(root / "calibrate", jobs=calibrate_jobs)
+    # each on its own config: main trains alone on the local slot, the adapters up to two at a time
+    week = week_overrides(ckpt)
+    main_per_step = calibrate(root / "calibrate-main", "tiny", {**week, **MAIN_OVERRIDES}, jobs=1)
+    per_step = calibrate(root / "calibrate", f"adapter-{MANAGERS[0]}", {**week, **ADAPTER_OVERRIDES},
+                         jobs=calibrate_jobs)
     main_steps = max(10, int(12 * hour_seconds / main_per_step))
     adapter_steps = max(10, int(adapter_hours * hour_seconds / per_step))
     root = root / "week"
@@ -225,13 +193,14 @@ def run_week(root: Path, hour_seconds: float, adapter_hours: float, trainer_kill
               "hour_seconds": hour_seconds, "seconds_per_step": round(per_step, 4),
               "main_seconds_per_step": round(main_per_step, 4),
               "steps": {"main": main_steps, "adapter": adapter_steps}, "kills": kills,
-              **measure(root), "budget": budget_share(root, hour_seconds)}
+              **measure(root), "budget": budget_share(root, hour_seconds, week_start, origin)}
     cleanup(root)
     return result
 
 
-def budget_share(root: Path, hour_seconds: float) -> dict[str, Any]:
-    """GPU-hours used per backend against what the plan placed there (and the budgets)."""
+def budget_share(root: Path, hour_seconds: float, week_start: float, origin: float) -> dict[str, Any]:
+    """GPU-hours used per backend inside the simulated week against what the plan placed there; hours
+    after the week's end (work that did not fit) are reported apart (`after_week_hours`)."""
     from uff_port.campaign.journal import fold, load
     from uff_port.cloud.ledger import QuotaLedger
 
@@ -248,17 +217,27 @@ def budget_share(root: Path, hour_seconds: float) -> dict[str, Any]:
                     planned["local"] += float(j.get("hours") or 0)
             break
     used = {"local": 0.0, "kaggle": 0.0, "sagemaker": 0.0}
-    for u in QuotaLedger(root / "runs" / ".cloud-ledger.jsonl").usages():
+    after = dict(used)
+
+    def add(backend: str, start: float, end: float, week_end: float, per_hour: float) -> None:
+        inside = max(0.0, min(end, week_end) - start)
+        used[backend] += inside / per_hour
+        after[backend] += max(0.0, end - start - inside) / per_hour
+
+    for u in QuotaLedger(root / "runs" / ".cloud-ledger.jsonl").usages():  # simulated seconds
         if u.final:
-            used[u.backend] += u.seconds / HOUR
-    for j in view.jobs.values():
+            add(u.backend, u.start, u.start + u.seconds, week_start + 7 * 86400, HOUR)
+    for j in view.jobs.values():  # the journal's real seconds
         if j.backend == "local":
-            used["local"] += sum(e - s for s, e in j.intervals if e is not None) / hour_seconds
+            for s, e in j.intervals:
+                if e is not None:
+                    add("local", s, e, origin + 7 * 24 * hour_seconds, hour_seconds)
     cloud_plan = planned["kaggle"] + planned["sagemaker"]
     cloud_used = used["kaggle"] + used["sagemaker"]
     return {
         "planned_hours": {k: round(v, 2) for k, v in planned.items()},
         "used_hours": {k: round(v, 2) for k, v in used.items()},
+        "after_week_hours": {k: round(v, 2) for k, v in after.items()},
         "share": {k: round(used[k] / planned[k], 3) for k in planned if planned[k]},
         "cloud_share": round(cloud_used / cloud_plan, 3) if cloud_plan else None,
         "budget_hours": {"kaggle": 30.0, "sagemaker": 28.0},
@@ -278,6 +257,9 @@ def week_table(out: dict[str, Any], cmd: str) -> str:
         + ", ".join(f"{b['used_hours'][k]} / {b['planned_hours'][k]} ({sh.get(k, '-')})"
                     for k in ("local", "kaggle", "sagemaker"))
         + f" | **{b['cloud_share']}** | {'yes' if w['finished'] else 'no'} |",
+        "",
+        "GPU-hours used after the week's end (work that did not fit; not in the share): "
+        + ", ".join(f"{k} {b['after_week_hours'][k]}" for k in ("local", "kaggle", "sagemaker")) + ".",
         "",
         f"Sizes: {w['hour_seconds']} real s per simulated hour; s per step measured first: main alone "
         f"{w['main_seconds_per_step']}, adapters two at once {w['seconds_per_step']}; "
