@@ -407,14 +407,15 @@ def measure(root: Path) -> dict[str, Any]:
     log = root / "fake" / "sagemaker" / "creations.log"
     creations = log.read_text().split() if log.exists() else []
     pushes = len(list((root / "fake" / "kaggle" / "kernels").glob("*/v*")))
-    # slot utilisation: training wall time per backend / (slots x the span in which that backend trained)
+    # slot utilisation: training wall time per backend / (slots x the span in which that backend trained);
+    # hybrid jobs share the two cloud slots
     util = {}
-    for backend in ("local", "kaggle", "sagemaker"):
+    for backend, slots in (("local", 1), ("kaggle", 1), ("sagemaker", 1), ("hybrid", 2)):
         spans = [iv for j in view.jobs.values() if j.backend == backend for iv in j.intervals if iv[1] is not None]
         if spans:
             busy = sum(e - s for s, e in spans)
             width = max(e for _, e in spans) - min(s for s, _ in spans)
-            util[backend] = round(busy / width, 3) if width > 0 else 1.0
+            util[backend] = round(busy / (slots * width), 3) if width > 0 else 1.0
     return {
         "goodput": round(kept / computed, 4) if computed else None,
         "steps_kept": kept, "steps_computed": computed,
