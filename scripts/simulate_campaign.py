@@ -6,7 +6,7 @@
 
 Runs the real Elixir campaign (`UffPort.CampaignCLI` in a VM of its own,
 `elixir_bridge/test/support/campaign_runner.exs`) on seven tiny models: main
-on the local slot, six adapters placed by the planner on the Kaggle and
+on the local slot, six hybrid adapters whose sessions go to the Kaggle and
 SageMaker fakes (real training in the fake kernels and containers). While it
 runs, trainers (local or inside a fake provider session) are SIGKILLed at
 random and the whole VM is SIGKILLed and started again with the same spec.
