@@ -352,11 +352,11 @@ defmodule UffPort.Campaign do
   defp slot_free?(state, job) do
     backend = job.plan["backend"]
 
-    training =
-      for {_, {j, p}} <- state.steps, p in @training, do: state.jobs[j].plan["backend"]
+    training = for {_, {j, p}} <- state.steps, p in @training, do: state.jobs[j].plan["backend"]
 
     if backend == "local" do
-      Enum.count(training, &(&1 == "local")) < max(1, get_in(state.plan, ["budgets", "local_gpus"]) || 1)
+      Enum.count(training, &(&1 == "local")) <
+        max(1, get_in(state.plan, ["budgets", "local_gpus"]) || 1)
     else
       Enum.count(training, &(&1 in @clouds)) < 2 and
         (backend == "hybrid" or backend not in training)
