@@ -69,10 +69,11 @@ def test_a_sagemaker_session_shows_its_progress_before_it_comes_home(tmp_path: P
         "model": {"name_or_path": str(ensure_tiny_llama()), "local_files_only": True},
         "data": {"path": "builtin:sample-corpus", "seq_len": 64},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"max_steps": 12, "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 1, "device": "cpu",
+        # Steps of ~20 ms: enough of them that polls every 0.3 s see the session running.
+        "training": {"max_steps": 48, "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 1, "device": "cpu",
                      "precision": "fp32", "progress_every_seconds": 0},
-        "checkpoint": {"every_steps": 6, "keep_last": 2},
-        "eval": {"every_steps": 6, "max_batches": 1},
+        "checkpoint": {"every_steps": 24, "keep_last": 2},
+        "eval": {"every_steps": 24, "max_batches": 1},
         "output": {"plot": False},
         "strategy": "sagemaker",
         "cloud": {"sagemaker": {**SM, "max_runtime_seconds": 3600}, "poll": {"interval_seconds": 0.3}},
@@ -101,4 +102,4 @@ def test_a_sagemaker_session_shows_its_progress_before_it_comes_home(tmp_path: P
     # The run's own record is the merged session events, not the live copies.
     merged = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert not any(e.get("source") == "cloud_live" for e in merged)
-    assert max(e["step"] for e in merged if e["event"] == "progress") == 12
+    assert max(e["step"] for e in merged if e["event"] == "progress") == 48

@@ -362,6 +362,9 @@ class CloudRun:
         if st.state != cur.remote_state:
             self.emit("cloud_status", backend=cur.backend, session=cur.name, state=st.state, detail=st.detail)
         if st.done:
+            # The session's last lines (a short one may end between two polls): shown before the
+            # pull, which can take minutes at real size.
+            self._forward_live(backend, cur)
             seconds = st.billed_seconds
             if seconds is None:
                 start = st.started_ts or cur.created_ts
