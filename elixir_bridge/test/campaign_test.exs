@@ -191,52 +191,9 @@ defmodule UffPort.CampaignTest do
   @tag timeout: 300_000
   test "stages [sft, rl]: the RL job starts from the registered SFT artifact; a kill between the stages resumes, nothing twice" do
     tmp = tmp_dir!("campaign_rl")
-    gates = Path.join(tmp, "gates.yaml")
-
-    File.write!(gates, """
-    schema_version: 1
-    quality: {enabled: false}
-    latency: {enabled: false}
-    safety: {enabled: false}
-    """)
-
-    lora =
-      "{lora.r: 8, lora.alpha: 16, lora.target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]}"
-
-    spec = Path.join(tmp, "spec.yaml")
-
-    File.write!(spec, """
-    name: sftrl
-    strategy: local
-    #{@tiny_overrides}
-    promotion: {gates: #{gates}}
-    models:
-      - name: main
-        preset: tiny
-        stages: [sft, rl]
-        overrides: #{lora}
-        rl:
-          preset: rl-tiny
-          overrides: {training.max_steps: 2, checkpoint.every_steps: 1, rl.prompts_per_step: 2, rl.num_generations: 4, training.micro_batch_size: 8}
-    """)
-
-    {:ok, sup} =
-      CampaignSupervisor.start_link(
-        spec_path: spec,
-        worker: worker_opts(tmp),
-        subscribers: [self()],
-        tick_ms: 200,
-        retry_backoff: 200
-      )
-
+    {sup, gates} = start_two_stage(tmp, "name: sftrl\nstrategy: local")
     # the campaign process killed right after it journaled the rl stage (before or as it starts)
-    receive do
-      {:uff_campaign, _,
-       %{"event" => "campaign_transition", "record" => %{"state" => "training_rl"}}} ->
-        Process.exit(CampaignSupervisor.campaign(sup), :kill)
-    after
-      240_000 -> flunk("no rl stage")
-    end
+    kill_at_training_rl(sup, 240_000)
 
     # the gates file changed after planning: the campaign promotes with the journaled plan's gates
     File.write!(gates, """
@@ -293,56 +250,18 @@ defmodule UffPort.CampaignTest do
       for {k, v} <- before, do: if(v, do: System.put_env(k, v), else: System.delete_env(k))
     end)
 
-    gates = Path.join(tmp, "gates.yaml")
-
-    File.write!(gates, """
-    schema_version: 1
-    quality: {enabled: false}
-    latency: {enabled: false}
-    safety: {enabled: false}
-    """)
-
-    lora =
-      "{lora.r: 8, lora.alpha: 16, lora.target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]}"
-
-    spec = Path.join(tmp, "spec.yaml")
-
-    File.write!(spec, """
-    name: sftrlsm
-    strategy: sagemaker
-    #{@tiny_overrides}
-    promotion: {gates: #{gates}}
-    cloud:
-      sagemaker: {bucket: uff-test, role_arn: "arn:aws:iam::000000000000:role/uff", image_uri: "img:1", region: us-east-1, max_runtime_seconds: 900}
-      poll: {interval_seconds: 0.2}
-      safety_margin_seconds: 0
-    models:
-      - name: main
-        preset: tiny
-        stages: [sft, rl]
-        overrides: #{lora}
-        rl:
-          preset: rl-tiny
-          overrides: {training.max_steps: 2, checkpoint.every_steps: 1, rl.prompts_per_step: 2, rl.num_generations: 4, training.micro_batch_size: 8}
-    """)
-
-    {:ok, sup} =
-      CampaignSupervisor.start_link(
-        spec_path: spec,
-        worker: worker_opts(tmp),
-        subscribers: [self()],
-        tick_ms: 200,
-        retry_backoff: 200
-      )
+    {sup, _gates} =
+      start_two_stage(tmp, """
+      name: sftrlsm
+      strategy: sagemaker
+      cloud:
+        sagemaker: {bucket: uff-test, role_arn: "arn:aws:iam::000000000000:role/uff", image_uri: "img:1", region: us-east-1, max_runtime_seconds: 900}
+        poll: {interval_seconds: 0.2}
+        safety_margin_seconds: 0
+      """)
 
     # the campaign process killed as it journals the rl stage (before its session is submitted) ...
-    receive do
-      {:uff_campaign, _,
-       %{"event" => "campaign_transition", "record" => %{"state" => "training_rl"}}} ->
-        Process.exit(CampaignSupervisor.campaign(sup), :kill)
-    after
-      120_000 -> flunk("no rl stage")
-    end
+    kill_at_training_rl(sup, 120_000)
 
     # ... and again once the provider has the RL session: the restart picks it up from the run's
     # cloud journal instead of submitting another
@@ -770,6 +689,59 @@ defmodule UffPort.CampaignTest do
     assert File.read!(Path.join(tmp, "week.png")) |> binary_part(0, 4) == <<0x89, "PNG">>
     {:ok, records, _} = CampaignJournal.read(dir)
     assert Enum.count(records, &(&1["kind"] == "campaign_started")) >= 5
+  end
+
+  # A campaign of one tiny model with stages [sft, rl] (gates all off), `head` giving its name,
+  # strategy and cloud map; started, subscribed. Returns the supervisor and the gates file.
+  defp start_two_stage(tmp, head) do
+    gates = Path.join(tmp, "gates.yaml")
+
+    File.write!(gates, """
+    schema_version: 1
+    quality: {enabled: false}
+    latency: {enabled: false}
+    safety: {enabled: false}
+    """)
+
+    lora =
+      "{lora.r: 8, lora.alpha: 16, lora.target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]}"
+
+    spec = Path.join(tmp, "spec.yaml")
+
+    File.write!(spec, """
+    #{String.trim_trailing(head)}
+    #{@tiny_overrides}
+    promotion: {gates: #{gates}}
+    models:
+      - name: main
+        preset: tiny
+        stages: [sft, rl]
+        overrides: #{lora}
+        rl:
+          preset: rl-tiny
+          overrides: {training.max_steps: 2, checkpoint.every_steps: 1, rl.prompts_per_step: 2, rl.num_generations: 4, training.micro_batch_size: 8}
+    """)
+
+    {:ok, sup} =
+      CampaignSupervisor.start_link(
+        spec_path: spec,
+        worker: worker_opts(tmp),
+        subscribers: [self()],
+        tick_ms: 200,
+        retry_backoff: 200
+      )
+
+    {sup, gates}
+  end
+
+  defp kill_at_training_rl(sup, timeout) do
+    receive do
+      {:uff_campaign, _,
+       %{"event" => "campaign_transition", "record" => %{"state" => "training_rl"}}} ->
+        Process.exit(CampaignSupervisor.campaign(sup), :kill)
+    after
+      timeout -> flunk("no rl stage")
+    end
   end
 
   defp collect(acc) do
