@@ -237,18 +237,7 @@ defmodule UffPort.CampaignTest do
   @tag timeout: 300_000
   test "stages [sft, rl] on the SageMaker fake: both stages train there, the RL one from the SFT adapter it carries; killed between the stages and in the RL session, nothing twice" do
     tmp = tmp_dir!("campaign_rl_cloud")
-    fake = Path.join(tmp, "fake")
-    File.mkdir_p!(Path.join(fake, "sagemaker"))
-    File.write!(Path.join([fake, "sagemaker", "faults.json"]), ~s({"sm_real": true}))
-    wheel = Path.join(tmp, "uff_port-0.1.0-py3-none-any.whl")
-    {:ok, _} = :zip.create(String.to_charlist(wheel), [{'uff_port/__init__.py', ""}])
-    env = [{"UFF_PORT_CLOUD_FAKE", fake}, {"UFF_PORT_WHEEL", wheel}, {"PYTHONPATH", @repo}]
-    before = for {k, _} <- env, do: {k, System.get_env(k)}
-    for {k, v} <- env, do: System.put_env(k, v)
-
-    on_exit(fn ->
-      for {k, v} <- before, do: if(v, do: System.put_env(k, v), else: System.delete_env(k))
-    end)
+    fake = cloud_fakes!(tmp)
 
     {sup, _gates} =
       start_two_stage(tmp, """
@@ -505,14 +494,7 @@ defmodule UffPort.CampaignTest do
   @tag timeout: 1_800_000
   test "the week: main + six adapters on local, Kaggle and SageMaker fakes; the VM killed once, the campaign three times" do
     tmp = tmp_dir!("campaign_week")
-    fake = Path.join(tmp, "fake")
-    File.mkdir_p!(Path.join(fake, "sagemaker"))
-    File.write!(Path.join([fake, "sagemaker", "faults.json"]), ~s({"sm_real": true}))
-    wheel = Path.join(tmp, "uff_port-0.1.0-py3-none-any.whl")
-    {:ok, _} = :zip.create(String.to_charlist(wheel), [{'uff_port/__init__.py', ""}])
-    env = [{"UFF_PORT_CLOUD_FAKE", fake}, {"UFF_PORT_WHEEL", wheel}, {"PYTHONPATH", @repo}]
-    for {k, v} <- env, do: System.put_env(k, v)
-    on_exit(fn -> for {k, _} <- env, k != "PYTHONPATH", do: System.delete_env(k) end)
+    fake = cloud_fakes!(tmp)
 
     gates = Path.join(tmp, "gates.yaml")
 
@@ -689,6 +671,25 @@ defmodule UffPort.CampaignTest do
     assert File.read!(Path.join(tmp, "week.png")) |> binary_part(0, 4) == <<0x89, "PNG">>
     {:ok, records, _} = CampaignJournal.read(dir)
     assert Enum.count(records, &(&1["kind"] == "campaign_started")) >= 5
+  end
+
+  # The offline cloud fakes under tmp (SageMaker running the real entry point), a stand-in wheel and
+  # the environment the worker's cloud jobs read, restored when the test ends. Returns the fake root.
+  defp cloud_fakes!(tmp) do
+    fake = Path.join(tmp, "fake")
+    File.mkdir_p!(Path.join(fake, "sagemaker"))
+    File.write!(Path.join([fake, "sagemaker", "faults.json"]), ~s({"sm_real": true}))
+    wheel = Path.join(tmp, "uff_port-0.1.0-py3-none-any.whl")
+    {:ok, _} = :zip.create(String.to_charlist(wheel), [{'uff_port/__init__.py', ""}])
+    env = [{"UFF_PORT_CLOUD_FAKE", fake}, {"UFF_PORT_WHEEL", wheel}, {"PYTHONPATH", @repo}]
+    before = for {k, _} <- env, do: {k, System.get_env(k)}
+    for {k, v} <- env, do: System.put_env(k, v)
+
+    on_exit(fn ->
+      for {k, v} <- before, do: if(v, do: System.put_env(k, v), else: System.delete_env(k))
+    end)
+
+    fake
   end
 
   # A campaign of one tiny model with stages [sft, rl] (gates all off), `head` giving its name,
