@@ -33,6 +33,7 @@ from typing import IO, Any, Final
 
 import yaml
 
+from uff_port.cloud.bundle import INIT_ADAPTER_FILES
 from uff_port.cloud.corpus import (
     CORPUS_PREFIX,
     CorpusError,
@@ -123,7 +124,7 @@ def _map_init_adapter(platform: Platform, cfg: dict[str, Any]) -> None:
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
         return
     src = platform.bundle_dir / rel
-    weights = src / "adapter_model.safetensors"
+    weights = src / INIT_ADAPTER_FILES[0]
     if not weights.is_file():
         return  # the trainer refuses it, naming model.init_adapter
     dest = Path(tempfile.gettempdir()) / f"uff-init-adapter-{sha256_file(weights)[:16]}"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 from uff_port.cloud.ledger import QuotaLedger
-from uff_port.cloud.settings import HOUR, CloudSettings, max_concurrent, session_budget_seconds
+from uff_port.cloud.settings import HOUR, CloudSettings, backend_settings, session_budget_seconds
 
 CLOUD_BACKENDS: Final = ("kaggle", "sagemaker")
 
@@ -73,7 +73,7 @@ def choose_backend(
     frees: dict[str, float] = {}  # busy backend -> when its first other session ends
     for backend in candidates:
         others = ledger.in_flight(backend, now, other_than=run_key) if run_key is not None else []
-        if len(others) >= max_concurrent(settings, backend):
+        if len(others) >= backend_settings(settings, backend).max_concurrent_sessions:
             frees[backend] = others[0]
             continue
         length = _feasible(ledger, settings, backend, now, need_seconds)

@@ -37,7 +37,7 @@ from uff_port.cloud.events_merge import merge_events
 from uff_port.cloud.journal import REMOTE_DONE, SETTLED, Journal, crash_point
 from uff_port.cloud.ledger import QuotaLedger
 from uff_port.cloud.routing import Route, choose_backend
-from uff_port.cloud.settings import CloudSettings
+from uff_port.cloud.settings import CloudSettings, backend_settings
 from uff_port.cloud.verify import check_pull
 from uff_port.cloud.weights import MODEL_NOT_FOUND, WeightsError, WeightsPlan, plan_weights
 from uff_port.core import layout
@@ -287,7 +287,7 @@ class CloudRun:
             assert route.wait_until is not None
             self.wait(max(1.0, min(route.wait_until - now, self.settings.poll.max_backoff_seconds)))
             return None
-        limit = self.settings.kaggle.max_sessions if route.backend == "kaggle" else self.settings.sagemaker.max_sessions
+        limit = backend_settings(self.settings, route.backend).max_sessions
         if len(sessions) >= limit:
             return self._fail(ErrorCode.TRAINER_FAILED, f"cloud.{route.backend}.max_sessions: {limit} sessions used and the run is not finished",
                               resumable=False)

@@ -171,8 +171,13 @@ def check_for_strategy(settings: CloudSettings, strategy: str) -> None:
         raise ConfigError(problems)
 
 
-def max_concurrent(settings: CloudSettings, backend: str) -> int:
-    return settings.kaggle.max_concurrent_sessions if backend == "kaggle" else settings.sagemaker.max_concurrent_sessions
+def backend_settings(settings: CloudSettings, backend: str) -> KaggleSettings | SageMakerSettings:
+    """The section of one cloud backend (its session limits)."""
+    if backend == "kaggle":
+        return settings.kaggle
+    if backend == "sagemaker":
+        return settings.sagemaker
+    raise ValueError(f"unknown cloud backend {backend!r}")
 
 
 def session_budget_seconds(settings: CloudSettings, backend: str) -> float:
